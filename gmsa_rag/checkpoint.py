@@ -1,0 +1,155 @@
+"""GMSA checkpoints: the trained weights as sharded safetensors + a JSON record of config and base model.
+
+Layout of a checkpoint directory::
+
+    gmsa_config.json          GMSAConfig, base model name + weight fingerprint, compressor fingerprint, extra
+    model.safetensors.index.json   tensor -> shard map and the sha256 of every shard
+    model-00001-of-0000N.safetensors ...   shards under 15 MiB each (no pickle anywhere)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import GMSAConfig
+
+if TYPE_CHECKING:
+    from .model import GMSAModel
+
+CONFIG_FILE = "gmsa_config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_PATTERN = "model{suffix}.safetensors"
+MAX_SHARD_BYTES = 14 * 1024 * 1024
+FORMAT_VERSION = 1
+REPO_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupted, or belongs to another base model."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    model: "GMSAModel", path: str | Path, extra: dict[str, Any] | None = None, dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``model``'s trained weights (optionally cast to ``dtype``) and config to ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {n: p.detach().to("cpu", dtype=dtype or p.dtype).contiguous() for n, p in model.trained_parameters().items()}
+    split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN, max_shard_size=MAX_SHARD_BYTES)
+    for old in path.glob("model*.safetensors"):
+        old.unlink()
+    shards = {}
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n] for n in names}, path / filename, metadata={"format": "pt"})
+        shards[filename] = _sha256(path / filename)
+    index = {"weight_map": split.tensor_to_filename, "shards": shards}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True))
+    record = {
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "base_model": model.config.base_model,
+        "base_fingerprint": model.base_fingerprint,
+        "fingerprint": model.fingerprint,
+        "extra": extra or {},
+    }
+    (path / CONFIG_FILE).write_text(json.dumps(record, indent=1))
+    return path
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The JSON record of a checkpoint (config, base model, fingerprints, extra metadata)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a GMSA checkpoint (no {CONFIG_FILE})")
+    try:
+        record = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from err
+    if record.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{file}: unsupported checkpoint format {record.get('format_version')!r}")
+    return record
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, after checking every shard against its recorded sha256."""
+    path = Path(path)
+    try:
+        index = json.loads((path / INDEX_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: missing or unreadable {INDEX_FILE}: {err}") from err
+    state: dict[str, torch.Tensor] = {}
+    for filename, expected in index["shards"].items():
+        shard = path / filename
+        if not shard.is_file():
+            raise CheckpointError(f"{path}: shard {filename} is missing")
+        if _sha256(shard) != expected:
+            raise CheckpointError(f"{path}: shard {filename} is corrupted (checksum mismatch)")
+        try:
+            state.update(load_file(shard))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: shard {filename} is unreadable: {err}") from err
+    if set(state) != set(index["weight_map"]):
+        raise CheckpointError(f"{path}: shards do not hold the tensors the index lists")
+    return state
+
+
+def load_checkpoint(
+    path: str | Path,
+    base_model: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> "GMSAModel":
+    """Rebuild a GMSAModel from a checkpoint; fails clearly if the base model's weights are not the recorded ones."""
+    from .backbone import load_backbone
+    from .model import GMSAModel
+
+    record = read_record(path)
+    state = read_weights(path)
+    config = GMSAConfig.from_dict(record["config"])
+    if base_model is not None:
+        config.base_model = base_model
+    decoder, tokenizer = load_backbone(config.base_model, device=device, dtype=dtype)
+    return attach_checkpoint(GMSAModel(decoder, tokenizer, config), record, state, path)
+
+
+def attach_checkpoint(model: "GMSAModel", record: dict[str, Any], state: dict[str, torch.Tensor], path: Any) -> "GMSAModel":
+    """Check the base fingerprint, then copy the checkpoint's tensors into ``model``."""
+    if model.base_fingerprint != record["base_fingerprint"]:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on base model {record['base_model']!r} "
+            f"(weights {record['base_fingerprint'][:12]}), but the loaded base model {model.config.base_model!r} "
+            f"has other weights ({model.base_fingerprint[:12]}); load it with the base model it was trained on"
+        )
+    params = model.trained_parameters()
+    missing, unexpected = set(params) - set(state), set(state) - set(params)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match the model (missing {sorted(missing)[:5]}, "
+                              f"unexpected {sorted(unexpected)[:5]})")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(params[name].shape)}")
+            params[name].copy_(tensor)
+    model.config.extra = record.get("extra", {})
+    return model
+
+
+def default_checkpoint(method: str = "gmsa") -> Path | None:
+    """The best checkpoint bundled with the repository (``checkpoints/smollm2-<method>``), if any."""
+    candidate = REPO_CHECKPOINTS / f"smollm2-{method}"
+    return candidate if (candidate / CONFIG_FILE).is_file() else None

@@ -1,0 +1,83 @@
+"""Configuration of a GMSA (or TCP-AE) compressor."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Method = Literal["gmsa", "tcp"]
+DecoderTuning = Literal["none", "qkv", "qkv_lora"]
+
+
+@dataclass
+class GMSAConfig:
+    """Everything that defines the architecture of a compressor on top of a base causal LM.
+
+    The defaults suit SmolLM2-135M (30 layers); for 7B-class models the paper uses ~8 encoder layers.
+    """
+
+    base_model: str = "smollm2"
+    """Hugging Face model id or local path of the base causal LM; ``"smollm2"`` is the offline default."""
+    method: Method = "gmsa"
+    """``gmsa``: group merging of all token states; ``tcp``: ICAE-style learnable memory tokens (baseline)."""
+    encoder_layers: int = 8
+    """k: the encoder is a copy of the base LM's first k layers (adapted with LoRA)."""
+    lsa_layers: int = 1
+    """L: Layer Semantic Alignment blocks, initialised as copies of the decoder's lowest L layers (0 = none)."""
+    rates: tuple[int, ...] = (2, 4, 8, 16)
+    """Compression rates the model is trained for; ``compress`` refuses any other."""
+    window: int = 512
+    """Encoder window in tokens; longer chunks are split into windows compressed one after another."""
+    lora_rank: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    decoder_tuning: DecoderTuning = "none"
+    """Which decoder parameters KEFT trains: none, full W_Q/W_K/W_V, or LoRA on q/k/v."""
+    decoder_lora_rank: int = 16
+    decoder_lora_alpha: int = 32
+    decoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata (training command, data description, metrics) saved with checkpoints."""
+
+    def __post_init__(self) -> None:
+        self.rates = tuple(sorted(int(r) for r in self.rates))
+        self.lora_targets = tuple(self.lora_targets)
+        self.decoder_targets = tuple(self.decoder_targets)
+        if self.method not in ("gmsa", "tcp"):
+            raise ValueError(f"method must be 'gmsa' or 'tcp', got {self.method!r}")
+        if self.decoder_tuning not in ("none", "qkv", "qkv_lora"):
+            raise ValueError(f"decoder_tuning must be none, qkv or qkv_lora, got {self.decoder_tuning!r}")
+        if not self.rates or any(r < 1 for r in self.rates):
+            raise ValueError(f"rates must be positive integers, got {self.rates}")
+        if self.encoder_layers < 1:
+            raise ValueError("encoder_layers must be >= 1")
+        if self.lsa_layers < 0:
+            raise ValueError("lsa_layers must be >= 0")
+        if self.window < max(self.rates):
+            raise ValueError(f"window ({self.window}) must be at least the largest rate ({max(self.rates)})")
+
+    def check_rate(self, rate: int) -> int:
+        """Return ``rate`` if the model was configured for it, else raise a ValueError naming the allowed ones."""
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate not in self.rates:
+            raise ValueError(f"compression rate {rate!r} is not allowed; this model supports {list(self.rates)}")
+        return rate
+
+    def max_soft_tokens(self, rate: int) -> int:
+        """Soft tokens one encoder window yields at ``rate``."""
+        return -(-self.window // rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rates"] = list(self.rates)
+        d["lora_targets"] = list(self.lora_targets)
+        d["decoder_targets"] = list(self.decoder_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GMSAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown GMSAConfig fields: {sorted(unknown)}")
+        return cls(**data)

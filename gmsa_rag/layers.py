@@ -1,0 +1,49 @@
+"""Slices of a base LM's Transformer stack, used by the encoder (first k layers) and LSA (lowest L layers)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+
+
+def inner_model(base: PreTrainedModel) -> nn.Module:
+    """The decoder-only Transformer inside a causal LM (``model.model`` for LLaMA, Qwen2, Mistral...)."""
+    inner = base.get_decoder()
+    if not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
+        raise TypeError(f"{type(base).__name__} has no `.layers`/`.embed_tokens` decoder stack; unsupported family")
+    return inner
+
+
+def copy_of_lowest_layers(base: PreTrainedModel, num_layers: int) -> nn.Module:
+    """A standalone copy of the base LM's lowest ``num_layers`` blocks, run on ``inputs_embeds``.
+
+    Returns a model of the base's own class (so any family works) whose final norm is removed (we keep raw
+    residual-stream states) and whose token embedding is shared with the base, not copied.
+    """
+    inner = inner_model(base)
+    total = len(inner.layers)
+    if not 1 <= num_layers <= total:
+        raise ValueError(f"cannot take {num_layers} layers of a {total}-layer model")
+    config = copy.deepcopy(inner.config)
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types)[:num_layers]
+    dtype = next(inner.parameters()).dtype
+    stack = AutoModel.from_config(config, dtype=dtype)
+    for mine, theirs in zip(stack.layers, inner.layers):
+        mine.load_state_dict(theirs.state_dict())
+    stack.embed_tokens = inner.embed_tokens
+    stack.norm = nn.Identity()
+    return stack.to(next(inner.parameters()).device)
+
+
+def run_stack(stack: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Run a layer stack over [B, T, H] embeddings with a [B, T] padding mask; return its last hidden states."""
+    return stack(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def own_parameters(stack: nn.Module) -> dict[str, nn.Parameter]:
+    """A stack's parameters without the token embedding it shares with the base model."""
+    return {name: p for name, p in stack.named_parameters() if not name.startswith("embed_tokens.")}

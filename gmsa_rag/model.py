@@ -1,0 +1,315 @@
+"""The GMSA model: encoder (first k layers + LoRA) -> group merging -> LSA -> soft tokens -> decoder.
+
+The TCP-AE baseline (ICAE-style learnable memory tokens) lives behind the same interface
+(``GMSAConfig.method = "tcp"``) so that every benchmark compares the two at equal rates.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .backbone import load_backbone
+from .config import GMSAConfig
+from .fingerprint import weights_fingerprint
+from .group_merge import group_merge
+from .layers import copy_of_lowest_layers, inner_model, own_parameters, run_stack
+from .prompt import Context, DecoderBatch, Segment, assemble, qa_segments
+
+Stage = Literal["ae", "keft", "frozen"]
+ENCODER_ADAPTER = "gmsa_encoder"
+DECODER_ADAPTER = "gmsa_decoder"
+
+
+class GMSAModel(nn.Module):
+    """Compresses text into soft tokens and answers questions from them with the base LM as decoder."""
+
+    def __init__(self, decoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: GMSAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.base_fingerprint = weights_fingerprint(decoder.state_dict().items())
+        decoder.requires_grad_(False)
+
+        self.encoder = copy_of_lowest_layers(decoder, config.encoder_layers)
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.lora_targets),
+        )
+        inject_adapter_in_model(lora, self.encoder, adapter_name=ENCODER_ADAPTER)
+        self.lsa = copy_of_lowest_layers(decoder, config.lsa_layers) if config.lsa_layers else None
+
+        hidden = decoder.config.hidden_size
+        if config.method == "tcp":
+            # ICAE-style memory slots, initialised from the embeddings of random vocabulary tokens.
+            slots = config.max_soft_tokens(min(config.rates))
+            generator = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, decoder.config.vocab_size, (slots,), generator=generator)
+            embed = self.embed_tokens.weight
+            self.memory = nn.Parameter(embed[ids.to(embed.device)].detach().clone())
+        else:
+            self.memory = None
+
+        if config.decoder_tuning == "qkv_lora":
+            decoder_lora = LoraConfig(
+                r=config.decoder_lora_rank,
+                lora_alpha=config.decoder_lora_alpha,
+                target_modules=list(config.decoder_targets),
+            )
+            inject_adapter_in_model(decoder_lora, self.decoder, adapter_name=DECODER_ADAPTER)
+        self.set_stage("frozen")
+        self.hidden_size = hidden
+
+    # ------------------------------------------------------------------ construction / persistence
+    @classmethod
+    def from_base(
+        cls,
+        config: GMSAConfig | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> "GMSAModel":
+        """A fresh (untrained) compressor on top of ``config.base_model``."""
+        config = config or GMSAConfig()
+        decoder, tokenizer = load_backbone(config.base_model, device=device, dtype=dtype)
+        return cls(decoder, tokenizer, config)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        base_model: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> "GMSAModel":
+        """Load a checkpoint saved by :meth:`save_pretrained` (on ``base_model`` if given, else the recorded one)."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(path, base_model=base_model, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Save the trained parts as sharded safetensors + JSON config (see :mod:`gmsa_rag.checkpoint`)."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path, extra=extra)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return inner_model(self.decoder).embed_tokens
+
+    # ------------------------------------------------------------------ which weights train
+    def compressor_parameters(self) -> dict[str, nn.Parameter]:
+        """Encoder LoRA, LSA and memory slots: what stage 1 (AE) trains."""
+        params = {f"encoder.{n}": p for n, p in self.encoder.named_parameters() if "lora_" in n}
+        if self.lsa is not None:
+            params.update({f"lsa.{n}": p for n, p in own_parameters(self.lsa).items()})
+        if self.memory is not None:
+            params["memory"] = self.memory
+        return params
+
+    def decoder_parameters(self) -> dict[str, nn.Parameter]:
+        """Decoder W_Q/W_K/W_V (or their LoRA): what stage 2 (KEFT) trains; empty when not tuned."""
+        tuning = self.config.decoder_tuning
+        if tuning == "none":
+            return {}
+        targets = tuple(f"{t}." for t in self.config.decoder_targets)
+        params = {}
+        for name, p in self.decoder.named_parameters():
+            is_lora = "lora_" in name
+            if (tuning == "qkv_lora" and is_lora) or (tuning == "qkv" and not is_lora and any(t in name for t in targets)):
+                params[f"decoder.{name}"] = p
+        return params
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """Everything a checkpoint stores (all weights that differ from the base model)."""
+        return {**self.compressor_parameters(), **self.decoder_parameters()}
+
+    def set_stage(self, stage: Stage) -> None:
+        """Freeze everything, then unfreeze what ``stage`` trains (ae: compressor, keft: decoder q/k/v)."""
+        self.requires_grad_(False)
+        trainable = {"ae": self.compressor_parameters, "keft": self.decoder_parameters}.get(stage)
+        if trainable is not None:
+            params = trainable()
+            if not params:
+                raise ValueError(f"stage {stage!r} has nothing to train (decoder_tuning={self.config.decoder_tuning!r})")
+            for p in params.values():
+                p.requires_grad_(True)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what soft tokens depend on: base weights, compressor weights and architecture."""
+        c = self.config
+        salt = f"{self.base_fingerprint}|{c.method}|{c.encoder_layers}|{c.lsa_layers}|{c.window}"
+        return weights_fingerprint(self.compressor_parameters().items(), salt=salt)
+
+    # ------------------------------------------------------------------ documents -> soft tokens
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (no special tokens); rejects non-strings and empty text."""
+        if isinstance(texts, str):
+            raise TypeError("expected a list of texts, got a single string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
+            if not text.strip():
+                raise ValueError(f"text {i} is empty; there is nothing to compress")
+        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+    def windows(self, token_ids: Sequence[int]) -> list[list[int]]:
+        """Split a chunk's tokens into encoder windows of at most ``config.window`` tokens."""
+        w = self.config.window
+        return [list(token_ids[i : i + w]) for i in range(0, len(token_ids), w)]
+
+    def soft_tokens(self, windows: Sequence[Sequence[int]], rates: Sequence[int]) -> list[torch.Tensor]:
+        """Compress token windows (each <= config.window) at per-window rates; differentiable.
+
+        Returns one [ceil(n_i / r_i), H] tensor of soft tokens per window.
+        """
+        if len(windows) != len(rates):
+            raise ValueError("one rate per window is needed")
+        for r in rates:
+            self.config.check_rate(r)
+        ids, mask = self._pad(windows)
+        rate = torch.tensor(list(rates), device=self.device)
+        if self.config.method == "gmsa":
+            hidden = run_stack(self.encoder, self.embed_tokens(ids), mask)
+            summary, summary_mask = group_merge(hidden, mask, rate)
+        else:
+            summary, summary_mask = self._memory_summary(ids, mask, rate)
+        soft = run_stack(self.lsa, summary, summary_mask) if self.lsa is not None else summary
+        counts = summary_mask.sum(1).tolist()
+        return [soft[b, :n] for b, n in enumerate(counts)]
+
+    def _memory_summary(self, ids: torch.Tensor, mask: torch.Tensor, rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """TCP-AE: append ceil(n/r) memory slots after each text; their encoder states are the summary."""
+        lengths = mask.sum(1)
+        slots = (lengths + rate - 1) // rate
+        batch, width = ids.shape[0], self.hidden_size
+        total = int((lengths + slots).max())
+        embeds = torch.zeros(batch, total, width, dtype=self.dtype, device=self.device)
+        full_mask = torch.zeros(batch, total, dtype=torch.long, device=self.device)
+        token_embeds = self.embed_tokens(ids)
+        for b in range(batch):
+            n, m = int(lengths[b]), int(slots[b])
+            embeds[b, :n] = token_embeds[b, :n]
+            embeds[b, n : n + m] = self.memory[:m].to(self.dtype)
+            full_mask[b, : n + m] = 1
+        hidden = run_stack(self.encoder, embeds, full_mask)
+        num_slots = int(slots.max())
+        index = (lengths[:, None] + torch.arange(num_slots, device=self.device)[None, :]).clamp(max=total - 1)
+        summary = hidden.gather(1, index.unsqueeze(-1).expand(batch, num_slots, width))
+        summary_mask = (torch.arange(num_slots, device=self.device)[None, :] < slots[:, None]).long()
+        return summary * summary_mask.unsqueeze(-1), summary_mask
+
+    def _pad(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        longest = max(len(s) for s in sequences)
+        ids = torch.full((len(sequences), longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(sequences), longest, dtype=torch.long)
+        for b, seq in enumerate(sequences):
+            ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[b, : len(seq)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def compress(self, texts: Sequence[str], rate: int, batch_size: int = 16) -> list[torch.Tensor]:
+        """Compress each text into ~len/rate soft tokens ([m_i, H] tensors on the model's device).
+
+        Texts longer than the encoder window are split into windows whose soft tokens are concatenated in order.
+        """
+        self.config.check_rate(rate)
+        per_text = [self.windows(ids) for ids in self.tokenize(texts)]
+        flat = [(t, w) for t, ws in enumerate(per_text) for w in ws]
+        order = sorted(range(len(flat)), key=lambda i: len(flat[i][1]))  # similar lengths share a batch
+        outputs: list[torch.Tensor | None] = [None] * len(flat)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            soft = self.soft_tokens([flat[i][1] for i in chunk], [rate] * len(chunk))
+            for i, s in zip(chunk, soft):
+                outputs[i] = s
+        result: list[list[torch.Tensor]] = [[] for _ in texts]
+        for (t, _), s in zip(flat, outputs):
+            result[t].append(s)
+        return [torch.cat(parts) for parts in result]
+
+    # ------------------------------------------------------------------ prompt -> decoder
+    def build_batch(self, prompts: Sequence[Sequence[Segment]], padding_side: str = "right") -> DecoderBatch:
+        """Embed and pad segment lists into one decoder batch."""
+        return assemble(prompts, self.embed_tokens, padding_side=padding_side)
+
+    def loss(self, prompts: Sequence[Sequence[Segment]]) -> torch.Tensor:
+        """Teacher-forced cross-entropy on the target segments of each prompt."""
+        batch = self.build_batch(prompts)
+        return self.decoder(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False
+        ).loss
+
+    def max_context_tokens(self) -> int:
+        return int(getattr(self.decoder.config, "max_position_embeddings", 0) or 0)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        questions: str | Sequence[str],
+        contexts: Sequence[Context] | Sequence[Sequence[Context]],
+        max_new_tokens: int = 32,
+        **generate_kwargs,
+    ) -> str | list[str]:
+        """Answer question(s) from their documents (soft-token tensors, or text for the uncompressed baseline).
+
+        The decoder reads chat template + instruction + one span per document + question and decodes with a
+        KV cache (Hugging Face ``generate``; ``generate_kwargs`` pass through, e.g. ``do_sample``, ``streamer``).
+        """
+        single = isinstance(questions, str)
+        prompts = [qa_segments(self.tokenizer, q, ctx) for q, ctx in zip(*self._as_batch(questions, contexts))]
+        texts = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens, **generate_kwargs)
+        return texts[0] if single else texts
+
+    @torch.no_grad()
+    def generate_from_segments(
+        self, prompts: Sequence[Sequence[Segment]], max_new_tokens: int = 32, **generate_kwargs
+    ) -> list[str]:
+        """Greedy (by default) decoding from prebuilt prompts; returns the decoded new text of each."""
+        batch = self.build_batch(prompts, padding_side="left")
+        self.check_length(batch.inputs_embeds.shape[1] + max_new_tokens)
+        generate_kwargs.setdefault("do_sample", False)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if not generate_kwargs["do_sample"]:
+            generate_kwargs.setdefault("temperature", None)
+            generate_kwargs.setdefault("top_p", None)
+            generate_kwargs.setdefault("top_k", None)
+        out = self.decoder.generate(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            **generate_kwargs,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def check_length(self, total: int) -> None:
+        """Refuse prompts (soft tokens + text + answer budget) longer than the decoder's window."""
+        limit = self.max_context_tokens()
+        if limit and total > limit:
+            raise ValueError(f"prompt needs {total} positions but the decoder's window is {limit}; "
+                             "retrieve fewer documents or compress at a higher rate")
+
+    @staticmethod
+    def _as_batch(questions, contexts) -> tuple[list[str], list[list[Context]]]:
+        if isinstance(questions, str):
+            return [questions], [list(contexts)]
+        questions = list(questions)
+        if len(questions) != len(contexts):
+            raise ValueError(f"{len(questions)} questions but {len(contexts)} context lists")
+        return questions, [list(c) for c in contexts]
