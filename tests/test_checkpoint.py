@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from gmsa_rag.checkpoint import CONFIG_FILE, INDEX_FILE, MAX_SHARD_BYTES, CheckpointError, attach_checkpoint, read_record, read_weights
+from gmsa_rag.testing import SAMPLE_TEXT, tiny_gmsa
+
+
+def _reload(tokenizer, path, **config):
+    """Rebuild a model on a fresh tiny backbone (same seed = same base weights) and load the checkpoint."""
+    fresh = tiny_gmsa(tokenizer, seed=0, **config)
+    with torch.no_grad():  # make sure loading really overwrites, not reuses, the trained weights
+        for p in fresh.trained_parameters().values():
+            p.zero_()
+    return attach_checkpoint(fresh, read_record(path), read_weights(path), path)
+
+
+@pytest.mark.parametrize("config", [{}, {"method": "tcp"}, {"decoder_tuning": "qkv"}, {"decoder_tuning": "qkv_lora"}])
+def test_round_trip_is_bit_exact(tokenizer, tmp_path, config):
+    model = tiny_gmsa(tokenizer, **config)
+    with torch.no_grad():
+        for p in model.trained_parameters().values():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.save_pretrained(tmp_path, extra={"note": "unit test"})
+    loaded = _reload(tokenizer, tmp_path, **config)
+    original, restored = model.trained_parameters(), loaded.trained_parameters()
+    assert original.keys() == restored.keys()
+    for name in original:
+        assert torch.equal(original[name], restored[name]), name
+    assert torch.equal(model.compress([SAMPLE_TEXT], 4)[0], loaded.compress([SAMPLE_TEXT], 4)[0])
+    assert loaded.fingerprint == model.fingerprint == read_record(tmp_path)["fingerprint"]
+    assert loaded.config.extra == {"note": "unit test"}
+
+
+def test_checkpoint_is_safetensors_shards_under_limit(tokenizer, tmp_path):
+    tiny_gmsa(tokenizer, decoder_tuning="qkv").save_pretrained(tmp_path)
+    shards = sorted(tmp_path.glob("model*.safetensors"))
+    assert shards and all(s.stat().st_size < MAX_SHARD_BYTES for s in shards)
+    assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert record["base_model"] == "tiny-llama" and len(record["base_fingerprint"]) == 64
+
+
+def test_other_base_model_is_refused(tokenizer, tmp_path):
+    tiny_gmsa(tokenizer, seed=0).save_pretrained(tmp_path)
+    other = tiny_gmsa(tokenizer, seed=1)  # same architecture, other base weights
+    with pytest.raises(CheckpointError, match="trained on base model"):
+        attach_checkpoint(other, read_record(tmp_path), read_weights(tmp_path), tmp_path)
+
+
+def test_fingerprint_ignores_dtype_but_not_weights(tokenizer):
+    model = tiny_gmsa(tokenizer)
+    bf16 = tiny_gmsa(tokenizer)
+    bf16.decoder.to(torch.bfloat16)
+    from gmsa_rag.fingerprint import weights_fingerprint
+
+    assert weights_fingerprint(bf16.decoder.state_dict().items()) == model.base_fingerprint
+    assert tiny_gmsa(tokenizer, seed=3).base_fingerprint != model.base_fingerprint
+
+
+def test_corrupted_shard_is_detected(tokenizer, tmp_path):
+    tiny_gmsa(tokenizer).save_pretrained(tmp_path)
+    shard = next(tmp_path.glob("model*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        read_weights(tmp_path)
+
+
+def test_truncated_or_missing_files_are_detected(tokenizer, tmp_path):
+    tiny_gmsa(tokenizer).save_pretrained(tmp_path)
+    (tmp_path / INDEX_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        read_weights(tmp_path)
+    with pytest.raises(CheckpointError, match="not a GMSA checkpoint"):
+        read_record(tmp_path / "nowhere")
+
+
+def test_architecture_mismatch_is_refused(tokenizer, tmp_path):
+    tiny_gmsa(tokenizer, lsa_layers=1).save_pretrained(tmp_path)
+    other = tiny_gmsa(tokenizer, lsa_layers=2)
+    with pytest.raises(CheckpointError, match="do not match"):
+        attach_checkpoint(other, read_record(tmp_path), read_weights(tmp_path), tmp_path)

@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+from gmsa_rag import GMSAConfig
+from gmsa_rag.layers import inner_model
+from gmsa_rag.prompt import qa_segments
+
+from gmsa_rag.testing import SAMPLE_TEXT as TEXT
+from gmsa_rag.testing import tiny_gmsa as make_tiny
+
+
+@pytest.mark.parametrize("method", ["gmsa", "tcp"])
+@pytest.mark.parametrize("rate", [2, 4, 8, 16])
+def test_soft_token_counts_for_every_rate(tokenizer, method, rate):
+    model = make_tiny(tokenizer, method=method)
+    texts = [TEXT, "A short one.", TEXT * 3]  # the last spans several 32-token windows
+    soft = model.compress(texts, rate)
+    for text, s in zip(texts, soft):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        windows = [ids[i : i + 32] for i in range(0, len(ids), 32)]
+        assert s.shape == (sum(-(-len(w) // rate) for w in windows), model.hidden_size)
+        assert torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("method", ["gmsa", "tcp"])
+def test_batching_and_padding_do_not_change_soft_tokens(tokenizer, method):
+    model = make_tiny(tokenizer, method=method)
+    texts = [TEXT, "Short.", TEXT[:77]]
+    together = model.compress(texts, 4, batch_size=8)
+    alone = [model.compress([t], 4)[0] for t in texts]
+    for a, b in zip(together, alone):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_long_text_is_split_into_windows_in_order(tokenizer):
+    model = make_tiny(tokenizer)
+    ids = tokenizer.encode(TEXT * 2, add_special_tokens=False)
+    soft = model.compress([TEXT * 2], 4)[0]
+    pieces = [tokenizer.decode(ids[i : i + 32]) for i in range(0, len(ids), 32)]
+    per_window = model.soft_tokens([ids[i : i + 32] for i in range(0, len(ids), 32)], [4] * len(pieces))
+    assert torch.allclose(soft, torch.cat(per_window), atol=1e-5)
+
+
+def test_soft_tokens_deterministic(tokenizer):
+    a = make_tiny(tokenizer).compress([TEXT], 8)[0]
+    b = make_tiny(tokenizer).compress([TEXT], 8)[0]
+    assert torch.equal(a, b)
+
+
+def test_gmsa_soft_tokens_are_lsa_of_group_means(tokenizer):
+    model = make_tiny(tokenizer, lsa_layers=0)
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)[:32]
+    hidden = model.encoder(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]
+    expected = torch.stack([hidden[i : i + 8].mean(0) for i in range(0, 32, 8)])
+    assert torch.allclose(model.soft_tokens([ids], [8])[0], expected, atol=1e-5)
+
+
+def test_lsa_and_encoder_start_as_copies_of_the_decoder_layers(tokenizer):
+    model = make_tiny(tokenizer, lsa_layers=2)
+    decoder_layers = inner_model(model.decoder).layers
+    for copy, original in zip(model.lsa.layers, decoder_layers[:2]):
+        for (n1, p1), (n2, p2) in zip(copy.state_dict().items(), original.state_dict().items()):
+            assert n1 == n2 and torch.equal(p1, p2)
+            assert p1.data_ptr() != p2.data_ptr()  # a copy, not shared
+    base_q = decoder_layers[0].self_attn.q_proj.weight
+    assert torch.equal(model.encoder.layers[0].self_attn.q_proj.base_layer.weight, base_q)
+    assert model.embed_tokens is model.encoder.embed_tokens  # embeddings shared, not duplicated
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_families(tokenizer, family):
+    model = make_tiny(tokenizer, family=family)
+    soft = model.compress([TEXT], 4)
+    assert soft[0].shape[1] == model.hidden_size
+    assert isinstance(model.generate("What is it?", soft, max_new_tokens=3), str)
+
+
+def test_generate_from_soft_tokens_matches_manual_greedy_decoding(tokenizer):
+    model = make_tiny(tokenizer)
+    soft = model.compress([TEXT, "Paris is in France."], 4)
+    prompt = qa_segments(tokenizer, "Where is the tower?", soft)
+    batch = model.build_batch([prompt])
+    ids = []
+    embeds = batch.inputs_embeds
+    for _ in range(4):  # greedy decoding without a KV cache, the slow obvious way
+        logits = model.decoder(inputs_embeds=embeds).logits[0, -1]
+        nxt = int(logits.argmax())
+        ids.append(nxt)
+        embeds = torch.cat([embeds, model.embed_tokens(torch.tensor([[nxt]]))], 1)
+    out = model.generate("Where is the tower?", soft, max_new_tokens=4, min_new_tokens=4)
+    assert out == tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_batched_generation_equals_single(tokenizer):
+    model = make_tiny(tokenizer)
+    soft = model.compress([TEXT, "Paris is in France."], 4)
+    single = [model.generate(q, c, max_new_tokens=4) for q, c in [("Where?", soft), ("Who?", soft[:1])]]
+    batched = model.generate(["Where?", "Who?"], [soft, soft[:1]], max_new_tokens=4)
+    assert batched == single
+
+
+def test_uncompressed_text_contexts_use_the_same_template(tokenizer):
+    model = make_tiny(tokenizer)
+    prompt = qa_segments(tokenizer, "Q?", [TEXT])
+    text = "".join(tokenizer.decode(s.token_ids) for s in prompt)
+    assert "Document [1]: " + TEXT in text and text.rstrip().endswith("assistant")
+    assert isinstance(model.generate("Q?", [TEXT], max_new_tokens=2), str)
+
+
+@pytest.mark.parametrize(
+    "texts, rate, error",
+    [
+        ([""], 4, ValueError),
+        (["   \n"], 4, ValueError),
+        ([TEXT], 3, ValueError),
+        ([TEXT], 32, ValueError),
+        ([123], 4, TypeError),
+        (TEXT, 4, TypeError),
+    ],
+)
+def test_bad_input_errors(tiny, texts, rate, error):
+    with pytest.raises(error):
+        tiny.compress(texts, rate)
+
+
+def test_rate_error_names_allowed_rates(tiny):
+    with pytest.raises(ValueError, match=r"\[2, 4, 8, 16\]"):
+        tiny.compress([TEXT], 5)
+
+
+def test_prompt_longer_than_decoder_window_is_refused(tokenizer):
+    model = make_tiny(tokenizer)
+    model.decoder.config.max_position_embeddings = 64
+    with pytest.raises(ValueError, match="window"):
+        model.generate("Q?", [TEXT * 4], max_new_tokens=4)
+
+
+def test_stages_unfreeze_only_their_parameters(tokenizer):
+    model = make_tiny(tokenizer, decoder_tuning="qkv")
+    model.set_stage("ae")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n and n.startswith("encoder.")) or n.startswith("lsa.") for n in trainable)
+    assert not any("embed_tokens" in n for n in trainable)
+    model.set_stage("keft")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("decoder.") and n.split(".")[-2] in ("q_proj", "k_proj", "v_proj") for n in trainable)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        GMSAConfig(method="other")
+    with pytest.raises(ValueError):
+        GMSAConfig(rates=(2, 1024), window=512)
+    assert GMSAConfig.from_dict(GMSAConfig(rates=(8, 2)).to_dict()).rates == (2, 8)
