@@ -1,0 +1,452 @@
+"""On-disk cache of GMSA soft tokens, keyed by (chunk text, model fingerprint, rate).
+
+Storage format of one entry (raw bytes; nothing is ever pickled)::
+
+    b"GMSAST" | u8 format version | u32 LE header length | JSON header | safetensors payload
+
+The JSON header holds the cache key, the payload's sha256, its length, and the tensor's shape and
+dtype.  Every read checks all of them; an entry that fails any check is deleted, logged and reported
+as a miss, never returned as data.
+
+The backend is :class:`diskcache.Cache` (SQLite + files), which is safe to share between threads and
+between processes (each process opens its own connection; forking is handled by diskcache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import diskcache
+import torch
+from safetensors.torch import load as _st_load
+from safetensors.torch import save as _st_save
+
+__all__ = [
+    "CacheCorruptionError",
+    "CacheStats",
+    "DEFAULT_EVICTION_POLICY",
+    "DEFAULT_SIZE_LIMIT",
+    "FORMAT_VERSION",
+    "KEY_SCHEME",
+    "SoftTokenCache",
+    "cache_key",
+    "decode_entry",
+    "default_cache_dir",
+    "encode_entry",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Version of the value format (header layout); bump when it changes.
+FORMAT_VERSION = 1
+#: Prefix mixed into every key; bump when the key derivation changes.
+KEY_SCHEME = "gmsa_rag.soft_tokens.v1"
+#: Default size limit for a newly created cache (an existing cache keeps its stored setting).
+DEFAULT_SIZE_LIMIT = 8 * 2**30
+#: Default eviction policy for a newly created cache.
+DEFAULT_EVICTION_POLICY = "least-recently-used"
+
+_MAGIC = b"GMSAST"
+_PREFIX = struct.Struct("<6sBI")  # magic, version, header length
+_TENSOR_NAME = "soft_tokens"
+_MAX_HEADER = 1 << 16
+
+CompressFn = Callable[[list[str], int], Sequence[torch.Tensor]]
+
+
+class CacheCorruptionError(ValueError):
+    """A stored entry failed validation (bad magic, checksum, shape, dtype or key)."""
+
+
+def default_cache_dir() -> Path:
+    """Default cache directory: ``$GMSA_RAG_CACHE_DIR``, else ``$XDG_CACHE_HOME/gmsa_rag/soft_tokens``
+    (``~/.cache/gmsa_rag/soft_tokens`` when XDG_CACHE_HOME is unset)."""
+    env = os.environ.get("GMSA_RAG_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(base).expanduser() / "gmsa_rag" / "soft_tokens"
+
+
+def _check_rate(rate: int) -> int:
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+        raise ValueError(f"rate must be a positive int, got {rate!r}")
+    return rate
+
+
+def cache_key(text: str, fingerprint: str, rate: int) -> str:
+    """sha256 hex key of (chunk text, model fingerprint, compression rate).
+
+    The text is used exactly as given (no normalisation): key on the very string you compress,
+    e.g. ``node.get_content()`` of a retrieved LlamaIndex node.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise ValueError("fingerprint must be a non-empty str identifying the model")
+    _check_rate(rate)
+    payload = json.dumps([KEY_SCHEME, fingerprint, rate, text], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _check_tensor(tensor: object, what: str = "value") -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != 2 or tensor.shape[0] < 1:
+        raise ValueError(f"{what} must have shape [m >= 1, hidden], got {tuple(tensor.shape)}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{what} must be a floating-point tensor, got {tensor.dtype}")
+    return tensor
+
+
+def encode_entry(key: str, tensor: torch.Tensor) -> bytes:
+    """Serialise ``tensor`` (moved to CPU) into the checksummed entry format."""
+    t = _check_tensor(tensor).detach().to("cpu").contiguous()
+    payload = _st_save({_TENSOR_NAME: t}, metadata={"key": key})
+    header = json.dumps(
+        {
+            "key": key,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "nbytes": len(payload),
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+        },
+        separators=(",", ":"),
+    ).encode("utf-8")
+    return _PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header)) + header + payload
+
+
+def decode_entry(blob: bytes, key: str | None = None) -> torch.Tensor:
+    """Validate and deserialise an entry; raise :class:`CacheCorruptionError` on any mismatch."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CacheCorruptionError(f"stored value is {type(blob).__name__}, not bytes")
+    blob = bytes(blob)
+    if len(blob) < _PREFIX.size:
+        raise CacheCorruptionError("entry shorter than its prefix")
+    magic, version, hlen = _PREFIX.unpack_from(blob)
+    if magic != _MAGIC:
+        raise CacheCorruptionError("bad magic")
+    if version != FORMAT_VERSION:
+        raise CacheCorruptionError(f"unsupported format version {version}")
+    if hlen > _MAX_HEADER or _PREFIX.size + hlen > len(blob):
+        raise CacheCorruptionError("bad header length")
+    try:
+        header = json.loads(blob[_PREFIX.size : _PREFIX.size + hlen].decode("utf-8"))
+        want_sha, nbytes = str(header["sha256"]), int(header["nbytes"])
+        shape, dtype, stored_key = list(header["shape"]), str(header["dtype"]), header["key"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CacheCorruptionError(f"unreadable header: {exc}") from None
+    if key is not None and stored_key != key:
+        raise CacheCorruptionError("entry stored under a different key")
+    payload = blob[_PREFIX.size + hlen :]
+    if len(payload) != nbytes:
+        raise CacheCorruptionError(f"payload is {len(payload)} bytes, header says {nbytes}")
+    if hashlib.sha256(payload).hexdigest() != want_sha:
+        raise CacheCorruptionError("checksum mismatch")
+    try:
+        tensor = _st_load(payload)[_TENSOR_NAME]
+    except Exception as exc:  # safetensors raises its own error types
+        raise CacheCorruptionError(f"unreadable safetensors payload: {exc}") from None
+    if list(tensor.shape) != shape or str(tensor.dtype).removeprefix("torch.") != dtype:
+        raise CacheCorruptionError("tensor shape/dtype differ from header")
+    return tensor
+
+
+class _BytesOnlyDisk(diskcache.Disk):
+    """diskcache Disk that stores only ``bytes`` and refuses to unpickle anything it reads."""
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):  # type: ignore[override]
+        if read or type(value) is not bytes:
+            raise TypeError("SoftTokenCache stores raw bytes only")
+        return super().store(value, read, key=key)
+
+    def fetch(self, mode, filename, value, read):  # type: ignore[override]
+        if mode == diskcache.core.MODE_PICKLE:
+            raise CacheCorruptionError("entry is pickled; refusing to unpickle it")
+        return super().fetch(mode, filename, value, read)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Snapshot of a cache. ``hits``/``misses``/``corrupt_dropped`` count this process's calls on
+    this :class:`SoftTokenCache` object only; ``entries`` and ``bytes_on_disk`` are global."""
+
+    directory: str
+    entries: int
+    bytes_on_disk: int
+    size_limit: int
+    eviction_policy: str
+    hits: int
+    misses: int
+    corrupt_dropped: int
+    puts: int
+
+    def as_dict(self) -> dict:
+        """Plain-dict form (for JSON)."""
+        return asdict(self)
+
+
+class SoftTokenCache:
+    """Process-safe on-disk cache mapping :func:`cache_key` strings to soft-token tensors.
+
+    Args:
+        directory: cache folder (created if needed); ``None`` -> :func:`default_cache_dir`.
+        size_limit: max bytes before diskcache evicts entries. ``None`` keeps the setting stored in
+            an existing cache, or uses :data:`DEFAULT_SIZE_LIMIT` for a new one.
+        eviction_policy: one of diskcache's policies (``least-recently-used``,
+            ``least-recently-stored``, ``least-frequently-used``, ``none``); ``None`` as above.
+        timeout: SQLite busy timeout in seconds (concurrent writers wait up to this long).
+        **diskcache_settings: other diskcache settings (e.g. ``cull_limit``), passed through.
+
+    Tensors are stored and returned on CPU, bit-exact, in their own dtype.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike | None = None,
+        *,
+        size_limit: int | None = None,
+        eviction_policy: str | None = None,
+        timeout: float = 60.0,
+        **diskcache_settings: object,
+    ) -> None:
+        path = Path(directory).expanduser() if directory is not None else default_cache_dir()
+        if eviction_policy is not None and eviction_policy not in diskcache.EVICTION_POLICY:
+            raise ValueError(
+                f"unknown eviction_policy {eviction_policy!r}; "
+                f"choose from {sorted(diskcache.EVICTION_POLICY)}"
+            )
+        if size_limit is not None and (isinstance(size_limit, bool) or int(size_limit) <= 0):
+            raise ValueError(f"size_limit must be a positive number of bytes, got {size_limit!r}")
+        is_new = not (path / "cache.db").exists()
+        settings = dict(diskcache_settings)
+        if size_limit is not None or is_new:
+            settings["size_limit"] = int(size_limit if size_limit is not None else DEFAULT_SIZE_LIMIT)
+        if eviction_policy is not None or is_new:
+            settings["eviction_policy"] = eviction_policy or DEFAULT_EVICTION_POLICY
+        self._init_args = (str(path), timeout, dict(settings))
+        self._cache = diskcache.Cache(str(path), timeout=timeout, disk=_BytesOnlyDisk, **settings)
+        self._lock = threading.Lock()
+        self._hits = self._misses = self._corrupt = self._puts = 0
+
+    # -- pickling (e.g. to hand a cache to spawned worker processes): reopen by directory --------
+    def __getstate__(self) -> tuple:
+        return self._init_args
+
+    def __setstate__(self, state: tuple) -> None:
+        directory, timeout, settings = state
+        self.__init__(directory, timeout=timeout, **settings)  # type: ignore[misc]
+
+    @property
+    def directory(self) -> Path:
+        """The cache folder."""
+        return Path(self._cache.directory)
+
+    @property
+    def backend(self) -> diskcache.Cache:
+        """The underlying :class:`diskcache.Cache` (for maintenance; values are raw entry bytes)."""
+        return self._cache
+
+    def _count(self, hits: int = 0, misses: int = 0, corrupt: int = 0, puts: int = 0) -> None:
+        with self._lock:
+            self._hits += hits
+            self._misses += misses
+            self._corrupt += corrupt
+            self._puts += puts
+
+    def _read(self, key: str) -> torch.Tensor | None:
+        """Read and validate one entry without touching the hit/miss counters."""
+        try:
+            blob = self._cache.get(key)
+            if blob is None:
+                # diskcache reports a row whose value file vanished as a plain miss; drop the row.
+                if key in self._cache:
+                    self._drop_corrupt(key, CacheCorruptionError("value file missing"))
+                return None
+            return decode_entry(blob, key)
+        except (CacheCorruptionError, OSError, UnicodeDecodeError) as exc:
+            self._drop_corrupt(key, exc)
+            return None
+
+    def _drop_corrupt(self, key: str, exc: BaseException) -> None:
+        # Re-check under the cache's lock so a good value written meanwhile by another process is kept.
+        with self._cache.transact():
+            try:
+                blob = self._cache.get(key)
+                if blob is None:
+                    still_bad = key in self._cache
+                else:
+                    decode_entry(blob, key)
+                    still_bad = False
+            except Exception:
+                still_bad = True
+            if still_bad:
+                self._cache.delete(key)
+        if still_bad:
+            self._count(corrupt=1)
+            logger.warning("soft-token cache: dropped corrupt entry %s (%s)", key, exc)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """Return the CPU tensor stored under ``key``, or ``None`` if absent or corrupt (then deleted)."""
+        tensor = self._read(key)
+        self._count(hits=tensor is not None, misses=tensor is None)
+        return tensor
+
+    def get_many(self, keys: Iterable[str]) -> list[torch.Tensor | None]:
+        """:meth:`get` for each key, in order."""
+        return [self.get(k) for k in keys]
+
+    def put(self, key: str, tensor: torch.Tensor) -> None:
+        """Store ``tensor`` (shape [m, hidden], floating point; copied to CPU) under ``key``."""
+        if not isinstance(key, str) or not key:
+            raise ValueError("key must be a non-empty str (use cache_key())")
+        self._cache.set(key, encode_entry(key, tensor))
+        self._count(puts=1)
+
+    def put_many(
+        self, items: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+    ) -> None:
+        """Store several entries (all serialised first, then written)."""
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        for key, _ in pairs:
+            if not isinstance(key, str) or not key:
+                raise ValueError("key must be a non-empty str (use cache_key())")
+        blobs = [(k, encode_entry(k, t)) for k, t in pairs]
+        for k, b in blobs:
+            self._cache.set(k, b)
+        self._count(puts=len(blobs))
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; return whether it was present."""
+        return bool(self._cache.delete(key))
+
+    def __contains__(self, key: object) -> bool:
+        """Cheap presence test (does not read or validate the value)."""
+        return isinstance(key, str) and key in self._cache
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def stats(self) -> CacheStats:
+        """Entries and bytes on disk (whole cache) plus this object's hit/miss/corrupt counters."""
+        with self._lock:
+            hits, misses, corrupt, puts = self._hits, self._misses, self._corrupt, self._puts
+        return CacheStats(
+            directory=str(self.directory),
+            entries=len(self._cache),
+            bytes_on_disk=int(self._cache.volume()),
+            size_limit=int(self._cache.size_limit),
+            eviction_policy=str(self._cache.eviction_policy),
+            hits=hits,
+            misses=misses,
+            corrupt_dropped=corrupt,
+            puts=puts,
+        )
+
+    def clear(self) -> int:
+        """Delete every entry; return how many were removed."""
+        return int(self._cache.clear())
+
+    def close(self) -> None:
+        """Close this process's database connection (the object can still be used; it reopens)."""
+        self._cache.close()
+
+    def __enter__(self) -> "SoftTokenCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SoftTokenCache({str(self.directory)!r})"
+
+    def get_or_compute(
+        self,
+        texts: Sequence[str],
+        rate: int,
+        fingerprint: str,
+        compress_fn: CompressFn,
+        batch_size: int = 8,
+    ) -> list[torch.Tensor]:
+        """Soft tokens for every text, in input order, computing only cache misses.
+
+        Misses are de-duplicated, sorted by length (less padding) and passed to
+        ``compress_fn(list_of_texts, rate) -> list[Tensor]`` in batches of ``batch_size``; results
+        are stored, then everything is returned on CPU.
+
+        Raises:
+            ValueError: a text is empty or whitespace-only (it has nothing to compress), the rate or
+                batch size is invalid, or ``compress_fn`` returns the wrong number/shape of tensors.
+        """
+        texts = list(texts)
+        _check_rate(rate)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
+            if not t.strip():
+                raise ValueError(
+                    f"texts[{i}] is empty or whitespace-only; there is nothing to compress "
+                    "(filter empty chunks before compressing)"
+                )
+        keys = [cache_key(t, fingerprint, rate) for t in texts]
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, str] = {}  # key -> text, first occurrence, insertion ordered
+        for key, text in zip(keys, texts):
+            if key in found or key in missing:
+                continue
+            tensor = self.get(key)
+            if tensor is None:
+                missing[key] = text
+            else:
+                found[key] = tensor
+        if missing:
+            found.update(compute_and_store(self, missing, rate, compress_fn, batch_size))
+        return [found[k] for k in keys]
+
+
+def compute_and_store(
+    cache: SoftTokenCache,
+    missing: Mapping[str, str],
+    rate: int,
+    compress_fn: CompressFn,
+    batch_size: int,
+    progress: Callable[[int], object] | None = None,
+    keep: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Compress ``missing`` (key -> text) in length-sorted batches and store each batch.
+
+    Returns key -> CPU tensor (empty when ``keep`` is False). ``progress(n)`` is called after each
+    batch with the number of texts done in it.
+    """
+    order = sorted(missing, key=lambda k: len(missing[k]), reverse=True)
+    out: dict[str, torch.Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        batch_keys = order[start : start + batch_size]
+        batch_texts = [missing[k] for k in batch_keys]
+        with torch.no_grad():
+            result = compress_fn(batch_texts, rate)
+        result = list(result)
+        if len(result) != len(batch_texts):
+            raise ValueError(
+                f"compress_fn returned {len(result)} tensors for {len(batch_texts)} texts"
+            )
+        cpu = []
+        for k, t in zip(batch_keys, result):
+            _check_tensor(t, "compress_fn output")
+            cpu.append((k, t.detach().to("cpu").contiguous()))
+        cache.put_many(cpu)
+        if keep:
+            out.update(cpu)
+        if progress is not None:
+            progress(len(batch_keys))
+    return out
