@@ -113,8 +113,13 @@ def load_checkpoint(
     base_model: str | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    decoder_tuning: str | None = None,
 ) -> "GMSAModel":
-    """Rebuild a GMSAModel from a checkpoint; fails clearly if the base model's weights are not the recorded ones."""
+    """Rebuild a GMSAModel from a checkpoint; fails clearly if the base model's weights are not the recorded ones.
+
+    ``decoder_tuning`` adds decoder parameters for KEFT on top of a stage-1 (AE) checkpoint; those start
+    from the base model since the checkpoint has none.
+    """
     from .backbone import load_backbone
     from .model import GMSAModel
 
@@ -123,12 +128,20 @@ def load_checkpoint(
     config = GMSAConfig.from_dict(record["config"])
     if base_model is not None:
         config.base_model = base_model
+    new_decoder_params = decoder_tuning is not None and decoder_tuning != config.decoder_tuning
+    if new_decoder_params:
+        if config.decoder_tuning != "none":
+            raise CheckpointError(f"{path} already tunes the decoder ({config.decoder_tuning}); cannot switch to {decoder_tuning}")
+        config.decoder_tuning = decoder_tuning
     decoder, tokenizer = load_backbone(config.base_model, device=device, dtype=dtype)
-    return attach_checkpoint(GMSAModel(decoder, tokenizer, config), record, state, path)
+    model = GMSAModel(decoder, tokenizer, config)
+    return attach_checkpoint(model, record, state, path, partial=set(model.decoder_parameters()) if new_decoder_params else set())
 
 
-def attach_checkpoint(model: "GMSAModel", record: dict[str, Any], state: dict[str, torch.Tensor], path: Any) -> "GMSAModel":
-    """Check the base fingerprint, then copy the checkpoint's tensors into ``model``."""
+def attach_checkpoint(
+    model: "GMSAModel", record: dict[str, Any], state: dict[str, torch.Tensor], path: Any, partial: set[str] = frozenset()
+) -> "GMSAModel":
+    """Check the base fingerprint, then copy the checkpoint's tensors into ``model`` (``partial``: may be absent)."""
     if model.base_fingerprint != record["base_fingerprint"]:
         raise CheckpointError(
             f"checkpoint {path} was trained on base model {record['base_model']!r} "
@@ -136,7 +149,7 @@ def attach_checkpoint(model: "GMSAModel", record: dict[str, Any], state: dict[st
             f"has other weights ({model.base_fingerprint[:12]}); load it with the base model it was trained on"
         )
     params = model.trained_parameters()
-    missing, unexpected = set(params) - set(state), set(state) - set(params)
+    missing, unexpected = set(params) - set(state) - set(partial), set(state) - set(params)
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match the model (missing {sorted(missing)[:5]}, "
                               f"unexpected {sorted(unexpected)[:5]})")

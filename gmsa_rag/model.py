@@ -19,6 +19,7 @@ from .fingerprint import weights_fingerprint
 from .group_merge import group_merge
 from .layers import copy_of_lowest_layers, inner_model, own_parameters, run_stack
 from .prompt import Context, DecoderBatch, Segment, assemble, qa_segments
+from .samples import Sample, build_prompts
 
 Stage = Literal["ae", "keft", "frozen"]
 ENCODER_ADAPTER = "gmsa_encoder"
@@ -248,6 +249,10 @@ class GMSAModel(nn.Module):
     def build_batch(self, prompts: Sequence[Sequence[Segment]], padding_side: str = "right") -> DecoderBatch:
         """Embed and pad segment lists into one decoder batch."""
         return assemble(prompts, self.embed_tokens, padding_side=padding_side)
+
+    def forward(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """Training loss of a batch of AE / QA samples (what the trainer and DDP call)."""
+        return self.loss(build_prompts(self, samples))
 
     def loss(self, prompts: Sequence[Sequence[Segment]]) -> torch.Tensor:
         """Teacher-forced cross-entropy on the target segments of each prompt."""

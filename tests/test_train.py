@@ -1,0 +1,144 @@
+"""Trainer tests on a tiny random LLaMA saved to disk (the trainer loads base models by path, like any HF model)."""
+import collections
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from gmsa_rag.backbone import tiny_backbone
+from gmsa_rag.checkpoint import read_weights
+from gmsa_rag.data.qa import QAExample, save_qa_jsonl
+from gmsa_rag.model import GMSAModel
+from gmsa_rag.samples import sample_rate
+from gmsa_rag.train import TrainConfig, batch_for, parse_args, train
+
+CORPUS = (
+    "The cat sat on the mat. It was a sunny day and the cat was happy to be outside in the garden.\n\n"
+    "Rivers and lakes hold fresh water for many animals and plants that live near them."
+)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-base")
+    # A wide weight init makes the frozen random decoder's outputs depend strongly on its input, so a
+    # compressor can steer it and the overfit check has signal (at 0.02 the logits are nearly uniform).
+    tiny_backbone("llama", seed=0, initializer_range=0.3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(CORPUS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qa_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    save_qa_jsonl(
+        [
+            QAExample("who wrote hamlet", ["Shakespeare"], ["Hamlet is a tragedy by William Shakespeare.", "Paris is in France."]),
+            QAExample("capital of france", ["Paris"], ["Hamlet is a play.", "Paris is the capital of France."]),
+        ],
+        path,
+    )
+    return path
+
+
+def ae_config(base_dir, corpus, out_dir, **overrides) -> TrainConfig:
+    settings = dict(
+        stage="ae", base_model=str(base_dir), data=[str(corpus)], out_dir=str(out_dir), encoder_layers=2,
+        window=32, lora_rank=4, lora_alpha=8, rates=[2, 4], steps=6, batch_size=2, lr=3e-3, warmup_steps=0,
+        schedule="constant_with_warmup", eval_every=1000, save_every=1000, log_every=1,
+        min_chunk_tokens=8, max_chunk_tokens=32,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def losses(out_dir) -> list[float]:
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+def trained_state(checkpoint) -> dict[str, torch.Tensor]:
+    return read_weights(checkpoint)
+
+
+def test_ae_overfits_a_repeated_batch_and_changes_only_the_compressor(base_dir, corpus, tmp_path, tokenizer):
+    final = train(ae_config(base_dir, corpus, tmp_path, steps=20, lr=1e-2))
+    curve = losses(tmp_path)
+    assert sum(curve[-3:]) / 3 < 0.85 * curve[0], curve
+    model = GMSAModel.from_pretrained(final)
+    fresh = GMSAModel.from_base(model.config)
+    for name, p in fresh.decoder.state_dict().items():  # decoder bit-identical
+        assert torch.equal(p, model.decoder.state_dict()[name]), name
+    for name, p in fresh.encoder.state_dict().items():  # encoder base weights bit-identical, LoRA changed
+        changed = not torch.equal(p, model.encoder.state_dict()[name])
+        assert changed == ("lora_" in name), name
+    assert any(not torch.equal(p, model.lsa.state_dict()[n]) for n, p in fresh.lsa.state_dict().items() if "embed" not in n)
+
+
+def test_keft_changes_only_decoder_qkv(base_dir, corpus, qa_file, tmp_path):
+    ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=2))
+    keft = train(TrainConfig(stage="keft", init=str(ae), data=[str(qa_file)], dev_data=str(qa_file),
+                             out_dir=str(tmp_path / "keft"), steps=12, batch_size=2, lr=1e-2, warmup_steps=0,
+                             schedule="constant_with_warmup", eval_every=12, eval_samples=2, save_every=1000,
+                             log_every=1))
+    curve = losses(tmp_path / "keft")
+    assert curve[-1] < curve[0], curve
+    before, after = trained_state(ae), trained_state(keft)
+    for name, tensor in before.items():  # the compressor is frozen in stage 2
+        assert torch.equal(tensor, after[name]), name
+    decoder = {n: t for n, t in after.items() if n.startswith("decoder.")}
+    assert decoder and all(n.split(".")[-2] in ("q_proj", "k_proj", "v_proj") for n in decoder)
+    base = GMSAModel.from_pretrained(ae).decoder.state_dict()
+    assert all(not torch.equal(t, base[n.removeprefix("decoder.")]) for n, t in decoder.items())
+    record = [json.loads(line) for line in (tmp_path / "keft" / "metrics.jsonl").read_text().splitlines()]
+    assert {"exact_match@2x", "f1@4x", "accuracy@2x"} <= set(record[-1])
+
+
+def test_no_compress_baseline_trains_the_same_parameters_on_text(base_dir, qa_file, tmp_path):
+    final = train(TrainConfig(stage="keft", no_compress=True, base_model=str(base_dir), encoder_layers=2, window=32,
+                              data=[str(qa_file)], dev_data=str(qa_file), out_dir=str(tmp_path), steps=2,
+                              batch_size=2, eval_every=2, eval_samples=2, save_every=1000))
+    assert any(n.startswith("decoder.") and n.endswith("q_proj.weight") for n in read_weights(final))
+    samples = batch_for(0, 0, [QAExample("q", ["a"], ["d1", "d2"])], TrainConfig(stage="keft", no_compress=True), [4], 0)
+    assert all(s.rate is None and s.documents == ["d1", "d2"] for s in samples)
+
+
+def test_rate_sampling_covers_the_configured_set():
+    rng = random.Random(0)
+    counts = collections.Counter(sample_rate([2, 4, 8, 16], rng) for _ in range(4000))
+    assert set(counts) == {2, 4, 8, 16} and min(counts.values()) > 800
+    cfg = TrainConfig(batch_size=64)
+    seen = {s.rate for step in range(4) for s in batch_for(step, 0, ["text"], cfg, [2, 4, 8, 16], 0)}
+    assert seen == {2, 4, 8, 16}
+
+
+def test_resume_continues_from_the_saved_step_exactly(base_dir, corpus, tmp_path):
+    straight = train(ae_config(base_dir, corpus, tmp_path / "a", steps=6, save_every=2))
+    interrupted = tmp_path / "b"
+    train(ae_config(base_dir, corpus, interrupted, steps=6, save_every=2))
+    for late in ("step-0000006",):  # pretend the run died after step 4
+        shutil.rmtree(interrupted / "checkpoints" / late)
+    (interrupted / "latest").write_text("step-0000004")
+    log_before = len(losses(interrupted))
+    resumed = train(ae_config(base_dir, corpus, interrupted, steps=6, save_every=2))
+    assert len(losses(interrupted)) - log_before == 2  # only steps 5 and 6 ran again
+    a, b = trained_state(straight), trained_state(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_flags_from_yaml_file_with_command_line_override(tmp_path):
+    file = tmp_path / "run.yaml"
+    file.write_text("stage: ae\nsteps: 77\nlr: 0.5\nrates: [4, 8]\n")
+    cfg = parse_args(["--config", str(file), "--lr", "0.25"])
+    assert (cfg.steps, cfg.lr, cfg.rates) == (77, 0.25, [4, 8])
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "keft"])  # keft needs --init or --no-compress
