@@ -15,8 +15,10 @@ sentences still too long at word boundaries. The pieces are packed greedily, in 
 into chunks of at most ``max_tokens`` tokens (checked with the tokenizer on the final
 chunk text, special tokens excluded). A chunk is closed at a document's end once it
 holds at least ``min_tokens`` tokens; a shorter tail is carried on into the next
-document. Text that cannot make a chunk of ``min_tokens`` (the corpus' last tail, or a
-short buffer followed by a piece too big to join it) is dropped. Paragraphs inside a
+document. When a buffer below ``min_tokens`` cannot take the next paragraph whole, the
+paragraph is added sentence by sentence. Text that still cannot make a chunk of
+``min_tokens`` (the corpus' last tail, or a short buffer followed by a single sentence
+too long to join it) is dropped. Paragraphs inside a
 chunk are separated by a blank line. The output is deterministic and never contains
 an empty chunk.
 """
@@ -276,7 +278,19 @@ class _Packer:
             yield text
 
     def add(self, piece: _Piece) -> Iterator[str]:
-        """Buffer a piece, first emitting what would overflow with it."""
+        """Buffer a piece, first emitting what would overflow with it.
+
+        When the buffer is still shorter than ``min_tokens`` and the piece does not fit
+        whole, the piece is fed sentence by sentence so the buffer can fill up.
+        """
+        overflow = self.pieces and self.estimate + self._cost(piece) > self.max_tokens
+        if overflow and self.estimate < self.min_tokens:
+            sentences = split_sentences(piece.text)
+            if len(sentences) > 1:
+                for k, sentence in enumerate(sentences):
+                    joiner = piece.joiner if k == 0 else SENTENCE_SEP
+                    yield from self.add(_Piece(sentence, self.count(sentence), joiner))
+                return
         while self.pieces and self.estimate + self._cost(piece) > self.max_tokens:
             yield from self._pop_prefix()
         if not self.pieces:

@@ -1,0 +1,148 @@
+"""Multi-document QA examples in the "Lost in the Middle" JSON-lines format.
+
+One record per line (optionally gzip-compressed)::
+
+    {"question": "...", "answers": ["...", ...],
+     "ctxs": [{"title": "...", "text": "...", "isgold": true}, ...]}
+
+Extra keys are ignored on reading. In a :class:`QAExample` each context is one string:
+``"Title: {title}\\n{text}"`` when the passage has a non-empty title, else just the
+text (see :func:`format_context`). ``gold_index`` is the position of the first context
+flagged ``isgold`` (``None`` when there is none). :func:`save_qa_jsonl` splits the
+contexts back into ``title``/``text`` so that a load/save round trip is lossless.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from gmsa_rag.data.corpus import PathLike
+
+__all__ = [
+    "QAExample",
+    "TITLE_PREFIX",
+    "format_context",
+    "split_context",
+    "iter_qa_jsonl",
+    "load_qa_jsonl",
+    "save_qa_jsonl",
+]
+
+TITLE_PREFIX = "Title: "
+
+
+@dataclass
+class QAExample:
+    """A question, its gold answers and the (retrieved) context passages."""
+
+    question: str
+    answers: list[str]
+    contexts: list[str] = field(default_factory=list)
+    gold_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.gold_index is not None and not 0 <= self.gold_index < len(self.contexts):
+            raise ValueError(f"gold_index {self.gold_index} out of range for {len(self.contexts)} contexts")
+
+    @property
+    def gold_context(self) -> str | None:
+        """The gold passage, if known."""
+        return None if self.gold_index is None else self.contexts[self.gold_index]
+
+
+def format_context(title: str | None, text: str) -> str:
+    """Render a passage as ``"Title: {title}\\n{text}"`` (just ``text`` without a title)."""
+    title = (title or "").strip()
+    return f"{TITLE_PREFIX}{title}\n{text}" if title else text
+
+
+def split_context(context: str) -> tuple[str, str]:
+    """Inverse of :func:`format_context`: return ``(title, text)``."""
+    if context.startswith(TITLE_PREFIX) and "\n" in context:
+        title, text = context[len(TITLE_PREFIX):].split("\n", 1)
+        return title, text
+    return "", context
+
+
+def _open(path: Path, mode: str) -> TextIO:
+    if path.suffix.lower() == ".gz":
+        return io.TextIOWrapper(gzip.GzipFile(path, mode[0] + "b", mtime=0), encoding="utf-8")
+    return path.open(mode[0], encoding="utf-8")
+
+
+def _example_from_record(record: Any) -> QAExample:
+    """Validate one decoded JSON record and convert it (raises ValueError)."""
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("'question' must be a non-empty string")
+    answers = record.get("answers")
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError("'answers' must be a non-empty list of strings")
+    ctxs = record.get("ctxs", [])
+    if not isinstance(ctxs, list):
+        raise ValueError("'ctxs' must be a list")
+    contexts: list[str] = []
+    gold_index: int | None = None
+    for i, ctx in enumerate(ctxs):
+        if not isinstance(ctx, dict) or not isinstance(ctx.get("text"), str):
+            raise ValueError(f"ctxs[{i}] must be an object with a string 'text'")
+        title = ctx.get("title")
+        if title is not None and not isinstance(title, str):
+            raise ValueError(f"ctxs[{i}].title must be a string")
+        contexts.append(format_context(title, ctx["text"]))
+        if gold_index is None and ctx.get("isgold") is True:
+            gold_index = i
+    return QAExample(question=question, answers=list(answers), contexts=contexts, gold_index=gold_index)
+
+
+def iter_qa_jsonl(path: PathLike) -> Iterator[QAExample]:
+    """Yield the examples of a ``.jsonl`` / ``.jsonl.gz`` file; errors name the line."""
+    path = Path(path)
+    with _open(path, "r") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield _example_from_record(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: invalid JSON: {err.msg}") from err
+            except ValueError as err:
+                raise ValueError(f"{path}:{line_no}: {err}") from err
+
+
+def load_qa_jsonl(path: PathLike, limit: int | None = None) -> list[QAExample]:
+    """Load up to ``limit`` examples (all by default)."""
+    examples: list[QAExample] = []
+    for example in iter_qa_jsonl(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.append(example)
+    return examples
+
+
+def _record_from_example(example: QAExample) -> dict[str, Any]:
+    ctxs = []
+    for i, context in enumerate(example.contexts):
+        title, text = split_context(context)
+        ctxs.append({"title": title, "text": text, "isgold": i == example.gold_index})
+    return {"question": example.question, "answers": list(example.answers), "ctxs": ctxs}
+
+
+def save_qa_jsonl(examples: Iterable[QAExample], path: PathLike) -> int:
+    """Write examples as JSON lines (gzip when the name ends in ``.gz``); return the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with _open(path, "w") as fh:
+        for example in examples:
+            fh.write(json.dumps(_record_from_example(example), ensure_ascii=False) + "\n")
+            n += 1
+    return n
