@@ -69,13 +69,6 @@ SOURCES: tuple[Source, ...] = (
         licence="GPL-2+ (Debian Developer's Reference)",
     ),
     Source(
-        package="debian-faq",
-        root="usr/share/doc/debian/FAQ",
-        include=("*.en.html",),
-        exclude=(r"^index\.en\.html$",),
-        licence="GPL-2+ (The Debian GNU/Linux FAQ)",
-    ),
-    Source(
         package="python3.11-doc",
         root="usr/share/doc/python3.11/html",
         include=(
