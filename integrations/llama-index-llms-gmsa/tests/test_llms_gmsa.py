@@ -1,0 +1,199 @@
+"""GMSALLM on a tiny random GMSA model: prompt parsing, marker resolution, length check, streaming."""
+import asyncio
+
+import pytest
+import torch
+from llama_index.core.base.llms.types import ChatMessage
+
+from gmsa_rag.markers import QA_TEMPLATE, REFINE_TEMPLATE, SoftTokenStore, UnknownMarkerError, marker, store_for
+from gmsa_rag.prompt import qa_segments
+from llama_index.llms.gmsa import GMSALLM, ContextWindowError, gmsa_query_engine_kwargs
+
+
+def put(store, texts, model, rate=4):
+    soft = model.compress(texts, rate)
+    keys = [f"{i:064x}" for i in range(len(texts))]
+    store.put_many(zip(keys, soft))
+    return keys, soft
+
+
+def spy(model, monkeypatch, answer=None):
+    calls = []
+    real = model.generate_from_segments
+
+    def generate_from_segments(prompts, **kwargs):
+        calls.append((prompts, kwargs))
+        if answer is None:
+            return real(prompts, **kwargs)
+        streamer = kwargs.get("streamer")
+        if streamer is not None:  # behave like HF generate: prompt (empty), one put per token, end
+            streamer.put(torch.zeros(1, 0, dtype=torch.long))
+            for t in model.tokenizer.encode(answer, add_special_tokens=False):
+                streamer.put(torch.tensor([t]))
+            streamer.end()
+        return [answer.strip() for _ in prompts]
+
+    monkeypatch.setattr(model, "generate_from_segments", generate_from_segments)
+    return calls
+
+
+def same_segments(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        assert (g.embeds is None) == (w.embeds is None)
+        if g.embeds is not None:
+            assert torch.equal(g.embeds, w.embeds)
+
+
+def test_metadata_and_serialisation(tiny_model):
+    llm = GMSALLM(tiny_model, max_new_tokens=7)
+    meta = llm.metadata
+    assert meta.context_window == tiny_model.max_context_tokens() == 4096
+    assert meta.num_output == 7 and meta.is_chat_model is False
+    assert meta.model_name == "gmsa:tiny"
+    assert "model" not in llm.to_dict() and llm.store is store_for(tiny_model)
+    assert GMSALLM.class_name() == "GMSALLM"
+    assert set(gmsa_query_engine_kwargs()) == {"text_qa_template", "refine_template", "summary_template"}
+
+
+def test_complete_builds_qa_prompt_from_markers(tiny_model, texts, monkeypatch, no_whitespace):
+    llm = GMSALLM(tiny_model, max_new_tokens=4, generate_kwargs=no_whitespace)
+    keys, soft = put(llm.store, texts, tiny_model)
+    calls = spy(tiny_model, monkeypatch)
+    context = "\n\n".join(marker(k) for k in reversed(keys))
+    resp = llm.complete(QA_TEMPLATE.format(context_str=context, query_str="Where is Paris?"))
+    assert resp.text
+    (prompts, kwargs), = calls
+    same_segments(prompts[0], qa_segments(tiny_model.tokenizer, "Where is Paris?", list(reversed(soft))))
+    assert kwargs["max_new_tokens"] == 4 and kwargs["suppress_tokens"] == no_whitespace["suppress_tokens"]
+    stats = llm.last_stats
+    assert stats.kind == "qa" and stats.documents == 3 and stats.soft_documents == 3
+    assert stats.soft_tokens == sum(s.shape[0] for s in soft)
+    assert stats.prompt_positions == sum(len(s) for s in prompts[0])
+    assert 1 <= stats.new_tokens <= 4
+
+
+def test_text_between_markers_is_a_document_and_separators_are_not(tiny_model, texts, monkeypatch):
+    llm = GMSALLM(tiny_model, max_new_tokens=2)
+    keys, soft = put(llm.store, texts[:1], tiny_model)
+    calls = spy(tiny_model, monkeypatch, answer="x")
+    llm.complete(QA_TEMPLATE.format(context_str=f"A plain summary.\n\n{marker(keys[0])}\n\n", query_str="q"))
+    same_segments(calls[0][0][0], qa_segments(tiny_model.tokenizer, "q", ["A plain summary.", soft[0]]))
+    # LlamaIndex's simple_summarize passes str(list_of_chunks): unwrapped, not read as documents
+    llm.complete(QA_TEMPLATE.format(context_str=str([f"{marker(keys[0])}\nOther text."]), query_str="q"))
+    same_segments(calls[1][0][0], qa_segments(tiny_model.tokenizer, "q", [soft[0], "Other text."]))
+
+
+def test_unknown_marker_is_a_clear_error(tiny_model, monkeypatch):
+    llm = GMSALLM(tiny_model)
+    calls = spy(tiny_model, monkeypatch, answer="x")
+    with pytest.raises(UnknownMarkerError, match="soft-token store has no such entry"):
+        llm.complete(QA_TEMPLATE.format(context_str=marker("ab" * 32), query_str="q"))
+    with pytest.raises(UnknownMarkerError):
+        llm.complete(QA_TEMPLATE.format(context_str="<gmsa:not-a-key>", query_str="q"))
+    with pytest.raises(UnknownMarkerError):  # plain prompts resolve markers too
+        llm.complete(f"Read {marker('cd' * 32)} please")
+    assert calls == []
+
+
+def test_separate_store_does_not_resolve(tiny_model, texts):
+    mine = GMSALLM(tiny_model, store=SoftTokenStore())
+    keys, _ = put(store_for(tiny_model), texts[:1], tiny_model)
+    with pytest.raises(UnknownMarkerError):
+        mine.complete(QA_TEMPLATE.format(context_str=marker(keys[0]), query_str="q"))
+
+
+def test_context_window_is_checked_with_real_lengths(tiny_model, texts, monkeypatch):
+    llm = GMSALLM(tiny_model, max_new_tokens=8)
+    keys, soft = put(llm.store, texts, tiny_model, rate=2)
+    calls = spy(tiny_model, monkeypatch, answer="x")
+    prompt = QA_TEMPLATE.format(context_str="\n".join(marker(k) for k in keys), query_str="q")
+    positions = sum(len(s) for s in qa_segments(tiny_model.tokenizer, "q", soft))
+    monkeypatch.setattr(tiny_model, "max_context_tokens", lambda: positions + 8)
+    assert llm.complete(prompt).text == "x"  # fits exactly
+    monkeypatch.setattr(tiny_model, "max_context_tokens", lambda: positions + 7)
+    with pytest.raises(ContextWindowError, match=r"soft tokens of 3 compressed documents"):
+        llm.complete(prompt)
+    with pytest.raises(ContextWindowError):
+        list(llm.stream_complete(prompt))
+    assert len(calls) == 1
+
+
+def test_stream_matches_complete(tiny_model, texts, no_whitespace):
+    llm = GMSALLM(tiny_model, max_new_tokens=5, generate_kwargs=no_whitespace)
+    keys, _ = put(llm.store, texts, tiny_model)
+    prompt = QA_TEMPLATE.format(context_str="\n\n".join(marker(k) for k in keys), query_str="Where?")
+    full = llm.complete(prompt).text
+    chunks = list(llm.stream_complete(prompt))
+    assert chunks and chunks[-1].text.strip() == full
+    assert "".join(c.delta for c in chunks).strip() == full
+    assert llm.last_stats.ttft_seconds is not None and llm.last_stats.new_tokens == 5
+
+
+def test_stream_always_yields(tiny_model, texts, monkeypatch):
+    llm = GMSALLM(tiny_model, max_new_tokens=3)
+    keys, _ = put(llm.store, texts[:1], tiny_model)
+    monkeypatch.setattr(tiny_model, "generate_from_segments", lambda prompts, **kw: [""])  # emits nothing
+    chunks = list(llm.stream_complete(QA_TEMPLATE.format(context_str=marker(keys[0]), query_str="q")))
+    assert [c.text for c in chunks] == [""]
+
+
+def test_stream_propagates_generation_errors(tiny_model, texts, monkeypatch):
+    llm = GMSALLM(tiny_model, max_new_tokens=3)
+    keys, _ = put(llm.store, texts[:1], tiny_model)
+
+    def boom(prompts, **kw):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(tiny_model, "generate_from_segments", boom)
+    with pytest.raises(RuntimeError, match="decoder exploded"):
+        list(llm.stream_complete(QA_TEMPLATE.format(context_str=marker(keys[0]), query_str="q")))
+
+
+@pytest.mark.parametrize("new_answer, expected", [("Berlin", "Berlin"), ("", "Paris"), ("  ", "Paris")])
+def test_refine_new_or_keep(tiny_model, texts, monkeypatch, new_answer, expected):
+    llm = GMSALLM(tiny_model)
+    keys, soft = put(llm.store, texts, tiny_model)
+    calls = spy(tiny_model, monkeypatch, answer=new_answer)
+    prompt = REFINE_TEMPLATE.format(context_msg=marker(keys[1]), query_str="Which city?", existing_answer="Paris")
+    assert llm.complete(prompt).text == expected
+    # the decoder reads the new document only
+    same_segments(calls[0][0][0], qa_segments(tiny_model.tokenizer, "Which city?", [soft[1]]))
+    assert llm.last_stats.kind == "refine"
+    streamed = list(llm.stream_complete(prompt))
+    assert streamed[-1].text == expected
+
+
+def test_refine_with_previous(tiny_model, texts, monkeypatch):
+    llm = GMSALLM(tiny_model, refine_mode="with_previous")
+    keys, soft = put(llm.store, texts, tiny_model)
+    calls = spy(tiny_model, monkeypatch, answer="Berlin")
+    prompt = REFINE_TEMPLATE.format(context_msg=marker(keys[1]), query_str="Which city?", existing_answer="Paris")
+    assert llm.complete(prompt).text == "Berlin"
+    same_segments(
+        calls[0][0][0], qa_segments(tiny_model.tokenizer, "Which city?", [soft[1], "Earlier answer: Paris"])
+    )
+
+
+def test_plain_prompt_chat_and_async(tiny_model, texts, monkeypatch, no_whitespace):
+    llm = GMSALLM(tiny_model, max_new_tokens=3, generate_kwargs=no_whitespace)
+    keys, soft = put(llm.store, texts[:1], tiny_model)
+    calls = spy(tiny_model, monkeypatch)
+    assert llm.complete(f"Summarise {marker(keys[0])} in one word.").text
+    assert llm.last_stats.kind == "plain" and llm.last_stats.soft_documents == 1
+    assert any(s.embeds is not None and torch.equal(s.embeds, soft[0]) for s in calls[-1][0][0])
+    assert llm.chat([ChatMessage(role="user", content="Hello?")]).message.content
+    assert asyncio.run(llm.acomplete("Hello?")).text
+    assert llm.complete("Hello?", max_new_tokens=1) and calls[-1][1]["max_new_tokens"] == 1
+
+
+def test_system_prompt_joins_the_instruction(tiny_model, texts, monkeypatch):
+    llm = GMSALLM(tiny_model, system_prompt="Answer in French.")
+    keys, soft = put(llm.store, texts[:1], tiny_model)
+    calls = spy(tiny_model, monkeypatch, answer="x")
+    from llama_index.core.prompts import PromptTemplate
+
+    llm.predict(PromptTemplate(QA_TEMPLATE), context_str=marker(keys[0]), query_str="q")
+    want = qa_segments(tiny_model.tokenizer, "q", [soft[0]], instruction=f"Answer in French.\n\n{llm.instruction}")
+    same_segments(calls[0][0][0], want)

@@ -1,0 +1,201 @@
+"""GMSACompressor: a LlamaIndex node postprocessor that compresses retrieved chunks into GMSA soft tokens.
+
+Each retrieved node's text is compressed (or fetched from the soft-token cache), its soft tokens are put
+into a :class:`gmsa_rag.markers.SoftTokenStore` shared with ``GMSALLM``, and the node handed on is a
+*copy* whose text is the marker ``<gmsa:{key}>``. The original text stays in the copy's metadata
+(``gmsa_original_text``, hidden from the LLM and the embedder) so that sources can still be shown.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, List, Optional
+
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
+
+from gmsa_rag.cache import SoftTokenCache, cache_key
+from gmsa_rag.markers import SoftTokenStore, marker, store_for, text_key
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL_TEXT_KEY = "gmsa_original_text"
+KEY_KEY = "gmsa_key"
+RATE_KEY = "gmsa_rate"
+SOFT_TOKENS_KEY = "gmsa_soft_tokens"
+_OWN_KEYS = (ORIGINAL_TEXT_KEY, KEY_KEY, RATE_KEY, SOFT_TOKENS_KEY)
+
+
+@dataclass
+class CompressionStats:
+    """What one postprocess call did (``GMSACompressor.last_stats``)."""
+
+    nodes: int = 0
+    """Text nodes handled (others pass through unchanged)."""
+    memory_hits: int = 0
+    """Soft tokens already in the shared in-memory store."""
+    disk_hits: int = 0
+    """Loaded from the on-disk :class:`~gmsa_rag.cache.SoftTokenCache`."""
+    computed: int = 0
+    """Compressed now (distinct chunks)."""
+    soft_tokens: int = 0
+    """Soft tokens handed to the LLM (0 with ``passthrough``)."""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def original_text(node: Any) -> str:
+    """The chunk text behind a (possibly compressed) node, for showing sources."""
+    inner = getattr(node, "node", node)
+    meta = getattr(inner, "metadata", None) or {}
+    if ORIGINAL_TEXT_KEY in meta:
+        return meta[ORIGINAL_TEXT_KEY]
+    return inner.get_content(metadata_mode=MetadataMode.NONE)
+
+
+class GMSACompressor(BaseNodePostprocessor):
+    """Replace retrieved nodes' text by references to their GMSA soft tokens.
+
+    Args:
+        model: a :class:`gmsa_rag.GMSAModel` (not serialised).
+        rate: compression rate, one of ``model.config.rates``.
+        cache: optional :class:`gmsa_rag.cache.SoftTokenCache`; chunks compressed once are reused by every
+            later query and process (``python -m gmsa_rag.cache build`` can fill it ahead of time).
+        store: the in-memory store shared with ``GMSALLM``; default: the one owned by ``model``
+            (:func:`gmsa_rag.markers.store_for`), which a ``GMSALLM`` on the same model uses too.
+        batch_size: chunks per ``model.compress`` call.
+        passthrough: do not compress: the marker stands for the raw chunk text. With the same LLM this
+            is the uncompressed baseline read through the very same prompt builder.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: Any = Field(exclude=True, description="gmsa_rag.GMSAModel that compresses the chunks")
+    cache: Optional[Any] = Field(default=None, exclude=True, description="optional SoftTokenCache")
+    store: Any = Field(default=None, exclude=True, description="SoftTokenStore shared with GMSALLM")
+    rate: int = Field(default=4, description="compression rate (one of the model's rates)")
+    batch_size: int = Field(default=8, ge=1, description="chunks per compress call")
+    passthrough: bool = Field(default=False, description="hand over raw text instead of soft tokens")
+
+    _last_stats: CompressionStats = PrivateAttr(default_factory=CompressionStats)
+
+    def __init__(
+        self,
+        model: Any,
+        rate: int = 4,
+        cache: Optional[SoftTokenCache] = None,
+        store: Optional[SoftTokenStore] = None,
+        batch_size: int = 8,
+        passthrough: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if not passthrough:
+            model.config.check_rate(rate)
+        if cache is not None and not isinstance(cache, SoftTokenCache):
+            raise TypeError(f"cache must be a gmsa_rag.cache.SoftTokenCache, got {type(cache).__name__}")
+        super().__init__(
+            model=model,
+            rate=rate,
+            cache=cache,
+            store=store if store is not None else store_for(model),
+            batch_size=batch_size,
+            passthrough=passthrough,
+            **kwargs,
+        )
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "GMSACompressor"
+
+    @property
+    def last_stats(self) -> CompressionStats:
+        """Counts and time of the latest postprocess call."""
+        return self._last_stats
+
+    # ------------------------------------------------------------------ soft tokens
+    def _fetch(self, texts: list[str], stats: CompressionStats) -> list[str]:
+        """Make sure every text's document is in the store; return their keys (input order)."""
+        if self.passthrough:
+            keys = [text_key(t) for t in texts]
+            for k, t in zip(keys, texts):
+                self.store.put(k, t)
+            return keys
+        fingerprint = self.model.fingerprint
+        keys = [cache_key(t, fingerprint, self.rate) for t in texts]
+        missing: dict[str, str] = {}
+        for k, t in zip(keys, texts):
+            if k in self.store:
+                stats.memory_hits += 1
+            elif k not in missing:
+                missing[k] = t
+        if missing:
+            miss_keys, miss_texts = list(missing), list(missing.values())
+            if self.cache is not None:
+                stats.disk_hits = sum(k in self.cache for k in miss_keys)
+                tensors = self.cache.get_or_compute(
+                    miss_texts, self.rate, fingerprint, self.model.compress, batch_size=self.batch_size
+                )
+                stats.computed = len(miss_keys) - stats.disk_hits
+            else:
+                tensors = self.model.compress(miss_texts, self.rate, batch_size=self.batch_size)
+                stats.computed = len(miss_keys)
+            self.store.put_many(zip(miss_keys, tensors))
+        return keys
+
+    def _postprocess_nodes(
+        self,
+        nodes: List[NodeWithScore],
+        query_bundle: Optional[QueryBundle] = None,
+    ) -> List[NodeWithScore]:
+        start = time.perf_counter()
+        stats = CompressionStats()
+        todo = [
+            i
+            for i, n in enumerate(nodes)
+            if isinstance(n.node, TextNode) and n.node.get_content(metadata_mode=MetadataMode.NONE).strip()
+        ]
+        texts = [nodes[i].node.get_content(metadata_mode=MetadataMode.NONE) for i in todo]
+        keys = self._fetch(texts, stats) if texts else []
+        out = list(nodes)
+        for i, text, key in zip(todo, texts, keys):
+            doc = self.store.get(key)
+            size = int(doc.shape[0]) if doc is not None and not isinstance(doc, str) else 0
+            stats.soft_tokens += size
+            out[i] = NodeWithScore(node=self._replace(nodes[i].node, text, key, size), score=nodes[i].score)
+        stats.nodes = len(todo)
+        stats.seconds = time.perf_counter() - start
+        self._last_stats = stats
+        logger.debug("GMSACompressor: %s", stats)
+        return out
+
+    async def _apostprocess_nodes(
+        self,
+        nodes: List[NodeWithScore],
+        query_bundle: Optional[QueryBundle] = None,
+    ) -> List[NodeWithScore]:
+        # Compression is CPU/GPU-bound torch work: run it off the event loop.
+        return await asyncio.to_thread(self._postprocess_nodes, nodes, query_bundle)
+
+    def _replace(self, node: TextNode, text: str, key: str, size: int) -> TextNode:
+        """A copy of ``node`` whose text is the marker; the docstore's node is left untouched."""
+        metadata = {k: v for k, v in node.metadata.items() if k not in _OWN_KEYS}
+        metadata.update({ORIGINAL_TEXT_KEY: text, KEY_KEY: key})
+        if not self.passthrough:
+            metadata.update({RATE_KEY: self.rate, SOFT_TOKENS_KEY: size})
+        # The LLM must see the marker alone (the soft tokens stand for the chunk text, not its metadata);
+        # the embedder must never see the original text twice.
+        excluded_embed = list(dict.fromkeys([*node.excluded_embed_metadata_keys, *_OWN_KEYS]))
+        return node.model_copy(
+            update={
+                "text": marker(key),
+                "metadata": metadata,
+                "excluded_llm_metadata_keys": list(metadata),
+                "excluded_embed_metadata_keys": excluded_embed,
+                "relationships": dict(node.relationships),
+            }
+        )

@@ -1,0 +1,122 @@
+"""GMSACompressor on a tiny random GMSA model (no LLM, no index: the postprocessor alone)."""
+import asyncio
+
+import pytest
+import torch
+from llama_index.core.schema import ImageNode, MetadataMode, NodeWithScore, TextNode
+
+from gmsa_rag.cache import SoftTokenCache, cache_key
+from gmsa_rag.markers import MARKER_RE, SoftTokenStore, store_for, text_key
+from llama_index.postprocessor.gmsa import GMSACompressor, original_text
+from llama_index.postprocessor.gmsa.base import ORIGINAL_TEXT_KEY
+
+
+def spy_compress(model, monkeypatch):
+    calls = []
+    real = model.compress
+
+    def compress(texts, rate, batch_size=16):
+        calls.append(list(texts))
+        return real(texts, rate, batch_size=batch_size)
+
+    monkeypatch.setattr(model, "compress", compress)
+    return calls
+
+
+def test_class_and_serialisation(tiny_model):
+    comp = GMSACompressor(tiny_model, rate=4)
+    assert GMSACompressor.class_name() == "GMSACompressor"
+    d = comp.to_dict()
+    assert d["rate"] == 4 and d["passthrough"] is False
+    assert "model" not in d and "cache" not in d and "store" not in d
+    assert comp.store is store_for(tiny_model)
+
+
+def test_rejects_unsupported_rate_and_bad_cache(tiny_model):
+    with pytest.raises(ValueError, match="not allowed"):
+        GMSACompressor(tiny_model, rate=3)
+    with pytest.raises(TypeError, match="SoftTokenCache"):
+        GMSACompressor(tiny_model, rate=4, cache={})
+
+
+def test_nodes_become_markers_on_copies(tiny_model, nodes, texts):
+    comp = GMSACompressor(tiny_model, rate=4)
+    out = comp.postprocess_nodes(nodes, query_str="capital of France?")
+    assert [n.node.node_id for n in out] == [n.node.node_id for n in nodes]
+    assert [n.score for n in out] == [n.score for n in nodes]
+    fp = tiny_model.fingerprint
+    for src, new, text in zip(nodes, out, texts):
+        key = cache_key(text, fp, 4)
+        assert new.node is not src.node
+        assert src.node.text == text and ORIGINAL_TEXT_KEY not in src.node.metadata  # docstore copy untouched
+        assert new.node.text == f"<gmsa:{key}>"
+        # the LLM sees the marker alone; the embedder never sees the original text
+        assert new.node.get_content(metadata_mode=MetadataMode.LLM) == f"<gmsa:{key}>"
+        assert ORIGINAL_TEXT_KEY not in new.node.get_content(metadata_mode=MetadataMode.EMBED)
+        assert new.node.metadata["title"] == src.node.metadata["title"]
+        assert original_text(new) == text and original_text(src) == text
+        assert new.node.metadata["gmsa_rate"] == 4
+        assert new.node.metadata["gmsa_soft_tokens"] == comp.store.get(key).shape[0]
+    assert comp.last_stats.nodes == 3 and comp.last_stats.computed == 3
+
+
+def test_store_holds_the_compressed_tensors(tiny_model, nodes, texts):
+    comp = GMSACompressor(tiny_model, rate=2)
+    out = comp.postprocess_nodes(nodes)
+    expected = tiny_model.compress(texts, 2)
+    for node, want in zip(out, expected):
+        key = MARKER_RE.fullmatch(node.node.text).group(1)
+        got = comp.store.get(key)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_batches_dedups_and_reuses_memory(tiny_model, nodes, texts, monkeypatch):
+    calls = spy_compress(tiny_model, monkeypatch)
+    comp = GMSACompressor(tiny_model, rate=4, batch_size=2)
+    dup = nodes + [NodeWithScore(node=TextNode(text=texts[0], id_="dup"), score=0.1)]
+    comp.postprocess_nodes(dup)
+    assert sum(len(c) for c in calls) == 3  # the duplicate text is compressed once
+    assert len(calls) == 1  # one compress call (the model batches internally, batch_size=2)
+    comp.postprocess_nodes(nodes)
+    assert len(calls) == 1
+    assert comp.last_stats.memory_hits == 3 and comp.last_stats.computed == 0
+
+
+def test_disk_cache_is_used_across_stores(tiny_model, nodes, tmp_path, monkeypatch):
+    calls = spy_compress(tiny_model, monkeypatch)
+    with SoftTokenCache(tmp_path / "st") as cache:
+        first = GMSACompressor(tiny_model, rate=4, cache=cache, store=SoftTokenStore())
+        first.postprocess_nodes(nodes)
+        assert first.last_stats.computed == 3 and len(cache) == 3
+        second = GMSACompressor(tiny_model, rate=4, cache=cache, store=SoftTokenStore())  # e.g. a new process
+        out = second.postprocess_nodes(nodes)
+        assert second.last_stats.disk_hits == 3 and second.last_stats.computed == 0
+        assert len(calls) == 1
+        key = MARKER_RE.fullmatch(out[0].node.text).group(1)
+        assert torch.equal(second.store.get(key), first.store.get(key).cpu())
+
+
+def test_passthrough_hands_over_text(tiny_model, nodes, texts, monkeypatch):
+    calls = spy_compress(tiny_model, monkeypatch)
+    comp = GMSACompressor(tiny_model, passthrough=True)
+    out = comp.postprocess_nodes(nodes)
+    assert calls == []
+    for node, text in zip(out, texts):
+        assert node.node.text == f"<gmsa:{text_key(text)}>"
+        assert comp.store.get(text_key(text)) == text
+
+
+def test_empty_and_non_text_nodes_pass_through(tiny_model, nodes):
+    empty = NodeWithScore(node=TextNode(text="   ", id_="empty"), score=0.5)
+    image = NodeWithScore(node=ImageNode(text="", image_url="http://example.invalid/x.png", id_="img"), score=0.4)
+    out = GMSACompressor(tiny_model, rate=4).postprocess_nodes([empty, nodes[0], image])
+    assert out[0] is empty and out[2] is image
+    assert MARKER_RE.fullmatch(out[1].node.text)
+
+
+def test_async_variant(tiny_model, nodes):
+    comp = GMSACompressor(tiny_model, rate=4)
+    out = asyncio.run(comp.apostprocess_nodes(nodes, query_str="q"))
+    sync = GMSACompressor(tiny_model, rate=4).postprocess_nodes(nodes)
+    assert [n.node.text for n in out] == [n.node.text for n in sync]

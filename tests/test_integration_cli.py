@@ -1,0 +1,127 @@
+"""The `gmsa-rag` job and its helpers: FAISS index persistence, the ask command (tiny model), and one
+real run on SmolLM2 + MiniLM (marked real_model)."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gmsa_rag import GMSAConfig, GMSAModel, cli, rag
+from gmsa_rag.backbone import load_tokenizer, tiny_backbone
+from gmsa_rag.markers import store_for
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "examples" / "docs"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture()
+def small_docs(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name in ("32-the-art-of-war.txt", "27-manchester-united-f-c.txt", "16-great-lakes.txt"):
+        shutil.copy(DOCS / name, folder / name)
+    return folder
+
+
+@pytest.fixture()
+def tiny_model(tokenizer, monkeypatch):
+    config = GMSAConfig(base_model="tiny", encoder_layers=2, lsa_layers=1, window=32, lora_rank=4, lora_alpha=8)
+    model = GMSAModel(tiny_backbone("llama"), tokenizer, config)
+    blank = [i for i in range(len(tokenizer)) if not tokenizer.decode([i]).strip()]
+    real = model.generate_from_segments
+    # keep the random model from answering with blank tokens only (so that a first token exists)
+    monkeypatch.setattr(model, "generate_from_segments", lambda p, **kw: real(p, suppress_tokens=blank, **kw))
+    monkeypatch.setattr(rag, "load_gmsa_model", lambda checkpoint=None, device="cpu": rag.ModelInfo(
+        model, False, "tiny random test model", 0.0))
+    return model
+
+
+def test_bundled_docs_and_questions():
+    files = sorted(DOCS.glob("*.txt"))
+    assert len(files) == 40
+    questions = rag.example_questions()
+    assert len(questions) == 40
+    for q in questions:
+        text = (DOCS / q["document"]).read_text()
+        assert any(" ".join(a.split()) in text for a in q["answers"]), q
+
+
+def test_faiss_index_is_persisted_and_reloaded(small_docs, tmp_path, tokenizer):
+    embed = rag.hash_embedding()
+    first = rag.build_or_load_index(small_docs, embed, tokenizer, persist_root=tmp_path / "idx")
+    assert first.built and first.nodes == 3
+    assert (first.persist_dir / "default__vector_store.json").is_file()
+    second = rag.build_or_load_index(small_docs, embed, tokenizer, persist_root=tmp_path / "idx")
+    assert not second.built and second.persist_dir == first.persist_dir and second.nodes == 3
+    from llama_index.vector_stores.faiss import FaissVectorStore
+
+    assert isinstance(second.index.vector_store, FaissVectorStore)
+    hits = second.index.as_retriever(similarity_top_k=1).retrieve("Lake Superior largest great lake")
+    assert hits[0].node.metadata["file_path"] == "16-great-lakes.txt"
+    (small_docs / "16-great-lakes.txt").write_text("Changed text.\n")  # any change -> a new index
+    third = rag.build_or_load_index(small_docs, embed, tokenizer, persist_root=tmp_path / "idx")
+    assert third.built and third.persist_dir != first.persist_dir
+
+
+def test_ask_json_report(tiny_model, small_docs, tmp_path, capsys):
+    argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
+            str(tmp_path / "c"), "--embed", "hash", "--top-k", "2", "--max-new-tokens", "3", "--json"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert "UNTRAINED" in err and report["trained"] is False
+    first, cached, text = report["runs"]
+    assert first["computed"] == 2 and cached["memory_hits"] == 2 and cached["computed"] == 0
+    assert text["soft_tokens"] == 0 and text["prompt_positions"] > cached["prompt_positions"] > 0
+    assert first["sources"][0].split("] ")[1].startswith("32-the-art-of-war.txt")
+    assert report["speedup_ttft"] > 0 and report["speedup_end_to_end"] > 0
+    # second run (a new process has an empty in-memory store): the soft tokens come from the disk cache
+    store_for(tiny_model).clear()
+    assert cli.main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["runs"][0]["disk_hits"] == 2 and again["runs"][0]["computed"] == 0
+
+
+def test_ask_text_output(tiny_model, small_docs, tmp_path, capsys):
+    argv = ["ask", "which is the largest great lake", "--docs", str(small_docs), "--cache-dir",
+            str(tmp_path / "c"), "--embed", "hash", "--max-new-tokens", "2", "--response-mode", "refine"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for needle in ("UNTRAINED", "answer (GMSA, rate 4", "sources:", "16-great-lakes.txt", "speed-up", "TTFT"):
+        assert needle in out
+
+
+def test_ask_errors(tiny_model, small_docs, tmp_path, capsys):
+    assert cli.main(["ask", "q", "--docs", str(tmp_path / "missing"), "--embed", "hash"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert cli.main(["ask", "q", "--docs", str(small_docs), "--rate", "3", "--embed", "hash",
+                     "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "not allowed" in capsys.readouterr().err
+
+
+def test_examples_and_module_entry_point(capsys):
+    assert cli.main(["examples"]) == 0
+    assert "art of war" in capsys.readouterr().out
+    proc = subprocess.run([sys.executable, "-m", "gmsa_rag.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ask" in proc.stdout
+
+
+@pytest.mark.real_model
+def test_real_cli_on_smollm2(tmp_path, small_docs, capsys):
+    """The real job: SmolLM2 (untrained compressor unless a checkpoint is bundled) + MiniLM + FAISS."""
+    argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--top-k", "2",
+            "--cache-dir", str(tmp_path / "c"), "--max-new-tokens", "8", "--json"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    first, cached, text = report["runs"]
+    assert first["sources"][0].split("] ")[1].startswith("32-the-art-of-war.txt")
+    assert first["computed"] == 2 and cached["memory_hits"] == 2
+    assert text["prompt_positions"] > cached["prompt_positions"] > 0
+    assert cached["soft_tokens"] > 0 and text["answer"]
