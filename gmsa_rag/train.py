@@ -76,6 +76,7 @@ class TrainConfig:
     save_every: int = 200
     log_every: int = 10
     save_dtype: Literal["float32", "bfloat16"] = "float32"
+    precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU"})
     seed: int = 0
     time_limit_minutes: float = field(default=0.0, metadata={"help": "stop (and save) after this wall time; 0 = none"})
     config: str | None = field(default=None, metadata={"help": "YAML/JSON file of these flags"})
@@ -128,8 +129,12 @@ def batch_for(step: int, micro: int, examples: list, cfg: TrainConfig, rates: li
 
 
 # ---------------------------------------------------------------------------------------------- model
+def use_bf16(cfg: TrainConfig) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     if cfg.stage == "keft" and cfg.init:
         model = load_checkpoint(cfg.init, device=device, dtype=dtype, decoder_tuning=cfg.decoder_tuning)
     else:
@@ -211,7 +216,7 @@ def resume(model: GMSAModel, optimizer, scheduler, cfg: TrainConfig) -> int:
 def train(cfg: TrainConfig) -> Path:
     """Run one stage to ``cfg.steps`` (resuming from ``cfg.out_dir`` if it holds a checkpoint); return the final checkpoint."""
     accelerator = Accelerator(
-        mixed_precision="bf16" if torch.cuda.is_available() else "no", gradient_accumulation_steps=cfg.grad_accum
+        mixed_precision="bf16" if use_bf16(cfg) else "no", gradient_accumulation_steps=cfg.grad_accum
     )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, accelerator.device)
@@ -260,7 +265,8 @@ def train(cfg: TrainConfig) -> Path:
         last = done == cfg.steps or out_of_time
         if dev_set and (done % cfg.eval_every == 0 or last):
             if accelerator.is_main_process:
-                metrics = {"step": done, **evaluate(model, dev_set, cfg)}
+                with accelerator.autocast():  # fp32 trainable weights beside bf16 frozen ones
+                    metrics = {"step": done, **evaluate(model, dev_set, cfg)}
                 _log(accelerator, log_file, metrics)
                 tqdm.write(json.dumps(metrics))
             accelerator.wait_for_everyone()

@@ -26,11 +26,11 @@ keft)
     python -m gmsa_rag.train --stage keft --init "$RUNS/ae-$method/checkpoints/$(cat "$RUNS/ae-$method/latest")" \
       $common --out_dir "$RUNS/keft-$method" --decoder_tuning qkv --steps "$KEFT_STEPS" \
       --time_limit_minutes "$KEFT_MINUTES" --batch_size 32 --lr 5e-5 --warmup_steps 30 \
-      --eval_every 100000 --eval_samples 100 --save_every 100000 --save_dtype bfloat16 &
+      --eval_every 100000 --eval_samples 200 --save_every 100000 --save_dtype bfloat16 &
   done
   python -m gmsa_rag.train --stage keft --no_compress $common --out_dir "$RUNS/keft-nocompress" \
     --encoder_layers 8 --decoder_tuning qkv --steps "$KEFT_STEPS" --time_limit_minutes "$KEFT_MINUTES" \
-    --batch_size 32 --lr 5e-5 --warmup_steps 30 --eval_every 100000 --eval_samples 100 --save_every 100000 \
+    --batch_size 32 --lr 5e-5 --warmup_steps 30 --eval_every 100000 --eval_samples 200 --save_every 100000 \
     --save_dtype bfloat16 &
   wait ;;
 *) echo "unknown stage $1" >&2; exit 2 ;;
