@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""Multi-document QA accuracy (EM, F1, answer-in-output) and latency per query, for several systems.
+
+Systems (any number; each compressed one at each ``--rates`` unless its spec names a rate):
+
+  --base                      the base model reading the documents as text (uncompressed prompt)
+  --nocompress-checkpoint D   uncompressed prompt on a checkpoint's fine-tuned decoder (same fine-tuning, no
+                              compression)
+  --gmsa-checkpoint D         GMSA soft tokens (documents compressed one by one) + the checkpoint's decoder
+  --tcp-checkpoint D          TCP-AE soft tokens
+  --system name=kind:path[:rate]   generic form; kind = base | text | gmsa | tcp (base: path = backbone)
+
+Without any system: --base plus the repository's bundled checkpoints (checkpoints/smollm2-gmsa, -tcp) if present.
+Data: the bundled dev split (``gmsa_rag.data.DEFAULT_QA_DIR``) or any "Lost in the Middle"-format jsonl via --data.
+Greedy, batched generation; latency per query = (compression + generation) wall time / questions, warm-up excluded.
+
+Examples::
+
+    python benchmarks/qa.py --quick --base --gmsa-checkpoint checkpoints/smollm2-gmsa --rates 4 8
+    python benchmarks/qa.py --device cuda --limit 200 --base --gmsa-checkpoint runs/keft --tcp-checkpoint runs/tcp
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as bc  # noqa: E402
+
+NAME = "qa"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bc.add_common_args(p)
+    p.add_argument("--data", default=None, help="QA jsonl(.gz) (default: the bundled dev split)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions (default 200; --quick 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="questions per batch (default 8 on CPU, 16 on GPU)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--rates", type=int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
+    p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
+    p.add_argument("--nocompress-checkpoint", default=None)
+    p.add_argument("--gmsa-checkpoint", default=None)
+    p.add_argument("--tcp-checkpoint", default=None)
+    p.add_argument("--system", type=bc.parse_system, action="append", default=[], metavar="NAME=KIND:PATH[:RATE]")
+    p.add_argument("--name", default=NAME, help="output file stem (default qa)")
+    return p.parse_args(argv)
+
+
+def systems_from_args(args) -> tuple[list[bc.SystemSpec], list[str]]:
+    from gmsa_rag.checkpoint import default_checkpoint
+
+    notes: list[str] = []
+    specs = list(args.system)
+    if args.base:
+        specs.append(bc.SystemSpec("base (uncompressed)", "base", args.backbone))
+    if args.nocompress_checkpoint:
+        specs.append(bc.SystemSpec("fine-tuned, uncompressed", "text", args.nocompress_checkpoint))
+    if args.gmsa_checkpoint:
+        specs.append(bc.SystemSpec("GMSA", "gmsa", args.gmsa_checkpoint))
+    if args.tcp_checkpoint:
+        specs.append(bc.SystemSpec("TCP-AE", "tcp", args.tcp_checkpoint))
+    if not specs:
+        specs.append(bc.SystemSpec("base (uncompressed)", "base", args.backbone))
+        for method, name in (("gmsa", "GMSA"), ("tcp", "TCP-AE")):
+            ckpt = default_checkpoint(method)
+            if ckpt is not None:
+                specs.append(bc.SystemSpec(name, method, str(ckpt)))
+        notes.append("No system given: the base model" + (" and the bundled checkpoints" if len(specs) > 1 else
+                                                          " only (no bundled checkpoints found)") + ".")
+    return bc.expand_rates(specs, args.rates), notes
+
+
+def load_model(spec: bc.SystemSpec, args, device, dtype):
+    """A GMSAModel for the spec (for ``base``: a minimal wrapper around the base decoder for prompts/generation)."""
+    if spec.kind == "base":
+        decoder, tokenizer, notes = bc.load_decoder(spec.path or args.backbone, device, dtype, args.tokenizer)
+        return bc.untrained_compressor(decoder, tokenizer, "gmsa", [], spec.path or args.backbone,
+                                       encoder_layers=1, lsa_layers=0), notes
+    model = bc.load_system(spec.path, device, dtype, tokenizer_name=args.tokenizer)
+    notes = []
+    if spec.kind in ("gmsa", "tcp") and model.config.method != spec.kind:
+        notes.append(f"{spec.name}: checkpoint {spec.path} is a {model.config.method} model (system says {spec.kind}).")
+    return model, notes
+
+
+def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, Any]:
+    from gmsa_rag.metrics import qa_metrics
+    from gmsa_rag.prompt import qa_segments
+
+    compressed = spec.kind in ("gmsa", "tcp")
+
+    def run(batch):
+        t0 = time.perf_counter()
+        questions = [e.question for e in batch]
+        if compressed:
+            flat = [c for e in batch for c in e.contexts]
+            soft = model.compress(flat, spec.rate) if flat else []
+            contexts, i = [], 0
+            for e in batch:
+                contexts.append(soft[i : i + len(e.contexts)])
+                i += len(e.contexts)
+        else:
+            contexts = [list(e.contexts) for e in batch]
+        bc.sync(device)
+        t1 = time.perf_counter()
+        outputs = model.generate(questions, contexts, max_new_tokens=args.max_new_tokens)
+        bc.sync(device)
+        positions = [sum(len(s) for s in qa_segments(model.tokenizer, q, c)) for q, c in zip(questions, contexts)]
+        return outputs, t1 - t0, time.perf_counter() - t1, positions
+
+    run(examples[:1])  # warm-up (kernels, allocator), untimed
+    predictions: list[str] = []
+    compress_s = generate_s = 0.0
+    positions: list[int] = []
+    for start in range(0, len(examples), args.batch_size):
+        outputs, c_s, g_s, pos = run(examples[start : start + args.batch_size])
+        predictions += outputs
+        compress_s += c_s
+        generate_s += g_s
+        positions += pos
+    n = len(examples)
+    scores = qa_metrics(predictions, [e.answers for e in examples])
+    return {
+        "system": spec.label, "kind": spec.kind, "rate": spec.rate, "checkpoint": spec.path if spec.kind != "base" else None,
+        "n": n, "exact_match": scores["exact_match"], "f1": scores["f1"], "accuracy": scores["accuracy"],
+        "ms_per_query": (compress_s + generate_s) / n * 1e3, "compress_ms_per_query": compress_s / n * 1e3,
+        "generate_ms_per_query": generate_s / n * 1e3, "mean_decoder_positions": sum(positions) / n,
+        "predictions": predictions,
+    }
+
+
+def main(argv=None) -> dict[str, Any]:
+    from gmsa_rag.data.qa import load_qa_jsonl
+
+    args = parse_args(argv)
+    device = bc.resolve_device(args.device)
+    dtype = bc.resolve_dtype(args.dtype, device)
+    args.limit = args.limit or (8 if args.quick else 200)
+    args.batch_size = args.batch_size or (8 if device.type == "cpu" else 16)
+    torch.manual_seed(args.seed)
+    out_dir = args.out or bc.default_out_dir(device)
+    data = Path(args.data) if args.data else bc.find_qa_file("dev")
+    if data is None:
+        raise SystemExit("no QA data: pass --data FILE.jsonl(.gz) or build the bundled dev split "
+                         "(python -m gmsa_rag.data.build_nq)")
+    examples = load_qa_jsonl(data, limit=args.limit)
+    if not examples:
+        raise SystemExit(f"{data} holds no examples")
+    specs, notes = systems_from_args(args)
+
+    rows: list[dict[str, Any]] = []
+    groups: dict[tuple, list[bc.SystemSpec]] = {}
+    for s in specs:
+        groups.setdefault((s.kind if s.kind == "base" else "ckpt", s.path), []).append(s)
+    for (_, _), group in groups.items():
+        model, load_notes = load_model(group[0], args, device, dtype)
+        notes += load_notes
+        for spec in group:
+            row = evaluate(model, spec, examples, args, device)
+            rows.append(row)
+            print(f"{row['system']:<32} EM {row['exact_match']:5.1f}  F1 {row['f1']:5.1f}  acc {row['accuracy']:5.1f}  "
+                  f"{row['ms_per_query']:8.1f} ms/query  ({row['mean_decoder_positions']:.0f} positions)", flush=True)
+        del model
+        bc.free()
+
+    ctx_counts = sorted({len(e.contexts) for e in examples})
+    meta = {**bc.env_info(device, dtype), "data": str(data), "questions": len(examples),
+            "documents_per_question": ctx_counts if len(ctx_counts) > 1 else ctx_counts[0],
+            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
+    notes += [
+        "EM / F1: SQuAD normalisation, best over gold answers; accuracy: a gold answer appears in the output "
+        "(Lost in the Middle). All in percent.",
+        f"Latency: wall time of compression (documents one by one, batched) + greedy generation (HF generate, "
+        f"max {args.max_new_tokens} new tokens, batches of {args.batch_size}) divided by the questions; one warm-up "
+        "question untimed. Positions: mean decoder input length.",
+    ]
+    C = bc.Column
+    columns = [C("system", "system"), C("n", "n"), C("exact_match", "EM", 1), C("f1", "F1", 1),
+               C("accuracy", "accuracy", 1), C("mean_decoder_positions", "decoder positions", 0),
+               C("compress_ms_per_query", "compress ms/q", 1), C("ms_per_query", "total ms/q", 1)]
+    fig = plot(rows)
+    table_rows = [{k: v for k, v in r.items() if k != "predictions"} for r in rows]
+    outputs = [{"question": e.question, "answers": e.answers,
+                **{r["system"]: r["predictions"][i] for r in rows}} for i, e in enumerate(examples)]
+    paths = bc.write_outputs(out_dir, args.name, f"Multi-document QA ({meta['machine']})", meta,
+                             [("Results", columns, table_rows)], fig, notes, {"rows": table_rows, "outputs": outputs})
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return {"rows": table_rows, "paths": paths, "meta": meta}
+
+
+def plot(rows):
+    fig, axes = bc.new_figure(ncols=2, width=6.5, height=4.5)
+    ax, ax_t = axes[0]
+    labels = [r["system"] for r in rows]
+    x = list(range(len(rows)))
+    for i, (key, name) in enumerate((("exact_match", "EM"), ("f1", "F1"), ("accuracy", "accuracy"))):
+        ax.bar([xi + (i - 1) * 0.27 for xi in x], [r[key] for r in rows], 0.27, label=name)
+    ax.set_ylabel("%")
+    ax.set_title("QA quality")
+    ax.legend(fontsize=8)
+    ax_t.bar(x, [r["generate_ms_per_query"] for r in rows], 0.6, label="generation")
+    ax_t.bar(x, [r["compress_ms_per_query"] for r in rows], 0.6, bottom=[r["generate_ms_per_query"] for r in rows],
+             label="compression")
+    ax_t.set_ylabel("ms per query (batched)")
+    ax_t.set_title("latency")
+    ax_t.legend(fontsize=8)
+    for a in (ax, ax_t):
+        a.set_xticks(x)
+        a.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        a.grid(True, axis="y", alpha=0.3)
+    return fig
+
+
+if __name__ == "__main__":
+    main()

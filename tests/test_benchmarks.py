@@ -1,0 +1,159 @@
+"""Smoke tests of the benchmark scripts: each main() runs end to end on tiny random models and writes its files."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmsa_rag.testing import SAMPLE_TEXT, tiny_gmsa
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+PASSAGES = [
+    SAMPLE_TEXT,
+    "Mount Everest is Earth's highest mountain above sea level, located in the Mahalangur Himal sub-range "
+    "of the Himalayas. The China-Nepal border runs across its summit point.",
+    "The Great Barrier Reef is the world's largest coral reef system, composed of over 2,900 individual reefs "
+    "and 900 islands stretching for over 2,300 kilometres off the coast of Queensland, Australia.",
+]
+
+
+def _bench(name: str):
+    return importlib.import_module(name)
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> Path:
+    path = tmp_path / "qa.jsonl"
+    records = [
+        {"question": "Who designed the Eiffel Tower?", "answers": ["Gustave Eiffel"],
+         "ctxs": [{"title": "Eiffel Tower", "text": PASSAGES[0], "isgold": True},
+                  {"title": "Everest", "text": PASSAGES[1], "isgold": False}]},
+        {"question": "Where is the Great Barrier Reef?", "answers": ["Queensland", "Australia"],
+         "ctxs": [{"title": "Everest", "text": PASSAGES[1], "isgold": False},
+                  {"title": "Reef", "text": PASSAGES[2], "isgold": True}]},
+        {"question": "What is the highest mountain?", "answers": ["Mount Everest"],
+         "ctxs": [{"title": "Everest", "text": PASSAGES[1], "isgold": True}]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+@pytest.fixture
+def checkpoints(tokenizer, tmp_path) -> dict[str, Path]:
+    out = {}
+    for method in ("gmsa", "tcp"):
+        model = tiny_gmsa(tokenizer, method=method, window=64)
+        out[method] = model.save_pretrained(tmp_path / f"ckpt-{method}")
+    return out
+
+
+def _check_outputs(out_dir: Path, name: str) -> dict:
+    for ext in ("md", "json", "png"):
+        assert (out_dir / f"{name}.{ext}").stat().st_size > 0, ext
+    assert (out_dir / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out_dir / f"{name}.json").read_text())
+    assert data["meta"]["machine"] and data["rows"]
+    return data
+
+
+def test_machine_name_and_timing_helpers():
+    common = _bench("common")
+    assert common.machine_name("cpu").startswith("cpu-") and common.machine_name("cpu").endswith("core")
+    timing, result = common.time_fn(lambda: 7, torch.device("cpu"), warmup=1, repeats=3)
+    assert result == 7 and len(timing.samples) == 3 and timing.median >= 0
+    spec = common.parse_system("mine=gmsa:/tmp/x:8")
+    assert (spec.name, spec.kind, spec.path, spec.rate) == ("mine", "gmsa", "/tmp/x", 8)
+    assert common.parse_system("b=base:").path is None
+    with pytest.raises(Exception):
+        common.parse_system("bad=gmsa:")
+    table = common.markdown_table([common.Column("a", "A"), common.Column("b", "B", 1)], [{"a": "x", "b": 1.234}])
+    assert "| x | 1.2 |" in table
+
+
+def test_llama7b_shape_builder_uses_given_shape(tokenizer):
+    common = _bench("common")
+    model = common.build_llama7b_shape(len(tokenizer), torch.device("cpu"), torch.float32, hidden_size=32,
+                                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=4)
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.max_position_embeddings >= 8192
+    assert model.get_input_embeddings().weight.shape == (len(tokenizer), 32)
+
+
+def test_latency_runs_end_to_end(qa_file, tmp_path):
+    out = tmp_path / "lat"
+    result = _bench("latency").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
+                                     "--lengths", "48,96", "--doc-tokens", "32", "--rates", "4,8",
+                                     "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    data = _check_outputs(out, "latency")
+    rows = result["rows"]
+    assert len(rows) == 2 * (1 + 2 * 4)  # per length: uncompressed + 2 rates x (gmsa, tcp) x (cached, online)
+    by = {(r["length"], r["method"], r["rate"]): r for r in rows}
+    assert by[(96, "uncompressed", None)]["e2e_speedup"] == pytest.approx(1.0)
+    assert by[(96, "gmsa-cached", 8)]["prompt_len"] < by[(96, "gmsa-cached", 4)]["prompt_len"] \
+        < by[(96, "uncompressed", None)]["prompt_len"]
+    assert by[(96, "gmsa-online", 4)]["compress_ms"] > 0
+    assert "UNTRAINED" in (out / "latency.md").read_text()
+    assert data["meta"]["question"] == "Who designed the Eiffel Tower?"
+
+
+def test_qa_runs_end_to_end(qa_file, checkpoints, tmp_path):
+    out = tmp_path / "qa"
+    result = _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base",
+                                "--gmsa-checkpoint", str(checkpoints["gmsa"]), "--rates", "4", "8",
+                                "--system", f"tcp8=tcp:{checkpoints['tcp']}:8", "--max-new-tokens", "4",
+                                "--batch-size", "2", "--out", str(out)])
+    data = _check_outputs(out, "qa")
+    systems = [r["system"] for r in result["rows"]]
+    assert systems == ["tcp8 r=8", "base (uncompressed)", "GMSA r=4", "GMSA r=8"]
+    for r in result["rows"]:
+        assert r["n"] == 3 and 0 <= r["f1"] <= 100 and r["ms_per_query"] > 0
+    assert len(data["outputs"]) == 3
+
+
+def test_reconstruction_runs_end_to_end(qa_file, checkpoints, tmp_path):
+    out = tmp_path / "rec"
+    result = _bench("reconstruction").main(["--device", "cpu", "--data", str(qa_file), "--lengths", "16,40",
+                                            "--rates", "4", "8", "--num-chunks", "2", "--margin", "2",
+                                            "--gmsa-checkpoint", str(checkpoints["gmsa"]),
+                                            "--tcp-checkpoint", str(checkpoints["tcp"]), "--out", str(out)])
+    _check_outputs(out, "reconstruction")
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 2
+    assert {r["system"] for r in rows} == {"GMSA-AE", "TCP-AE"}
+    for r in rows:
+        assert 0 <= r["bleu"] <= 100 and 0 <= r["prefix_em"] <= 100
+
+
+def test_reconstruction_untrained_on_a_tiny_backbone(tmp_path):
+    out = tmp_path / "rec2"
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(PASSAGES))
+    result = _bench("reconstruction").main(["--backbone", "tiny", "--device", "cpu", "--untrained", "--data", str(text),
+                                            "--lengths", "16", "--rates", "8", "--num-chunks", "1", "--margin", "0",
+                                            "--no-semantic", "--out", str(out)])
+    assert len(result["rows"]) == 2 and result["rows"][0]["semantic"] is None
+    assert "UNTRAINED" in (out / "reconstruction.md").read_text()
+
+
+def test_static_cache_decoder_matches_hf_greedy(tokenizer):
+    """The fast path's static-cache loop (here eager, no compile) yields HF generate's greedy tokens."""
+    latency = _bench("latency")
+    from gmsa_rag.prompt import qa_segments
+
+    model = tiny_gmsa(tokenizer)
+    soft = model.compress([SAMPLE_TEXT], 4)
+
+    def prompts():
+        return [qa_segments(tokenizer, "Who designed it?", soft)]
+
+    fast = latency.FastDecoder(model.decoder, mode=None, bucket=64)
+    expected = latency.hf_generate(model, prompts, 6)
+    assert torch.equal(fast.generate(model, prompts, 6), expected)
+    assert torch.equal(fast.generate(model, prompts, 6), expected)  # the reused cache is reset
