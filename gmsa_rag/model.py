@@ -291,6 +291,7 @@ class GMSAModel(nn.Module):
         self.check_length(batch.inputs_embeds.shape[1] + max_new_tokens)
         generate_kwargs.setdefault("do_sample", False)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        generate_kwargs.setdefault("eos_token_id", self.stop_token_ids())
         if not generate_kwargs["do_sample"]:
             generate_kwargs.setdefault("temperature", None)
             generate_kwargs.setdefault("top_p", None)
@@ -302,6 +303,14 @@ class GMSAModel(nn.Module):
             **generate_kwargs,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def stop_token_ids(self) -> list[int]:
+        """End of turn: the tokenizer's and generation config's EOS ids, plus BOS (which in chat templates such
+        as SmolLM2's opens the next turn and never belongs inside an answer)."""
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.bos_token_id}
+        configured = getattr(self.decoder.generation_config, "eos_token_id", None)
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+        return sorted(i for i in ids if i is not None)
 
     def check_length(self, total: int) -> None:
         """Refuse prompts (soft tokens + text + answer budget) longer than the decoder's window."""
