@@ -1,7 +1,16 @@
-import pytest
+"""Pytest fixtures shared by the library's and the integrations' test suites (tiny random models, sample nodes).
 
-from gmsa_rag import GMSAConfig, GMSAModel
-from gmsa_rag.backbone import load_tokenizer, tiny_backbone
+Loaded by the repository's root ``conftest.py`` (``pytest_plugins``); nothing here runs outside tests.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .backbone import load_tokenizer, tiny_backbone
+from .config import GMSAConfig
+from .model import GMSAModel
+from .testing import tiny_gmsa
 
 TEXTS = [
     "Paris is the capital and largest city of France.",
@@ -10,9 +19,21 @@ TEXTS = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
-    return load_tokenizer()
+    """SmolLM2's tokenizer (converted from the packaged GGUF once per machine)."""
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture
+def tiny(tokenizer):
+    """A tiny random GMSA model whose LoRA adapters are non-zero."""
+    return tiny_gmsa(tokenizer)
 
 
 @pytest.fixture()
