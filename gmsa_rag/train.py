@@ -226,14 +226,16 @@ def train(cfg: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
     start = resume(model, optimizer, scheduler, cfg)
-    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays unwrapped: every process draws its own batches, so one optimizer step is one
+    # scheduler step (accelerate's wrapper would step it once per process).
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     log_file = Path(cfg.out_dir) / "metrics.jsonl"
     if accelerator.is_main_process:
         (Path(cfg.out_dir) / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         print(f"{cfg.stage} {cfg.method}{' no-compress' if cfg.no_compress else ''}: {len(train_set)} train / "
               f"{len(dev_set)} dev examples, {sum(p.numel() for p in trainable):,} trainable parameters, "
-              f"steps {start}->{cfg.steps}", flush=True)
+              f"steps {start}->{cfg.steps}, {accelerator.num_processes} process(es) on {accelerator.device}", flush=True)
 
     wrapped.train()
     metrics: dict[str, float] = {}
@@ -249,7 +251,8 @@ def train(cfg: TrainConfig) -> Path:
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             tokens += sum(_token_count(model, s) for s in samples)
         done = step + 1

@@ -142,3 +142,28 @@ def test_flags_from_yaml_file_with_command_line_override(tmp_path):
     assert (cfg.steps, cfg.lr, cfg.rates) == (77, 0.25, [4, 8])
     with pytest.raises(SystemExit):
         parse_args(["--stage", "keft"])  # keft needs --init or --no-compress
+
+
+def test_two_process_ddp_run_saves_and_resumes(base_dir, corpus, tmp_path):
+    """The multi-GPU code path (DDP through accelerate), here on two CPU processes over gloo."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+        "-m", "gmsa_rag.train", "--stage", "ae", "--base_model", str(base_dir), "--data", str(corpus),
+        "--out_dir", str(out), "--encoder_layers", "2", "--window", "32", "--lora_rank", "4", "--lora_alpha", "8",
+        "--rates", "2", "4", "--batch_size", "2", "--save_every", "2", "--log_every", "1", "--eval_every", "1000",
+        "--min_chunk_tokens", "8", "--max_chunk_tokens", "32", "--warmup_steps", "0",
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*command, "--steps", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 process(es)" in first.stdout
+    resumed = subprocess.run([*command, "--steps", "4"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "steps 2->4" in resumed.stdout
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert (out / "latest").read_text() == "step-0000004"
