@@ -150,7 +150,10 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
             p.data = p.data.float()  # trainable weights in fp32; bf16 autocast does the compute on GPU
     if cfg.grad_checkpointing:
         for part in (model.encoder, model.decoder):
-            part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
