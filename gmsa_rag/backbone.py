@@ -85,17 +85,31 @@ def load_tokenizer(name_or_path: str = SMOLLM2) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+RANDOM_PREFIX = "random:"
+
+
 def load_backbone(
     name_or_path: str = SMOLLM2,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer by Hugging Face id, local path, or the ``smollm2`` alias."""
-    path = resolve_model_path(name_or_path)
+    """Load a causal LM and its tokenizer by Hugging Face id, local path, or the ``smollm2`` alias.
+
+    ``random:<dir>`` builds the architecture of ``<dir>/config.json`` with random weights (seed 0) directly on
+    ``device``, with the tokenizer found in ``<dir>``: for timing and scaling runs of large shapes, where no
+    trained weights are needed.
+    """
     dtype = dtype or default_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if name_or_path.startswith(RANDOM_PREFIX):
+        path = name_or_path[len(RANDOM_PREFIX) :]
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
+        path = name_or_path
     model.to(device).eval()
-    return model, load_tokenizer(name_or_path)
+    return model, load_tokenizer(path)
 
 
 def tiny_backbone(

@@ -30,13 +30,14 @@ def copy_of_lowest_layers(base: PreTrainedModel, num_layers: int) -> nn.Module:
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = list(config.layer_types)[:num_layers]
-    dtype = next(inner.parameters()).dtype
-    stack = AutoModel.from_config(config, dtype=dtype)
+    dtype, device = next(inner.parameters()).dtype, next(inner.parameters()).device
+    with torch.device(device):  # build in place (a 7B model's 8 encoder layers take minutes on a CPU)
+        stack = AutoModel.from_config(config, dtype=dtype)
     for mine, theirs in zip(stack.layers, inner.layers):
         mine.load_state_dict(theirs.state_dict())
     stack.embed_tokens = inner.embed_tokens
     stack.norm = nn.Identity()
-    return stack.to(next(inner.parameters()).device)
+    return stack
 
 
 def run_stack(stack: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
