@@ -58,7 +58,6 @@ class TrainConfig:
     # data shaping
     min_chunk_tokens: int = 64
     max_chunk_tokens: int = 512
-    max_answer_words: int = 16
     # optimisation
     steps: int = 1000
     batch_size: int = 8
