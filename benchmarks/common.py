@@ -248,58 +248,6 @@ def load_decoder(backbone: str, device: torch.device, dtype: torch.dtype, tokeni
     return decoder, tokenizer, notes
 
 
-class on_device:
-    """Context manager: tensors created without an explicit device (or generator) land on ``device``.
-
-    Like ``with torch.device(device)``, but calls that pass a ``generator`` keep their default device (a CPU
-    generator cannot draw CUDA tensors), so a GMSAModel builds its encoder / LSA copies directly on the GPU
-    instead of initialising billions of parameters on the CPU first. Falls back to a no-op where the private
-    torch helper it needs is missing.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = torch.device(device)
-        self.mode = None
-
-    def __enter__(self):
-        if self.device.type == "cpu":
-            return self
-        try:
-            from torch.overrides import TorchFunctionMode
-            from torch.utils._device import _device_constructors
-        except ImportError:
-            return self
-        constructors = _device_constructors()
-        device = self.device
-
-        class _Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func in constructors and kwargs.get("device") is None and kwargs.get("generator") is None:
-                    kwargs["device"] = device
-                return func(*args, **kwargs)
-
-        self.mode = _Mode()
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.mode is not None:
-            self.mode.__exit__(*exc)
-        return False
-
-
-def _construct(cls, decoder, tokenizer, config):
-    """``cls(decoder, tokenizer, config)`` built directly on the decoder's device; plain construction if that fails."""
-    try:
-        with on_device(decoder.device):
-            return cls(decoder, tokenizer, config)
-    except Exception as err:  # e.g. a torch without the helper on_device relies on
-        print(f"building on {decoder.device} directly failed ({type(err).__name__}: {err}); building on CPU first",
-              file=sys.stderr)
-        return cls(decoder, tokenizer, config)
-
-
 def untrained_compressor(decoder, tokenizer, method: str, rates: Iterable[int], base_name: str,
                          encoder_layers: int = 8, lsa_layers: int = 1, window: int = 512):
     """A GMSA / TCP-AE compressor with freshly initialised (untrained) LoRA, LSA and memory slots."""
@@ -310,7 +258,7 @@ def untrained_compressor(decoder, tokenizer, method: str, rates: Iterable[int], 
     config = GMSAConfig(base_model=base_name, method=method, rates=tuple(sorted(set(rates) | {2, 4, 8, 16})),
                         encoder_layers=min(encoder_layers, layers), lsa_layers=min(lsa_layers, layers),
                         window=window)
-    return _construct(GMSAModel, decoder, tokenizer, config).eval()
+    return GMSAModel(decoder, tokenizer, config).eval()  # layer copies are built on the decoder's device
 
 
 def load_system(checkpoint: str | Path, device: torch.device, dtype: torch.dtype, backbone: str | None = None,
@@ -331,7 +279,7 @@ def load_system(checkpoint: str | Path, device: torch.device, dtype: torch.dtype
         config.base_model = backbone
     if decoder is None:
         decoder, tokenizer, _ = load_decoder(config.base_model, device, dtype, tokenizer_name)
-    model = _construct(GMSAModel, decoder, tokenizer, config)
+    model = GMSAModel(decoder, tokenizer, config)
     return attach_checkpoint(model, record, state, checkpoint).eval()
 
 
