@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -96,31 +96,31 @@ class DecoderBatch:
 
 def assemble(
     prompts: Sequence[Sequence[Segment]],
-    embed: Callable[[torch.Tensor], torch.Tensor],
+    embed: torch.nn.Embedding,
     padding_side: str = "right",
 ) -> DecoderBatch:
-    """Turn segment lists into one padded batch of decoder inputs (left padding for generation)."""
+    """Turn segment lists into one padded batch of decoder inputs (left padding for generation).
+
+    Token segments are embedded with ``embed``; soft-token segments are cast to its device and dtype.
+    """
+    device, dtype = embed.weight.device, embed.weight.dtype
     rows, label_rows = [], []
-    weight = embed.weight if hasattr(embed, "weight") else None
     for segments in prompts:
         pieces, labels = [], []
         for seg in segments:
             if seg.token_ids is not None:
-                ids = torch.tensor(seg.token_ids, dtype=torch.long, device=weight.device if weight is not None else None)
+                ids = torch.tensor(seg.token_ids, dtype=torch.long, device=device)
                 pieces.append(embed(ids))
                 labels.append(ids if seg.is_target else torch.full_like(ids, -100))
             else:
-                pieces.append(seg.embeds)
-                labels.append(torch.full((seg.embeds.shape[0],), -100, dtype=torch.long, device=seg.embeds.device))
-        dtype = pieces[0].dtype if weight is None else weight.dtype
-        rows.append(torch.cat([p.to(dtype=dtype, device=pieces[0].device) for p in pieces]))
-        label_rows.append(torch.cat([lab.to(rows[-1].device) for lab in labels]))
+                pieces.append(seg.embeds.to(device=device, dtype=dtype))
+                labels.append(torch.full((len(seg),), -100, dtype=torch.long, device=device))
+        rows.append(torch.cat(pieces))
+        label_rows.append(torch.cat(labels))
     longest = max(r.shape[0] for r in rows)
-    batch, width = len(rows), rows[0].shape[1]
-    device, dtype = rows[0].device, rows[0].dtype
-    embeds = torch.zeros(batch, longest, width, dtype=dtype, device=device)
-    mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    labels = torch.full((batch, longest), -100, dtype=torch.long, device=device)
+    embeds = torch.zeros(len(rows), longest, rows[0].shape[1], dtype=rows[0].dtype, device=device)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+    labels = torch.full((len(rows), longest), -100, dtype=torch.long, device=device)
     for b, (row, lab) in enumerate(zip(rows, label_rows)):
         n = row.shape[0]
         span = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
