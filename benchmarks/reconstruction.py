@@ -127,7 +127,7 @@ def reconstruct(model, chunks: list[list[int]], rate: int, max_new_tokens: int, 
         soft = model.soft_tokens(flat, [rate] * len(flat))
         prompts, i = [], 0
         for ws in windows:
-            prompts.append(ae_segments(model.tokenizer, torch.cat(soft[i : i + len(ws)]), None))
+            prompts.append(ae_segments(model.tokenizer, [torch.cat(soft[i : i + len(ws)])]))
             i += len(ws)
         outputs += model.generate_from_segments(prompts, max_new_tokens=max_new_tokens)
     return outputs

@@ -18,7 +18,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import GMSAConfig
+from .config import LEGACY_FIELDS, GMSAConfig
 
 if TYPE_CHECKING:
     from .model import GMSAModel
@@ -27,7 +27,8 @@ CONFIG_FILE = "gmsa_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_PATTERN = "model{suffix}.safetensors"
 MAX_SHARD_BYTES = 14 * 1024 * 1024
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: encoder prefix, encoder norm and soft-token norm recorded in the config. 1 (no such fields) still loads."""
 REPO_CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
@@ -80,8 +81,12 @@ def read_record(path: str | Path) -> dict[str, Any]:
         record = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is not valid JSON: {err}") from err
-    if record.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{file}: unsupported checkpoint format {record.get('format_version')!r}")
+    version = record.get("format_version")
+    if version not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{file}: unsupported checkpoint format {version!r} (this gmsa_rag reads 1 and "
+                              f"{FORMAT_VERSION}); upgrade gmsa_rag to load it")
+    if version == 1:  # built before the prefix/norm options existed: rebuild it the way it was trained
+        record["config"] = {**LEGACY_FIELDS, **record["config"]}
     return record
 
 
@@ -114,6 +119,7 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     decoder_tuning: str | None = None,
+    decoder_lora_rank: int | None = None,
 ) -> "GMSAModel":
     """Rebuild a GMSAModel from a checkpoint; fails clearly if the base model's weights are not the recorded ones.
 
@@ -133,6 +139,8 @@ def load_checkpoint(
         if config.decoder_tuning != "none":
             raise CheckpointError(f"{path} already tunes the decoder ({config.decoder_tuning}); cannot switch to {decoder_tuning}")
         config.decoder_tuning = decoder_tuning
+        if decoder_lora_rank:
+            config.decoder_lora_rank, config.decoder_lora_alpha = decoder_lora_rank, 2 * decoder_lora_rank
     decoder, tokenizer = load_backbone(config.base_model, device=device, dtype=dtype)
     model = GMSAModel(decoder, tokenizer, config)
     return attach_checkpoint(model, record, state, path, partial=set(model.decoder_parameters()) if new_decoder_params else set())

@@ -28,12 +28,25 @@ class GMSAConfig:
     """Compression rates the model is trained for; ``compress`` refuses any other."""
     window: int = 512
     """Encoder window in tokens; longer chunks are split into windows compressed one after another."""
+    encoder_prefix: str = "Document:\n"
+    """Fixed text the encoder reads before every window. Its first token becomes the attention sink (a state of
+    huge norm shared by every input); its states are dropped before group merging, so no soft token carries it.
+    ``""`` reads the bare window (checkpoints of format 1)."""
+    encoder_norm: bool = True
+    """Apply (a frozen copy of) the base model's final norm to the encoder output, as the authors' code does;
+    False keeps the raw residual stream (checkpoints of format 1)."""
+    soft_token_norm: bool = True
+    """End with an RMSNorm whose gain starts at the per-dimension RMS of the token embeddings, so soft tokens
+    live on the scale of the decoder's input embeddings; False leaves LSA's raw output (format 1)."""
     lora_rank: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     decoder_tuning: DecoderTuning = "none"
     """Which decoder parameters KEFT trains: none, full W_Q/W_K/W_V, or LoRA on q/k/v."""
+    decoder_adapter: Literal["soft", "always"] = "soft"
+    """When the decoder's LoRA adapter is on: ``soft``, only for prompts with soft tokens (plain-text prompts run
+    on the pristine base model); ``always`` (the uncompressed fine-tuning baseline, trained on text)."""
     decoder_lora_rank: int = 16
     decoder_lora_alpha: int = 32
     decoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
@@ -48,6 +61,8 @@ class GMSAConfig:
             raise ValueError(f"method must be 'gmsa' or 'tcp', got {self.method!r}")
         if self.decoder_tuning not in ("none", "qkv", "qkv_lora"):
             raise ValueError(f"decoder_tuning must be none, qkv or qkv_lora, got {self.decoder_tuning!r}")
+        if self.decoder_adapter not in ("soft", "always"):
+            raise ValueError(f"decoder_adapter must be soft or always, got {self.decoder_adapter!r}")
         if not self.rates or any(r < 1 for r in self.rates):
             raise ValueError(f"rates must be positive integers, got {self.rates}")
         if self.encoder_layers < 1:
@@ -74,6 +89,12 @@ class GMSAConfig:
         d["decoder_targets"] = list(self.decoder_targets)
         return d
 
+    @property
+    def architecture_key(self) -> str:
+        """Everything besides weights that changes the soft tokens a chunk gets (part of the cache fingerprint)."""
+        return (f"{self.method}|{self.encoder_layers}|{self.lsa_layers}|{self.window}|{self.encoder_prefix!r}|"
+                f"{self.encoder_norm}|{self.soft_token_norm}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GMSAConfig":
         known = {f.name for f in dataclasses.fields(cls)}
@@ -81,3 +102,7 @@ class GMSAConfig:
         if unknown:
             raise ValueError(f"unknown GMSAConfig fields: {sorted(unknown)}")
         return cls(**data)
+
+
+LEGACY_FIELDS: dict[str, Any] = {"encoder_prefix": "", "encoder_norm": False, "soft_token_norm": False}
+"""What checkpoints written before these options existed (format 1) were built with."""

@@ -16,11 +16,12 @@ def inner_model(base: PreTrainedModel) -> nn.Module:
     return inner
 
 
-def copy_of_lowest_layers(base: PreTrainedModel, num_layers: int) -> nn.Module:
+def copy_of_lowest_layers(base: PreTrainedModel, num_layers: int, keep_norm: bool = False) -> nn.Module:
     """A standalone copy of the base LM's lowest ``num_layers`` blocks, run on ``inputs_embeds``.
 
-    Returns a model of the base's own class (so any family works) whose final norm is removed (we keep raw
-    residual-stream states) and whose token embedding is shared with the base, not copied.
+    Returns a model of the base's own class (so any family works) whose token embedding is shared with the
+    base, not copied. Its final norm is a copy of the base's final norm with ``keep_norm`` (the authors' encoder
+    output), else removed (raw residual-stream states).
     """
     inner = inner_model(base)
     total = len(inner.layers)
@@ -36,8 +37,28 @@ def copy_of_lowest_layers(base: PreTrainedModel, num_layers: int) -> nn.Module:
     for mine, theirs in zip(stack.layers, inner.layers):
         mine.load_state_dict(theirs.state_dict())
     stack.embed_tokens = inner.embed_tokens
-    stack.norm = nn.Identity()
+    if keep_norm:
+        stack.norm.load_state_dict(inner.norm.state_dict())
+    else:
+        stack.norm = nn.Identity()
     return stack
+
+
+class EmbeddingScaleNorm(nn.Module):
+    """RMSNorm whose gain starts at the per-dimension RMS of a token-embedding matrix.
+
+    Puts soft tokens on the scale (and the per-dimension spread) of the embeddings the decoder reads.
+    """
+
+    def __init__(self, embedding: torch.Tensor, eps: float = 1e-6) -> None:
+        super().__init__()
+        rms = embedding.detach().float().pow(2).mean(0).sqrt()
+        self.weight = nn.Parameter(rms.to(embedding.dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
 
 
 def run_stack(stack: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

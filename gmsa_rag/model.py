@@ -5,11 +5,15 @@ The TCP-AE baseline (ICAE-style learnable memory tokens) lives behind the same i
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -17,7 +21,7 @@ from .backbone import load_backbone
 from .config import GMSAConfig
 from .fingerprint import weights_fingerprint
 from .group_merge import group_merge
-from .layers import copy_of_lowest_layers, inner_model, own_parameters, run_stack
+from .layers import EmbeddingScaleNorm, copy_of_lowest_layers, inner_model, own_parameters, run_stack
 from .prompt import Context, DecoderBatch, Segment, assemble, qa_segments
 from .samples import Sample, build_prompts
 
@@ -37,7 +41,10 @@ class GMSAModel(nn.Module):
         self.base_fingerprint = weights_fingerprint(decoder.state_dict().items())
         decoder.requires_grad_(False)
 
-        self.encoder = copy_of_lowest_layers(decoder, config.encoder_layers)
+        self.encoder = copy_of_lowest_layers(decoder, config.encoder_layers, keep_norm=config.encoder_norm)
+        self.prefix_ids: list[int] = (
+            tokenizer.encode(config.encoder_prefix, add_special_tokens=False) if config.encoder_prefix else []
+        )
         lora = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
@@ -46,6 +53,7 @@ class GMSAModel(nn.Module):
         )
         inject_adapter_in_model(lora, self.encoder, adapter_name=ENCODER_ADAPTER)
         self.lsa = copy_of_lowest_layers(decoder, config.lsa_layers) if config.lsa_layers else None
+        self.soft_norm = EmbeddingScaleNorm(self.embed_tokens.weight) if config.soft_token_norm else None
 
         hidden = decoder.config.hidden_size
         if config.method == "tcp":
@@ -118,6 +126,8 @@ class GMSAModel(nn.Module):
         params = {f"encoder.{n}": p for n, p in self.encoder.named_parameters() if "lora_" in n}
         if self.lsa is not None:
             params.update({f"lsa.{n}": p for n, p in own_parameters(self.lsa).items()})
+        if self.soft_norm is not None:
+            params["soft_norm.weight"] = self.soft_norm.weight
         if self.memory is not None:
             params["memory"] = self.memory
         return params
@@ -153,8 +163,7 @@ class GMSAModel(nn.Module):
     @property
     def fingerprint(self) -> str:
         """Identifies what soft tokens depend on: base weights, compressor weights and architecture."""
-        c = self.config
-        salt = f"{self.base_fingerprint}|{c.method}|{c.encoder_layers}|{c.lsa_layers}|{c.window}"
+        salt = f"{self.base_fingerprint}|{self.config.architecture_key}"
         return weights_fingerprint(self.compressor_parameters().items(), salt=salt)
 
     # ------------------------------------------------------------------ documents -> soft tokens
@@ -183,21 +192,27 @@ class GMSAModel(nn.Module):
             raise ValueError("one rate per window is needed")
         for r in rates:
             self.config.check_rate(r)
-        ids, mask = self._pad(windows)
+        ids, mask = self._pad([self.prefix_ids + list(w) for w in windows])
         rate = torch.tensor(list(rates), device=self.device)
+        skip = len(self.prefix_ids)  # the prefix (and the attention sink on it) never enters a soft token
         if self.config.method == "gmsa":
             hidden = run_stack(self.encoder, self.embed_tokens(ids), mask)
-            summary, summary_mask = group_merge(hidden, mask, rate)
+            summary, summary_mask = group_merge(hidden[:, skip:], mask[:, skip:], rate)
         else:
-            summary, summary_mask = self._memory_summary(ids, mask, rate)
+            summary, summary_mask = self._memory_summary(ids, mask, rate, skip)
         soft = run_stack(self.lsa, summary, summary_mask) if self.lsa is not None else summary
+        if self.soft_norm is not None:
+            soft = self.soft_norm(soft)
         counts = summary_mask.sum(1).tolist()
         return [soft[b, :n] for b, n in enumerate(counts)]
 
-    def _memory_summary(self, ids: torch.Tensor, mask: torch.Tensor, rate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """TCP-AE: append ceil(n/r) memory slots after each text; their encoder states are the summary."""
+    def _memory_summary(
+        self, ids: torch.Tensor, mask: torch.Tensor, rate: torch.Tensor, skip: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """TCP-AE: append ceil(n/r) memory slots after each text (n excludes the ``skip`` prefix tokens);
+        their encoder states are the summary."""
         lengths = mask.sum(1)
-        slots = (lengths + rate - 1) // rate
+        slots = (lengths - skip + rate - 1) // rate
         batch, width = ids.shape[0], self.hidden_size
         total = int((lengths + slots).max())
         embeds = torch.zeros(batch, total, width, dtype=self.dtype, device=self.device)
@@ -250,16 +265,70 @@ class GMSAModel(nn.Module):
         """Embed and pad segment lists into one decoder batch."""
         return assemble(prompts, self.embed_tokens, padding_side=padding_side)
 
-    def forward(self, samples: Sequence[Sample]) -> torch.Tensor:
-        """Training loss of a batch of AE / QA samples (what the trainer and DDP call)."""
-        return self.loss(build_prompts(self, samples))
+    def forward(self, samples: Sequence[Sample], distill_weight: float = 0.0) -> torch.Tensor:
+        """Training loss of a batch of stage-1 / QA samples (what the trainer and DDP call).
+
+        With ``distill_weight`` w > 0: (1 - w) * cross-entropy on the targets + w * KL(teacher || student), the
+        teacher being the same decoder with its adapter off reading the documents as text.
+        """
+        prompts = build_prompts(self, samples)
+        if not distill_weight:
+            return self.loss(prompts)
+        with torch.no_grad(), self.decoder_adapter(False):
+            teacher, _ = self.target_logits(build_prompts(self, [replace(s, rate=None) for s in samples]))
+        logits, labels = self.target_logits(prompts)
+        ce = F.cross_entropy(logits.float(), labels)
+        kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                      reduction="batchmean")
+        return (1 - distill_weight) * ce + distill_weight * kl
 
     def loss(self, prompts: Sequence[Sequence[Segment]]) -> torch.Tensor:
-        """Teacher-forced cross-entropy on the target segments of each prompt."""
+        """Teacher-forced cross-entropy on the target segments of each prompt (mean over all target tokens)."""
+        logits, labels = self.target_logits(prompts)
+        return F.cross_entropy(logits.float(), labels)
+
+    def target_logits(self, prompts: Sequence[Sequence[Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits predicting each target token ([N, V], all prompts' targets in order) and those tokens ([N]).
+
+        The LM head runs on the target positions only (a long prompt's full [B, T, V] logits would be gigabytes).
+        """
         batch = self.build_batch(prompts)
-        return self.decoder(
-            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False
-        ).loss
+        with self.decoder_adapter(self.adapter_wanted(prompts)):
+            hidden = self.decoder.get_decoder()(
+                inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False
+            ).last_hidden_state
+            labels = batch.labels[:, 1:]
+            picked = labels != -100
+            logits = self.decoder.get_output_embeddings()(hidden[:, :-1][picked])
+        return logits, labels[picked]
+
+    @torch.no_grad()
+    def answer_losses(self, prompts: Sequence[Sequence[Segment]]) -> torch.Tensor:
+        """Mean teacher-forced cross-entropy per target token of each prompt ([B], fp32): the answer-loss probe."""
+        logits, labels = self.target_logits(prompts)
+        token_loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        counts = torch.tensor([sum(len(seg) for seg in p if seg.is_target) for p in prompts], device=labels.device)
+        owner = torch.repeat_interleave(torch.arange(len(prompts), device=labels.device), counts)
+        totals = torch.zeros(len(prompts), device=labels.device).index_add_(0, owner, token_loss)
+        return totals / counts.clamp(min=1)
+
+    def adapter_wanted(self, prompts: Sequence[Sequence[Segment]]) -> bool:
+        """Whether the decoder adapter serves these prompts (see ``GMSAConfig.decoder_adapter``)."""
+        return self.config.decoder_adapter == "always" or has_soft_tokens(prompts)
+
+    @contextmanager
+    def decoder_adapter(self, enabled: bool) -> Iterator[None]:
+        """Switch the decoder's KEFT LoRA adapter on (prompts with soft tokens) or off (plain text: the pristine
+        base model) for the duration of the block. A no-op when the decoder has no adapter."""
+        layers = [m for m in self.decoder.modules() if isinstance(m, BaseTunerLayer)]
+        previous = [m.disable_adapters for m in layers]
+        for m in layers:
+            m._disable_adapters = not enabled  # peft's own switch; enable_adapters() would also flip requires_grad
+        try:
+            yield
+        finally:
+            for m, was in zip(layers, previous):
+                m._disable_adapters = was
 
     def max_context_tokens(self) -> int:
         return int(getattr(self.decoder.config, "max_position_embeddings", 0) or 0)
@@ -287,6 +356,14 @@ class GMSAModel(nn.Module):
         self, prompts: Sequence[Sequence[Segment]], max_new_tokens: int = 32, **generate_kwargs
     ) -> list[str]:
         """Greedy (by default) decoding from prebuilt prompts; returns the decoded new text of each."""
+        if len({self.adapter_wanted([p]) for p in prompts}) > 1:  # text and soft prompts: adapter off / on
+            soft = [i for i, p in enumerate(prompts) if self.adapter_wanted([p])]
+            text = [i for i, p in enumerate(prompts) if not self.adapter_wanted([p])]
+            answers: dict[int, str] = {}
+            for group in (soft, text):
+                outs = self.generate_from_segments([prompts[i] for i in group], max_new_tokens, **generate_kwargs)
+                answers.update(zip(group, outs))
+            return [answers[i] for i in range(len(prompts))]
         batch = self.build_batch(prompts, padding_side="left")
         self.check_length(batch.inputs_embeds.shape[1] + max_new_tokens)
         generate_kwargs.setdefault("do_sample", False)
@@ -296,12 +373,13 @@ class GMSAModel(nn.Module):
             generate_kwargs.setdefault("temperature", None)
             generate_kwargs.setdefault("top_p", None)
             generate_kwargs.setdefault("top_k", None)
-        out = self.decoder.generate(
-            inputs_embeds=batch.inputs_embeds,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            **generate_kwargs,
-        )
+        with self.decoder_adapter(self.adapter_wanted(prompts)):
+            out = self.decoder.generate(
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                **generate_kwargs,
+            )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def stop_token_ids(self) -> list[int]:
@@ -327,3 +405,8 @@ class GMSAModel(nn.Module):
         if len(questions) != len(contexts):
             raise ValueError(f"{len(questions)} questions but {len(contexts)} context lists")
         return questions, [list(c) for c in contexts]
+
+
+def has_soft_tokens(prompts: Sequence[Sequence[Segment]]) -> bool:
+    """Whether any prompt holds a soft-token span (then the decoder's KEFT adapter is on)."""
+    return any(seg.embeds is not None for prompt in prompts for seg in prompt)

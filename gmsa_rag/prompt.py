@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 QA_INSTRUCTION = (
     "Answer the question using the documents below. Reply with a short answer only."
 )
-AE_INSTRUCTION = "Repeat the text above exactly."
+RESTORE_INSTRUCTION = "Repeat Document [{}] exactly."
+CONTINUE_INSTRUCTION = "Continue the text of Document [{}]."
 _MARK = "<|gmsa_span_{}|>"
 _MARK_RE = re.compile(r"<\|gmsa_span_(\d+)\|>")
 
@@ -38,11 +39,11 @@ class Segment:
 def chat_segments(
     tokenizer: PreTrainedTokenizerBase,
     parts: Sequence[Context],
-    answer: str | None = None,
+    answer: str | Sequence[int] | None = None,
 ) -> list[Segment]:
     """Render ``parts`` (text and soft-token spans, in order) as the user turn of the chat template.
 
-    With ``answer`` the assistant's reply (+ end of turn) is appended as the training target.
+    With ``answer`` (text or token ids) the assistant's reply (+ end of turn) is appended as the training target.
     """
     spans: list[torch.Tensor] = []
     text: list[str] = []
@@ -62,9 +63,18 @@ def chat_segments(
         elif piece:
             segments.append(Segment(token_ids=tokenizer.encode(piece, add_special_tokens=False)))
     if answer is not None:
-        end = tokenizer.eos_token or ""
-        segments.append(Segment(token_ids=tokenizer.encode(answer + end, add_special_tokens=False), is_target=True))
+        end = tokenizer.encode(tokenizer.eos_token or "", add_special_tokens=False)
+        ids = tokenizer.encode(answer, add_special_tokens=False) if isinstance(answer, str) else list(answer)
+        segments.append(Segment(token_ids=ids + end, is_target=True))
     return segments
+
+
+def document_parts(contexts: Sequence[Context]) -> list[Context]:
+    """One labelled span per document, in order: ``Document [i]: <span>`` (the layout of every prompt)."""
+    parts: list[Context] = []
+    for i, ctx in enumerate(contexts, 1):
+        parts += [f"Document [{i}]: ", ctx, "\n"]
+    return parts
 
 
 def qa_segments(
@@ -75,16 +85,22 @@ def qa_segments(
     instruction: str = QA_INSTRUCTION,
 ) -> list[Segment]:
     """Instruction, one labelled span per document (retrieval order), then the question."""
-    parts: list[Context] = [instruction + "\n\n"]
-    for i, ctx in enumerate(contexts, 1):
-        parts += [f"Document [{i}]: ", ctx, "\n"]
-    parts.append(f"\nQuestion: {question}")
+    parts: list[Context] = [instruction + "\n\n", *document_parts(contexts), f"\nQuestion: {question}"]
     return chat_segments(tokenizer, parts, answer)
 
 
-def ae_segments(tokenizer: PreTrainedTokenizerBase, soft_tokens: torch.Tensor, text: str | None = None) -> list[Segment]:
-    """Autoencoding prompt: the chunk's soft tokens, a fixed restore instruction, and the chunk as target."""
-    return chat_segments(tokenizer, [soft_tokens, "\n" + AE_INSTRUCTION], text)
+def ae_segments(
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[Context],
+    target_doc: int = 0,
+    text: str | Sequence[int] | None = None,
+    continuation: bool = False,
+) -> list[Segment]:
+    """Stage-1 prompt over labelled documents (soft tokens): restore document ``target_doc`` (autoencoding) or,
+    with ``continuation``, write the text that follows it. ``text`` is the target."""
+    template = CONTINUE_INSTRUCTION if continuation else RESTORE_INSTRUCTION
+    parts = [*document_parts(contexts), "\n" + template.format(target_doc + 1)]
+    return chat_segments(tokenizer, parts, text)
 
 
 @dataclass

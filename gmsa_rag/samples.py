@@ -1,14 +1,18 @@
 """Training samples and how they become decoder prompts (the same per-document scheme as inference).
 
-* AE sample: one text chunk; its soft tokens + restore instruction -> the chunk itself (target).
+* Stage-1 sample (``question=None``): one or more documents, each compressed on its own and shown as a
+  labelled span; the target is document ``target_doc`` itself (``task="restore"``, autoencoding) or the
+  text that follows it (``task="continue"``).
 * QA sample: question + retrieved documents (each compressed on its own, or plain text for the
   uncompressed baseline) -> the answer (target).
+
+Documents and targets are text or token ids (the tokenized training corpus hands over ids).
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence, Union
 
 import torch
 
@@ -18,19 +22,31 @@ if TYPE_CHECKING:
     from .model import GMSAModel
 
 
+Text = Union[str, list[int]]
+
+
 @dataclass
 class Sample:
     """One training example. ``rate=None`` keeps documents as text (uncompressed baseline)."""
 
-    documents: list[str]
-    target: str | None  # None: no target segment (prompt for generation)
-    question: str | None = None  # None: autoencoding of documents[0]
+    documents: list[Text]
+    target: Text | None  # None: no target segment (prompt for generation)
+    question: str | None = None  # None: a stage-1 sample (restore or continue documents[target_doc])
     rate: int | None = None
+    task: Literal["restore", "continue"] = "restore"
+    target_doc: int = 0
 
 
-def sample_rate(rates: Sequence[int], rng: random.Random) -> int:
-    """The compression rate of one sample, uniform over the configured set."""
-    return rng.choice(list(rates))
+def sample_rate(rates: Sequence[int], rng: random.Random, weights: Sequence[float] | None = None) -> int:
+    """The compression rate of one sample, drawn from the configured set (uniform unless ``weights``)."""
+    return rng.choices(list(rates), weights=list(weights) if weights else None)[0]
+
+
+def token_ids(model: "GMSAModel", documents: Sequence[Text]) -> list[list[int]]:
+    """Token ids of each document (text is tokenized; id lists pass through)."""
+    texts = [d for d in documents if isinstance(d, str)]
+    encoded = iter(model.tokenize(texts) if texts else [])
+    return [next(encoded) if isinstance(d, str) else list(d) for d in documents]
 
 
 def build_prompts(model: "GMSAModel", samples: Sequence[Sample]) -> list[list[Segment]]:
@@ -39,7 +55,7 @@ def build_prompts(model: "GMSAModel", samples: Sequence[Sample]) -> list[list[Se
     for s, sample in enumerate(samples):
         if sample.rate is None:
             continue
-        for d, ids in enumerate(model.tokenize(sample.documents)):
+        for d, ids in enumerate(token_ids(model, sample.documents)):
             for window in model.windows(ids):
                 windows.append(window)
                 rates.append(sample.rate)
@@ -51,9 +67,13 @@ def build_prompts(model: "GMSAModel", samples: Sequence[Sample]) -> list[list[Se
 
     prompts = []
     for sample, docs in zip(samples, documents):
-        contexts: list[Context] = list(sample.documents) if sample.rate is None else [_cat(parts) for parts in docs]
+        if sample.rate is None:
+            contexts: list[Context] = [d if isinstance(d, str) else model.tokenizer.decode(d) for d in sample.documents]
+        else:
+            contexts = [_cat(parts) for parts in docs]
         if sample.question is None:
-            prompts.append(ae_segments(model.tokenizer, contexts[0], sample.target))
+            prompts.append(ae_segments(model.tokenizer, contexts, sample.target_doc, sample.target,
+                                       continuation=sample.task == "continue"))
         else:
             prompts.append(qa_segments(model.tokenizer, sample.question, contexts, sample.target))
     return prompts

@@ -1,9 +1,16 @@
 """Train GMSA (or TCP-AE) in two stages: ``python -m gmsa_rag.train --stage ae|keft ...``.
 
 Stage ``ae``: decoder frozen; encoder LoRA + LSA learn to make soft tokens from which the decoder restores
-the chunk. Stage ``keft``: compressor frozen (loaded from a stage-1 checkpoint); the decoder's W_Q/W_K/W_V
-learn to answer questions from the soft tokens of the retrieved documents. ``--no-compress`` fine-tunes the
-same decoder parameters on the uncompressed prompt (the fair baseline). Rates are sampled per sample.
+the passage (autoencoding) or writes the text that follows it (continuation, ``--continuation_fraction``).
+Passages are cut from a tokenized corpus like RAG chunks; some samples hold several separately compressed
+documents of which one is restored (``--multi_doc_fraction``). Stage ``keft``: compressor frozen (loaded from a
+stage-1 checkpoint); a LoRA adapter on the decoder's W_Q/W_K/W_V (on only for prompts with soft tokens) learns
+to answer questions from the soft tokens of the retrieved documents, optionally distilled from the base model
+reading the same documents as text (``--distill_weight``). ``--no-compress`` fine-tunes the same decoder
+parameters on the uncompressed prompt (the fair baseline). Rates are drawn per sample (``--rate_weights``).
+
+The learning-rate schedule runs on the fraction of the budget spent: the largest of steps, tokens
+(``--max_tokens``) and wall time (``--time_limit_minutes``) done, so it ends where the budget ends.
 
 Runs as one CPU process, on one GPU, or on several with ``accelerate launch -m gmsa_rag.train ...``.
 Flags may also come from a YAML/JSON file (``--config run.yaml``); flags on the command line win.
@@ -11,6 +18,8 @@ Flags may also come from a YAML/JSON file (``--config run.yaml``); flags on the 
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import sys
 import time
@@ -22,16 +31,17 @@ import torch
 import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_scheduler
+from transformers import HfArgumentParser
 
 from .checkpoint import attach_checkpoint, load_checkpoint, read_record, read_weights, save_checkpoint
 from .config import GMSAConfig
+from .backbone import cache_root
 from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
-from .data.corpus import chunk_corpus
-from .data.qa import load_qa_jsonl
+from .data.passages import Passage, PassageCorpus
+from .data.qa import QAExample, load_qa_jsonl
 from .metrics import qa_metrics, reconstruction_metrics
 from .model import GMSAModel
-from .samples import Sample, sample_rate, build_prompts
+from .samples import Sample, build_prompts, sample_rate
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -45,8 +55,9 @@ class TrainConfig:
     base_model: str = "smollm2"
     init: str | None = field(default=None, metadata={"help": "stage-1 (ae) checkpoint that keft starts from"})
     no_compress: bool = field(default=False, metadata={"help": "keft on the uncompressed prompt (baseline)"})
-    data: list[str] = field(default_factory=list, metadata={"help": "ae: text/jsonl corpus paths; keft: QA jsonl"})
-    dev_data: str | None = field(default=None, metadata={"help": "dev set (ae: corpus path; keft: QA jsonl)"})
+    data: list[str] = field(default_factory=list, metadata={"help": "ae: jsonl(.gz)/text corpus files or folders; keft: QA jsonl"})
+    dev_data: str | None = field(default=None, metadata={"help": "dev set (ae: corpus file kept out of training; keft: QA jsonl)"})
+    token_cache: str = field(default="", metadata={"help": "where tokenized corpus files are kept (default ~/.cache/gmsa_rag/corpora)"})
     # architecture (stage ae; keft inherits it from --init)
     encoder_layers: int = 8
     lsa_layers: int = 1
@@ -54,10 +65,25 @@ class TrainConfig:
     window: int = 512
     lora_rank: int = 32
     lora_alpha: int = 64
-    decoder_tuning: Literal["qkv", "qkv_lora"] = "qkv"
+    encoder_prefix: str = "Document:\n"
+    encoder_norm: bool = True
+    soft_token_norm: bool = True
+    decoder_tuning: Literal["qkv", "qkv_lora"] = "qkv_lora"
+    decoder_lora_rank: int = 16
     # data shaping
-    min_chunk_tokens: int = 64
+    rate_weights: list[float] = field(default_factory=list, metadata={"help": "relative frequency of each rate (default uniform)"})
+    min_chunk_tokens: int = 32
     max_chunk_tokens: int = 512
+    title_fraction: float = field(default=0.5, metadata={"help": "ae: share of passages with their 'Title:' line"})
+    continuation_fraction: float = field(default=0.5, metadata={"help": "ae: share of samples whose target is the text that follows"})
+    continuation_tokens: int = 128
+    multi_doc_fraction: float = field(default=0.25, metadata={"help": "ae: share of samples with 2..max_docs documents, one restored"})
+    max_docs: int = field(default=5, metadata={"help": "ae: most documents per sample; keft: gold + distractors shown at most"})
+    docs_curriculum: float = field(default=0.0, metadata={"help": "keft: share of the budget over which the number of documents ramps from gold-only to max_docs"})
+    eval_chunk_tokens: int = 128
+    # stage 2 options
+    distill_weight: float = field(default=0.0, metadata={"help": "keft: weight of token-level KL to the base model reading the documents as text"})
+    compressor_lr: float = field(default=0.0, metadata={"help": "keft: also train encoder LoRA + LSA at this lr (0: frozen, as in the paper)"})
     # optimisation
     steps: int = 1000
     batch_size: int = 8
@@ -65,7 +91,9 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
-    schedule: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    max_tokens: float = field(default=0, metadata={"help": "stop after this many encoder (ae) / prompt (keft) tokens; 0 = no limit"})
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = False
     # bookkeeping
@@ -77,7 +105,8 @@ class TrainConfig:
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     precision: Literal["auto", "bf16", "fp32"] = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU"})
     seed: int = 0
-    time_limit_minutes: float = field(default=0.0, metadata={"help": "stop (and save) after this wall time; 0 = none"})
+    time_limit_minutes: float = field(default=0.0, metadata={"help": "budget: training wall time over all resumed invocations; 0 = none"})
+    stop_after_minutes: float = field(default=0.0, metadata={"help": "save and exit after this long in this invocation (the budget and schedule go on when resumed); 0 = never"})
     config: str | None = field(default=None, metadata={"help": "YAML/JSON file of these flags"})
 
 
@@ -95,36 +124,88 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def load_data(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
-    """Training and dev examples: text chunks (ae) or QA examples (keft)."""
+@dataclass
+class Data:
+    """What a stage draws its samples from: a passage corpus (ae) or QA examples (keft), and the dev set."""
+
+    corpus: PassageCorpus | None
+    qa: list[QAExample]
+    dev: list
+
+
+def load_data(cfg: TrainConfig, tokenizer) -> Data:
+    """Stage 1: the tokenized passage corpus and fixed dev passages; stage 2: QA train and dev examples."""
     if cfg.stage == "ae":
-        chunks = chunk_corpus(cfg.data or [DEFAULT_AE_CORPUS], tokenizer, cfg.min_chunk_tokens, cfg.max_chunk_tokens)
-        if cfg.dev_data:
-            return chunks, chunk_corpus([cfg.dev_data], tokenizer, cfg.min_chunk_tokens, cfg.max_chunk_tokens)
-        random.Random(cfg.seed).shuffle(chunks)
-        held_out = min(cfg.eval_samples, len(chunks) // 10)
-        return chunks[held_out:], chunks[:held_out]
+        cache = cfg.token_cache or str(cache_root() / "corpora")
+        corpus = PassageCorpus.build(cfg.data or [DEFAULT_AE_CORPUS], tokenizer, cache)
+        dev_corpus = PassageCorpus.build([cfg.dev_data], tokenizer, cache) if cfg.dev_data else corpus
+        rng = random.Random(f"dev-{cfg.seed}")
+        n = min(cfg.eval_chunk_tokens, cfg.max_chunk_tokens)
+        dev = [dev_corpus.passage(rng, n, n, with_title=False).token_ids for _ in range(cfg.eval_samples)]
+        return Data(corpus, [], dev)
     train = [e for path in (cfg.data or [DEFAULT_QA_DIR / "train.jsonl.gz"]) for e in load_qa_jsonl(path)]
-    dev = load_qa_jsonl(cfg.dev_data or DEFAULT_QA_DIR / "dev.jsonl.gz")
-    return train, dev
+    return Data(None, train, load_qa_jsonl(cfg.dev_data or DEFAULT_QA_DIR / "dev.jsonl.gz"))
 
 
-def to_sample(example, stage: str, rate: int | None, with_target: bool = True) -> Sample:
-    """A text chunk (ae) or QA example (keft) as a Sample at ``rate`` (None: documents stay text)."""
-    if stage == "ae":
-        return Sample(documents=[example], target=example if with_target else None, rate=rate)
+def stage1_sample(corpus: PassageCorpus, cfg: TrainConfig, rate: int, rng: random.Random) -> Sample:
+    """Restore (or continue) one document, alone or among others each compressed on its own."""
+    def draw() -> Passage:
+        return corpus.passage(rng, cfg.min_chunk_tokens, cfg.max_chunk_tokens, cfg.continuation_tokens,
+                              with_title=rng.random() < cfg.title_fraction)
+
+    count = rng.randint(2, cfg.max_docs) if cfg.max_docs > 1 and rng.random() < cfg.multi_doc_fraction else 1
+    passages = [draw() for _ in range(count)]
+    target_doc = rng.randrange(count)
+    target = passages[target_doc]
+    if len(target.continuation) >= 16 and rng.random() < cfg.continuation_fraction:
+        return Sample([p.token_ids for p in passages], target.continuation, rate=rate, task="continue", target_doc=target_doc)
+    return Sample([p.token_ids for p in passages], target.token_ids, rate=rate, target_doc=target_doc)
+
+
+def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random, with_target: bool = True) -> Sample:
+    """A QA sample: the gold passage among up to ``max_docs - 1`` of the example's distractors, gold at a random
+    place (examples without a marked gold passage keep their documents as they are)."""
     target = example.answers[0] if with_target else None
-    return Sample(documents=example.contexts, target=target, question=example.question, rate=rate)
+    documents = list(example.contexts)
+    if example.gold_index is not None and max_docs < len(documents) + 1:
+        gold = documents[example.gold_index]
+        others = [d for i, d in enumerate(documents) if i != example.gold_index]
+        keep = rng.sample(others, rng.randint(0, min(max_docs - 1, len(others))))
+        keep.insert(rng.randint(0, len(keep)), gold)
+        documents = keep
+    return Sample(documents=documents, target=target, question=example.question, rate=rate)
 
 
-def batch_for(step: int, micro: int, examples: list, cfg: TrainConfig, rates: list[int], rank: int) -> list[Sample]:
-    """The micro-batch of a given step: a pure function of (seed, step, micro, rank), so resume is exact."""
+def docs_cap(cfg: TrainConfig, progress: float) -> int:
+    """keft curriculum: the most documents a sample may show at this point of the budget."""
+    if cfg.docs_curriculum <= 0:
+        return cfg.max_docs
+    return 1 + int((cfg.max_docs - 1) * min(1.0, progress / cfg.docs_curriculum))
+
+
+def batch_for(step: int, micro: int, data: Data, cfg: TrainConfig, rates: list[int], rank: int,
+              progress: float = 1.0) -> list[Sample]:
+    """The micro-batch of a given step: a pure function of (seed, step, micro, rank, progress), so resume is exact."""
     rng = random.Random(hash((cfg.seed, step, micro, rank)))
     batch = []
     for _ in range(cfg.batch_size):
-        example = examples[rng.randrange(len(examples))]
-        batch.append(to_sample(example, cfg.stage, None if cfg.no_compress else sample_rate(rates, rng)))
+        rate = None if cfg.no_compress else sample_rate(rates, rng, cfg.rate_weights or None)
+        if cfg.stage == "ae":
+            batch.append(stage1_sample(data.corpus, cfg, rate, rng))
+        else:
+            example = data.qa[rng.randrange(len(data.qa))]
+            batch.append(qa_sample(example, rate, docs_cap(cfg, progress), rng))
     return batch
+
+
+def lr_factor(cfg: TrainConfig, progress: float, step: int) -> float:
+    """Warm-up over ``warmup_steps``, then the schedule over the fraction of the budget spent, down to min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    shape = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) if cfg.schedule == "cosine" else 1 - min(progress, 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -135,15 +216,21 @@ def use_bf16(cfg: TrainConfig) -> bool:
 def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     if cfg.stage == "keft" and cfg.init:
-        model = load_checkpoint(cfg.init, device=device, dtype=dtype, decoder_tuning=cfg.decoder_tuning)
+        model = load_checkpoint(cfg.init, device=device, dtype=dtype, decoder_tuning=cfg.decoder_tuning,
+                                decoder_lora_rank=cfg.decoder_lora_rank)
     else:
         config = GMSAConfig(
             base_model=cfg.base_model, method=cfg.method, encoder_layers=cfg.encoder_layers, lsa_layers=cfg.lsa_layers,
             rates=tuple(cfg.rates), window=cfg.window, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-            decoder_tuning=cfg.decoder_tuning if cfg.stage == "keft" else "none",
+            encoder_prefix=cfg.encoder_prefix, encoder_norm=cfg.encoder_norm, soft_token_norm=cfg.soft_token_norm,
+            decoder_tuning=cfg.decoder_tuning if cfg.stage == "keft" else "none", decoder_lora_rank=cfg.decoder_lora_rank,
+            decoder_lora_alpha=2 * cfg.decoder_lora_rank, decoder_adapter="always" if cfg.no_compress else "soft",
         )
         model = GMSAModel.from_base(config, device=device, dtype=dtype)
     model.set_stage(cfg.stage)
+    if cfg.stage == "keft" and cfg.compressor_lr > 0 and not cfg.no_compress:
+        for p in model.compressor_parameters().values():
+            p.requires_grad_(True)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable weights in fp32; bf16 autocast does the compute on GPU
@@ -164,17 +251,18 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
     examples = dev[: cfg.eval_samples]
     results: dict[str, float] = {}
     rates: list[int | None] = [None] if cfg.no_compress else list(model.config.rates)
+    rng = random.Random(0)
     for rate in rates:
         preds, refs = [], []
         for start in range(0, len(examples), cfg.eval_batch_size):
             chunk = examples[start : start + cfg.eval_batch_size]
-            prompts = build_prompts(model, [to_sample(e, cfg.stage, rate, with_target=False) for e in chunk])
             if cfg.stage == "ae":
-                budget = max(len(model.tokenizer.encode(e, add_special_tokens=False)) for e in chunk) + 8
-                preds += model.generate_from_segments(prompts, max_new_tokens=budget)
-                refs += chunk
+                prompts = build_prompts(model, [Sample([ids], None, rate=rate) for ids in chunk])
+                preds += model.generate_from_segments(prompts, max_new_tokens=max(map(len, chunk)) + 8)
+                refs += [model.tokenizer.decode(ids).strip() for ids in chunk]
             else:
-                preds += model.generate_from_segments(prompts, max_new_tokens=24)
+                samples = [qa_sample(e, rate, len(e.contexts), rng, with_target=False) for e in chunk]
+                preds += model.generate_from_segments(build_prompts(model, samples), max_new_tokens=24)
                 refs += [e.answers for e in chunk]
         scores = reconstruction_metrics(preds, refs) if cfg.stage == "ae" else qa_metrics(preds, refs)
         suffix = f"@{rate}x" if rate else ""
@@ -184,15 +272,33 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def save(accelerator: Accelerator, model: GMSAModel, optimizer, scheduler, step: int, cfg: TrainConfig, metrics: dict) -> None:
-    """Checkpoint = model weights (safetensors) + optimizer/scheduler state + step, written by the main process."""
+@dataclass
+class Progress:
+    """Where a run stands in its budget (saved with every checkpoint, so a resumed run continues the schedule)."""
+
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def fraction(self, cfg: TrainConfig) -> float:
+        """Share of the budget spent: the largest of steps, tokens and wall time done."""
+        parts = [self.step / cfg.steps]
+        if cfg.max_tokens > 0:
+            parts.append(self.tokens / cfg.max_tokens)
+        if cfg.time_limit_minutes > 0:
+            parts.append(self.seconds / (60 * cfg.time_limit_minutes))
+        return max(parts)
+
+
+def save(accelerator: Accelerator, model: GMSAModel, optimizer, progress: Progress, cfg: TrainConfig, metrics: dict) -> None:
+    """Checkpoint = model weights (safetensors) + optimizer state + progress, written by the main process."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        path = Path(cfg.out_dir) / "checkpoints" / f"step-{step:07d}"
-        extra = {"train_config": asdict(cfg), "step": step, "metrics": metrics}
+        path = Path(cfg.out_dir) / "checkpoints" / f"step-{progress.step:07d}"
+        extra = {"train_config": asdict(cfg), "step": progress.step, "tokens": progress.tokens, "metrics": metrics}
         save_checkpoint(model, path, extra=extra, dtype=getattr(torch, cfg.save_dtype))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, path / OPTIMIZER_FILE)
-        (path / STATE_FILE).write_text(json.dumps({"step": step}))
+        torch.save({"optimizer": optimizer.state_dict()}, path / OPTIMIZER_FILE)
+        (path / STATE_FILE).write_text(json.dumps(asdict(progress)))
         (Path(cfg.out_dir) / "latest").write_text(path.name)
     accelerator.wait_for_everyone()
 
@@ -202,91 +308,118 @@ def latest_checkpoint(out_dir: str) -> Path | None:
     return Path(out_dir) / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
 
 
-def resume(model: GMSAModel, optimizer, scheduler, cfg: TrainConfig) -> int:
-    """Restore weights, optimizer and scheduler from the run's latest checkpoint; return the step to start at."""
+def resume(model: GMSAModel, optimizer, cfg: TrainConfig) -> Progress:
+    """Restore weights, optimizer and progress from the run's latest checkpoint (a fresh Progress if none)."""
     path = latest_checkpoint(cfg.out_dir)
     if path is None:
-        return 0
+        return Progress()
     attach_checkpoint(model, read_record(path), read_weights(path), path)
     state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)  # tensors only, no code
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return json.loads((path / STATE_FILE).read_text())["step"]
+    return Progress(**json.loads((path / STATE_FILE).read_text()))
 
 
 # ---------------------------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig) -> Path:
-    """Run one stage to ``cfg.steps`` (resuming from ``cfg.out_dir`` if it holds a checkpoint); return the final checkpoint."""
+    """Run one stage until its budget (steps, tokens or time) is spent, resuming from ``cfg.out_dir`` if it holds a
+    checkpoint; return the final checkpoint."""
     accelerator = Accelerator(
         mixed_precision="bf16" if use_bf16(cfg) else "no", gradient_accumulation_steps=cfg.grad_accum
     )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, accelerator.device)
-    train_set, dev_set = load_data(cfg, model.tokenizer)
+    with accelerator.main_process_first():  # one process tokenizes the corpus; the others read its cache
+        data = load_data(cfg, model.tokenizer)
     rates = list(model.config.rates)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    start = resume(model, optimizer, scheduler, cfg)
-    # The scheduler stays unwrapped: every process draws its own batches, so one optimizer step is one
-    # scheduler step (accelerate's wrapper would step it once per process).
+    if cfg.rate_weights and len(cfg.rate_weights) != len(rates):
+        raise ValueError(f"--rate_weights needs one weight per rate {rates}, got {cfg.rate_weights}")
+    groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and n in _decoder_names(model)],
+               "lr": cfg.lr}]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in _decoder_names(model)]
+    if cfg.stage == "keft" and cfg.compressor_lr > 0:
+        groups.append({"params": rest, "lr": cfg.compressor_lr})
+    else:
+        groups[0]["params"] += rest
+    trainable = [p for g in groups for p in g["params"]]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    progress = resume(model, optimizer, cfg)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     log_file = Path(cfg.out_dir) / "metrics.jsonl"
     if accelerator.is_main_process:
         (Path(cfg.out_dir) / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-        print(f"{cfg.stage} {cfg.method}{' no-compress' if cfg.no_compress else ''}: {len(train_set)} train / "
-              f"{len(dev_set)} dev examples, {sum(p.numel() for p in trainable):,} trainable parameters, "
-              f"steps {start}->{cfg.steps}, {accelerator.num_processes} process(es) on {accelerator.device}", flush=True)
+        source = (f"{data.corpus.num_tokens:,} corpus tokens in {data.corpus.num_paragraphs:,} paragraphs"
+                  if data.corpus else f"{len(data.qa)} train examples")
+        print(f"{cfg.stage} {cfg.method}{' no-compress' if cfg.no_compress else ''}: {source} / {len(data.dev)} dev, "
+              f"{sum(p.numel() for p in trainable):,} trainable parameters, from step {progress.step}, "
+              f"{accelerator.num_processes} process(es) on {accelerator.device}", flush=True)
 
     wrapped.train()
     metrics: dict[str, float] = {}
-    tokens, clock = 0, time.perf_counter()
-    started = clock
-    progress = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not accelerator.is_main_process)
-    for step in progress:
+    window_tokens, clock = 0, time.perf_counter()
+    bar = tqdm(total=100, initial=int(100 * progress.fraction(cfg)), unit="%", disable=not accelerator.is_main_process,
+               bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]")
+    distill = cfg.distill_weight if cfg.stage == "keft" and not cfg.no_compress else 0.0
+    invocation_start = time.perf_counter()
+    while progress.fraction(cfg) < 1.0:
+        started = time.perf_counter()
+        fraction = progress.fraction(cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(cfg, fraction, progress.step)
         for micro in range(cfg.grad_accum):
-            samples = batch_for(step, micro, train_set, cfg, rates, accelerator.process_index)
+            samples = batch_for(progress.step, micro, data, cfg, rates, accelerator.process_index, fraction)
             with accelerator.accumulate(wrapped):
-                loss = wrapped(samples)
+                loss = wrapped(samples, distill_weight=distill)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
                 optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            tokens += sum(_token_count(model, s) for s in samples)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            rate = tokens * accelerator.num_processes / (time.perf_counter() - clock)
-            metrics = {"step": done, "loss": accelerator.reduce(loss.detach(), "mean").item(),
-                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate}
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
+            window_tokens += sum(_token_count(model, s) for s in samples)
+        step_tokens = accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), "sum").item()
+        progress.step += 1
+        progress.seconds += accelerator.reduce(
+            torch.tensor(time.perf_counter() - started, device=accelerator.device), "max").item()
+        done = progress.step
+        if done % cfg.log_every == 0:
+            progress.tokens += int(step_tokens)
+            rate = step_tokens / (time.perf_counter() - clock)
+            metrics = {"step": done, "tokens": progress.tokens, "loss": accelerator.reduce(loss.detach(), "mean").item(),
+                       "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate}
+            bar.set_postfix(step=done, loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
+            bar.update(int(100 * progress.fraction(cfg)) - bar.n)
             _log(accelerator, log_file, metrics)
-            tokens, clock = 0, time.perf_counter()
-        out_of_time = cfg.time_limit_minutes > 0 and time.perf_counter() - started > 60 * cfg.time_limit_minutes
-        out_of_time = accelerator.reduce(torch.tensor(float(out_of_time), device=accelerator.device), "sum").item() > 0
-        last = done == cfg.steps or out_of_time
-        if dev_set and (done % cfg.eval_every == 0 or last):
+            window_tokens, clock = 0, time.perf_counter()
+        last = progress.fraction(cfg) >= 1.0
+        if data.dev and (done % cfg.eval_every == 0 or last):
             if accelerator.is_main_process:
                 with accelerator.autocast():  # fp32 trainable weights beside bf16 frozen ones
-                    metrics = {"step": done, **evaluate(model, dev_set, cfg)}
+                    metrics = {"step": done, "tokens": progress.tokens, **evaluate(model, data.dev, cfg)}
                 _log(accelerator, log_file, metrics)
                 tqdm.write(json.dumps(metrics))
             accelerator.wait_for_everyone()
-        if done % cfg.save_every == 0 or last:
-            save(accelerator, model, optimizer, scheduler, done, cfg, metrics)
-        if out_of_time:
-            tqdm.write(f"time limit of {cfg.time_limit_minutes} min reached after step {done}")
+        pause = cfg.stop_after_minutes > 0 and time.perf_counter() - invocation_start > 60 * cfg.stop_after_minutes
+        pause = accelerator.reduce(torch.tensor(float(pause), device=accelerator.device), "sum").item() > 0
+        if done % cfg.save_every == 0 or last or pause:
+            save(accelerator, model, optimizer, progress, cfg, metrics)
+        if pause and not last:
+            tqdm.write(f"stopping after {cfg.stop_after_minutes} min at step {done} "
+                       f"({100 * progress.fraction(cfg):.0f}% of the budget); run again to resume")
             break
+    bar.close()
     return latest_checkpoint(cfg.out_dir)
 
 
+def _decoder_names(model: GMSAModel) -> set[str]:
+    return set(model.decoder_parameters())
+
+
 def _token_count(model: GMSAModel, sample: Sample) -> int:
-    """Tokens a sample feeds through the model (documents + question + target), for the tokens/s readout."""
-    text = " ".join([*sample.documents, sample.question or "", sample.target or ""])
-    return len(model.tokenizer.encode(text, add_special_tokens=False))
+    """Document tokens a sample feeds through the encoder (or, uncompressed, the decoder): the budget's unit."""
+    return sum(len(d) if isinstance(d, list) else len(model.tokenizer.encode(d, add_special_tokens=False))
+               for d in sample.documents)
 
 
 def _log(accelerator: Accelerator, path: Path, record: dict) -> None:

@@ -47,12 +47,49 @@ def test_soft_tokens_deterministic(tokenizer):
     assert torch.equal(a, b)
 
 
-def test_gmsa_soft_tokens_are_lsa_of_group_means(tokenizer):
+def test_gmsa_soft_tokens_are_normed_group_means_after_the_prefix(tokenizer):
     model = make_tiny(tokenizer, lsa_layers=0)
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)[:32]
+    prefix = tokenizer.encode(model.config.encoder_prefix, add_special_tokens=False)
+    assert prefix and model.prefix_ids == prefix
+    hidden = model.encoder(input_ids=torch.tensor([prefix + ids]), use_cache=False).last_hidden_state[0, len(prefix):]
+    expected = model.soft_norm(torch.stack([hidden[i : i + 8].mean(0) for i in range(0, 32, 8)]))
+    assert torch.allclose(model.soft_tokens([ids], [8])[0], expected, atol=1e-5)
+
+
+def test_legacy_config_reads_the_bare_window_and_keeps_raw_states(tokenizer):
+    """Checkpoints of format 1: no prefix, no encoder norm, no soft-token norm (soft tokens = plain group means)."""
+    model = make_tiny(tokenizer, lsa_layers=0, encoder_prefix="", encoder_norm=False, soft_token_norm=False)
     ids = tokenizer.encode(TEXT, add_special_tokens=False)[:32]
     hidden = model.encoder(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0]
     expected = torch.stack([hidden[i : i + 8].mean(0) for i in range(0, 32, 8)])
     assert torch.allclose(model.soft_tokens([ids], [8])[0], expected, atol=1e-5)
+
+
+def test_encoder_output_is_the_base_models_final_norm(tokenizer):
+    model = make_tiny(tokenizer)
+    assert torch.equal(model.encoder.norm.weight, inner_model(model.decoder).norm.weight)
+    assert model.encoder.norm.weight.data_ptr() != inner_model(model.decoder).norm.weight.data_ptr()
+    assert "encoder.norm.weight" not in model.compressor_parameters()  # frozen copy, not trained
+
+
+@pytest.mark.parametrize("method", ["gmsa", "tcp"])
+def test_soft_tokens_live_on_the_embedding_scale(tokenizer, method):
+    """Soft-token RMS within 1.5x of the token embeddings' RMS (the format-1 model was ~130x off on SmolLM2)."""
+    model = make_tiny(tokenizer, method=method)
+    soft = torch.cat(model.compress([TEXT, "Berlin is the capital of Germany."], 4))
+    embed_rms = model.embed_tokens.weight.pow(2).mean().sqrt()
+    soft_rms = soft.pow(2).mean().sqrt()
+    assert 1 / 1.5 < float(soft_rms / embed_rms) < 1.5
+
+
+def test_prefix_states_never_reach_a_soft_token(tokenizer):
+    """Changing the prefix changes the encoder's context but the soft-token count stays ceil(n / r) of the text."""
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)[:30]
+    a = make_tiny(tokenizer).soft_tokens([ids], [4])[0]
+    b = make_tiny(tokenizer, encoder_prefix="Text:\n").soft_tokens([ids], [4])[0]
+    assert a.shape == b.shape == (8, a.shape[1])
+    assert not torch.allclose(a, b)
 
 
 def test_lsa_and_encoder_start_as_copies_of_the_decoder_layers(tokenizer):
@@ -139,7 +176,7 @@ def test_stages_unfreeze_only_their_parameters(tokenizer):
     model = make_tiny(tokenizer, decoder_tuning="qkv")
     model.set_stage("ae")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(("lora_" in n and n.startswith("encoder.")) or n.startswith("lsa.") for n in trainable)
+    assert trainable and all(("lora_" in n and n.startswith("encoder.")) or n.startswith(("lsa.", "soft_norm.")) for n in trainable)
     assert not any("embed_tokens" in n for n in trainable)
     model.set_stage("keft")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
