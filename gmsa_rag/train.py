@@ -393,15 +393,15 @@ def train(cfg: TrainConfig) -> Path:
             _log(accelerator, log_file, metrics)
             window_tokens, clock = 0, time.perf_counter()
         last = progress.fraction(cfg) >= 1.0
-        if data.dev and (done % cfg.eval_every == 0 or last):
+        pause = cfg.stop_after_minutes > 0 and time.perf_counter() - invocation_start > 60 * cfg.stop_after_minutes
+        pause = accelerator.reduce(torch.tensor(float(pause), device=accelerator.device), "sum").item() > 0
+        if data.dev and (done % cfg.eval_every == 0 or last or pause):
             if accelerator.is_main_process:
                 with accelerator.autocast():  # fp32 trainable weights beside bf16 frozen ones
                     metrics = {"step": done, "tokens": progress.tokens, **evaluate(model, data.dev, cfg)}
                 _log(accelerator, log_file, metrics)
                 tqdm.write(json.dumps(metrics))
             accelerator.wait_for_everyone()
-        pause = cfg.stop_after_minutes > 0 and time.perf_counter() - invocation_start > 60 * cfg.stop_after_minutes
-        pause = accelerator.reduce(torch.tensor(float(pause), device=accelerator.device), "sum").item() > 0
         if done % cfg.save_every == 0 or last or pause:
             save(accelerator, model, optimizer, progress, cfg, metrics)
         if pause and not last:

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Tables and plots from training runs' logs (``<run>/metrics.jsonl``): the recipe ablations and learning curves.
+
+Every number comes from the runs' own logs: the dev evaluation the trainer ran (reconstruction BLEU per rate on
+the dev corpus for stage 1, EM/F1/accuracy for stage 2), the tokens seen and the throughput it measured.
+
+    python benchmarks/training_runs.py --runs runs/abl-* --baseline default --name stage1-ablations --out benchmarks/results/h100-x4
+    python benchmarks/training_runs.py --runs runs/long runs/abl-tcp --name stage1-curves --curves --out ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as bc  # noqa: E402
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    """A run's config, training records and evaluation records."""
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config_file = path / "train_config.json"
+    return {
+        "name": path.name.removeprefix("abl-"),
+        "config": json.loads(config_file.read_text()) if config_file.is_file() else {},
+        "train": [r for r in records if "loss" in r],
+        "evals": [r for r in records if any(k.startswith(("bleu@", "accuracy")) for k in r)],
+    }
+
+
+def summary_row(run: dict[str, Any], metric: str) -> dict[str, Any]:
+    last_eval = run["evals"][-1] if run["evals"] else {}
+    train = run["train"]
+    tail = train[-5:]
+    row = {"run": run["name"], "steps": train[-1]["step"] if train else 0,
+           "tokens_m": (last_eval.get("tokens") or (train[-1]["tokens"] if train else 0)) / 1e6,
+           "loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
+           "tok_s": sum(r["tokens_per_s"] for r in tail) / len(tail) if tail else None}
+    for key, value in last_eval.items():
+        if key.startswith(f"{metric}@") or key.startswith(("semantic@",)):
+            row[key] = value
+    return row
+
+
+def main(argv=None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run folders (each with metrics.jsonl)")
+    p.add_argument("--metric", default="bleu", help="the per-rate evaluation metric to tabulate (default bleu)")
+    p.add_argument("--baseline", default=None, help="run name the 'vs baseline' column compares with")
+    p.add_argument("--name", default="training-runs")
+    p.add_argument("--title", default="Training runs")
+    p.add_argument("--machine", default="", help="where the runs trained (for the header)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--note", action="append", default=[], help="a note for the markdown (repeatable)")
+    args = p.parse_args(argv)
+
+    runs = [read_run(r) for r in args.runs if (r / "metrics.jsonl").is_file()]
+    if not runs:
+        raise SystemExit("no run folder with a metrics.jsonl among --runs")
+    rows = [summary_row(r, args.metric) for r in runs]
+    rates = sorted({int(k.split("@")[1].rstrip("x")) for row in rows for k in row if k.startswith(f"{args.metric}@")})
+    base = next((row for row in rows if row["run"] == args.baseline), None)
+    for row in rows:
+        if base is not None:
+            for r in rates:
+                key = f"{args.metric}@{r}x"
+                if key in row and key in base:
+                    row[f"delta@{r}x"] = row[key] - base[key]
+    C = bc.Column
+    columns = [C("run", "run"), C("steps", "steps", 0), C("tokens_m", "tokens (M)", 1), C("loss", "train loss", 3),
+               C("tok_s", "tokens/s", 0)]
+    columns += [C(f"{args.metric}@{r}x", f"{args.metric} {r}x", 1) for r in rates]
+    if base is not None:
+        columns += [C(f"delta@{r}x", f"Δ{r}x vs {args.baseline}", 1) for r in rates]
+
+    fig, axes = bc.new_figure(ncols=2, width=6.0, height=4.2)
+    ax_loss, ax_eval = axes[0]
+    for run in runs:
+        ax_loss.plot([r["tokens"] / 1e6 for r in run["train"]], [r["loss"] for r in run["train"]], label=run["name"], lw=1)
+        if run["evals"]:
+            key = f"{args.metric}@4x"
+            points = [(e.get("tokens", 0) / 1e6, e[key]) for e in run["evals"] if key in e]
+            if points:
+                ax_eval.plot(*zip(*points), marker="o", label=run["name"])
+    ax_loss.set_xlabel("tokens seen (M)")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    ax_eval.set_xlabel("tokens seen (M)")
+    ax_eval.set_ylabel(f"dev {args.metric} @4x")
+    for ax in (ax_loss, ax_eval):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    meta = {"machine": args.machine, "runs": [str(r) for r in args.runs]}
+    paths = bc.write_outputs(args.out, args.name, args.title, meta, [("Results", columns, rows)], fig, args.note,
+                             {"rows": rows, "runs": runs})
+    print(bc.markdown_table(columns, rows))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return {"rows": rows, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Stage 1 (autoencoder + continuation) on SmolLM2: the recipe ablations and the long run behind
+# checkpoints/smollm2-gmsa-ae. Needs GPUs; the ablations share them (several runs per GPU).
+#   scripts/stage1_recipe.sh ablations   # one small equal budget (ABL_TOKENS encoder tokens) per lever
+#   scripts/stage1_recipe.sh long        # the chosen recipe on all GPUs (accelerate/DDP), resumable
+# DATA: training corpus files/folders (default ../shared/data/wiki parts 00-13; never wiki-15, the test set)
+# DEV: dev corpus (default a slice of wiki-14, kept out of training). RUNS: output root (default runs).
+set -euo pipefail
+RUNS=${RUNS:-runs}
+DATA=${DATA:-$(ls ../shared/data/wiki/wiki-{00..13}.jsonl.gz 2>/dev/null | tr '\n' ' ')}
+DEV=${DEV:-../shared/data/wiki/wiki-14.jsonl.gz}
+TOKENS=${TOKEN_CACHE:-$RUNS/token-cache}
+GPUS=${GPUS:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
+ABL_TOKENS=${ABL_TOKENS:-12e6}
+ABL_MINUTES=${ABL_MINUTES:-6.5}      # safety stop per ablation run (the budget is ABL_TOKENS)
+LONG_TOKENS=${LONG_TOKENS:-300e6}
+LONG_MINUTES=${LONG_MINUTES:-17}     # budget in training minutes: the schedule ends at tokens or minutes
+STOP_AFTER=${STOP_AFTER:-0}          # pause this invocation after N minutes (resume with the same command)
+RECIPE=${RECIPE:-}                   # extra flags of the chosen recipe for the long run
+common="--stage ae --base_model smollm2 --rates 2 4 8 16 --seed 0 --log_every 20 --save_dtype bfloat16
+  --dev_data $DEV --token_cache $TOKENS --eval_samples 64 --eval_batch_size 64 --warmup_steps 50"
+
+# name: flags that differ from the defaults (prefix + final-norm encoder output + embedding-scale soft tokens,
+# k=8 encoder layers, 1 LSA block, LoRA r=32 on all linear layers, 50% continuation, 25% multi-document samples)
+ablations=(
+  "default:"
+  "raw-encoder:--encoder_norm false"
+  "format1:--encoder_prefix= --encoder_norm false --soft_token_norm false"
+  "lora128:--lora_rank 128 --lora_alpha 256"
+  "k4:--encoder_layers 4"
+  "k12:--encoder_layers 12"
+  "lsa2:--lsa_layers 2"
+  "ae-only:--continuation_fraction 0"
+  "tcp:--method tcp"
+)
+
+case "${1:?mode: ablations or long}" in
+ablations)
+  # tokenize once before the parallel runs share the cache
+  python3 -c "from gmsa_rag.data.passages import tokenize_corpus; from gmsa_rag.backbone import load_tokenizer; \
+tok = load_tokenizer('smollm2'); tokenize_corpus('$DATA'.split(), tok, '$TOKENS'); tokenize_corpus(['$DEV'], tok, '$TOKENS')"
+  i=0
+  for entry in "${ablations[@]}"; do
+    name=${entry%%:*}; flags=${entry#*:}
+    CUDA_VISIBLE_DEVICES=$((i % GPUS)) python3 -m gmsa_rag.train $common $flags --data $DATA \
+      --out_dir "$RUNS/abl-$name" --steps 100000 --max_tokens "$ABL_TOKENS" --stop_after_minutes "$ABL_MINUTES" \
+      --batch_size 16 --lr 2e-4 --eval_every 100000 --save_every 100000 > "$RUNS/abl-$name.log" 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  tail -n 2 "$RUNS"/abl-*.log ;;
+long)
+  accelerate launch --multi_gpu --num_processes "$GPUS" --mixed_precision bf16 -m gmsa_rag.train $common $RECIPE \
+    --data $DATA --out_dir "$RUNS/long" --steps 1000000 --max_tokens "$LONG_TOKENS" \
+    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size 32 --lr 3e-4 \
+    --eval_every 400 --save_every 400 ;;
+*) echo "unknown mode $1" >&2; exit 2 ;;
+esac
