@@ -66,8 +66,8 @@ class TrainConfig:
     lora_rank: int = 32
     lora_alpha: int = 64
     encoder_prefix: str = "Document:\n"
-    encoder_norm: bool = True
-    soft_token_norm: bool = True
+    encoder_norm: bool = False
+    soft_token_norm: bool = False
     decoder_tuning: Literal["qkv", "qkv_lora"] = "qkv_lora"
     decoder_lora_rank: int = 16
     # data shaping

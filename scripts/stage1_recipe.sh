@@ -2,7 +2,8 @@
 # Stage 1 (autoencoder + continuation) on SmolLM2: the recipe ablations and the long run behind
 # checkpoints/smollm2-gmsa-ae. Needs GPUs; the ablations share them (several runs per GPU).
 #   scripts/stage1_recipe.sh ablations   # one small equal budget (ABL_TOKENS encoder tokens) per lever
-#   scripts/stage1_recipe.sh long        # the chosen recipe on all GPUs (accelerate/DDP), resumable
+#   scripts/stage1_recipe.sh long        # the chosen recipe on LONG_GPUS (accelerate/DDP), resumable
+#   scripts/stage1_recipe.sh tokenize    # tokenize DATA and DEV into the token cache (the others do it too)
 # DATA: training corpus files/folders (default ../shared/data/wiki parts 00-13; never wiki-15, the test set)
 # DEV: dev corpus (default a slice of wiki-14, kept out of training). RUNS: output root (default runs).
 set -euo pipefail
@@ -20,39 +21,47 @@ RECIPE=${RECIPE:-}                   # extra flags of the chosen recipe for the 
 common="--stage ae --base_model smollm2 --rates 2 4 8 16 --seed 0 --log_every 20 --save_dtype bfloat16
   --dev_data $DEV --token_cache $TOKENS --eval_samples 64 --eval_batch_size 64 --warmup_steps 50"
 
-# name: flags that differ from the defaults (prefix + final-norm encoder output + embedding-scale soft tokens,
-# k=8 encoder layers, 1 LSA block, LoRA r=32 on all linear layers, 50% continuation, 25% multi-document samples)
+# name: flags that differ from the defaults (an encoder prefix that takes the attention sink, raw residual-stream
+# encoder output, LSA output as is, k=8 encoder layers, 1 LSA block, LoRA r=32 on all linear layers,
+# 50% continuation, 25% multi-document samples)
 ablations=(
   "default:"
-  "raw-encoder:--encoder_norm false"
-  "format1:--encoder_prefix= --encoder_norm false --soft_token_norm false"
-  "lora128:--lora_rank 128 --lora_alpha 256"
+  "format1:--encoder_prefix="
+  "encoder-norm:--encoder_norm true"
   "k4:--encoder_layers 4"
   "k12:--encoder_layers 12"
   "lsa2:--lsa_layers 2"
+  "lora128:--lora_rank 128 --lora_alpha 256"
   "ae-only:--continuation_fraction 0"
   "tcp:--method tcp"
 )
+ABL_GPUS=(${ABL_GPUS:-$(seq 0 $((GPUS - 1)))})    # which GPUs the ablations share
+LONG_GPUS=${LONG_GPUS:-$(seq -s, 0 $((GPUS - 1)))}  # which GPUs the long run uses (comma-separated)
 
 case "${1:?mode: ablations or long}" in
 ablations)
-  # tokenize once before the parallel runs share the cache
-  python3 -c "from gmsa_rag.data.passages import tokenize_corpus; from gmsa_rag.backbone import load_tokenizer; \
-tok = load_tokenizer('smollm2'); tokenize_corpus('$DATA'.split(), tok, '$TOKENS'); tokenize_corpus(['$DEV'], tok, '$TOKENS')"
+  "$0" tokenize  # once, before the parallel runs share the cache
   i=0
   for entry in "${ablations[@]}"; do
     name=${entry%%:*}; flags=${entry#*:}
-    CUDA_VISIBLE_DEVICES=$((i % GPUS)) python3 -m gmsa_rag.train $common $flags --data $DATA \
+    CUDA_VISIBLE_DEVICES=${ABL_GPUS[$((i % ${#ABL_GPUS[@]}))]} python3 -m gmsa_rag.train $common $flags --data $DATA \
       --out_dir "$RUNS/abl-$name" --steps 100000 --max_tokens "$ABL_TOKENS" --stop_after_minutes "$ABL_MINUTES" \
       --batch_size 16 --lr 2e-4 --eval_every 100000 --save_every 100000 > "$RUNS/abl-$name.log" 2>&1 &
     i=$((i + 1))
   done
   wait
   tail -n 2 "$RUNS"/abl-*.log ;;
+tokenize)
+  python3 -c "from gmsa_rag.data.passages import tokenize_corpus; from gmsa_rag.backbone import load_tokenizer; \
+tok = load_tokenizer('smollm2'); tokenize_corpus('$DATA'.split(), tok, '$TOKENS'); tokenize_corpus(['$DEV'], tok, '$TOKENS')" ;;
 long)
-  accelerate launch --multi_gpu --num_processes "$GPUS" --mixed_precision bf16 -m gmsa_rag.train $common $RECIPE \
+  n=$(echo "$LONG_GPUS" | tr ',' '\n' | wc -l)
+  launch=(python3)
+  [ "$n" -gt 1 ] && launch=(accelerate launch --multi_gpu --num_processes "$n" --mixed_precision bf16 --main_process_port 29533)
+  CUDA_VISIBLE_DEVICES=$LONG_GPUS "${launch[@]}" -m gmsa_rag.train $common $RECIPE \
     --data $DATA --out_dir "$RUNS/long" --steps 1000000 --max_tokens "$LONG_TOKENS" \
-    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size 32 --lr 3e-4 \
-    --eval_every 400 --save_every 400 ;;
+    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size "${BATCH:-64}" \
+    --grad_accum "${ACCUM:-1}" --lr 5e-4 \
+    --eval_every 300 --save_every 300 ;;
 *) echo "unknown mode $1" >&2; exit 2 ;;
 esac
