@@ -44,9 +44,10 @@ ablations)
   i=0
   for entry in "${ablations[@]}"; do
     name=${entry%%:*}; flags=${entry#*:}
+    [ -n "${ABL_ONLY:-}" ] && [[ " $ABL_ONLY " != *" $name "* ]] && continue
     CUDA_VISIBLE_DEVICES=${ABL_GPUS[$((i % ${#ABL_GPUS[@]}))]} python3 -m gmsa_rag.train $common $flags --data $DATA \
       --out_dir "$RUNS/abl-$name" --steps 100000 --max_tokens "$ABL_TOKENS" --stop_after_minutes "$ABL_MINUTES" \
-      --batch_size 16 --lr 2e-4 --eval_every 100000 --save_every 100000 > "$RUNS/abl-$name.log" 2>&1 &
+      --batch_size "${ABL_BATCH:-16}" --lr 2e-4 --eval_every 100000 --save_every 100000 > "$RUNS/abl-$name.log" 2>&1 &
     i=$((i + 1))
   done
   wait
