@@ -29,6 +29,10 @@ EXIT_STATUS_HELP = f"""exit status:
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); entries already stored in the cache are kept"""
 
 
+# CheckpointError messages (gmsa_rag.checkpoint) say what is wrong with the folder; this says what to do.
+_CHECKPOINT_FIX = "pass --checkpoint with a complete GMSA checkpoint folder (as written by save_pretrained)"
+
+
 class UsageError(ValueError):
     """An invalid argument or input path."""
 
@@ -71,7 +75,8 @@ def report_errors(command: Callable[[], int]) -> int:
         status = exit_status(exc)
         if status is None:
             raise
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        fix = f"; {_CHECKPOINT_FIX}" if status == EXIT_CHECKPOINT else ""
+        print(f"error: {' '.join(str(exc).split())}{fix}", file=sys.stderr)
         return status
 
 
