@@ -68,7 +68,7 @@ def report_errors(command: Callable[[], int]) -> int:
     try:
         return command()
     except KeyboardInterrupt:
-        print("interrupted: entries already stored in the soft-token cache are kept; run the command "
+        print("error: interrupted (Ctrl-C); soft tokens already stored in the cache are kept: run the command "
               "again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - unknown errors are re-raised just below

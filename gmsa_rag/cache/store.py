@@ -363,7 +363,8 @@ class SoftTokenCache:
         readonly: read without writing anything: nothing is created, ``put``/``put_many`` store
             nothing (so :meth:`get_or_compute` still returns every tensor), a corrupt entry is a miss
             left in place, ``delete`` removes nothing and ``clear`` raises. For statistics, and for
-            lookups in a cache this process may not write (see :func:`cache_is_writable`).
+            lookups in a cache this process may not write (see :func:`cache_is_writable`). In a
+            writable folder SQLite may leave its WAL files (``cache.db-wal``, ``-shm``) behind.
         **diskcache_settings: other diskcache settings (e.g. ``cull_limit``), passed through.
 
     Raises:
