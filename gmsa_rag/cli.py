@@ -100,11 +100,15 @@ def _fmt(x: float | None, unit: str = "s", digits: int = 2) -> str:
     return "   -  " if x is None else f"{x:.{digits}f}{unit}"
 
 
-def _quiet_libraries() -> None:
-    """Offline (HF_HUB_OFFLINE=0 allows downloads), no weight-loading bars, no library chatter."""
+def _offline() -> None:
+    """Everything runs offline (HF_HUB_OFFLINE=0 allows downloads): set before huggingface_hub is imported."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _quiet_libraries() -> None:
+    """No weight-loading bars, no library chatter."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -167,6 +171,7 @@ def _provenance(run: RunTiming, readonly: bool) -> str:
 def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
     """The ``ask`` command; returns the report (also printed)."""
     out = out or sys.stdout
+    _offline()
     inputs = check_ask(args)
     _quiet_libraries()
     import torch
@@ -187,7 +192,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
     with SoftTokenCache(inputs.cache_dir, readonly=readonly) as cache:  # a damaged cache fails here, before the model loads
         if readonly:
             say(f"cache:    {inputs.cache_dir} is read-only: cached soft tokens are used, new ones are not stored")
-        minfo = load_gmsa_model(args.checkpoint, device=args.device)
+        minfo = load_gmsa_model(inputs.checkpoint, device=args.device)
         model = minfo.model
         say(f"model:    {minfo.source} (loaded in {minfo.seconds:.1f} s; {torch.get_num_threads()} CPU threads)")
         if not minfo.trained:

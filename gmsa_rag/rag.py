@@ -101,7 +101,7 @@ def _silence_decode_warnings(paths: set[Path]) -> Iterator[None]:
     """Drop load_folder's "not valid UTF-8" warning for ``paths`` (files skipped anyway)."""
 
     def keep(record: logging.LogRecord) -> bool:
-        return not (record.args and record.args[0] in paths)
+        return not (isinstance(record.args, tuple) and record.args[:1] and record.args[0] in paths)
 
     _load_folder_logger.addFilter(keep)
     try:

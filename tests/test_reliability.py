@@ -317,18 +317,21 @@ def test_checkpoint_errors_in_both_tools(tmp_path, capsys, docs, checkpoint, pro
     assert_intact(cdir, entries)
 
 
-def test_base_model_not_on_this_machine(tmp_path, capsys, docs, checkpoint, monkeypatch):
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_base_model_not_on_this_machine(tmp_path, docs, checkpoint):
+    """In fresh processes: both tools must turn offline mode on before huggingface_hub is imported (else
+    the Hub is retried for about a minute, with warnings, before the same error)."""
     hub = shutil.copytree(checkpoint, tmp_path / "hub")
     record = json.loads((hub / "gmsa_config.json").read_text())
     record["base_model"] = record["config"]["base_model"] = "no-such-org/no-such-model"
     (hub / "gmsa_config.json").write_text(json.dumps(record))
-    for main, argv in ((cache_main, build_argv(docs, tmp_path / "c", hub)), (cli.main, ask_argv(docs, hub, tmp_path / "c", tmp_path / "i"))):
-        status, _, err = run(main, argv, capsys)
-        line = one_line(err)
-        assert status == EXIT_MODEL and "'no-such-org/no-such-model' is not on this machine" in line and "hf download" in line
+    env = {k: v for k, v in subprocess_env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    for module, argv in (("gmsa_rag.cache", build_argv(docs, tmp_path / "c", hub)),
+                         ("gmsa_rag.cli", ask_argv(docs, hub, tmp_path / "c", tmp_path / "i"))):
+        proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)
+        line = one_line(proc.stderr)
+        assert proc.returncode == EXIT_MODEL
+        assert "'no-such-org/no-such-model' is not on this machine" in line and "hf download" in line
 
 
 def test_unavailable_device_is_refused_before_loading(tmp_path, capsys, docs, checkpoint, no_model_load):
