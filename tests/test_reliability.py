@@ -107,6 +107,11 @@ def assert_intact(directory: Path, entries: dict[str, torch.Tensor]) -> None:
             assert torch.equal(cache.get(key), tensor)
 
 
+def assert_intact_count(cdir: Path, n: int) -> None:
+    with SoftTokenCache(cdir, readonly=True) as cache:
+        assert len(cache) == n
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file's bytes, but SQLite's WAL files, which a reader of a writable folder may leave behind."""
     files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith(("-wal", "-shm")))
@@ -217,6 +222,19 @@ def test_read_only_cache_object_writes_nothing(tmp_path):
     assert not (tmp_path / "absent").exists()
 
 
+def test_read_only_cache_from_other_threads_and_after_close(tmp_path):
+    import concurrent.futures
+
+    entries = filled_cache(tmp_path / "cache", 3)
+    cache = SoftTokenCache(tmp_path / "cache", readonly=True)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # e.g. GMSACompressor's async path
+        got = list(pool.map(cache.get, entries))
+    assert all(torch.equal(g, t) for g, t in zip(got, entries.values()))
+    cache.close()
+    assert len(cache) == 3 and cache.stats().entries == 3  # reconnects, like diskcache
+    cache.close()
+
+
 # ------------------------------------------------------------------------ one meaning of --cache-dir
 def test_both_tools_read_and_write_the_same_cache_dir(tmp_path, capsys, docs, checkpoint):
     cdir, idx = tmp_path / "cache", tmp_path / "idx"
@@ -232,11 +250,6 @@ def test_both_tools_read_and_write_the_same_cache_dir(tmp_path, capsys, docs, ch
     first = ask(capsys, docs, checkpoint, cdir, idx)["runs"][0]
     assert first["disk_hits"] == 2 and first["computed"] == 0  # the cache built for the store is used
     assert_intact_count(cdir, built)
-
-
-def assert_intact_count(cdir: Path, n: int) -> None:
-    with SoftTokenCache(cdir, readonly=True) as cache:
-        assert len(cache) == n
 
 
 def test_layout_of_an_older_ask_cache_dir_is_recognised(tmp_path, capsys, docs, checkpoint, no_model_load):
@@ -514,3 +527,4 @@ def test_ctrl_c_during_ask(tmp_path, capsys, docs, checkpoint, monkeypatch):
     monkeypatch.setattr(rag, "load_gmsa_model", interrupted)
     status, _, err = run(cli.main, ask_argv(docs, checkpoint, tmp_path / "c", tmp_path / "i"), capsys)
     assert status == EXIT_INTERRUPTED and one_line(err).startswith("error: interrupted")
+

@@ -43,11 +43,11 @@ __all__ = [
     "CacheCorruptionError",
     "CacheDatabaseError",
     "CacheStats",
-    "Lookup",
     "DEFAULT_EVICTION_POLICY",
     "DEFAULT_SIZE_LIMIT",
     "FORMAT_VERSION",
     "KEY_SCHEME",
+    "Lookup",
     "SoftTokenCache",
     "cache_is_writable",
     "cache_key",
@@ -144,7 +144,8 @@ def remove_cache_files(directory: str | os.PathLike) -> int:
     """Delete a cache's database and value files, whatever state they are in (other files in the folder
     are left alone); return how many files were removed."""
     path = Path(directory).expanduser()
-    files = [*path.glob(_DBNAME + "*"), *path.glob(f"{_VALUE_DIRS}/*.val")]
+    database = [path / f"{_DBNAME}{suffix}" for suffix in ("", "-wal", "-shm")]
+    files = [*(f for f in database if f.exists()), *path.glob(f"{_VALUE_DIRS}/*.val")]
     for file in files:
         file.unlink()
     for folder in [*path.glob(_VALUE_DIRS), *path.glob(_VALUE_DIRS.split("/")[0])]:
@@ -270,22 +271,33 @@ class _BytesOnlyDisk(diskcache.Disk):
 class _ReadOnlyBackend:
     """The part of :class:`diskcache.Cache` that :class:`SoftTokenCache` reads, over a read-only SQLite
     connection: nothing is created, written or counted. Values are read by diskcache's own ``Disk``.
-    A folder without a database reads as an empty cache."""
+    A folder without a database reads as an empty cache. Threads share the connection, one at a time;
+    after :meth:`close` the next read reconnects."""
 
     def __init__(self, directory: str, timeout: float) -> None:
         self.directory = directory
+        self._db = Path(directory, _DBNAME)
+        self._timeout = timeout
         self._disk = _BytesOnlyDisk(directory)
+        self._lock = threading.Lock()
         self._con: sqlite3.Connection | None = None
-        self._settings: dict[str, object] = {"size_limit": DEFAULT_SIZE_LIMIT, "eviction_policy": DEFAULT_EVICTION_POLICY}
-        db = Path(directory, _DBNAME)
-        if db.is_file():
+        self._settings = {"size_limit": DEFAULT_SIZE_LIMIT, "eviction_policy": DEFAULT_EVICTION_POLICY}
+        con = self._connection()
+        if con is not None:
+            self._settings.update(con.execute("SELECT key, value FROM Settings"))
+
+    def _connection(self) -> sqlite3.Connection | None:
+        if self._con is None and self._db.is_file():
             # Without write access SQLite cannot make the WAL index; `immutable` reads the file as it is.
-            flags = "mode=ro" if os.access(directory, os.W_OK) else "mode=ro&immutable=1"
-            self._con = sqlite3.connect(f"{db.as_uri()}?{flags}", uri=True, timeout=timeout, isolation_level=None)
-            self._settings.update(self._con.execute("SELECT key, value FROM Settings"))
+            flags = "mode=ro" if os.access(self.directory, os.W_OK) else "mode=ro&immutable=1"
+            self._con = sqlite3.connect(f"{self._db.as_uri()}?{flags}", uri=True, timeout=self._timeout,
+                                        isolation_level=None, check_same_thread=False)
+        return self._con
 
     def _one(self, sql: str, params: tuple = ()) -> tuple | None:
-        return None if self._con is None else self._con.execute(sql, params).fetchone()
+        with self._lock:
+            con = self._connection()
+            return None if con is None else con.execute(sql, params).fetchone()
 
     def get(self, key: str) -> bytes | None:
         row = self._one("SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
@@ -301,11 +313,11 @@ class _ReadOnlyBackend:
         return int(row[0]) if row else 0
 
     def volume(self) -> int:
-        if self._con is None:
+        size = self._one("SELECT value FROM Settings WHERE key = 'size'")
+        if size is None:
             return 0
         (pages,), (page_size,) = self._one("PRAGMA page_count"), self._one("PRAGMA page_size")
-        (size,) = self._one("SELECT value FROM Settings WHERE key = 'size'")
-        return pages * page_size + size
+        return pages * page_size + size[0]
 
     @property
     def size_limit(self) -> int:
@@ -316,8 +328,10 @@ class _ReadOnlyBackend:
         return str(self._settings["eviction_policy"])
 
     def close(self) -> None:
-        if self._con is not None:
-            self._con.close()
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
 
 
 @dataclass(frozen=True)
