@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
@@ -210,8 +210,8 @@ def build_or_load_index(
 def _persist_once(index: "VectorStoreIndex", persist_dir: Path) -> None:
     """Persist ``index`` into a temporary folder of this process, then rename it to ``persist_dir``
     (atomic); if another process got there first, keep theirs (the same index)."""
-    persist_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{persist_dir.name}.tmp-{os.getpid()}-", dir=persist_dir.parent))
+    tmp = persist_dir.with_name(f"{persist_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
     try:
         index.storage_context.persist(persist_dir=str(tmp))
         tmp.rename(persist_dir)
