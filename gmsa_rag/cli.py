@@ -1,7 +1,7 @@
 """``gmsa-rag``: ask a question over a document folder with GMSA-compressed retrieval, and time it.
 
     gmsa-rag ask "who was the author of the art of war" [--docs DIR] [--rate 4] [--top-k 3]
-             [--checkpoint DIR] [--cache-dir DIR] [--response-mode compact] [--json]
+             [--checkpoint DIR] [--cache-dir DIR] [--index-dir DIR] [--response-mode compact] [--json]
     gmsa-rag examples            # questions whose answers the bundled documents hold
 
 ``ask`` builds (once; then loads) a FAISS ``VectorStoreIndex`` over the documents with the offline
@@ -9,6 +9,9 @@ MiniLM embedder, answers through ``GMSACompressor`` + ``GMSALLM``, prints the an
 then times the same query three ways: GMSA with compression not yet cached, GMSA with the soft tokens
 cached, and the uncompressed baseline (the same LLM reading the raw text through the same prompt
 builder).
+
+Every argument is checked before any model loads; known errors end in one line on stderr and an exit
+status (``--help`` lists them). Only ``ask`` imports torch, transformers and LlamaIndex.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from gmsa_rag.errors import EXIT_OK, EXIT_STATUS_HELP, UsageError, check_device, positive_int, report_errors
 
 UNTRAINED_WARNING = (
     "WARNING: no trained GMSA checkpoint was found (pass --checkpoint DIR, or add checkpoints/smollm2-gmsa).\n"
@@ -95,81 +100,129 @@ def _fmt(x: float | None, unit: str = "s", digits: int = 2) -> str:
     return "   -  " if x is None else f"{x:.{digits}f}{unit}"
 
 
-def _quiet_libraries() -> None:
+def _offline() -> None:
+    """Everything runs offline (HF_HUB_OFFLINE=0 allows downloads): set before huggingface_hub is imported."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - cosmetic only
-        pass
+
+def _quiet_libraries() -> None:
+    """No weight-loading bars, no library chatter."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     for name in ("sentence_transformers", "httpx", "faiss", "llama_index"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@dataclass
+class AskInputs:
+    """The checked inputs of ``ask``: everything is known to exist before any model loads."""
+
+    docs: Path
+    cache_dir: Path
+    index_dir: Path | None
+    checkpoint: Path | None
+
+
+def check_ask(args: argparse.Namespace) -> AskInputs:
+    """Check every argument of ``ask`` that can be checked without loading a model; raise on the first
+    bad one with a message naming it and the fix. Paths first: they need no torch import."""
+    from gmsa_rag.cache import check_cache_dir
+    from gmsa_rag.rag import bundled_docs_dir
+
+    if not args.question.strip():
+        raise UsageError('the question is empty: pass one, e.g. gmsa-rag ask "who wrote the art of war?"')
+    docs = Path(args.docs).expanduser() if args.docs else bundled_docs_dir()
+    if docs is None:
+        raise UsageError("no --docs given and no bundled examples/docs (not a source checkout): pass --docs DIR")
+    if not docs.exists():
+        raise FileNotFoundError(f"document folder {docs} not found: pass --docs with a folder of text files")
+    if not docs.is_dir():
+        raise NotADirectoryError(f"--docs {docs} is a file: pass the folder that holds it")
+    cache_dir = check_cache_dir(args.cache_dir)
+    index_dir = Path(args.index_dir).expanduser() if args.index_dir else None
+    if index_dir is not None and index_dir.exists() and not index_dir.is_dir():
+        raise NotADirectoryError(f"--index-dir {index_dir} is a file, not a folder: pass a folder")
+
+    from gmsa_rag.rag import model_config  # imports torch
+
+    checkpoint, config = model_config(args.checkpoint)
+    if args.rate not in config.rates:
+        model = checkpoint or "the untrained default model"
+        raise UsageError(f"--rate {args.rate} is not allowed: {model} supports {list(config.rates)}")
+    check_device(args.device)
+    return AskInputs(docs, cache_dir, index_dir, checkpoint)
+
+
+def _provenance(run: RunTiming, readonly: bool) -> str:
+    """Where a run's soft tokens came from, e.g. ``2 loaded from the disk cache, 1 compressed now``."""
+    stored = "not stored: the cache is read-only" if readonly else "now in the disk cache"
+    parts = [
+        f"{run.disk_hits} loaded from the disk cache" if run.disk_hits else "",
+        f"{run.computed} compressed now ({stored})" if run.computed else "",
+        f"{run.memory_hits} already in memory" if run.memory_hits else "",
+    ]
+    return ", ".join(p for p in parts if p) or "nothing to compress"
 
 
 def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
     """The ``ask`` command; returns the report (also printed)."""
     out = out or sys.stdout
+    _offline()
+    inputs = check_ask(args)
+    _quiet_libraries()
     import torch
 
-    from gmsa_rag.backbone import cache_root
-    from gmsa_rag.cache import SoftTokenCache, default_cache_dir
-    from gmsa_rag.rag import (
-        build_or_load_index,
-        bundled_docs_dir,
-        hash_embedding,
-        load_embed_model,
-        load_gmsa_model,
-        make_query_engine,
-    )
+    from gmsa_rag.cache import SoftTokenCache, cache_is_writable
+    from gmsa_rag.rag import build_or_load_index, hash_embedding, load_documents, load_embed_model, load_gmsa_model, make_query_engine
 
     def say(line: str = "") -> None:
         if not args.json:
             print(line, file=out, flush=True)
 
-    docs = Path(args.docs) if args.docs else bundled_docs_dir()
-    if docs is None or not docs.is_dir():
-        raise FileNotFoundError(f"document folder not found: {docs} (pass --docs DIR)")
-    root = Path(args.cache_dir).expanduser() if args.cache_dir else None
-    index_root = root / "indexes" if root else cache_root() / "indexes"
-    soft_dir = root / "soft_tokens" if root else default_cache_dir()
-
     t_start = time.perf_counter()
     say(f"question: {args.question}")
-    minfo = load_gmsa_model(args.checkpoint, device=args.device)
-    model = minfo.model
-    say(f"model:    {minfo.source} (loaded in {minfo.seconds:.1f} s; {torch.get_num_threads()} CPU threads)")
-    if not minfo.trained:
-        say(UNTRAINED_WARNING)
-        if args.json:
-            print(UNTRAINED_WARNING, file=sys.stderr)
-    model.config.check_rate(args.rate)
+    documents = load_documents(inputs.docs)
+    if not documents:
+        raise UsageError(f"no text documents (.txt/.md/.rst) in {inputs.docs}: pass --docs with a folder of text files")
+    readonly = not cache_is_writable(inputs.cache_dir)
+    with SoftTokenCache(inputs.cache_dir, readonly=readonly) as cache:  # a damaged cache fails here, before the model loads
+        if readonly:
+            say(f"cache:    {inputs.cache_dir} is read-only: cached soft tokens are used, new ones are not stored")
+        minfo = load_gmsa_model(inputs.checkpoint, device=args.device)
+        model = minfo.model
+        say(f"model:    {minfo.source} (loaded in {minfo.seconds:.1f} s; {torch.get_num_threads()} CPU threads)")
+        if not minfo.trained:
+            say(UNTRAINED_WARNING)
+            if args.json:
+                print(UNTRAINED_WARNING, file=sys.stderr)
 
-    embed = load_embed_model() if args.embed == "minilm" else hash_embedding()
-    info = build_or_load_index(docs, embed, model.tokenizer, persist_root=index_root)
-    say(f"index:    {info.nodes} chunks from {docs} ({'built and persisted' if info.built else 'loaded'} in "
-        f"{info.seconds:.1f} s: {info.persist_dir})")
+        embed = load_embed_model() if args.embed == "minilm" else hash_embedding()
+        info = build_or_load_index(documents, embed, model.tokenizer, persist_root=inputs.index_dir,
+                                   progress=not args.no_progress)
+        say(f"index:    {info.nodes} chunks from {inputs.docs} ({'built and persisted' if info.built else 'loaded'} in "
+            f"{info.seconds:.1f} s: {info.persist_dir})")
 
-    # One tiny generation first, so that one-time framework start-up does not land on the first timing.
-    model.generate("Hello", [], max_new_tokens=2)
+        # One tiny generation first, so that one-time framework start-up does not land on the first timing.
+        model.generate("Hello", [], max_new_tokens=2)
 
-    report: dict[str, Any] = {
-        "question": args.question,
-        "trained": minfo.trained,
-        "model": minfo.source,
-        "rate": args.rate,
-        "top_k": args.top_k,
-        "response_mode": args.response_mode,
-        "docs": str(docs),
-        "index_dir": str(info.persist_dir),
-        "soft_token_cache": str(soft_dir),
-        "device": args.device,
-        "threads": torch.get_num_threads(),
-    }
-    with SoftTokenCache(soft_dir) as cache:
+        report: dict[str, Any] = {
+            "question": args.question,
+            "trained": minfo.trained,
+            "model": minfo.source,
+            "rate": args.rate,
+            "top_k": args.top_k,
+            "response_mode": args.response_mode,
+            "docs": str(inputs.docs),
+            "index_dir": str(info.persist_dir),
+            "soft_token_cache": str(inputs.cache_dir),
+            "cache_readonly": readonly,
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+        }
         common = dict(top_k=args.top_k, response_mode=args.response_mode, streaming=True,
                       max_new_tokens=args.max_new_tokens)
         engine, compressor, llm = make_query_engine(info.index, model, rate=args.rate, cache=cache, **common)
@@ -192,12 +245,10 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
         say(f"  {i}. {s}")
     if len(runs) == 3:
         say(f"answer (uncompressed text, same LLM): {runs[2].answer}")
-    how = (f"compressed now ({first.computed} chunk(s), now in the disk cache)" if first.computed
-           else f"loaded from the disk cache ({first.disk_hits} chunk(s) compressed by an earlier run)"
-           if first.disk_hits else "already in memory")
     say()
-    say(f"compression: {len(texts)} retrieved chunk(s) -> {first.soft_tokens} soft tokens; first query: {how}, "
-        f"{first.compress_seconds:.2f} s; compressing them from scratch takes {fresh_compress:.2f} s (one-time per chunk)")
+    say(f"compression: {len(texts)} retrieved chunk(s) -> {first.soft_tokens} soft tokens; first query: "
+        f"{_provenance(first, readonly)}, {first.compress_seconds:.2f} s; compressing them from scratch takes "
+        f"{fresh_compress:.2f} s (one-time per chunk)")
     say(f"timing ({args.device}, {torch.get_num_threads()} threads; TTFT = query call -> first answer token):")
     say(f"  {'':28s} {'TTFT':>8s} {'end-to-end':>11s} {'compress':>9s} {'positions':>9s} {'new tok':>7s} {'decode/tok':>10s}")
     for r in runs:
@@ -236,51 +287,58 @@ def cmd_examples(args: argparse.Namespace, out: Any = None) -> int:
 
     for q in example_questions():
         print(f"{q['question']!r:80s} -> {q['answers'][0]}  ({q['document']})", file=out)
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gmsa-rag",
         description="Retrieval-augmented QA with GMSA context compression (soft tokens instead of text).",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{ask,examples}")
-    a = sub.add_parser("ask", help="answer a question over a document folder and time it with/without compression")
+    a = sub.add_parser("ask", help="answer a question over a document folder and time it with/without compression",
+                       epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("question")
-    a.add_argument("--docs", default=None, help="folder of .txt/.md/.rst files (default: the bundled examples/docs)")
-    a.add_argument("--rate", type=int, default=4, help="compression rate, one of the model's rates (default 4)")
-    a.add_argument("--top-k", type=int, default=3, help="documents retrieved (default 3)")
+    a.add_argument("--docs", default=None, help="folder of .txt/.md/.rst files (default: the bundled examples/docs); "
+                   "binary files are skipped")
+    a.add_argument("--rate", type=positive_int, default=4, help="compression rate, one of the model's rates (default 4)")
+    a.add_argument("--top-k", type=positive_int, default=3, help="documents retrieved (default 3)")
     a.add_argument("--checkpoint", default=None, help="GMSA checkpoint folder (default: the bundled one, if any)")
     a.add_argument("--cache-dir", default=None,
-                   help="folder for the persisted index (indexes/) and soft tokens (soft_tokens/) "
-                        "(default: ~/.cache/gmsa_rag/indexes and the soft-token cache's default folder)")
+                   help="soft-token cache folder, the same as `python -m gmsa_rag.cache build --cache-dir` "
+                        "(default: $GMSA_RAG_CACHE_DIR or ~/.cache/gmsa_rag/soft_tokens); read-only folders "
+                        "are read without storing anything")
+    a.add_argument("--index-dir", default=None,
+                   help="folder for the persisted FAISS indexes, one per document set "
+                        "(default: $GMSA_RAG_HOME/indexes or ~/.cache/gmsa_rag/indexes)")
     a.add_argument("--response-mode", default="compact",
                    choices=["compact", "refine", "tree_summarize", "simple_summarize", "accumulate"])
-    a.add_argument("--max-new-tokens", type=int, default=32, help="answer budget in tokens (default 32)")
+    a.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer budget in tokens (default 32)")
     a.add_argument("--device", default="cpu", help="torch device (default cpu)")
     a.add_argument("--embed", default="minilm", choices=["minilm", "hash"],
                    help="retrieval embedding: the offline all-MiniLM-L6-v2 (default) or a hashed bag of words "
                         "(instant, for smoke tests)")
     a.add_argument("--no-compare", action="store_true", help="skip the cached and uncompressed timing runs")
+    a.add_argument("--no-progress", action="store_true", help="hide the progress bars of an index build")
     a.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_parser("examples", help="list questions whose answers the bundled documents hold")
     return parser
 
 
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "examples":
+        return cmd_examples(args)
+    cmd_ask(args)
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; return the exit status (see ``--help``)."""
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "examples":
-            return cmd_examples(args)
-        if args.top_k < 1:
-            raise ValueError("--top-k must be at least 1")
-        cmd_ask(args)
-        return 0
-    except (ValueError, FileNotFoundError, NotADirectoryError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,32 @@
 """Building blocks of the RAG demo: the bundled documents, the offline MiniLM embedder, a persisted
 FAISS-backed ``VectorStoreIndex``, the GMSA model, and query engines wired with the GMSA integrations.
 
-LlamaIndex and the integration packages are imported lazily (importing ``gmsa_rag`` stays cheap).
+torch, transformers, LlamaIndex and the integration packages are imported lazily, by the functions that
+need them (``gmsa-rag examples`` and ``--help`` stay fast).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
-from .backbone import cache_root, minilm_path
 from .cache import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, load_folder, make_splitter
+from .cache.precompute import TEXT_SUFFIXES
+from .cache.precompute import logger as _load_folder_logger
 
 if TYPE_CHECKING:
-    from llama_index.core import VectorStoreIndex
+    from llama_index.core import Document, VectorStoreIndex
     from llama_index.core.base.embeddings.base import BaseEmbedding
 
+    from .config import GMSAConfig
     from .model import GMSAModel
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,8 @@ def bundled_docs_dir() -> Path | None:
 def load_embed_model(path: str | Path | None = None) -> "BaseEmbedding":
     """The offline MiniLM as a LlamaIndex embedding (384-d, normalised: inner product = cosine)."""
     from llama_index.embeddings.huggingface import HuggingFaceEmbedding
+
+    from .backbone import minilm_path
 
     return HuggingFaceEmbedding(model_name=str(path or minilm_path()), device="cpu", normalize=True)
 
@@ -77,14 +86,53 @@ def hash_embedding(dim: int = 64) -> "BaseEmbedding":
     return HashEmbedding(dim=dim, model_name=f"hash-{dim}")
 
 
+BINARY_PROBE_BYTES = 8000
+
+
+def is_binary(path: Path) -> bool:
+    """A NUL byte in the first 8000 bytes, as git decides: executables, images, random data (text in
+    any 8-bit encoding has none; UTF-16 text is treated as binary too)."""
+    with open(path, "rb") as f:
+        return b"\0" in f.read(BINARY_PROBE_BYTES)
+
+
+@contextlib.contextmanager
+def _silence_decode_warnings(paths: set[Path]) -> Iterator[None]:
+    """Drop load_folder's "not valid UTF-8" warning for ``paths`` (files skipped anyway)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (isinstance(record.args, tuple) and record.args[:1] and record.args[0] in paths)
+
+    _load_folder_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        _load_folder_logger.removeFilter(keep)
+
+
+def load_documents(docs_dir: str | Path) -> list["Document"]:
+    """The text documents of ``docs_dir`` exactly as :func:`gmsa_rag.cache.load_folder` reads them (so
+    that ``python -m gmsa_rag.cache build --source docs_dir`` makes the same chunks), except binary files
+    with a text suffix (see :func:`is_binary`), which are skipped with one warning each."""
+    root = Path(docs_dir)
+    wanted = {s.lower() for s in TEXT_SUFFIXES}
+    binary = {p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in wanted and is_binary(p)}
+    for path in sorted(binary):
+        log.warning("skipping %s: a binary file, not text", path)
+    with _silence_decode_warnings(binary):
+        documents = load_folder(root)
+    skipped = {p.relative_to(root).as_posix() for p in binary}
+    return [d for d in documents if d.metadata["file_path"] not in skipped]
+
+
 def _embed_identity(embed_model: Any) -> str:
     return f"{type(embed_model).__name__}:{getattr(embed_model, 'model_name', '')}"
 
 
 def index_signature(
-    docs_dir: Path, embed_model: Any, tokenizer: Any, chunk_size: int, chunk_overlap: int
+    documents: Sequence["Document"], embed_model: Any, tokenizer: Any, chunk_size: int, chunk_overlap: int
 ) -> str:
-    """Hash of everything the persisted index depends on: files (names + bytes), chunking, embedder."""
+    """Hash of everything the persisted index depends on: documents (file names + texts), chunking, embedder."""
     digest = hashlib.sha256()
     digest.update(
         json.dumps(
@@ -92,7 +140,7 @@ def index_signature(
              chunk_size, chunk_overlap]
         ).encode()
     )
-    for doc in load_folder(docs_dir):
+    for doc in documents:
         digest.update(doc.metadata["file_path"].encode() + b"\0" + doc.text.encode("utf-8", "surrogatepass") + b"\0")
     return digest.hexdigest()[:20]
 
@@ -106,55 +154,72 @@ class IndexInfo:
     seconds: float
 
 
+Docs = Union[str, os.PathLike, Sequence["Document"]]
+
+
 def build_or_load_index(
-    docs_dir: str | Path,
+    docs: Docs,
     embed_model: Any,
     tokenizer: Any,
     persist_root: str | Path | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
     dim: int | None = None,
+    progress: bool = False,
 ) -> IndexInfo:
-    """A ``VectorStoreIndex`` over the text files of ``docs_dir`` in a FAISS ``IndexFlatIP``.
+    """A ``VectorStoreIndex`` in a FAISS ``IndexFlatIP`` over ``docs``: a folder (read with
+    :func:`load_documents`) or the documents it returned.
 
     Chunks are made with :func:`gmsa_rag.cache.make_splitter` (the model's tokenizer), so that
     ``python -m gmsa_rag.cache build --source <persist_dir>`` precomputes exactly the retrieved chunks.
     The index is persisted under ``persist_root/<signature>`` and loaded from there when nothing changed.
+    Each process writes a new index into its own temporary folder and renames it into place, so that
+    processes building the same index at once neither mix their files nor fail. ``progress`` shows
+    bars for chunking and embedding.
     """
     import faiss
     from llama_index.core import StorageContext, VectorStoreIndex, load_index_from_storage
     from llama_index.vector_stores.faiss import FaissVectorStore
 
     start = time.perf_counter()
-    docs_dir = Path(docs_dir)
+    from .backbone import cache_root
+
+    documents = load_documents(docs) if isinstance(docs, (str, os.PathLike)) else list(docs)
+    if not documents:
+        where = docs if isinstance(docs, (str, os.PathLike)) else "the documents given"
+        raise ValueError(f"no text documents ({', '.join(TEXT_SUFFIXES)}) in {where}: pass a folder of text files")
     persist_root = Path(persist_root) if persist_root is not None else cache_root() / "indexes"
-    persist_dir = persist_root / index_signature(docs_dir, embed_model, tokenizer, chunk_size, chunk_overlap)
+    persist_dir = persist_root / index_signature(documents, embed_model, tokenizer, chunk_size, chunk_overlap)
     if (persist_dir / "docstore.json").is_file() and (persist_dir / "default__vector_store.json").is_file():
         vector_store = FaissVectorStore.from_persist_dir(str(persist_dir))
         storage = StorageContext.from_defaults(vector_store=vector_store, persist_dir=str(persist_dir))
         index = load_index_from_storage(storage, embed_model=embed_model)
         return IndexInfo(index, persist_dir, False, len(index.docstore.docs), time.perf_counter() - start)
 
-    documents = load_folder(docs_dir)
-    if not documents:
-        raise ValueError(f"no .txt/.md/.rst documents found in {docs_dir}")
-    nodes = make_splitter(tokenizer, chunk_size, chunk_overlap).get_nodes_from_documents(documents)
-    nodes = [n for n in nodes if n.get_content().strip()]
+    splitter = make_splitter(tokenizer, chunk_size, chunk_overlap)
+    nodes = [n for n in splitter.get_nodes_from_documents(documents, show_progress=progress) if n.get_content().strip()]
     if dim is None:
         dim = len(embed_model.get_text_embedding("dimension probe"))
     vector_store = FaissVectorStore(faiss_index=faiss.IndexFlatIP(dim))
     storage = StorageContext.from_defaults(vector_store=vector_store)
-    index = VectorStoreIndex(nodes, storage_context=storage, embed_model=embed_model)
-    tmp = persist_dir.with_name(persist_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    index.storage_context.persist(persist_dir=str(tmp))
-    if persist_dir.exists():  # another process won the race; keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.rename(persist_dir)
+    index = VectorStoreIndex(nodes, storage_context=storage, embed_model=embed_model, show_progress=progress)
+    _persist_once(index, persist_dir)
     return IndexInfo(index, persist_dir, True, len(nodes), time.perf_counter() - start)
+
+
+def _persist_once(index: "VectorStoreIndex", persist_dir: Path) -> None:
+    """Persist ``index`` into a temporary folder of this process, then rename it to ``persist_dir``
+    (atomic); if another process got there first, keep theirs (the same index)."""
+    tmp = persist_dir.with_name(f"{persist_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        index.storage_context.persist(persist_dir=str(tmp))
+        tmp.rename(persist_dir)
+    except OSError:
+        if not persist_dir.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -165,17 +230,30 @@ class ModelInfo:
     seconds: float
 
 
+def model_config(checkpoint: str | Path | None = None) -> tuple[Path | None, "GMSAConfig"]:
+    """The checkpoint :func:`load_gmsa_model` loads for ``checkpoint`` (``None``: no checkpoint, an
+    untrained compressor) and its config, read without loading any weights (to check arguments first).
+
+    Raises:
+        CheckpointError: ``checkpoint`` is not a readable GMSA checkpoint.
+    """
+    from .checkpoint import default_checkpoint, read_record
+    from .config import GMSAConfig
+
+    path = Path(checkpoint).expanduser() if checkpoint is not None else default_checkpoint()
+    return path, GMSAConfig.from_dict(read_record(path)["config"]) if path is not None else GMSAConfig()
+
+
 def load_gmsa_model(checkpoint: str | Path | None = None, device: str = "cpu") -> ModelInfo:
     """The GMSA model of ``checkpoint``, else the bundled default checkpoint, else an *untrained*
     compressor on SmolLM2 (seeded, so that its soft tokens, fingerprint and cache entries are stable)."""
     import torch
 
-    from .checkpoint import default_checkpoint
     from .config import GMSAConfig
     from .model import GMSAModel
 
     start = time.perf_counter()
-    path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
+    path, _ = model_config(checkpoint)
     if path is not None:
         model = GMSAModel.from_pretrained(path, device=device)
         return ModelInfo(model.eval(), True, str(path), time.perf_counter() - start)
@@ -249,9 +327,11 @@ __all__: Sequence[str] = [
     "example_questions",
     "hash_embedding",
     "index_signature",
+    "is_binary",
+    "load_documents",
     "load_embed_model",
     "load_gmsa_model",
     "make_query_engine",
-    "minilm_path",
+    "model_config",
     "source_label",
 ]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gmsa_rag.backbone import load_backbone, tiny_backbone
+from gmsa_rag.backbone import BackboneUnavailableError, load_backbone, tiny_backbone
 
 
 def test_random_backbone_from_a_config_folder(tmp_path, tokenizer):
@@ -14,5 +14,13 @@ def test_random_backbone_from_a_config_folder(tmp_path, tokenizer):
 
 
 def test_missing_model_path_fails_clearly(tmp_path):
-    with pytest.raises(OSError):
+    with pytest.raises(BackboneUnavailableError, match=r"base model folder .*no-such-model cannot be loaded"):
         load_backbone(str(tmp_path / "no-such-model"))
+
+
+def test_hub_id_offline_says_how_to_get_it(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BackboneUnavailableError, match=r"'no-such-org/no-such-model' is not on this machine.*hf download"):
+        load_backbone("no-such-org/no-such-model")

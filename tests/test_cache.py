@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import multiprocessing as mp
@@ -554,7 +555,7 @@ def test_cli_stats_clear_build(tmp_path: Path, monkeypatch, capsys):
     assert cli_main(["clear", "--cache-dir", str(cdir), "--yes"]) == 0
     assert "removed 1" in capsys.readouterr().out
 
-    # build, with a fake gmsa_rag.model (the real one is written elsewhere).
+    # build, with a fake gmsa_rag.model (the real one is written elsewhere) and a checkpoint record only.
     created = {}
 
     class FakeGMSAModel:
@@ -564,24 +565,25 @@ def test_cli_stats_clear_build(tmp_path: Path, monkeypatch, capsys):
             return FakeModel()
 
     monkeypatch.setitem(sys.modules, "gmsa_rag.model", types.SimpleNamespace(GMSAModel=FakeGMSAModel))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "gmsa_config.json").write_text(json.dumps({"format_version": 1, "config": {"rates": [2, 4, 8]}}))
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text(prose(30))
     argv = ["build", "--source", str(src), "--cache-dir", str(cdir), "--rate", "4",
-            "--checkpoint", "ckpt", "--device", "cpu", "--no-progress", "--json", "--chunk-size", "40", "--chunk-overlap", "4"]
+            "--checkpoint", str(ckpt), "--device", "cpu", "--no-progress", "--json", "--chunk-size", "40", "--chunk-overlap", "4"]
     assert cli_main(argv) == 0
-    import json
-
     rep = json.loads(capsys.readouterr().out)
-    assert created["args"] == ("ckpt", "cpu") and rep["computed"] > 0 and rep["skipped"] == 0
+    assert created["args"] == (ckpt, "cpu") and rep["computed"] > 0 and rep["skipped"] == 0
     assert cli_main(argv) == 0
     assert json.loads(capsys.readouterr().out)["computed"] == 0
     assert cli_main(argv[:5] + ["--rate", "5"] + argv[7:]) == 2
-    assert "not supported" in capsys.readouterr().err
+    assert "--rate 5 is not allowed" in capsys.readouterr().err
 
-    monkeypatch.setitem(sys.modules, "gmsa_rag.checkpoint", types.SimpleNamespace(default_checkpoint=lambda: None))
-    with pytest.raises(SystemExit, match="--checkpoint"):
-        cli_main(argv[:5] + argv[9:] + ["--rate", "4"])
+    monkeypatch.setattr("gmsa_rag.checkpoint.default_checkpoint", lambda: None)
+    assert cli_main(argv[:5] + argv[9:] + ["--rate", "4"]) == 3
+    assert "no --checkpoint given" in capsys.readouterr().err
 
 
 def test_cli_help():

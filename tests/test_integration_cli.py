@@ -72,7 +72,7 @@ def test_faiss_index_is_persisted_and_reloaded(small_docs, tmp_path, tokenizer):
 
 def test_ask_json_report(tiny_model, small_docs, tmp_path, capsys):
     argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
-            str(tmp_path / "c"), "--embed", "hash", "--top-k", "2", "--max-new-tokens", "3", "--json"]
+            str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2", "--max-new-tokens", "3", "--json"]
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
     report = json.loads(out)
@@ -91,7 +91,7 @@ def test_ask_json_report(tiny_model, small_docs, tmp_path, capsys):
 
 def test_ask_text_output(tiny_model, small_docs, tmp_path, capsys):
     argv = ["ask", "which is the largest great lake", "--docs", str(small_docs), "--cache-dir",
-            str(tmp_path / "c"), "--embed", "hash", "--max-new-tokens", "2", "--response-mode", "refine"]
+            str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--max-new-tokens", "2", "--response-mode", "refine"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     for needle in ("UNTRAINED", "answer (GMSA, rate 4", "sources:", "16-great-lakes.txt", "speed-up", "TTFT"):
@@ -117,7 +117,7 @@ def test_examples_and_module_entry_point(capsys):
 def test_real_cli_on_smollm2(tmp_path, small_docs, capsys):
     """The real job: SmolLM2 (untrained compressor unless a checkpoint is bundled) + MiniLM + FAISS."""
     argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--top-k", "2",
-            "--cache-dir", str(tmp_path / "c"), "--max-new-tokens", "8", "--json"]
+            "--cache-dir", str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--max-new-tokens", "8", "--json"]
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     first, cached, text = report["runs"]

@@ -15,24 +15,34 @@ from .precompute import (
 )
 from .store import (
     CacheCorruptionError,
+    CacheDatabaseError,
     CacheStats,
+    Lookup,
     SoftTokenCache,
+    cache_is_writable,
     cache_key,
+    check_cache_dir,
     default_cache_dir,
+    remove_cache_files,
 )
 
 __all__ = [
     "DEFAULT_CHUNK_OVERLAP",
     "DEFAULT_CHUNK_SIZE",
     "CacheCorruptionError",
+    "CacheDatabaseError",
     "CacheStats",
+    "Lookup",
     "PrecomputeReport",
     "SoftTokenCache",
+    "cache_is_writable",
     "cache_key",
+    "check_cache_dir",
     "chunk_documents",
     "collect_chunks",
     "default_cache_dir",
     "load_folder",
     "make_splitter",
     "precompute",
+    "remove_cache_files",
 ]

@@ -1,4 +1,8 @@
-"""Command line: ``python -m gmsa_rag.cache {build,stats,clear} ...``."""
+"""Command line: ``python -m gmsa_rag.cache {build,stats,clear} ...``.
+
+Arguments are checked before any model loads; known errors end in one line on stderr and an exit status
+(listed by ``--help``). torch, transformers and the model code are imported by ``build`` only.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,29 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
+import diskcache
+
+from ..errors import (
+    EXIT_DECLINED,
+    EXIT_OK,
+    EXIT_STATUS_HELP,
+    UsageError,
+    check_device,
+    non_negative_int,
+    positive_int,
+    report_errors,
+)
 from .precompute import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, precompute
-from .store import SoftTokenCache, default_cache_dir
+from .store import CacheDatabaseError, SoftTokenCache, check_cache_dir, default_cache_dir, remove_cache_files
+
+if TYPE_CHECKING:
+    from gmsa_rag.config import GMSAConfig
+    from gmsa_rag.model import GMSAModel
 
 
 def _human(n: int) -> str:
@@ -26,15 +48,18 @@ def _add_cache_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-dir",
         default=None,
-        help=f"cache folder (default: $GMSA_RAG_CACHE_DIR or {default_cache_dir()})",
+        help="soft-token cache folder, the one `gmsa-rag ask --cache-dir` reads "
+        f"(default: $GMSA_RAG_CACHE_DIR or {default_cache_dir()})",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m gmsa_rag.cache``."""
+    common = dict(epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser = argparse.ArgumentParser(
         prog="python -m gmsa_rag.cache",
         description="Precompute, inspect and clear the GMSA soft-token cache.",
+        **common,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,stats,clear}")
 
@@ -44,54 +69,86 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chunk SOURCE and compress every chunk not yet cached. SOURCE is a folder of "
         ".txt/.md/.rst files or a persisted LlamaIndex storage folder (docstore.json; its nodes "
         "are used as-is, which guarantees cache hits at query time).",
+        **common,
     )
     b.add_argument("--source", required=True, help="folder of text files or persisted index folder")
     _add_cache_dir(b)
-    b.add_argument("--rate", type=int, required=True, help="compression rate (one of the model's rates)")
-    b.add_argument("--checkpoint", default=None, help="GMSA checkpoint folder (default: the project's default checkpoint)")
-    b.add_argument("--batch-size", type=int, default=8, help="chunks per compress call (default 8)")
-    b.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: the model's choice)")
-    b.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"tokens per chunk (default {DEFAULT_CHUNK_SIZE})")
-    b.add_argument("--chunk-overlap", type=int, default=DEFAULT_CHUNK_OVERLAP, help=f"token overlap (default {DEFAULT_CHUNK_OVERLAP})")
-    b.add_argument("--size-limit", type=int, default=None, help="cache size limit in bytes (default: keep the cache's setting)")
-    b.add_argument("--eviction-policy", default=None, help="diskcache eviction policy (default: keep the cache's setting)")
+    b.add_argument("--rate", type=positive_int, required=True, help="compression rate (one of the model's rates)")
+    b.add_argument("--checkpoint", default=None, help="GMSA checkpoint folder (default: the bundled checkpoints/smollm2-gmsa)")
+    b.add_argument("--batch-size", type=positive_int, default=8, help="chunks per compress call (default 8)")
+    b.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    b.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, help=f"tokens per chunk (default {DEFAULT_CHUNK_SIZE})")
+    b.add_argument("--chunk-overlap", type=non_negative_int, default=DEFAULT_CHUNK_OVERLAP,
+                   help=f"token overlap, less than --chunk-size (default {DEFAULT_CHUNK_OVERLAP})")
+    b.add_argument("--size-limit", type=positive_int, default=None, help="cache size limit in bytes (default: keep the cache's setting)")
+    b.add_argument("--eviction-policy", default=None, choices=sorted(diskcache.EVICTION_POLICY),
+                   help="diskcache eviction policy (default: keep the cache's setting)")
     b.add_argument("--verify", action="store_true", help="checksum existing entries and recompute corrupt ones")
-    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bars (weight loading, compression)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    s = sub.add_parser("stats", help="show entries and size of a cache")
+    s = sub.add_parser("stats", help="show entries and size of a cache (reads it without writing)", **common)
     _add_cache_dir(s)
     s.add_argument("--json", action="store_true", help="print as JSON")
 
-    c = sub.add_parser("clear", help="delete every entry of a cache")
+    c = sub.add_parser("clear", help="delete every entry of a cache", **common)
     _add_cache_dir(c)
     c.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    c.add_argument("--force", action="store_true",
+                   help="if the cache's database is damaged, delete its database and value files "
+                   "(other files in the folder are kept)")
     return parser
 
 
-def _load_model(checkpoint: str | None, device: str | None):
-    # Imported lazily: the cache package must import without the model code.
+def _source_folder(source: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"--source {path} does not exist: pass a folder of text files or a persisted index folder")
+    if not path.is_dir():
+        raise NotADirectoryError(f"--source {path} is a file: pass the folder that holds it")
+    return path
+
+
+def _checkpoint_config(checkpoint: str | None) -> tuple[Path, "GMSAConfig"]:
+    """The checkpoint folder to load and its config, read without loading any weights."""
+    from gmsa_rag.checkpoint import CheckpointError, default_checkpoint, read_record
+    from gmsa_rag.config import GMSAConfig
+
+    path = Path(checkpoint).expanduser() if checkpoint is not None else default_checkpoint()
+    if path is None:
+        raise CheckpointError("no --checkpoint given and no bundled checkpoint (checkpoints/smollm2-gmsa)")
+    return path, GMSAConfig.from_dict(read_record(path)["config"])
+
+
+def _load_model(checkpoint: Path, device: str | None, progress: bool) -> "GMSAModel":
+    from transformers.utils import logging as hf_logging
+
     from gmsa_rag.model import GMSAModel
 
-    if checkpoint is None:
-        from gmsa_rag.checkpoint import default_checkpoint
-
-        checkpoint = default_checkpoint()
-        if checkpoint is None:
-            raise SystemExit("error: no default GMSA checkpoint found; pass --checkpoint DIR")
+    if not progress:
+        hf_logging.disable_progress_bar()
     kwargs = {"device": device} if device is not None else {}
     return GMSAModel.from_pretrained(checkpoint, **kwargs)
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    with SoftTokenCache(args.cache_dir, size_limit=args.size_limit, eviction_policy=args.eviction_policy) as cache:
-        model = _load_model(args.checkpoint, args.device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline like `gmsa-rag ask`; HF_HUB_OFFLINE=0 downloads
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cache_dir = check_cache_dir(args.cache_dir)
+    source = _source_folder(args.source)
+    checkpoint, config = _checkpoint_config(args.checkpoint)
+    if args.rate not in config.rates:
+        raise UsageError(f"--rate {args.rate} is not allowed: {checkpoint} supports {list(config.rates)}")
+    if args.device is not None:
+        check_device(args.device)
+    with SoftTokenCache(cache_dir, size_limit=args.size_limit, eviction_policy=args.eviction_policy) as cache:
+        model = _load_model(checkpoint, args.device, progress=not args.no_progress)
         # Libraries print notices to stdout (e.g. LlamaIndex's splitter); keep stdout for the report.
         with contextlib.redirect_stdout(sys.stderr):
             report = precompute(
                 model,
                 cache,
-                args.source,
+                source,
                 args.rate,
                 chunk_size=args.chunk_size,
                 chunk_overlap=args.chunk_overlap,
@@ -107,11 +164,12 @@ def _cmd_build(args: argparse.Namespace) -> int:
             f"{report.skipped} already cached, {report.empty_skipped} empty skipped "
             f"in {report.seconds:.1f} s -> {report.cache_dir}"
         )
-    return 0
+    return EXIT_OK
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    with SoftTokenCache(args.cache_dir) as cache:
+    directory = check_cache_dir(args.cache_dir, must_exist=True)
+    with SoftTokenCache(directory, readonly=True) as cache:
         st = cache.stats()
     if args.json:
         d = st.as_dict()
@@ -124,34 +182,48 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         print(f"bytes on disk:   {st.bytes_on_disk} ({_human(st.bytes_on_disk)})")
         print(f"size limit:      {st.size_limit} ({_human(st.size_limit)})")
         print(f"eviction policy: {st.eviction_policy}")
-    return 0
+    return EXIT_OK
+
+
+def _confirmed(question: str, yes: bool) -> bool:
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError("refusing to clear without --yes (stdin is not a terminal)")
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
 
 
 def _cmd_clear(args: argparse.Namespace) -> int:
-    with SoftTokenCache(args.cache_dir) as cache:
-        n = len(cache)
-        if not args.yes:
-            if not sys.stdin.isatty():
-                print("error: refusing to clear without --yes (stdin is not a terminal)", file=sys.stderr)
-                return 2
-            answer = input(f"Delete all {n} entries of {cache.directory}? [y/N] ")
-            if answer.strip().lower() not in ("y", "yes"):
+    directory = check_cache_dir(args.cache_dir, must_exist=True)
+    try:
+        with SoftTokenCache(directory) as cache:
+            if not _confirmed(f"Delete all {len(cache)} entries of {directory}?", args.yes):
                 print("aborted")
-                return 1
-        removed = cache.clear()
+                return EXIT_DECLINED
+            removed = cache.clear()
+    except CacheDatabaseError as err:
+        if not (args.force and err.damaged):
+            raise
+        if not _confirmed(f"Delete the damaged cache database and value files in {directory}?", args.yes):
+            print("aborted")
+            return EXIT_DECLINED
+        print(f"removed the damaged cache in {directory} ({remove_cache_files(directory)} files)")
+        return EXIT_OK
     print(f"removed {removed} entries")
-    return 0
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"build": _cmd_build, "stats": _cmd_stats, "clear": _cmd_clear}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "build" and args.chunk_overlap >= args.chunk_size:
+        parser.error(f"--chunk-overlap ({args.chunk_overlap}) must be smaller than --chunk-size ({args.chunk_size})")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return {"build": _cmd_build, "stats": _cmd_stats, "clear": _cmd_clear}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ class CompressionStats:
     memory_hits: int = 0
     """Soft tokens already in the shared in-memory store."""
     disk_hits: int = 0
-    """Loaded from the on-disk :class:`~gmsa_rag.cache.SoftTokenCache`."""
+    """Read (and checksummed) from the on-disk :class:`~gmsa_rag.cache.SoftTokenCache`; a corrupt entry
+    counts as ``computed``."""
     computed: int = 0
     """Compressed now (distinct chunks)."""
     soft_tokens: int = 0
@@ -136,11 +137,10 @@ class GMSACompressor(BaseNodePostprocessor):
         if missing:
             miss_keys, miss_texts = list(missing), list(missing.values())
             if self.cache is not None:
-                stats.disk_hits = sum(k in self.cache for k in miss_keys)
-                tensors = self.cache.get_or_compute(
+                found = self.cache.lookup(
                     miss_texts, self.rate, fingerprint, self.model.compress, batch_size=self.batch_size
                 )
-                stats.computed = len(miss_keys) - stats.disk_hits
+                tensors, stats.disk_hits, stats.computed = found.tensors, found.hits, found.computed
             else:
                 tensors = self.model.compress(miss_texts, self.rate, batch_size=self.batch_size)
                 stats.computed = len(miss_keys)
