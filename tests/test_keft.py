@@ -1,0 +1,106 @@
+"""Stage 2 pieces: the decoder adapter (on for soft tokens, off for text), distillation, QA sampling, old checkpoints."""
+import json
+import random
+
+import pytest
+import torch
+
+from gmsa_rag.checkpoint import CONFIG_FILE, load_checkpoint
+from gmsa_rag.data.qa import QAExample
+from gmsa_rag.prompt import qa_segments
+from gmsa_rag.samples import Sample
+from gmsa_rag.testing import tiny_gmsa
+from gmsa_rag.train import TrainConfig, docs_cap, qa_sample
+
+DOCS = ["Hamlet is a tragedy written by William Shakespeare.", "Paris is the capital of France."]
+
+
+def with_trained_adapter(tokenizer, **config):
+    model = tiny_gmsa(tokenizer, decoder_tuning="qkv_lora", **config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.decoder.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model
+
+
+def test_text_prompts_run_on_the_pristine_base_model_with_the_adapter_loaded(tokenizer):
+    """The uncompressed path answers exactly as the base model does, however the adapter was trained."""
+    tuned = with_trained_adapter(tokenizer)
+    plain = tiny_gmsa(tokenizer)  # same seed: the same base weights, no decoder adapter
+    text_prompt = [qa_segments(tokenizer, "who wrote hamlet?", DOCS)]
+    assert torch.equal(tuned.target_logits([qa_segments(tokenizer, "q?", DOCS, "Shakespeare")])[0],
+                       plain.target_logits([qa_segments(tokenizer, "q?", DOCS, "Shakespeare")])[0])
+    assert tuned.generate_from_segments(text_prompt, max_new_tokens=5) == plain.generate_from_segments(text_prompt, max_new_tokens=5)
+    soft = tuned.compress(DOCS, 4)
+    soft_prompt = [qa_segments(tokenizer, "q?", soft, "Shakespeare")]
+    assert not torch.allclose(tuned.target_logits(soft_prompt)[0], plain.target_logits(soft_prompt)[0])  # adapter on
+
+
+def test_mixed_batches_switch_the_adapter_per_prompt(tokenizer):
+    tuned = with_trained_adapter(tokenizer)
+    soft = tuned.compress(DOCS, 4)
+    prompts = [qa_segments(tokenizer, "who wrote hamlet?", DOCS), qa_segments(tokenizer, "who wrote hamlet?", soft)]
+    together = tuned.generate_from_segments(prompts, max_new_tokens=4)
+    alone = [tuned.generate_from_segments([p], max_new_tokens=4)[0] for p in prompts]
+    assert together == alone
+
+
+def test_always_mode_keeps_the_adapter_on_for_text(tokenizer):
+    tuned = with_trained_adapter(tokenizer, decoder_adapter="always")
+    plain = tiny_gmsa(tokenizer)
+    prompt = [qa_segments(tokenizer, "q?", DOCS, "Shakespeare")]
+    assert not torch.allclose(tuned.target_logits(prompt)[0], plain.target_logits(prompt)[0])
+
+
+def test_distillation_loss_trains_only_the_adapter_against_the_text_reading_teacher(tokenizer):
+    model = with_trained_adapter(tokenizer)
+    model.set_stage("keft")
+    samples = [Sample(DOCS, "Shakespeare", question="who wrote hamlet?", rate=4)]
+    ce = model(samples)
+    mixed = model(samples, distill_weight=0.5)
+    assert torch.isfinite(mixed) and not torch.allclose(ce, mixed)
+    mixed.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in n and n.startswith("decoder.") for n in grads)
+
+
+def test_answer_losses_are_per_prompt_means_of_the_target_tokens(tokenizer):
+    model = tiny_gmsa(tokenizer)
+    prompts = [qa_segments(tokenizer, "q?", DOCS, "Shakespeare"), qa_segments(tokenizer, "q2?", DOCS[:1], "Paris, France")]
+    per_prompt = model.answer_losses(prompts)
+    one = [model.loss([p]) for p in prompts]
+    assert torch.allclose(per_prompt, torch.stack(one), atol=1e-5)
+
+
+def test_qa_samples_show_the_gold_once_among_a_capped_number_of_distractors():
+    example = QAExample("q", ["a"], ["gold", "d1", "d2", "d3", "d4", "d5"], gold_index=0)
+    rng = random.Random(0)
+    shown = [qa_sample(example, 4, 3, rng).documents for _ in range(200)]
+    assert all(docs.count("gold") == 1 and 1 <= len(docs) <= 3 for docs in shown)
+    assert {docs.index("gold") for docs in shown} == {0, 1, 2}  # gold position varied
+    cfg = TrainConfig(max_docs=5, docs_curriculum=0.5)
+    assert [docs_cap(cfg, p) for p in (0.0, 0.25, 0.5, 1.0)] == [1, 3, 5, 5]  # gold-only first, then the full prompt
+    no_gold = QAExample("q", ["a"], ["x", "y"])
+    assert qa_sample(no_gold, None, 1, rng).documents == ["x", "y"]  # unknown gold: documents as given
+
+
+def test_format1_checkpoints_load_with_the_architecture_they_were_trained_with(tokenizer, tmp_path, monkeypatch):
+    model = tiny_gmsa(tokenizer, encoder_prefix="", encoder_norm=False, soft_token_norm=False)
+    path = model.save_pretrained(tmp_path / "old")
+    record = json.loads((path / CONFIG_FILE).read_text())
+    record["format_version"] = 1
+    for key in ("encoder_prefix", "encoder_norm", "soft_token_norm", "decoder_adapter"):
+        record["config"].pop(key)
+    (path / CONFIG_FILE).write_text(json.dumps(record))
+    import gmsa_rag.backbone as backbone
+
+    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **k: (tiny_gmsa(tokenizer).decoder, tokenizer))
+    loaded = load_checkpoint(path)
+    assert (loaded.config.encoder_prefix, loaded.config.encoder_norm, loaded.config.soft_token_norm) == ("", False, False)
+    assert torch.equal(loaded.compress(DOCS, 4)[0], model.compress(DOCS, 4)[0])
+    record["format_version"] = 99
+    (path / CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(Exception, match="unsupported checkpoint format 99"):
+        load_checkpoint(path)
