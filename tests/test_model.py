@@ -190,3 +190,25 @@ def test_config_validation():
     with pytest.raises(ValueError):
         GMSAConfig(rates=(2, 1024), window=512)
     assert GMSAConfig.from_dict(GMSAConfig(rates=(8, 2)).to_dict()).rates == (2, 8)
+
+
+@pytest.mark.parametrize("method", ["gmsa", "tcp"])
+def test_encoder_passes_by_length_do_not_change_soft_tokens(tokenizer, method):
+    """Windows grouped by length into several encoder passes give the soft tokens of one padded pass, in order."""
+    ids = tokenizer.encode(TEXT * 2, add_special_tokens=False)
+    windows = [ids[:30], ids[:5], ids[3:20], ids[:12], ids[7:32]]
+    one_pass = make_tiny(tokenizer, method=method).soft_tokens(windows, [2, 4, 2, 8, 4])
+    grouped = make_tiny(tokenizer, method=method, encoder_tokens_per_pass=40).soft_tokens(windows, [2, 4, 2, 8, 4])
+    assert len(one_pass) == len(grouped) == 5
+    for a, b in zip(one_pass, grouped):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_length_groups_bound_the_padded_size():
+    from gmsa_rag.model import length_groups
+
+    lengths = [30, 5, 17, 12, 25, 100]
+    groups = length_groups(lengths, 40)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert all(len(g) == 1 or max(lengths[i] for i in g) * len(g) <= 40 for g in groups)
+    assert [lengths[g[0]] for g in groups] == sorted(lengths[g[0]] for g in groups)  # short windows first

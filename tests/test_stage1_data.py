@@ -129,3 +129,18 @@ def test_trainer_stops_at_its_token_budget_with_the_schedule_finished(tmp_path, 
     assert records[-1]["lr"] < 0.2 * cfg.lr  # the cosine reached (nearly) its floor at the budget's end
     state = json.loads((tmp_path / "run" / "checkpoints" / f"step-{records[-1]['step']:07d}" / "trainer_state.json").read_text())
     assert state["tokens"] == records[-1]["tokens"]
+
+
+def test_a_steps_samples_are_sorted_into_micro_batches_of_similar_length(corpus_file, tmp_path, tokenizer):
+    from gmsa_rag.train import Data, decoder_positions, step_batches
+
+    corpus = PassageCorpus.build([corpus_file], tokenizer, tmp_path / "cache", workers=1)
+    cfg = TrainConfig(batch_size=3, grad_accum=4, min_chunk_tokens=4, max_chunk_tokens=40, multi_doc_fraction=0.5,
+                      max_docs=3)
+    data = Data(corpus, [], [])
+    micro = step_batches(7, data, cfg, [2, 4, 8], 0)
+    assert [len(m) for m in micro] == [3, 3, 3, 3]
+    sizes = [decoder_positions(s) for m in micro for s in m]
+    assert sizes == sorted(sizes)
+    again = step_batches(7, data, cfg, [2, 4, 8], 0)  # a pure function of the step: resume sees the same batches
+    assert [[s.documents for s in m] for m in micro] == [[s.documents for s in m] for m in again]
