@@ -38,7 +38,7 @@ from .config import GMSAConfig
 from .backbone import cache_root
 from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
 from .data.passages import Passage, PassageCorpus
-from .data.qa import QAExample, load_qa_jsonl
+from .data.qa import QAExample, load_qa
 from .metrics import qa_metrics, reconstruction_metrics
 from .model import GMSAModel
 from .samples import Sample, build_prompts, sample_rate
@@ -143,8 +143,8 @@ def load_data(cfg: TrainConfig, tokenizer) -> Data:
         n = min(cfg.eval_chunk_tokens, cfg.max_chunk_tokens)
         dev = [dev_corpus.passage(rng, n, n, with_title=False).token_ids for _ in range(cfg.eval_samples)]
         return Data(corpus, [], dev)
-    train = [e for path in (cfg.data or [DEFAULT_QA_DIR / "train.jsonl.gz"]) for e in load_qa_jsonl(path)]
-    return Data(None, train, load_qa_jsonl(cfg.dev_data or DEFAULT_QA_DIR / "dev.jsonl.gz"))
+    train = [e for path in (cfg.data or [DEFAULT_QA_DIR / "train.jsonl.gz"]) for e in load_qa(path, "train")]
+    return Data(None, train, load_qa(cfg.dev_data or DEFAULT_QA_DIR / "dev.jsonl.gz", "dev"))
 
 
 def stage1_sample(corpus: PassageCorpus, cfg: TrainConfig, rate: int, rng: random.Random) -> Sample:

@@ -34,7 +34,7 @@ import json
 import random
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +55,8 @@ __all__ = [
     "read_records",
     "split_train_dev",
     "contains_answer",
+    "ranked",
+    "pick_distractors",
     "minilm_path",
     "minilm_embedder",
     "build_multidoc",
@@ -189,14 +191,65 @@ def contains_answer(normalized_passage: str, normalized_answers: Sequence[str]) 
     return any(a and f" {a} " in padded for a in normalized_answers)
 
 
+def ranked(scores: np.ndarray, head: int = 64) -> Iterator[int]:
+    """Positions of ``scores`` by descending score, ties by position: ``np.argsort(-scores, kind="stable")``,
+    computed lazily (a partial sort of the best ``head`` first, the full sort only if the caller reads on)."""
+    n = len(scores)
+    seen = 0
+    if head < n:
+        kth = np.partition(scores, n - head)[n - head]
+        top = np.flatnonzero(scores >= kth)
+        top = top[np.lexsort((top, -scores[top]))]
+        yield from top.tolist()
+        seen = len(top)
+    if seen < n:
+        yield from np.argsort(-scores, kind="stable")[seen:].tolist()
+
+
+def pick_distractors(
+    scores: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    skip: Container[int],
+    normalized: Sequence[str],
+    normalized_answers: Sequence[str],
+) -> tuple[list[int], int]:
+    """Up to ``k`` pool indices from ``candidates`` (``scores[i]`` belongs to ``candidates[i]``) by descending
+    score, skipping those in ``skip`` and those whose normalised text contains an answer.
+
+    Returns ``(picked, rejected_for_answer)``.
+    """
+    picked: list[int] = []
+    rejected = 0
+    if k <= 0:
+        return picked, rejected
+    for position in ranked(scores, head=4 * k + 32):
+        j = int(candidates[position])
+        if j in skip:
+            continue
+        if contains_answer(normalized[j], normalized_answers):
+            rejected += 1
+            continue
+        picked.append(j)
+        if len(picked) == k:
+            break
+    return picked, rejected
+
+
 # ----------------------------------------------------------------- embedding
 
 
-def minilm_embedder(batch_size: int = 64, device: str = "cpu", show_progress: bool = True) -> Embedder:
-    """Return ``texts -> L2-normalised embeddings`` using the offline MiniLM model."""
+def minilm_embedder(batch_size: int = 64, device: str = "cpu", show_progress: bool = True,
+                    max_seq_length: int | None = None) -> Embedder:
+    """Return ``texts -> L2-normalised embeddings`` using the offline MiniLM model.
+
+    ``max_seq_length`` truncates inputs to that many word pieces (the model's default, 256, when None).
+    """
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(minilm_path()), device=device)
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
 
     def embed(texts: list[str]) -> np.ndarray:
         return model.encode(
@@ -265,17 +318,8 @@ def _build_split(
         own = pool.index_of[_passage_key(_gold(record))]
         answers = [normalize_answer(a) for a in record["answers"]]
         scores = pool.embeddings[candidates] @ q_emb[i]
-        order = candidates[np.argsort(-scores, kind="stable")]
-        picked: list[int] = []
-        for j in order:
-            if j == own:
-                continue
-            if contains_answer(pool.normalized[j], answers):
-                stats.distractors_rejected_for_answer += 1
-                continue
-            picked.append(int(j))
-            if len(picked) == num_docs - 1:
-                break
+        picked, rejected = pick_distractors(scores, candidates, num_docs - 1, {own}, pool.normalized, answers)
+        stats.distractors_rejected_for_answer += rejected
         if len(picked) < num_docs - 1:
             stats.skipped_too_few_distractors += 1
             continue

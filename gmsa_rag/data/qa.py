@@ -32,9 +32,15 @@ __all__ = [
     "iter_qa_jsonl",
     "load_qa_jsonl",
     "save_qa_jsonl",
+    "POOL_PASSAGES",
+    "is_qa_pool",
+    "load_qa_pool",
+    "load_qa",
 ]
 
 TITLE_PREFIX = "Title: "
+#: File of a pooled QA folder (see :func:`load_qa_pool`) that holds every passage once.
+POOL_PASSAGES = "passages.jsonl.gz"
 
 
 @dataclass
@@ -146,3 +152,54 @@ def save_qa_jsonl(examples: Iterable[QAExample], path: PathLike) -> int:
             fh.write(json.dumps(_record_from_example(example), ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def is_qa_pool(path: PathLike) -> bool:
+    """True for a pooled QA folder (a directory holding :data:`POOL_PASSAGES`)."""
+    return Path(path).is_dir() and (Path(path) / POOL_PASSAGES).is_file()
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with _open(path, "r") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if line.strip():
+                try:
+                    yield line_no, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{line_no}: invalid JSON: {err.msg}") from err
+
+
+def load_qa_pool(folder: PathLike, split: str, limit: int | None = None) -> list[QAExample]:
+    """Load ``{split}.jsonl.gz`` of a pooled QA folder (built by ``gmsa_rag.data.build_qa``).
+
+    Records ``{"question", "answers", "gold": id, "distractors": [ids], ...}`` refer to
+    ``passages.jsonl.gz`` (``{"id", "title", "text"}``). Each example's contexts are the gold passage
+    followed by its distractors in stored (similarity) order, so ``gold_index`` is 0; training shuffles
+    positions itself (``gmsa_rag.train.qa_sample``).
+    """
+    folder = Path(folder)
+    passages: dict[int, str] = {}
+    for line_no, record in _read_jsonl(folder / POOL_PASSAGES):
+        try:
+            passages[int(record["id"])] = format_context(record.get("title"), record["text"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{folder / POOL_PASSAGES}:{line_no}: need 'id' and 'text'") from err
+    path = folder / f"{split}.jsonl.gz"
+    examples: list[QAExample] = []
+    for line_no, record in _read_jsonl(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        try:
+            ids = [record["gold"], *record.get("distractors", [])]
+            contexts = [passages[int(i)] for i in ids]
+            example = _example_from_record({"question": record.get("question"), "answers": record.get("answers")})
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}:{line_no}: {err if isinstance(err, ValueError) else f'bad passage id {err}'}") from err
+        example.contexts, example.gold_index = contexts, 0
+        examples.append(example)
+    return examples
+
+
+def load_qa(path: PathLike, split: str = "train", limit: int | None = None) -> list[QAExample]:
+    """Examples of a QA jsonl(.gz) file, or of split ``split`` of a pooled QA folder."""
+    return load_qa_pool(path, split, limit) if is_qa_pool(path) else load_qa_jsonl(path, limit)
