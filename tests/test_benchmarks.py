@@ -90,8 +90,9 @@ def test_latency_runs_end_to_end(qa_file, tmp_path):
     out = tmp_path / "lat"
     result = _bench("latency").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
                                      "--lengths", "48,96", "--doc-tokens", "32", "--rates", "4,8",
-                                     "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+                                     "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--fast", "--out", str(out)])
     data = _check_outputs(out, "latency")
+    assert data["meta"]["fast_path"] and not data["meta"]["fast_compiled"]  # the engine's static path, eager on CPU
     rows = result["rows"]
     assert len(rows) == 2 * (1 + 2 * 4)  # per length: uncompressed + 2 rates x (gmsa, tcp) x (cached, online)
     by = {(r["length"], r["method"], r["rate"]): r for r in rows}
@@ -99,6 +100,7 @@ def test_latency_runs_end_to_end(qa_file, tmp_path):
     assert by[(96, "gmsa-cached", 8)]["prompt_len"] < by[(96, "gmsa-cached", 4)]["prompt_len"] \
         < by[(96, "uncompressed", None)]["prompt_len"]
     assert by[(96, "gmsa-online", 4)]["compress_ms"] > 0
+    assert all(r["fast_token_agreement"] == 1.0 and r["fast_e2e_s"] > 0 for r in rows)  # fp32: static == HF
     assert "UNTRAINED" in (out / "latency.md").read_text()
     assert data["meta"]["question"] == "Who designed the Eiffel Tower?"
 
@@ -140,20 +142,3 @@ def test_reconstruction_untrained_on_a_tiny_backbone(tmp_path):
                                             "--no-semantic", "--out", str(out)])
     assert len(result["rows"]) == 2 and result["rows"][0]["semantic"] is None
     assert "UNTRAINED" in (out / "reconstruction.md").read_text()
-
-
-def test_static_cache_decoder_matches_hf_greedy(tokenizer):
-    """The fast path's static-cache loop (here eager, no compile) yields HF generate's greedy tokens."""
-    latency = _bench("latency")
-    from gmsa_rag.prompt import qa_segments
-
-    model = tiny_gmsa(tokenizer)
-    soft = model.compress([SAMPLE_TEXT], 4)
-
-    def prompts():
-        return [qa_segments(tokenizer, "Who designed it?", soft)]
-
-    fast = latency.FastDecoder(model.decoder, mode=None, bucket=64)
-    expected = latency.hf_generate(model, prompts, 6)
-    assert torch.equal(fast.generate(model, prompts, 6), expected)
-    assert torch.equal(fast.generate(model, prompts, 6), expected)  # the reused cache is reset
