@@ -142,3 +142,29 @@ def test_reconstruction_untrained_on_a_tiny_backbone(tmp_path):
                                             "--no-semantic", "--out", str(out)])
     assert len(result["rows"]) == 2 and result["rows"][0]["semantic"] is None
     assert "UNTRAINED" in (out / "reconstruction.md").read_text()
+
+
+def test_decode_compares_engines_and_agrees(qa_file, tmp_path):
+    out = tmp_path / "dec"
+    result = _bench("decode").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--prompt", "48",
+                                    "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
+                                    "--engines", "hf,static,static-stop", "--out", str(out)])
+    data = _check_outputs(out, "decode-tiny")
+    assert [r["engine"] for r in result["rows"]] == ["hf", "static", "static-stop"]
+    assert [r["path"] for r in result["rows"]] == ["hf", "static", "static"]
+    assert all(r["agreement_with_hf"] == 1.0 and r["decode_ms_per_token"] > 0 for r in data["rows"])
+    assert data["meta"]["weight_bandwidth_limit_ms"] is None  # CPU: no bandwidth table
+
+
+def test_profile_ttft_runs_on_a_tiny_shape(qa_file, tmp_path):
+    out = tmp_path / "prof"
+    result = _bench("profile_ttft").main(["--shape", "tiny", "--device", "cpu", "--data", str(qa_file),
+                                          "--context", "96", "--doc-tokens", "32", "--encoder-layers", "2",
+                                          "--repeats", "1", "--warmup", "0", "--profile-steps", "1",
+                                          "--config-dir", str(tmp_path / "cfg"), "--out", str(out)])
+    data = _check_outputs(out, "profile_ttft-tiny")
+    cases = {r["case"]: r for r in result["rows"]}
+    assert set(cases) == {"cached", "host", "uncompressed"}
+    assert cases["cached"]["positions"] < cases["uncompressed"]["positions"]
+    assert any(op["op"] == "gmsa.prefill" for op in data["operators"])  # the engine's own label is in the trace
+    assert (out / "profile_ttft-tiny.trace.json").stat().st_size > 0
