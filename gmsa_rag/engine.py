@@ -87,7 +87,7 @@ class _HostReader:
         if self.cuda:
             host = torch.empty(tokens.shape[0] + 1, dtype=torch.long, pin_memory=True)
             host[:-1].copy_(tokens, non_blocking=True)
-            host[-1:].copy_(finished.view(1), non_blocking=True)
+            host[-1:].copy_(finished.view(1).long(), non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self.pending.append((step, host, event))
