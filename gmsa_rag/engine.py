@@ -239,6 +239,8 @@ class GenerationEngine:
         self.choice = choice
         self.device = torch.device(decoder.device)
         self.kind: EngineKind = select_engine(self.device, choice)
+        if choice == "auto" and self.kind == "static" and not getattr(decoder, "_can_compile_fullgraph", False):
+            self.kind = "hf"  # an architecture transformers does not mark as compilable with a static cache
         self.last_path: EngineKind | None = None
         self.static: StaticCacheDecoder | None = None
         self._executor: ThreadPoolExecutor | None = None

@@ -132,6 +132,23 @@ def test_selection_by_device():
         select_engine("cpu", "fast")
 
 
+def test_auto_on_cuda_needs_a_compilable_architecture(model, monkeypatch):
+    class OnCuda:
+        """The tiny decoder as GenerationEngine sees it on a GPU (only device and forward are read)."""
+
+        device = torch.device("cuda", 0)
+        config = model.decoder.config
+        forward = model.decoder.forward
+
+    monkeypatch.setattr(eng, "_has_triton", lambda: False)  # no compilation needed to check the choice
+    assert type(model.decoder)._can_compile_fullgraph
+    OnCuda._can_compile_fullgraph = True
+    assert GenerationEngine(OnCuda(), "auto").kind == "static"
+    OnCuda._can_compile_fullgraph = False
+    assert GenerationEngine(OnCuda(), "auto").kind == "hf"
+    assert GenerationEngine(OnCuda(), "static").kind == "static"  # asked for: no second-guessing
+
+
 def test_sampling_and_processors_fall_back_to_hf():
     assert is_greedy({}) and is_greedy({"do_sample": False, "temperature": None, "num_beams": 1})
     assert not is_greedy({"do_sample": True})
