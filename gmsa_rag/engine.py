@@ -167,6 +167,8 @@ class StaticCacheDecoder:
                  streamer: Any = None) -> torch.Tensor:
         """New token ids [B, n] (n <= ``max_new_tokens``), rows padded with ``pad_token_id`` after their stop token;
         the same as Hugging Face greedy ``generate`` with ``eos_token_id=stop_token_ids``."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
         cache, mask = self._cache_for(batch, length + max_new_tokens, inputs_embeds.dtype, device)
