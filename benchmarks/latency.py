@@ -10,9 +10,11 @@ For each length of retrieved text (real passages cut to an exact token count, sp
   (d) ``tcp-cached`` / ``tcp-online``  the same for the TCP-AE (ICAE-style memory token) baseline.
 
 Per configuration: TTFT (prompt building [+ compression] + prefill + first token), decode ms/token, end-to-end
-seconds for exactly ``--new-tokens`` tokens (``min_new_tokens`` forces the length), peak GPU memory and the
-analytic KV-cache size. Decoding runs two ways: Hugging Face ``generate`` (dynamic cache) and, on CUDA, a fast
-path (static KV cache, decode step under ``torch.compile(mode="reduce-overhead")`` = CUDA graphs).
+seconds for exactly ``--new-tokens`` tokens (no stop token), peak GPU memory and the analytic KV-cache size.
+Decoding runs through the product's engine (``gmsa_rag.engine.GenerationEngine``, what
+``GMSAModel.generate_from_segments`` calls) two ways: ``hf`` (Hugging Face ``generate``, dynamic cache) and,
+where ``auto`` picks it (CUDA), the fast path ``static`` (static KV cache, decode step under
+``torch.compile(mode="reduce-overhead")`` = CUDA graphs).
 
 Examples::
 
@@ -24,7 +26,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -61,9 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lsa-layers", type=int, default=1, help="LSA blocks for untrained compressors (default 1)")
     p.add_argument("--data", default=None, help="passages: QA jsonl / jsonl corpus / text (default: dev split)")
     p.add_argument("--name", default=NAME, help="output file stem (default latency), e.g. to split a long run")
-    p.add_argument("--no-fast", action="store_true", help="skip the static-cache + torch.compile decode path")
-    p.add_argument("--fast-mode", default="reduce-overhead", help="torch.compile mode of the fast decode step")
-    p.add_argument("--fast-bucket", type=int, default=512, help="static cache lengths are rounded up to this")
+    p.add_argument("--no-fast", action="store_true", help="skip the static-cache engine (the fast path)")
+    p.add_argument("--fast", action="store_true",
+                   help="time the static-cache engine even where the engine's auto choice is HF generate")
     args = p.parse_args(argv)
     unknown = set(args.methods) - set(METHODS)
     if unknown:
@@ -86,67 +87,12 @@ def apply_defaults(args, device: torch.device) -> None:
 # --------------------------------------------------------------------------- decoding
 
 
-def hf_generate(model, prompts_fn: Callable[[], list], new_tokens: int) -> torch.Tensor:
-    """Greedy HF ``generate`` (dynamic KV cache) of exactly ``new_tokens`` tokens; returns the new token ids."""
+def engine_generate(engine, model, prompts_fn: Callable[[], list], new_tokens: int) -> torch.Tensor:
+    """Build the prompt batch and decode exactly ``new_tokens`` greedy tokens (no stop token) through a
+    ``GenerationEngine``: the product's path minus turning ids into text. Returns the new token ids."""
     batch = model.build_batch(prompts_fn(), padding_side="left")
-    out = model.decoder.generate(
-        inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        temperature=None, top_p=None, top_k=None, pad_token_id=model.tokenizer.pad_token_id,
-    )
-    return out[:, -new_tokens:]
-
-
-class FastDecoder:
-    """Greedy decoding with a static KV cache and a ``torch.compile``-d single-token step (CUDA graphs).
-
-    The prefill runs eagerly into the static cache; every later token is one call of the compiled step.
-    One static cache per length bucket (``bucket`` positions) is kept and reused, so each bucket compiles
-    (or records its CUDA graph) once, in the warm-up runs.
-    """
-
-    def __init__(self, decoder, mode: str | None = "reduce-overhead", bucket: int = 512) -> None:
-        import torch._dynamo
-
-        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-        self.decoder = decoder
-        self.bucket = bucket
-        self.caches: dict[int, Any] = {}
-        self.step = torch.compile(self._step, mode=mode) if mode else self._step  # mode None: eager (tests)
-
-    def _step(self, token: torch.Tensor, position: torch.Tensor, cache) -> torch.Tensor:
-        logits = self.decoder(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
-
-    def cache_for(self, positions: int):
-        from transformers import StaticCache
-
-        size = int(math.ceil(positions / self.bucket) * self.bucket)
-        if size not in self.caches:
-            self.caches[size] = StaticCache(config=self.decoder.config, max_cache_len=size)
-        cache = self.caches[size]
-        cache.reset()
-        return cache
-
-    @torch.no_grad()
-    def generate(self, model, prompts_fn: Callable[[], list], new_tokens: int) -> torch.Tensor:
-        batch = model.build_batch(prompts_fn(), padding_side="left")
-        embeds = batch.inputs_embeds
-        if embeds.shape[0] != 1:
-            raise ValueError("the fast path decodes one prompt at a time")
-        length = embeds.shape[1]
-        cache = self.cache_for(length + new_tokens)
-        positions = torch.arange(length + new_tokens, device=embeds.device)
-        logits = self.decoder(inputs_embeds=embeds, past_key_values=cache, cache_position=positions[:length],
-                              use_cache=True, logits_to_keep=1).logits
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        tokens = [token]
-        for i in range(new_tokens - 1):
-            token = self.step(token, positions[length + i : length + i + 1], cache).clone()
-            tokens.append(token)
-        return torch.cat(tokens, dim=1)
+    return engine.generate(batch.inputs_embeds, batch.attention_mask, new_tokens, stop_token_ids=(),
+                           pad_token_id=model.tokenizer.pad_token_id)
 
 
 # --------------------------------------------------------------------------- contexts
@@ -214,12 +160,15 @@ def main(argv=None) -> dict[str, Any]:
     stream = bc.token_stream(tokenizer, passages, max(args.lengths))
     question = _question(source)
 
+    from gmsa_rag.engine import GenerationEngine, select_engine
+
+    hf = GenerationEngine(decoder, "hf")
     fast = None
-    if device.type == "cuda" and not args.no_fast:
-        fast = FastDecoder(decoder, mode=args.fast_mode, bucket=args.fast_bucket)
-    elif device.type != "cuda":
-        notes.append("Fast decode path (static KV cache + torch.compile/CUDA graphs) runs on CUDA only; "
-                     "CPU numbers use Hugging Face generate with a dynamic cache.")
+    if not args.no_fast and (args.fast or select_engine(device) == "static"):
+        fast = GenerationEngine(decoder, "static")
+    elif not args.no_fast:
+        notes.append(f"The engine's auto choice on {device.type} is HF generate, so only it is timed (--fast adds "
+                     "the static-cache engine).")
 
     rows: list[dict[str, Any]] = []
     n = args.new_tokens
@@ -229,7 +178,7 @@ def main(argv=None) -> dict[str, Any]:
         configs: list[tuple[str, int | None]] = [("uncompressed", None)] if "uncompressed" in args.methods else []
         for rate in args.rates:
             configs += [(m, rate) for m in args.methods if m != "uncompressed"]
-        for row in measure_length(args, device, models, fast, configs, docs, question, length):
+        for row in measure_length(args, device, models, hf, fast, configs, docs, question, length):
             rows.append(row)
             print(_progress(row), flush=True)
         # speed-ups against the uncompressed prompt at this length
@@ -243,10 +192,11 @@ def main(argv=None) -> dict[str, Any]:
         meta = {**env, "backbone": args.backbone, "passages": source, "question": question,
                 "lengths": args.lengths, "lengths_done": args.lengths[:done], "rates": args.rates,
                 "doc_tokens": args.doc_tokens, "new_tokens": n, "repeats": args.repeats, "warmup": args.warmup,
-                "fast_path": fast is not None, "fast_mode": args.fast_mode if fast is not None else None,
+                "fast_path": fast is not None,
+                "fast_compiled": bool(fast is not None and fast.static.compiled),
                 "model_load_s": round(load_s, 1), "run_s": round(time.perf_counter() - t0, 1),
                 "load_average_at_end": bc.load_average()}
-        all_notes = notes + _definitions(args, device, fast is not None)
+        all_notes = notes + _definitions(args, device, fast)
         if done < len(args.lengths):
             all_notes.append(f"PARTIAL: lengths {args.lengths[done:]} not measured yet.")
         fig = plot(rows, args, fast is not None)
@@ -321,7 +271,7 @@ def timed(fn: Callable[[], Any], device) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def measure_length(args, device, models, fast, configs, docs, question, length) -> list[dict[str, Any]]:
+def measure_length(args, device, models, hf, fast, configs, docs, question, length) -> list[dict[str, Any]]:
     """Time every configuration at one context length.
 
     Warm-up runs first (they also compile the fast path for new cache buckets); then the timed repeats run
@@ -332,13 +282,13 @@ def measure_length(args, device, models, fast, configs, docs, question, length) 
     fast_ok = fast is not None
     for c in cases:
         for _ in range(args.warmup):
-            hf_generate(c.model, c.prompts, n)
+            engine_generate(hf, c.model, c.prompts, n)
         if fast_ok and "fast_error" not in c.row:
             try:
-                c.row["fast_first_call_s"], _ = timed(lambda: fast.generate(c.model, c.prompts, n), device)
+                c.row["fast_first_call_s"], _ = timed(lambda: engine_generate(fast, c.model, c.prompts, n), device)
                 for _ in range(args.warmup + 1):  # CUDA-graph trees record on the first runs of a shape
-                    fast.generate(c.model, c.prompts, n)
-                    fast.generate(c.model, c.prompts, 1)
+                    engine_generate(fast, c.model, c.prompts, n)
+                    engine_generate(fast, c.model, c.prompts, 1)
             except Exception as err:  # keep the HF numbers; say why the fast path is missing
                 c.row["fast_error"] = f"{type(err).__name__}: {err}"[:500]
                 print(f"fast path failed for {c.row['label']} @ {length}: {c.row['fast_error']}", file=sys.stderr)
@@ -346,12 +296,12 @@ def measure_length(args, device, models, fast, configs, docs, question, length) 
         for c in cases:
             if c.compress is not None:
                 c.add("compress", timed(c.compress, device)[0])
-            c.add("ttft", timed(lambda: hf_generate(c.model, c.prompts, 1), device)[0])
-            t, c.hf_tokens = timed(lambda: hf_generate(c.model, c.prompts, n), device)
+            c.add("ttft", timed(lambda: engine_generate(hf, c.model, c.prompts, 1), device)[0])
+            t, c.hf_tokens = timed(lambda: engine_generate(hf, c.model, c.prompts, n), device)
             c.add("e2e", t)
             if fast_ok and "fast_error" not in c.row:
-                c.add("fast_ttft", timed(lambda: fast.generate(c.model, c.prompts, 1), device)[0])
-                t, c.fast_tokens = timed(lambda: fast.generate(c.model, c.prompts, n), device)
+                c.add("fast_ttft", timed(lambda: engine_generate(fast, c.model, c.prompts, 1), device)[0])
+                t, c.fast_tokens = timed(lambda: engine_generate(fast, c.model, c.prompts, n), device)
                 c.add("fast_e2e", t)
     rows = []
     for c in cases:
@@ -359,8 +309,8 @@ def measure_length(args, device, models, fast, configs, docs, question, length) 
             raise RuntimeError(f"generate returned {c.hf_tokens.shape[1]} tokens, expected {n}")
         row = c.row
         if device.type == "cuda":
-            _, row["peak_gib"], row["peak_delta_gib"] = bc.peak_memory(lambda: hf_generate(c.model, c.prompts, n),
-                                                                       device)
+            _, row["peak_gib"], row["peak_delta_gib"] = bc.peak_memory(
+                lambda: engine_generate(hf, c.model, c.prompts, n), device)
         compress, ttft, e2e = c.median("compress"), c.median("ttft"), c.median("e2e")
         row.update({"compress_ms": compress * 1e3 if compress else None, "ttft_ms": ttft * 1e3,
                     "decode_ms_per_token": (e2e - ttft) / (n - 1) * 1e3, "e2e_s": e2e})
@@ -398,23 +348,25 @@ def _columns(fast: bool, gpu: bool) -> list[bc.Column]:
     return cols
 
 
-def _definitions(args, device, fast: bool) -> list[str]:
+def _definitions(args, device, fast) -> list[str]:
     n = args.new_tokens
     notes = [
         f"Context: real passages ({args.doc_tokens}-token documents) cut to exactly the listed token count; "
         "documents are compressed one by one (batched), as in RAG serving. 'decoder positions' = what the decoder "
         "reads: chat template + instruction + documents (text or soft tokens) + question.",
-        "TTFT = build the prompt (+ compress, for 'online') + prefill + first token, via HF generate(max_new_tokens=1). "
+        "TTFT = build the prompt (+ compress, for 'online') + prefill + first token, through the generation engine "
+        "(gmsa_rag.engine, the product's path) with 1 new token; first the 'hf' engine (HF generate). "
         "'cached' soft tokens are already on the device (a hit in memory; disk reads not included).",
-        f"e2e = the same with exactly {n} new tokens (min_new_tokens={n}); decode ms/tok = (e2e - TTFT) / {n - 1}.",
+        f"e2e = the same with exactly {n} new tokens (no stop token); decode ms/tok = (e2e - TTFT) / {n - 1}.",
         f"Medians of {args.repeats} timed runs after {args.warmup} warm-up run(s), the repeats taken round-robin "
         "over all systems of a length (so background load spreads evenly); × = speed-up over the uncompressed "
         "prompt at the same length (higher is better). Raw samples are in the JSON.",
         "KV cache MiB is analytic (decoder positions + new tokens, batch 1).",
     ]
     if fast:
-        notes.append(f"fast = static KV cache (rounded up to {args.fast_bucket} positions) + decode step under "
-                     f"torch.compile(mode={args.fast_mode!r}); prefill eager; compile time excluded (warm-up). "
+        step = ("under torch.compile(mode='reduce-overhead') (CUDA graphs)" if fast.static.compiled else "eager")
+        notes.append(f"fast = the engine's static path: static KV cache (powers of two, >= 256 positions) + decode "
+                     f"step {step}; prefill eager; compile time excluded (warm-up). "
                      "fast_token_agreement in the JSON = share of tokens equal to HF greedy's; with random weights the logits "
                      "are near-ties in bf16, so it is low there (the two paths agree exactly in an fp32 test).")
     if device.type == "cuda":

@@ -177,6 +177,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
     import torch
 
     from gmsa_rag.cache import SoftTokenCache, cache_is_writable
+    from gmsa_rag.engine import engine_for
     from gmsa_rag.rag import build_or_load_index, hash_embedding, load_documents, load_embed_model, load_gmsa_model, make_query_engine
 
     def say(line: str = "") -> None:
@@ -194,6 +195,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             say(f"cache:    {inputs.cache_dir} is read-only: cached soft tokens are used, new ones are not stored")
         minfo = load_gmsa_model(inputs.checkpoint, device=args.device)
         model = minfo.model
+        model.generation_engine = args.engine
         say(f"model:    {minfo.source} (loaded in {minfo.seconds:.1f} s; {torch.get_num_threads()} CPU threads)")
         if not minfo.trained:
             say(UNTRAINED_WARNING)
@@ -221,6 +223,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             "soft_token_cache": str(inputs.cache_dir),
             "cache_readonly": readonly,
             "device": args.device,
+            "engine": engine_for(model).kind,
             "threads": torch.get_num_threads(),
         }
         common = dict(top_k=args.top_k, response_mode=args.response_mode, streaming=True,
@@ -249,7 +252,8 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
     say(f"compression: {len(texts)} retrieved chunk(s) -> {first.soft_tokens} soft tokens; first query: "
         f"{_provenance(first, readonly)}, {first.compress_seconds:.2f} s; compressing them from scratch takes "
         f"{fresh_compress:.2f} s (one-time per chunk)")
-    say(f"timing ({args.device}, {torch.get_num_threads()} threads; TTFT = query call -> first answer token):")
+    say(f"timing ({args.device}, {torch.get_num_threads()} threads, {report['engine']} decoding; "
+        "TTFT = query call -> first answer token):")
     say(f"  {'':28s} {'TTFT':>8s} {'end-to-end':>11s} {'compress':>9s} {'positions':>9s} {'new tok':>7s} {'decode/tok':>10s}")
     for r in runs:
         say(f"  {r.label:28s} {_fmt(r.ttft):>8s} {_fmt(r.total):>11s} {_fmt(r.compress_seconds):>9s} "
@@ -317,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["compact", "refine", "tree_summarize", "simple_summarize", "accumulate"])
     a.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer budget in tokens (default 32)")
     a.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    a.add_argument("--engine", default="auto", choices=["auto", "hf", "static"],
+                   help="decoding engine (gmsa_rag.engine): auto = static KV cache + CUDA graphs on CUDA, Hugging Face "
+                        "generate on CPU (faster there); hf or static to force one (default auto)")
     a.add_argument("--embed", default="minilm", choices=["minilm", "hash"],
                    help="retrieval embedding: the offline all-MiniLM-L6-v2 (default) or a hashed bag of words "
                         "(instant, for smoke tests)")

@@ -362,11 +362,21 @@ class GMSAModel(nn.Module):
         texts = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens, **generate_kwargs)
         return texts[0] if single else texts
 
+    generation_engine: str = "auto"
+    """Decoding path of :meth:`generate_from_segments` (see :mod:`gmsa_rag.engine`): ``auto`` (static KV cache,
+    CUDA graphs on CUDA; on CPU the faster path measured there), ``static`` or ``hf`` (Hugging Face generate)."""
+
     @torch.no_grad()
     def generate_from_segments(
         self, prompts: Sequence[Sequence[Segment]], max_new_tokens: int = 32, **generate_kwargs
     ) -> list[str]:
-        """Greedy (by default) decoding from prebuilt prompts; returns the decoded new text of each."""
+        """Greedy (by default) decoding from prebuilt prompts; returns the decoded new text of each.
+
+        Decodes through :func:`gmsa_rag.engine.engine_for` (``generation_engine``); sampling or other Hugging Face
+        ``generate`` kwargs fall back to ``generate``. ``eos_token_id`` overrides :meth:`stop_token_ids`.
+        """
+        from .engine import engine_for
+
         if len({self.adapter_wanted([p]) for p in prompts}) > 1:  # text and soft prompts: adapter off / on
             soft = [i for i, p in enumerate(prompts) if self.adapter_wanted([p])]
             text = [i for i, p in enumerate(prompts) if not self.adapter_wanted([p])]
@@ -377,18 +387,14 @@ class GMSAModel(nn.Module):
             return [answers[i] for i in range(len(prompts))]
         batch = self.build_batch(prompts, padding_side="left")
         self.check_length(batch.inputs_embeds.shape[1] + max_new_tokens)
-        generate_kwargs.setdefault("do_sample", False)
-        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        generate_kwargs.setdefault("eos_token_id", self.stop_token_ids())
-        if not generate_kwargs["do_sample"]:
-            generate_kwargs.setdefault("temperature", None)
-            generate_kwargs.setdefault("top_p", None)
-            generate_kwargs.setdefault("top_k", None)
+        stop = generate_kwargs.pop("eos_token_id", None)
         with self.decoder_adapter(self.adapter_wanted(prompts)):
-            out = self.decoder.generate(
-                inputs_embeds=batch.inputs_embeds,
-                attention_mask=batch.attention_mask,
-                max_new_tokens=max_new_tokens,
+            out = engine_for(self).generate(
+                batch.inputs_embeds,
+                batch.attention_mask,
+                max_new_tokens,
+                stop_token_ids=self.stop_token_ids() if stop is None else stop,
+                pad_token_id=generate_kwargs.pop("pad_token_id", self.tokenizer.pad_token_id),
                 **generate_kwargs,
             )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

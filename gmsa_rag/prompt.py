@@ -117,28 +117,62 @@ def assemble(
 ) -> DecoderBatch:
     """Turn segment lists into one padded batch of decoder inputs (left padding for generation).
 
-    Token segments are embedded with ``embed``; soft-token segments are cast to its device and dtype.
+    The layout (where each token and soft token goes) is planned on the host and sent to the embedding's device in
+    one copy; all token segments of the batch are embedded in one call; soft-token segments are cast to its dtype,
+    those not on its device moved in one copy. Differentiable with respect to the soft tokens.
     """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device, dtype = embed.weight.device, embed.weight.dtype
-    rows, label_rows = [], []
-    for segments in prompts:
-        pieces, labels = [], []
+    lengths = [sum(len(seg) for seg in segments) for segments in prompts]
+    batch, longest = len(lengths), max(lengths)
+    # Flat destinations (row * longest + position) of every text token, soft token and target token.
+    ids: list[int] = []
+    id_slots: list[int] = []
+    target_ids: list[int] = []
+    target_slots: list[int] = []
+    # soft tokens already on the device, and those elsewhere (e.g. cache hits on the host): one copy for these
+    soft: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+    soft_slots: tuple[list[int], list[int]] = ([], [])
+    for row, (segments, n) in enumerate(zip(prompts, lengths)):
+        pos = row * longest + (0 if padding_side == "right" else longest - n)
         for seg in segments:
+            span = range(pos, pos + len(seg))
             if seg.token_ids is not None:
-                ids = torch.tensor(seg.token_ids, dtype=torch.long, device=device)
-                pieces.append(embed(ids))
-                labels.append(ids if seg.is_target else torch.full_like(ids, -100))
+                ids += seg.token_ids
+                id_slots += span
+                if seg.is_target:
+                    target_ids += seg.token_ids
+                    target_slots += span
             else:
-                pieces.append(seg.embeds.to(device=device, dtype=dtype))
-                labels.append(torch.full((len(seg),), -100, dtype=torch.long, device=device))
-        rows.append(torch.cat(pieces))
-        label_rows.append(torch.cat(labels))
-    longest = max(r.shape[0] for r in rows)
-    embeds = torch.zeros(len(rows), longest, rows[0].shape[1], dtype=rows[0].dtype, device=device)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
-    labels = torch.full((len(rows), longest), -100, dtype=torch.long, device=device)
-    for b, (row, lab) in enumerate(zip(rows, label_rows)):
-        n = row.shape[0]
-        span = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
-        embeds[b, span], mask[b, span], labels[b, span] = row, 1, lab
-    return DecoderBatch(embeds, mask, labels)
+                away = int(seg.embeds.device != device)
+                soft[away].append(seg.embeds)
+                soft_slots[away].extend(span)
+            pos += len(seg)
+    parts = [ids, id_slots, soft_slots[0], soft_slots[1], target_ids, target_slots, lengths]
+    plan = torch.tensor([x for part in parts for x in part], dtype=torch.long).to(device)
+    ids_t, id_slots_t, near_slots, away_slots, target_ids_t, target_slots_t, lengths_t = plan.split(
+        [len(p) for p in parts])
+
+    flat = torch.zeros(batch * longest, embed.embedding_dim, dtype=dtype, device=device)
+    if ids:
+        flat = flat.index_copy(0, id_slots_t, embed(ids_t))
+    for spans, slots in zip(soft, (near_slots, away_slots)):
+        if spans:
+            flat = flat.index_copy(0, slots, _gather(spans, device, dtype))
+    labels = torch.full((batch * longest,), -100, dtype=torch.long, device=device)
+    if target_ids:
+        labels[target_slots_t] = target_ids_t
+    columns = torch.arange(longest, device=device)
+    if padding_side == "right":
+        mask = columns[None, :] < lengths_t[:, None]
+    else:
+        mask = columns[None, :] >= (longest - lengths_t)[:, None]
+    return DecoderBatch(flat.view(batch, longest, -1), mask.long(), labels.view(batch, longest))
+
+
+def _gather(spans: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Soft-token spans concatenated in order on ``device``: spans on one other device move in one copy."""
+    if all(s.device == spans[0].device for s in spans):
+        return torch.cat(spans).to(device=device, dtype=dtype)
+    return torch.cat([s.to(device=device, dtype=dtype) for s in spans])  # spread over several devices

@@ -89,6 +89,18 @@ def test_ask_json_report(tiny_model, small_docs, tmp_path, capsys):
     assert again["runs"][0]["disk_hits"] == 2 and again["runs"][0]["computed"] == 0
 
 
+def test_ask_engine_choice(tiny_model, small_docs, tmp_path, capsys):
+    from gmsa_rag.engine import select_engine
+
+    base = ["ask", "who wrote it", "--docs", str(small_docs), "--cache-dir", str(tmp_path / "c"), "--embed", "hash",
+            "--max-new-tokens", "2", "--no-compare", "--json"]
+    for extra, expected in (([], select_engine("cpu")), (["--engine", "static"], "static"), (["--engine", "hf"], "hf")):
+        assert cli.main(base + extra) == 0
+        assert json.loads(capsys.readouterr().out)["engine"] == expected
+    # --device cuda: auto is the static path with CUDA graphs (select_engine on the model's device)
+    assert select_engine("cuda:0", "auto") == "static"
+
+
 def test_ask_text_output(tiny_model, small_docs, tmp_path, capsys):
     argv = ["ask", "which is the largest great lake", "--docs", str(small_docs), "--cache-dir",
             str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--max-new-tokens", "2", "--response-mode", "refine"]

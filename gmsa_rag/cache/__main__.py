@@ -27,7 +27,7 @@ from ..errors import (
     positive_int,
     report_errors,
 )
-from .precompute import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, precompute
+from .precompute import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, precompute, process_device
 from .store import CacheDatabaseError, SoftTokenCache, check_cache_dir, default_cache_dir, remove_cache_files
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.device is not None:
         check_device(args.device)
     with SoftTokenCache(cache_dir, size_limit=args.size_limit, eviction_policy=args.eviction_policy) as cache:
-        model = _load_model(checkpoint, args.device, progress=not args.no_progress)
+        model = _load_model(checkpoint, process_device(args.device), progress=not args.no_progress)  # a GPU per process
         # Libraries print notices to stdout (e.g. LlamaIndex's splitter); keep stdout for the report.
         with contextlib.redirect_stdout(sys.stderr):
             report = precompute(

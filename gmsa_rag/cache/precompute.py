@@ -9,19 +9,26 @@ strings the retriever later returns (``node.get_content()``). Two ways to guaran
   from the same documents. Beware: LlamaIndex's splitter shortens chunks by the length of the
   document's *metadata string*; :func:`load_folder` therefore excludes its ``file_path`` metadata
   from the embed/LLM metadata, so chunks equal those of the bare text.
+
+Throughput: chunks are sorted by token length (little padding) and compressed ``batch_size`` at a time while a
+writer thread serialises and stores the previous batch. Several processes (``accelerate launch -m gmsa_rag.cache
+build ...`` or ``torchrun``) each take a shard of the chunks (:func:`process_shard`) and write to the one cache,
+which is safe under concurrent writers (diskcache: SQLite in WAL mode with a busy timeout).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
-from .store import SoftTokenCache, cache_key, compute_and_store
+from .store import SoftTokenCache, cache_key
 
 if TYPE_CHECKING:  # llama_index is imported lazily (it is slow to import)
     from llama_index.core import Document
@@ -37,6 +44,8 @@ __all__ = [
     "load_folder",
     "make_splitter",
     "precompute",
+    "process_device",
+    "process_shard",
     "token_counter",
 ]
 
@@ -54,7 +63,11 @@ Source = Union[str, os.PathLike, Sequence[Any]]
 
 @dataclass(frozen=True)
 class PrecomputeReport:
-    """What :func:`precompute` did. ``computed + skipped == unique_chunks``."""
+    """What :func:`precompute` did. ``computed + skipped == unique_chunks``.
+
+    With several processes, ``unique_chunks``, ``computed``, ``skipped``, ``tokens`` and the rates are this
+    process's shard's; ``total_chunks`` and ``empty_skipped`` are the whole source's.
+    """
 
     source: str
     cache_dir: str
@@ -66,10 +79,25 @@ class PrecomputeReport:
     skipped: int  # already in the cache
     empty_skipped: int  # empty / whitespace-only chunks, ignored
     seconds: float
+    tokens: int = 0  # tokens of the computed chunks (the model's tokenizer; words without one)
+    compress_seconds: float = 0.0  # the compress + store loop alone
+    process_index: int = 0
+    num_processes: int = 1
+
+    @property
+    def chunks_per_second(self) -> float:
+        """Computed chunks per second of the compress + store loop."""
+        return self.computed / self.compress_seconds if self.compress_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens of computed chunks per second of the compress + store loop."""
+        return self.tokens / self.compress_seconds if self.compress_seconds > 0 else 0.0
 
     def as_dict(self) -> dict:
-        """Plain-dict form (for JSON)."""
-        return asdict(self)
+        """Plain-dict form (for JSON), rates included."""
+        return {**asdict(self), "chunks_per_second": self.chunks_per_second,
+                "tokens_per_second": self.tokens_per_second}
 
 
 def token_counter(tokenizer: Any) -> Callable[[str], list] | None:
@@ -244,6 +272,51 @@ def _check_model_rate(model: Any, rate: int) -> None:
         raise ValueError(f"rate must be >= 1, got {rate}")
 
 
+def process_shard() -> tuple[int, int]:
+    """(index, count) of this process among those started by ``accelerate launch`` or ``torchrun`` (their
+    ``RANK`` / ``WORLD_SIZE``); (0, 1) for a plain run."""
+    count = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    index = int(os.environ.get("RANK", "0") or 0)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"bad RANK={index} / WORLD_SIZE={count}")
+    return index, count
+
+
+def process_device(device: str | None) -> str | None:
+    """The device this process should load the model on: under a multi-process launch, ``cuda`` (or no device,
+    with CUDA present) becomes ``cuda:<LOCAL_RANK>`` so each process takes its own GPU; otherwise ``device``."""
+    _, count = process_shard()
+    if count == 1 or device not in (None, "cuda"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
+
+
+def _token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Tokens of each text: one batched call for a Hugging Face tokenizer, ``encode`` per text otherwise, words
+    without a tokenizer."""
+    if not texts:
+        return []
+    if tokenizer is None:
+        return [len(t.split()) for t in texts]
+    if callable(tokenizer) and hasattr(tokenizer, "batch_decode"):  # a transformers tokenizer
+        return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    count = token_counter(tokenizer)
+    return [len(count(t)) for t in texts]
+
+
+def _compress_kwargs(model: Any, batch_size: int) -> dict:
+    """Pass ``batch_size`` on to ``model.compress`` when it takes one (GMSAModel batches encoder windows)."""
+    try:
+        params = inspect.signature(model.compress).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"batch_size": batch_size} if "batch_size" in params else {}
+
+
 def precompute(
     model: Any,
     cache: SoftTokenCache,
@@ -256,6 +329,7 @@ def precompute(
     tokenizer: Any = "model",
     progress: bool = True,
     verify: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> PrecomputeReport:
     """Compress every chunk of ``source`` that is not cached yet and store it in ``cache``.
 
@@ -264,15 +338,19 @@ def precompute(
             and ``tokenizer``.
         source: see :func:`collect_chunks`.
         rate: compression rate; must be one of ``model.config.rates`` (else ``ValueError``).
+        batch_size: chunks per ``compress`` call (similar lengths together: chunks are sorted by tokens).
         tokenizer: token counter for chunking; default ``model.tokenizer`` (``None`` -> LlamaIndex's).
             Ignored for nodes of a persisted index, which are used as-is.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (chunks/s, and tokens/s after it); only on process 0.
         verify: read and checksum existing entries (corrupt ones are recomputed) instead of only
             testing their presence.
+        shard: (index, count): compress only every count-th distinct chunk from index on (in key order);
+            default :func:`process_shard`, so each process of a multi-process launch takes its share.
 
     Empty / whitespace-only chunks are skipped and counted in ``empty_skipped``. Re-running is
     idempotent: cached chunks are skipped.
     """
+    import torch
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -282,6 +360,9 @@ def precompute(
     fingerprint = getattr(model, "fingerprint", None)
     if not isinstance(fingerprint, str) or not fingerprint:
         raise ValueError("model.fingerprint must be a non-empty str")
+    index, count = shard or process_shard()
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} is not in [0, {count})")
     if isinstance(tokenizer, str) and tokenizer == "model":
         tokenizer = getattr(model, "tokenizer", None)
 
@@ -289,13 +370,39 @@ def precompute(
     unique: dict[str, str] = {}
     for text in chunks:
         unique.setdefault(cache_key(text, fingerprint, rate), text)
+    mine = {k: unique[k] for k in sorted(unique)[index::count]}  # keys are hashes: an even, stable split
     if verify:
-        missing = {k: t for k, t in unique.items() if cache.get(k) is None}
+        missing = {k: t for k, t in mine.items() if cache.get(k) is None}
     else:
-        missing = {k: t for k, t in unique.items() if k not in cache}
+        missing = {k: t for k, t in mine.items() if k not in cache}
+    keys = list(missing)
+    lengths = dict(zip(keys, _token_lengths(getattr(model, "tokenizer", None), [missing[k] for k in keys])))
+    keys.sort(key=lambda k: lengths[k], reverse=True)  # longest first: a batch that does not fit fails at once
+    kwargs = _compress_kwargs(model, batch_size)
 
-    with tqdm(total=len(missing), unit="chunk", desc=f"GMSA compress (rate {rate})", disable=not progress) as bar:
-        compute_and_store(cache, missing, rate, model.compress, batch_size, progress=bar.update, keep=False)
+    t1 = time.perf_counter()
+    done_tokens = 0
+    label = f"GMSA compress (rate {rate})" + (f" [process {index} of {count}]" if count > 1 else "")
+    show = progress and index == 0
+    with tqdm(total=len(keys), unit="chunk", desc=label, disable=not show) as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="gmsa-cache-writer") as writer:
+        pending: list[Future] = []
+        for start in range(0, len(keys), batch_size):
+            batch_keys = keys[start : start + batch_size]
+            with torch.no_grad():
+                result = list(model.compress([missing[k] for k in batch_keys], rate, **kwargs))
+            if len(result) != len(batch_keys):
+                raise ValueError(f"compress returned {len(result)} tensors for {len(batch_keys)} texts")
+            pairs = [(k, t.detach().to("cpu")) for k, t in zip(batch_keys, result)]
+            while len(pending) >= 2:  # at most two batches waiting to be written
+                pending.pop(0).result()
+            pending.append(writer.submit(cache.put_many, pairs))
+            done_tokens += sum(lengths[k] for k in batch_keys)
+            bar.update(len(batch_keys))
+            bar.set_postfix_str(f"{done_tokens / max(time.perf_counter() - t1, 1e-9):,.0f} tok/s", refresh=False)
+        for future in pending:
+            future.result()
+    loop_seconds = time.perf_counter() - t1
 
     report = PrecomputeReport(
         source=str(source) if isinstance(source, (str, os.PathLike)) else f"<{len(source)} items>",
@@ -303,11 +410,15 @@ def precompute(
         fingerprint=fingerprint,
         rate=rate,
         total_chunks=len(chunks),
-        unique_chunks=len(unique),
+        unique_chunks=len(mine),
         computed=len(missing),
-        skipped=len(unique) - len(missing),
+        skipped=len(mine) - len(missing),
         empty_skipped=empty,
         seconds=time.perf_counter() - t0,
+        tokens=done_tokens,
+        compress_seconds=loop_seconds,
+        process_index=index,
+        num_processes=count,
     )
     logger.info("precompute: %s", report)
     return report

@@ -1,0 +1,316 @@
+"""Generation engine: greedy decoding of a left-padded batch of decoder input embeddings.
+
+One interface (:class:`GenerationEngine`), two paths:
+
+* ``static``: a transformers ``StaticCache`` (one per batch size and length bucket, kept and reused) filled by an
+  eager prefill, then a one-token decode step. On CUDA the step is compiled with
+  ``torch.compile(mode="reduce-overhead")``, which records it as CUDA graphs; elsewhere it runs eagerly.
+  Greedy only: stop tokens per row, ``BaseStreamer`` streaming, no logits processors.
+* ``hf``: Hugging Face ``generate`` (dynamic cache): everything else (sampling, beams, logits processors).
+
+:func:`select_engine` chooses between them; ``GMSAModel.generate_from_segments`` decodes through
+:func:`engine_for`, so ``GMSAModel.generate``, ``GMSALLM`` and ``gmsa-rag ask`` share this code.
+"""
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from torch.profiler import record_function
+
+logger = logging.getLogger(__name__)
+
+EngineChoice = Literal["auto", "hf", "static"]
+EngineKind = Literal["hf", "static"]
+ENGINE_CHOICES: tuple[str, ...] = ("auto", "hf", "static")
+
+#: What ``auto`` picks on CPU: HF ``generate``, which decoded SmolLM2-135M ~2% faster than the eager static-cache
+#: path on the project's 2-core machine (benchmarks/results/cpu-2core/decode-engine-choice.md).
+CPU_ENGINE: EngineKind = "hf"
+
+#: Smallest static-cache length; longer prompts round up to the next power of two (few buckets, few recompiles).
+MIN_BUCKET = 256
+
+# Generation kwargs the static path honours (or that change nothing in greedy decoding); anything else -> HF.
+_IGNORED_IN_GREEDY = ("temperature", "top_p", "top_k", "typical_p", "min_p")
+
+
+def select_engine(device: torch.device | str, choice: str = "auto") -> EngineKind:
+    """The decoding path for a decoder on ``device``: ``choice`` itself, or for ``auto`` the static path on CUDA,
+    :data:`CPU_ENGINE` on CPU and HF ``generate`` elsewhere."""
+    if choice not in ENGINE_CHOICES:
+        raise ValueError(f"engine must be one of {ENGINE_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice  # type: ignore[return-value]
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "static"
+    return CPU_ENGINE if kind == "cpu" else "hf"
+
+
+def is_greedy(generate_kwargs: dict[str, Any]) -> bool:
+    """Whether ``generate_kwargs`` ask for plain greedy decoding, all the static path does."""
+    for key, value in generate_kwargs.items():
+        if key in _IGNORED_IN_GREEDY or (key == "do_sample" and not value):
+            continue
+        if (key == "num_beams" and value in (None, 1)) or (key == "use_cache" and value in (None, True)):
+            continue
+        return False
+    return True
+
+
+def cache_bucket(positions: int, minimum: int = MIN_BUCKET) -> int:
+    """Static cache length for ``positions`` positions: the next power of two, at least ``minimum``."""
+    size = max(int(minimum), 1)
+    while size < positions:
+        size *= 2
+    return size
+
+
+class _HostReader:
+    """Device-to-host copies of each step's tokens and "all rows finished" flag.
+
+    On CUDA a step is read one step late, so the host never waits for the step it has just queued (the flag of
+    step i is read while step i+1 runs); elsewhere at once.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.pending: collections.deque = collections.deque()
+
+    def push(self, step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+        if self.cuda:
+            host = torch.empty(tokens.shape[0] + 1, dtype=torch.long, pin_memory=True)
+            host[:-1].copy_(tokens, non_blocking=True)
+            host[-1:].copy_(finished.view(1).long(), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((step, host, event))
+        else:
+            self.pending.append((step, torch.cat([tokens, finished.view(1).long()]), None))
+
+    def ready(self, drain: bool = False) -> Iterator[tuple[int, torch.Tensor, bool]]:
+        """(step, host tokens [B], all finished) of each step whose copy may be read now (all, if ``drain``)."""
+        lag = 0 if drain or not self.cuda else 1
+        while len(self.pending) > lag:
+            step, host, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+            yield step, host[:-1], bool(host[-1])
+
+
+class StaticCacheDecoder:
+    """Greedy decoding with a static KV cache; the one-token step optionally compiled (CUDA graphs on CUDA).
+
+    Args:
+        decoder: a Hugging Face causal LM whose architecture supports ``StaticCache``.
+        compile_step: compile the decode step with ``torch.compile(mode=mode)``.
+        mode: ``torch.compile`` mode; ``reduce-overhead`` records CUDA graphs.
+        min_bucket: smallest cache length (see :func:`cache_bucket`).
+        max_caches: static caches kept (least recently used dropped first).
+    """
+
+    def __init__(self, decoder: Any, compile_step: bool = False, mode: str = "reduce-overhead",
+                 min_bucket: int = MIN_BUCKET, max_caches: int = 4) -> None:
+        self.decoder = decoder
+        self.min_bucket = min_bucket
+        self.max_caches = max_caches
+        self.compiled = compile_step
+        self._caches: collections.OrderedDict = collections.OrderedDict()
+        params = inspect.signature(decoder.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        if compile_step:
+            import torch._dynamo
+
+            # every (batch size, bucket) compiles once; keep them all
+            for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+            self.step = torch.compile(self._step, mode=mode, dynamic=False)
+        else:
+            self.step = self._step
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        out = self.decoder(input_ids=token, position_ids=position, attention_mask=mask, use_cache=True,
+                           **{self._cache_arg: cache})
+        return out.logits[:, -1].argmax(-1)
+
+    def _cache_for(self, batch: int, positions: int, dtype: torch.dtype, device: torch.device) -> tuple[Any, torch.Tensor]:
+        """A reset static cache of at least ``positions`` positions and its [batch, size] attention-mask buffer."""
+        from transformers import StaticCache
+
+        size = cache_bucket(positions, self.min_bucket)
+        key = (batch, size, dtype, device)
+        if key in self._caches:
+            self._caches.move_to_end(key)
+            cache, mask = self._caches[key]
+            cache.reset()
+        else:
+            config = self.decoder.config.get_text_config(decoder=True)
+            cache = StaticCache(config=config, max_cache_len=size)
+            mask = torch.ones(batch, size, dtype=torch.bool, device=device)
+            if self.compiled:
+                torch._dynamo.mark_static_address(mask)  # updated in place, never copied into the graph
+            self._caches[key] = (cache, mask)
+            while len(self._caches) > self.max_caches:
+                self._caches.popitem(last=False)
+        return cache, mask
+
+    @torch.no_grad()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 stop_token_ids: Sequence[int] = (), pad_token_id: int | None = None,
+                 streamer: Any = None) -> torch.Tensor:
+        """New token ids [B, n] (n <= ``max_new_tokens``), rows padded with ``pad_token_id`` after their stop token;
+        the same as Hugging Face greedy ``generate`` with ``eos_token_id=stop_token_ids``."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        batch, length, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        cache, mask = self._cache_for(batch, length + max_new_tokens, inputs_embeds.dtype, device)
+        prompt_mask = attention_mask.to(device=device, dtype=torch.bool)
+        mask[:, :length] = prompt_mask
+        mask[:, length:] = True  # later positions: the causal mask keeps each step from seeing beyond itself
+        # Position ids as Hugging Face generate makes them for left padding: count real tokens only.
+        positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill(~prompt_mask, 0)
+        next_position = positions[:, -1:] + 1
+        stop = torch.tensor(list(stop_token_ids), dtype=torch.long, device=device) if stop_token_ids else None
+        pad = pad_token_id if pad_token_id is not None else (int(stop_token_ids[0]) if stop_token_ids else 0)
+        reader = _HostReader(device) if (streamer is not None or stop is not None) else None
+        if streamer is not None:
+            streamer.put(torch.empty(batch, 0, dtype=torch.long))  # generate() puts the (empty) prompt ids first
+
+        with record_function("gmsa.prefill"):
+            logits = self.decoder(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions,
+                                  use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits
+            token = logits[:, -1].argmax(-1)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        tokens: list[torch.Tensor] = []
+        kept = None  # steps kept, once every row has stopped
+        for step in range(max_new_tokens):
+            if step > 0:
+                with record_function("gmsa.decode_step"):
+                    if self.compiled:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    token = self.step(token[:, None], next_position + (step - 1), mask, cache).clone()
+            if stop is not None:
+                token = torch.where(unfinished, token, pad)
+                unfinished = unfinished & ~torch.isin(token, stop)
+            tokens.append(token)
+            if reader is not None:
+                reader.push(step, token, ~unfinished.any())
+                kept = self._read(reader, streamer, drain=False)
+                if kept is not None:
+                    break
+        if reader is not None and kept is None:
+            kept = self._read(reader, streamer, drain=True)
+        if streamer is not None:
+            streamer.end()
+        return torch.stack(tokens[:kept] if kept is not None else tokens, dim=1)
+
+    @staticmethod
+    def _read(reader: _HostReader, streamer: Any, drain: bool) -> int | None:
+        """Stream the steps that are ready; the number of steps to keep once all rows have stopped, else None."""
+        for step, host_tokens, finished in reader.ready(drain):
+            if streamer is not None:
+                streamer.put(host_tokens)
+            if finished:
+                return step + 1
+        return None
+
+
+class GenerationEngine:
+    """Decodes for a decoder through the path :func:`select_engine` picks for its device.
+
+    The static path is used for greedy requests (:func:`is_greedy`); others fall back to Hugging Face ``generate``.
+    On CUDA with compilation, every call runs on one engine-owned thread: CUDA-graph trees belong to the thread
+    that recorded them, and callers such as ``GMSALLM.stream_complete`` decode from a new thread each time.
+
+    Attributes:
+        kind: ``static`` or ``hf``, the path greedy requests take.
+        last_path: the path the latest call took.
+    """
+
+    def __init__(self, decoder: Any, choice: str = "auto", compile_step: bool | None = None,
+                 min_bucket: int = MIN_BUCKET) -> None:
+        self.decoder = decoder
+        self.choice = choice
+        self.device = torch.device(decoder.device)
+        self.kind: EngineKind = select_engine(self.device, choice)
+        if choice == "auto" and self.kind == "static" and not getattr(decoder, "_can_compile_fullgraph", False):
+            self.kind = "hf"  # an architecture transformers does not mark as compilable with a static cache
+        self.last_path: EngineKind | None = None
+        self.static: StaticCacheDecoder | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        if self.kind == "static":
+            if compile_step is None:
+                compile_step = self.device.type == "cuda" and _has_triton()
+                if self.device.type == "cuda" and not compile_step:
+                    logger.warning("triton is missing: the static decode step runs eagerly, without CUDA graphs")
+            self.static = StaticCacheDecoder(decoder, compile_step=compile_step, min_bucket=min_bucket)
+            if compile_step and self.device.type == "cuda":
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="gmsa-decode")
+        self._lock = threading.Lock()
+
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 stop_token_ids: Sequence[int] | int | None = (), pad_token_id: int | None = None,
+                 streamer: Any = None, **generate_kwargs: Any) -> torch.Tensor:
+        """New token ids [B, n] for a left-padded batch; rows that stopped early are padded with ``pad_token_id``.
+
+        ``stop_token_ids`` end a row (kept in its output); empty: exactly ``max_new_tokens`` tokens. ``streamer``
+        gets Hugging Face's calls: ``put`` of the (empty) prompt ids, then of each step's tokens, then ``end``.
+        """
+        if isinstance(stop_token_ids, int):
+            stop_token_ids = [stop_token_ids]
+        stop = [int(t) for t in (stop_token_ids or ())]
+        if self.static is None or not is_greedy(generate_kwargs):
+            self.last_path = "hf"
+            return self._hf(inputs_embeds, attention_mask, max_new_tokens, stop, pad_token_id, streamer,
+                            **generate_kwargs)
+        self.last_path = "static"
+        call = (self.static.generate, inputs_embeds, attention_mask, max_new_tokens, stop, pad_token_id, streamer)
+        with self._lock:
+            if self._executor is None:
+                return call[0](*call[1:])
+            return self._executor.submit(*call).result()
+
+    @torch.no_grad()
+    def _hf(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+            stop: list[int], pad_token_id: int | None, streamer: Any, **generate_kwargs: Any) -> torch.Tensor:
+        """Hugging Face ``generate`` (greedy unless sampling kwargs say otherwise); returns the new ids only."""
+        generate_kwargs.setdefault("do_sample", False)
+        if not generate_kwargs["do_sample"]:
+            for key in ("temperature", "top_p", "top_k"):
+                generate_kwargs.setdefault(key, None)
+        with record_function("gmsa.hf_generate"):
+            return self.decoder.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                         max_new_tokens=max_new_tokens, eos_token_id=stop or None,
+                                         pad_token_id=pad_token_id, streamer=streamer, **generate_kwargs)
+
+    def matches(self, decoder: Any, choice: str) -> bool:
+        """Whether this engine serves ``decoder`` as it is now (same object and device) with ``choice``."""
+        return decoder is self.decoder and choice == self.choice and torch.device(decoder.device) == self.device
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except Exception:  # pragma: no cover - very old torch
+        return False
+
+
+def engine_for(model: Any) -> GenerationEngine:
+    """The engine of a ``GMSAModel`` for its ``generation_engine`` choice, built once and kept on the model (its
+    static caches and compiled step are reused), rebuilt when the choice or the decoder's device changes."""
+    choice = getattr(model, "generation_engine", "auto")
+    engine = model.__dict__.get("_generation_engine")
+    if engine is None or not engine.matches(model.decoder, choice):
+        engine = GenerationEngine(model.decoder, choice)
+        model.__dict__["_generation_engine"] = engine
+    return engine

@@ -1,0 +1,239 @@
+"""The generation engine (static KV cache vs Hugging Face generate) and the batched prompt assembly, on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from gmsa_rag import engine as eng
+from gmsa_rag.engine import GenerationEngine, StaticCacheDecoder, cache_bucket, engine_for, is_greedy, select_engine
+from gmsa_rag.prompt import DecoderBatch, Segment, assemble, qa_segments
+from gmsa_rag.testing import SAMPLE_TEXT, tiny_gmsa
+
+
+class Recorder(BaseStreamer):
+    """Keeps every put() and whether end() came."""
+
+    def __init__(self) -> None:
+        self.puts: list[torch.Tensor] = []
+        self.ended = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.clone())
+
+    def end(self) -> None:
+        self.ended += 1
+
+
+def lively(model):
+    """Larger random decoder weights: the tiny model's greedy tokens then vary from step to step and row to row
+    (with the default init it repeats one token), so that equal outputs mean something."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return lively(tiny_gmsa(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def batch(model, tokenizer) -> DecoderBatch:
+    """Three prompts of different lengths (so the shorter ones are left-padded): soft tokens and text."""
+    soft = model.compress([SAMPLE_TEXT, "Paris is the capital of France."], 4)
+    prompts = [
+        qa_segments(tokenizer, "Who designed the tower?", soft),
+        qa_segments(tokenizer, "Where?", soft[1:]),
+        qa_segments(tokenizer, "What is the capital of France, and what river flows through it?", ["Paris."]),
+    ]
+    batch = model.build_batch(prompts, padding_side="left")
+    lengths = batch.attention_mask.sum(1)
+    assert len(set(lengths.tolist())) == 3  # really different lengths: left padding in two rows
+    free = GenerationEngine(model.decoder, "hf").generate(batch.inputs_embeds, batch.attention_mask, 12)
+    assert len(set(free.flatten().tolist())) > 20  # varied tokens
+    return batch
+
+
+def hf(model, batch, n, stop=(), streamer=None):
+    return GenerationEngine(model.decoder, "hf").generate(batch.inputs_embeds, batch.attention_mask, n,
+                                                          stop_token_ids=stop, pad_token_id=0, streamer=streamer)
+
+
+def static(model, batch, n, stop=(), streamer=None, decoder=None):
+    decoder = decoder or StaticCacheDecoder(model.decoder, min_bucket=16)
+    return decoder.generate(batch.inputs_embeds, batch.attention_mask, n, stop_token_ids=stop, pad_token_id=0,
+                            streamer=streamer)
+
+
+def test_static_cache_greedy_equals_hf_generate_with_left_padding(model, batch):
+    expected = hf(model, batch, 12)
+    assert expected.shape == (3, 12)
+    decoder = StaticCacheDecoder(model.decoder, min_bucket=16)  # 16 < prompt + 12: a bucket above the minimum
+    assert torch.equal(static(model, batch, 12, decoder=decoder), expected)
+    assert torch.equal(static(model, batch, 12, decoder=decoder), expected)  # the reused cache is reset
+    one = DecoderBatch(batch.inputs_embeds[2:], batch.attention_mask[2:], batch.labels[2:])
+    assert torch.equal(static(model, one, 12, decoder=decoder), expected[2:])  # another batch size: own cache
+    assert len(decoder._caches) == 2
+
+
+def test_stop_tokens_end_each_row_as_hf_does(model, batch):
+    free = hf(model, batch, 12)
+    # stop on row 0's third token: row 0 ends there, rows where it never comes run to the end (padded rows of
+    # finished sequences, as HF pads them)
+    stop_token = int(free[0, 2])
+    others = int(free[1, 5])
+    expected = hf(model, batch, 12, stop=[stop_token, 7])
+    got = static(model, batch, 12, stop=[stop_token, 7])
+    assert torch.equal(got, expected)
+    assert got[0, 2] == stop_token and (got[0, 3:] == 0).all()
+    # all rows stop: generation ends at the last row's stop token, before max_new_tokens
+    first_stop = [int(free[b, 1]) for b in range(3)]
+    expected = hf(model, batch, 12, stop=first_stop + [others])
+    got = static(model, batch, 12, stop=first_stop + [others])
+    assert torch.equal(got, expected) and got.shape[1] < 12
+
+
+def test_streaming_puts_what_hf_puts(model, batch):
+    one = DecoderBatch(batch.inputs_embeds[:1], batch.attention_mask[:1], batch.labels[:1])
+    stop = [int(hf(model, one, 8)[0, 4])]
+    a, b = Recorder(), Recorder()
+    out_hf = hf(model, one, 8, stop=stop, streamer=a)
+    out_static = static(model, one, 8, stop=stop, streamer=b)
+    assert torch.equal(out_hf, out_static)
+    assert len(a.puts) == len(b.puts) == 1 + out_hf.shape[1] and a.ended == b.ended == 1
+    for x, y in zip(a.puts, b.puts):
+        assert x.shape == y.shape and torch.equal(x, y)
+
+
+def test_streamed_text_is_the_same(model, tokenizer, batch):
+    one = DecoderBatch(batch.inputs_embeds[:1], batch.attention_mask[:1], batch.labels[:1])
+    texts = []
+    for run in (hf, static):
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+        run(model, one, 10, streamer=streamer)
+        texts.append("".join(streamer))
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_selection_by_device():
+    # GMSALLM and `gmsa-rag ask --device cuda` decode through GMSAModel.generate_from_segments -> engine_for,
+    # which picks select_engine(<decoder's device>, model.generation_engine): the fast path on any CUDA device.
+    for device in ("cuda", "cuda:0", "cuda:3", torch.device("cuda", 1)):
+        assert select_engine(device) == "static"
+    assert select_engine("cpu") == eng.CPU_ENGINE
+    assert select_engine("mps") == "hf"
+    assert select_engine("cuda", "hf") == "hf" and select_engine("cpu", "static") == "static"
+    with pytest.raises(ValueError, match="engine"):
+        select_engine("cpu", "fast")
+
+
+def test_auto_on_cuda_needs_a_compilable_architecture(model, monkeypatch):
+    class OnCuda:
+        """The tiny decoder as GenerationEngine sees it on a GPU (only device and forward are read)."""
+
+        device = torch.device("cuda", 0)
+        config = model.decoder.config
+        forward = model.decoder.forward
+
+    monkeypatch.setattr(eng, "_has_triton", lambda: False)  # no compilation needed to check the choice
+    assert type(model.decoder)._can_compile_fullgraph
+    OnCuda._can_compile_fullgraph = True
+    assert GenerationEngine(OnCuda(), "auto").kind == "static"
+    OnCuda._can_compile_fullgraph = False
+    assert GenerationEngine(OnCuda(), "auto").kind == "hf"
+    assert GenerationEngine(OnCuda(), "static").kind == "static"  # asked for: no second-guessing
+
+
+def test_sampling_and_processors_fall_back_to_hf():
+    assert is_greedy({}) and is_greedy({"do_sample": False, "temperature": None, "num_beams": 1})
+    assert not is_greedy({"do_sample": True})
+    assert not is_greedy({"suppress_tokens": [1]}) and not is_greedy({"min_new_tokens": 4})
+
+
+def test_bucket_lengths_are_few():
+    assert [cache_bucket(n) for n in (1, 256, 257, 600, 4097)] == [256, 256, 512, 1024, 8192]
+    assert cache_bucket(20, minimum=16) == 32
+
+
+def test_model_generation_goes_through_the_engine(tokenizer, monkeypatch):
+    from llama_index.llms.gmsa import GMSALLM
+
+    from gmsa_rag.markers import QA_TEMPLATE, marker
+
+    model = lively(tiny_gmsa(tokenizer))
+    llm = GMSALLM(model, max_new_tokens=6)
+    soft = model.compress([SAMPLE_TEXT], 4)
+    llm.store.put_many([("a" * 64, soft[0])])
+    prompt = QA_TEMPLATE.format(context_str=marker("a" * 64), query_str="Who built it?")
+    answers = {}
+    for choice in ("hf", "static"):
+        model.generation_engine = choice
+        answers[choice] = (llm.complete(prompt).text, "".join(c.delta for c in llm.stream_complete(prompt)).strip())
+        engine = engine_for(model)
+        assert engine.kind == choice and engine.last_path == choice
+    assert answers["hf"] == answers["static"]
+    model.generation_engine = "auto"
+    assert engine_for(model).kind == select_engine("cpu")
+    assert engine_for(model) is engine_for(model)  # kept: its caches (and compiled step) are reused
+    model.generate("Who?", soft, max_new_tokens=2, do_sample=True)  # sampling: HF generate, whatever the choice
+    assert engine_for(model).last_path == "hf"
+
+
+# ----------------------------------------------------------------------------------- prompt assembly
+
+
+def reference_assemble(prompts, embed, padding_side):
+    """The obvious per-segment implementation."""
+    rows, label_rows = [], []
+    for segments in prompts:
+        pieces, labels = [], []
+        for seg in segments:
+            if seg.token_ids is not None:
+                ids = torch.tensor(seg.token_ids)
+                pieces.append(embed(ids))
+                labels.append(ids if seg.is_target else torch.full_like(ids, -100))
+            else:
+                pieces.append(seg.embeds.to(embed.weight.dtype))
+                labels.append(torch.full((len(seg),), -100))
+        rows.append(torch.cat(pieces))
+        label_rows.append(torch.cat(labels))
+    longest = max(r.shape[0] for r in rows)
+    embeds = torch.zeros(len(rows), longest, rows[0].shape[1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    labels = torch.full((len(rows), longest), -100)
+    for b, (row, lab) in enumerate(zip(rows, label_rows)):
+        n = row.shape[0]
+        span = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+        embeds[b, span], mask[b, span], labels[b, span] = row, 1, lab
+    return embeds, mask, labels
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_assembly_in_one_pass_equals_per_segment(model, tokenizer, padding_side):
+    soft = model.compress([SAMPLE_TEXT, "Paris is the capital of France."], 4)
+    soft = [soft[0], soft[1].to(torch.float64)]  # another dtype: cast
+    prompts = [
+        qa_segments(tokenizer, "Who designed the tower?", soft, answer="Gustave Eiffel"),
+        qa_segments(tokenizer, "Where?", ["Paris is in France."]),
+        [Segment(embeds=soft[1]), Segment(token_ids=[5, 6, 7], is_target=True)],
+    ]
+    got = assemble(prompts, model.embed_tokens, padding_side=padding_side)
+    embeds, mask, labels = reference_assemble(prompts, model.embed_tokens, padding_side)
+    assert torch.equal(got.inputs_embeds, embeds)
+    assert torch.equal(got.attention_mask, mask) and torch.equal(got.labels, labels)
+    assert (got.labels != -100).sum() == len(tokenizer.encode("Gustave Eiffel" + tokenizer.eos_token,
+                                                              add_special_tokens=False)) + 3
+
+
+def test_assembly_is_differentiable_in_the_soft_tokens(model, tokenizer):
+    soft = torch.randn(5, model.hidden_size, requires_grad=True)
+    batch = assemble([[Segment(token_ids=[1, 2]), Segment(embeds=soft)]], model.embed_tokens, "left")
+    (batch.inputs_embeds * torch.arange(7.0)[None, :, None]).sum().backward()
+    assert torch.equal(soft.grad, torch.arange(2.0, 7.0)[:, None].expand(5, model.hidden_size))
+    with pytest.raises(ValueError, match="padding_side"):
+        assemble([[Segment(token_ids=[1])]], model.embed_tokens, "middle")

@@ -1,0 +1,136 @@
+"""precompute throughput machinery: length-sorted batches, token counts, shards, several processes on one cache."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from gmsa_rag.cache import SoftTokenCache, cache_key, precompute
+from gmsa_rag.cache.precompute import process_device, process_shard
+
+FP = "fp-test"
+
+
+class Words:
+    """A tokenizer whose tokens are words."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[str]:
+        return text.split()
+
+
+class WordModel:
+    """compress -> one soft token per 4 words; records every call and the batch_size it got."""
+
+    def __init__(self) -> None:
+        self.config = SimpleNamespace(rates=(4,))
+        self.fingerprint = FP
+        self.tokenizer = Words()
+        self.calls: list[tuple[list[str], int | None]] = []
+
+    def compress(self, texts: list[str], rate: int, batch_size: int | None = None) -> list[torch.Tensor]:
+        assert not torch.is_grad_enabled()
+        self.calls.append((list(texts), batch_size))
+        return [torch.full((-(-len(t.split()) // rate), 3), float(len(t.split()))) for t in texts]
+
+
+def docs(n: int) -> list[str]:
+    """n one-chunk documents of different lengths (3 to 3 + n - 1 words)."""
+    return [" ".join(f"w{i}x{j}" for j in range(3 + (i * 7) % n)) + "." for i in range(n)]
+
+
+def test_batches_are_sorted_by_tokens_and_counted(tmp_path: Path):
+    model = WordModel()
+    texts = docs(11)
+    with SoftTokenCache(tmp_path / "c") as cache:
+        rep = precompute(model, cache, texts, 4, chunk_size=200, chunk_overlap=0, batch_size=4, progress=False)
+        assert rep.computed == 11 == len(cache)
+        for t in texts:
+            assert cache.get(cache_key(t, FP, 4))[0, 0] == len(t.split())
+    sizes = [len(batch) for batch, _ in model.calls]
+    assert sizes == [4, 4, 3] and all(bs == 4 for _, bs in model.calls)  # batch_size reaches compress
+    order = [len(t.split()) for batch, _ in model.calls for t in batch]
+    assert order == sorted(order, reverse=True)  # longest first, similar lengths in a batch
+    assert rep.tokens == sum(len(t.split()) for t in texts)
+    assert rep.compress_seconds > 0 and rep.tokens_per_second == pytest.approx(rep.tokens / rep.compress_seconds)
+    d = rep.as_dict()
+    assert d["chunks_per_second"] > 0 and d["num_processes"] == 1 and d["process_index"] == 0
+
+
+def test_shards_split_the_chunks_between_processes(tmp_path: Path):
+    texts = docs(9)
+    models = [WordModel(), WordModel()]
+    with SoftTokenCache(tmp_path / "c") as cache:
+        reps = [precompute(m, cache, texts, 4, chunk_size=200, chunk_overlap=0, progress=False, shard=(i, 2))
+                for i, m in enumerate(models)]
+        seen = [sorted(t for batch, _ in m.calls for t in batch) for m in models]
+        assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == sorted(texts)
+        assert abs(len(seen[0]) - len(seen[1])) <= 1  # an even split
+        assert [r.computed for r in reps] == [len(s) for s in seen] and reps[1].process_index == 1
+        assert precompute(WordModel(), cache, texts, 4, chunk_size=200, chunk_overlap=0, progress=False,
+                          shard=(0, 1)).computed == 0
+    with pytest.raises(ValueError, match="shard"):
+        precompute(WordModel(), SoftTokenCache(tmp_path / "d"), texts, 4, progress=False, shard=(2, 2))
+
+
+def test_shard_and_device_come_from_the_launcher(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert process_shard() == (0, 1) and process_device("cuda") == "cuda" and process_device(None) is None
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert process_shard() == (5, 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert process_device("cuda") == "cuda:1" and process_device(None) == "cuda:1"
+    assert process_device("cpu") == "cpu" and process_device("cuda:3") == "cuda:3"  # explicit choices stay
+
+
+WORKER = textwrap.dedent("""
+    import sys, torch
+    from types import SimpleNamespace
+    from gmsa_rag.cache import SoftTokenCache, precompute
+
+    class Words:
+        def encode(self, text, add_special_tokens=True):
+            return text.split()
+
+    class Model:
+        config = SimpleNamespace(rates=(4,))
+        fingerprint = "fp-test"
+        tokenizer = Words()
+        def compress(self, texts, rate):
+            return [torch.full((2, 3), float(len(t))) for t in texts]
+
+    texts = [f"document number {i}" + " word" * (i % 13) for i in range(120)]
+    with SoftTokenCache(sys.argv[1]) as cache:
+        rep = precompute(Model(), cache, texts, 4, chunk_size=400, chunk_overlap=0, batch_size=3, progress=False)
+    print(rep.process_index, rep.num_processes, rep.computed)
+""")
+
+
+def test_launched_processes_fill_one_cache_together(tmp_path: Path):
+    """Three processes as accelerate launch starts them (RANK / WORLD_SIZE), writing to one cache at once."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    procs = []
+    for rank in range(3):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "shared")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(out.split())
+    assert sorted(r[0] for r in results) == ["0", "1", "2"] and sum(int(r[2]) for r in results) == 120
+    texts = [f"document number {i}" + " word" * (i % 13) for i in range(120)]
+    with SoftTokenCache(tmp_path / "shared") as cache:
+        assert len(cache) == 120
+        for t in texts:
+            assert torch.equal(cache.get(cache_key(t, FP, 4)), torch.full((2, 3), float(len(t))))
