@@ -6,21 +6,19 @@ need them (``gmsa-rag examples`` and ``--help`` stay fast).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Sequence, Union
 
 from .cache import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, load_folder, make_splitter
 from .cache.precompute import TEXT_SUFFIXES
-from .cache.precompute import logger as _load_folder_logger
+from .cache.precompute import BINARY_PROBE_BYTES
 
 if TYPE_CHECKING:
     from llama_index.core import Document, VectorStoreIndex
@@ -29,7 +27,6 @@ if TYPE_CHECKING:
     from .config import GMSAConfig
     from .model import GMSAModel
 
-log = logging.getLogger(__name__)
 
 EMBED_DIM = 384
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -86,43 +83,16 @@ def hash_embedding(dim: int = 64) -> "BaseEmbedding":
     return HashEmbedding(dim=dim, model_name=f"hash-{dim}")
 
 
-BINARY_PROBE_BYTES = 8000
-
-
 def is_binary(path: Path) -> bool:
-    """A NUL byte in the first 8000 bytes, as git decides: executables, images, random data (text in
-    any 8-bit encoding has none; UTF-16 text is treated as binary too)."""
+    """A NUL byte in the first 8000 bytes, as git decides (what :func:`gmsa_rag.cache.load_folder` skips)."""
     with open(path, "rb") as f:
         return b"\0" in f.read(BINARY_PROBE_BYTES)
 
 
-@contextlib.contextmanager
-def _silence_decode_warnings(paths: set[Path]) -> Iterator[None]:
-    """Drop load_folder's "not valid UTF-8" warning for ``paths`` (files skipped anyway)."""
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not (isinstance(record.args, tuple) and record.args[:1] and record.args[0] in paths)
-
-    _load_folder_logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        _load_folder_logger.removeFilter(keep)
-
-
 def load_documents(docs_dir: str | Path) -> list["Document"]:
-    """The text documents of ``docs_dir`` exactly as :func:`gmsa_rag.cache.load_folder` reads them (so
-    that ``python -m gmsa_rag.cache build --source docs_dir`` makes the same chunks), except binary files
-    with a text suffix (see :func:`is_binary`), which are skipped with one warning each."""
-    root = Path(docs_dir)
-    wanted = {s.lower() for s in TEXT_SUFFIXES}
-    binary = {p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in wanted and is_binary(p)}
-    for path in sorted(binary):
-        log.warning("skipping %s: a binary file, not text", path)
-    with _silence_decode_warnings(binary):
-        documents = load_folder(root)
-    skipped = {p.relative_to(root).as_posix() for p in binary}
-    return [d for d in documents if d.metadata["file_path"] not in skipped]
+    """The text documents of ``docs_dir`` exactly as :func:`gmsa_rag.cache.load_folder` reads them (so that
+    ``python -m gmsa_rag.cache build --source docs_dir`` makes the same chunks); binary files are skipped there."""
+    return load_folder(Path(docs_dir))
 
 
 def _embed_identity(embed_model: Any) -> str:

@@ -55,8 +55,8 @@ class TrainConfig:
     base_model: str = "smollm2"
     init: str | None = field(default=None, metadata={"help": "stage-1 (ae) checkpoint that keft starts from"})
     no_compress: bool = field(default=False, metadata={"help": "keft on the uncompressed prompt (baseline)"})
-    data: list[str] = field(default_factory=list, metadata={"help": "ae: jsonl(.gz)/text corpus files or folders; keft: QA jsonl"})
-    dev_data: str | None = field(default=None, metadata={"help": "dev set (ae: corpus file kept out of training; keft: QA jsonl)"})
+    data: list[str] = field(default_factory=list, metadata={"help": "ae: jsonl(.gz)/text corpus files or folders; keft: QA jsonl or a pooled QA folder (data/qa-multidoc)"})
+    dev_data: str | None = field(default=None, metadata={"help": "dev set (ae: corpus file kept out of training; keft: QA jsonl or pooled folder)"})
     token_cache: str = field(default="", metadata={"help": "where tokenized corpus files are kept (default ~/.cache/gmsa_rag/corpora)"})
     # architecture (stage ae; keft inherits it from --init)
     encoder_layers: int = 8

@@ -295,6 +295,17 @@ def test_binary_files_are_skipped_with_one_warning_each(tmp_path, caplog, docs, 
         assert len(messages) == 3
 
 
+def test_cache_build_skips_binary_files_too(tmp_path, caplog, docs):
+    """`python -m gmsa_rag.cache build --source <folder>` reads folders with the same loader: binaries skipped."""
+    from gmsa_rag.cache import load_folder
+
+    (docs / "elf.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    files = {d.metadata["file_path"] for d in load_folder(docs)}
+    assert "elf.txt" not in files and "32-the-art-of-war.txt" in files
+    assert [r.getMessage() for r in caplog.records if "elf.txt" in r.getMessage()] == [
+        f"skipping {docs / 'elf.txt'}: a binary file, not text"]
+
+
 # ------------------------------------------------------------------------- messages, not tracebacks
 @pytest.mark.parametrize("question", ["", "   "])
 def test_empty_question(tmp_path, capsys, docs, checkpoint, question, no_model_load):

@@ -162,8 +162,14 @@ def chunk_documents(
     return [c for c in chunks if c.strip()]
 
 
+BINARY_PROBE_BYTES = 8000
+
+
 def load_folder(folder: Union[str, os.PathLike], suffixes: Sequence[str] = TEXT_SUFFIXES) -> list["Document"]:
     """Read every text file under ``folder`` (recursive, sorted) as a UTF-8 ``Document``.
+
+    Binary files with a text suffix (a NUL byte in the first 8000 bytes, as git decides: executables, images,
+    random data, also UTF-16 text) are skipped with one warning each.
 
     Each gets ``metadata={"file_path": <path relative to folder>}``, excluded from the embed and LLM
     metadata so it does not change chunking. Build the index from these to match precompute.
@@ -177,6 +183,9 @@ def load_folder(folder: Union[str, os.PathLike], suffixes: Sequence[str] = TEXT_
     docs = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in wanted):
         raw = path.read_bytes()
+        if b"\0" in raw[:BINARY_PROBE_BYTES]:
+            logger.warning("skipping %s: a binary file, not text", path)
+            continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
