@@ -178,31 +178,19 @@ def batches_of(model, texts: list[str], batch_size: int) -> list[list[str]]:
 
 
 def bare_forward(model, batches: list[list[str]], rate: int, device: torch.device) -> float:
-    """Seconds of the compressor's forward over ``batches`` (what ``GMSAModel.soft_tokens`` computes: encoder
-    stack on prefix + window, group merging or memory slots, LSA, optional norm), inputs prepared on the device
+    """Seconds of the compressor's forward over ``batches`` (``GMSAModel.soft_tokens_padded``: encoder stack on
+    prefix + window, group merging or memory slots, LSA, optional norm), inputs prepared on the device
     beforehand and no host sync until the end."""
-    from gmsa_rag.group_merge import group_merge
-    from gmsa_rag.layers import run_stack
-
-    prefix = list(getattr(model, "prefix_ids", []))
-    skip = len(prefix)
     prepared = []
     for batch in batches:
         windows = [w for ids in model.tokenize(batch) for w in model.windows(ids)]
-        ids, mask = model._pad([prefix + list(w) for w in windows])
+        ids, mask = model.encoder_inputs(windows)
         prepared.append((ids, mask, torch.full((len(windows),), rate, device=device)))
     bc.sync(device)
     start = time.perf_counter()
     with torch.no_grad():
         for ids, mask, rates in prepared:
-            if model.config.method == "gmsa":
-                hidden = run_stack(model.encoder, model.embed_tokens(ids), mask)
-                summary, summary_mask = group_merge(hidden[:, skip:], mask[:, skip:], rates)
-            else:
-                summary, summary_mask = model._memory_summary(ids, mask, rates, skip)
-            soft = run_stack(model.lsa, summary, summary_mask) if model.lsa is not None else summary
-            if getattr(model, "soft_norm", None) is not None:
-                model.soft_norm(soft)
+            model.soft_tokens_padded(ids, mask, rates)
     bc.sync(device)
     return time.perf_counter() - start
 

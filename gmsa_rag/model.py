@@ -203,8 +203,18 @@ class GMSAModel(nn.Module):
         return self._soft_tokens(windows, rates)
 
     def _soft_tokens(self, windows: Sequence[Sequence[int]], rates: Sequence[int]) -> list[torch.Tensor]:
-        ids, mask = self._pad([self.prefix_ids + list(w) for w in windows])
-        rate = torch.tensor(list(rates), device=self.device)
+        ids, mask = self.encoder_inputs(windows)
+        soft, soft_mask = self.soft_tokens_padded(ids, mask, torch.tensor(list(rates), device=self.device))
+        return [soft[b, :n] for b, n in enumerate(soft_mask.sum(1).tolist())]
+
+    def encoder_inputs(self, windows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded encoder input ids (prefix + window) and their mask, on the model's device."""
+        return self._pad([self.prefix_ids + list(w) for w in windows])
+
+    def soft_tokens_padded(
+        self, ids: torch.Tensor, mask: torch.Tensor, rate: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The compressor's device work on :meth:`encoder_inputs`: [B, G, H] soft tokens and their [B, G] mask."""
         skip = len(self.prefix_ids)  # the prefix (and the attention sink on it) never enters a soft token
         if self.config.method == "gmsa":
             hidden = run_stack(self.encoder, self.embed_tokens(ids), mask)
@@ -214,8 +224,7 @@ class GMSAModel(nn.Module):
         soft = run_stack(self.lsa, summary, summary_mask) if self.lsa is not None else summary
         if self.soft_norm is not None:
             soft = self.soft_norm(soft)
-        counts = summary_mask.sum(1).tolist()
-        return [soft[b, :n] for b, n in enumerate(counts)]
+        return soft, summary_mask
 
     def _memory_summary(
         self, ids: torch.Tensor, mask: torch.Tensor, rate: torch.Tensor, skip: int = 0
