@@ -363,8 +363,8 @@ class GMSAModel(nn.Module):
     ) -> str | list[str]:
         """Answer question(s) from their documents (soft-token tensors, or text for the uncompressed baseline).
 
-        The decoder reads chat template + instruction + one span per document + question and decodes with a
-        KV cache (Hugging Face ``generate``; ``generate_kwargs`` pass through, e.g. ``do_sample``, ``streamer``).
+        The decoder reads chat template + instruction + one span per document + question and decodes through
+        :meth:`generate_from_segments` (the generation engine; ``generate_kwargs`` pass through, e.g. ``streamer``).
         """
         single = isinstance(questions, str)
         prompts = [qa_segments(self.tokenizer, q, ctx) for q, ctx in zip(*self._as_batch(questions, contexts))]

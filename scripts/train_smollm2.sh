@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The recipe behind checkpoints/smollm2-gmsa: both stages for GMSA, and the same budget for the
+# The recipe behind checkpoints/smollm2-gmsa (format 1: trained before the encoder prefix existed; add
+# --encoder_prefix= to the ae runs to rebuild that architecture): both stages for GMSA, and the same budget for the
 # baselines (TCP-AE, and KEFT on the uncompressed prompt). Runs on one GPU; the jobs of a stage share it.
 #   scripts/train_smollm2.sh ae     # stage 1: GMSA-AE and TCP-AE, same data, steps and rates
 #   scripts/train_smollm2.sh keft   # stage 2: GMSA KEFT (from stage 1), TCP KEFT, no-compress KEFT
