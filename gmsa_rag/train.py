@@ -162,18 +162,17 @@ def stage1_sample(corpus: PassageCorpus, cfg: TrainConfig, rate: int, rng: rando
     return Sample([p.token_ids for p in passages], target.token_ids, rate=rate, target_doc=target_doc)
 
 
-def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random, with_target: bool = True) -> Sample:
+def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random) -> Sample:
     """A QA sample: the gold passage among up to ``max_docs - 1`` of the example's distractors, gold at a random
     place (examples without a marked gold passage keep their documents as they are)."""
-    target = example.answers[0] if with_target else None
     documents = list(example.contexts)
-    if example.gold_index is not None and max_docs < len(documents) + 1:
+    if example.gold_index is not None:
         gold = documents[example.gold_index]
         others = [d for i, d in enumerate(documents) if i != example.gold_index]
         keep = rng.sample(others, rng.randint(0, min(max_docs - 1, len(others))))
         keep.insert(rng.randint(0, len(keep)), gold)
         documents = keep
-    return Sample(documents=documents, target=target, question=example.question, rate=rate)
+    return Sample(documents=documents, target=example.answers[0], question=example.question, rate=rate)
 
 
 def docs_cap(cfg: TrainConfig, progress: float) -> int:
@@ -271,7 +270,6 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
     examples = dev[: cfg.eval_samples]
     results: dict[str, float] = {}
     rates: list[int | None] = [None] if cfg.no_compress else list(model.config.rates)
-    rng = random.Random(0)
     for rate in rates:
         preds, refs = [], []
         for start in range(0, len(examples), cfg.eval_batch_size):
@@ -281,7 +279,7 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
                 preds += model.generate_from_segments(prompts, max_new_tokens=max(map(len, chunk)) + 8)
                 refs += [model.tokenizer.decode(ids).strip() for ids in chunk]
             else:
-                samples = [qa_sample(e, rate, len(e.contexts), rng, with_target=False) for e in chunk]
+                samples = [Sample(list(e.contexts), None, question=e.question, rate=rate) for e in chunk]
                 preds += model.generate_from_segments(build_prompts(model, samples), max_new_tokens=24)
                 refs += [e.answers for e in chunk]
         scores = reconstruction_metrics(preds, refs) if cfg.stage == "ae" else qa_metrics(preds, refs)

@@ -80,6 +80,8 @@ def test_qa_samples_show_the_gold_once_among_a_capped_number_of_distractors():
     shown = [qa_sample(example, 4, 3, rng).documents for _ in range(200)]
     assert all(docs.count("gold") == 1 and 1 <= len(docs) <= 3 for docs in shown)
     assert {docs.index("gold") for docs in shown} == {0, 1, 2}  # gold position varied
+    roomy = [qa_sample(example, 4, 10, rng).documents for _ in range(200)]  # a cap above what the example holds
+    assert {len(docs) for docs in roomy} == set(range(1, 7)) and all(docs.count("gold") == 1 for docs in roomy)
     cfg = TrainConfig(max_docs=5, docs_curriculum=0.5)
     assert [docs_cap(cfg, p) for p in (0.0, 0.25, 0.5, 1.0)] == [1, 3, 5, 5]  # gold-only first, then the full prompt
     no_gold = QAExample("q", ["a"], ["x", "y"])
