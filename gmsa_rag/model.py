@@ -73,6 +73,8 @@ class GMSAModel(nn.Module):
                 target_modules=list(config.decoder_targets),
             )
             inject_adapter_in_model(decoder_lora, self.decoder, adapter_name=DECODER_ADAPTER)
+        # found once: decoder_adapter() switches them around every decoder call
+        self._decoder_lora_layers = [m for m in self.decoder.modules() if isinstance(m, BaseTunerLayer)]
         self.set_stage("frozen")
         self.hidden_size = hidden
 
@@ -340,7 +342,7 @@ class GMSAModel(nn.Module):
     def decoder_adapter(self, enabled: bool) -> Iterator[None]:
         """Switch the decoder's KEFT LoRA adapter on (prompts with soft tokens) or off (plain text: the pristine
         base model) for the duration of the block. A no-op when the decoder has no adapter."""
-        layers = [m for m in self.decoder.modules() if isinstance(m, BaseTunerLayer)]
+        layers = self._decoder_lora_layers
         previous = [m.disable_adapters for m in layers]
         for m in layers:
             m._disable_adapters = not enabled  # peft's own switch; enable_adapters() would also flip requires_grad
@@ -386,9 +388,10 @@ class GMSAModel(nn.Module):
         """
         from .engine import engine_for
 
-        if len({self.adapter_wanted([p]) for p in prompts}) > 1:  # text and soft prompts: adapter off / on
-            soft = [i for i, p in enumerate(prompts) if self.adapter_wanted([p])]
-            text = [i for i, p in enumerate(prompts) if not self.adapter_wanted([p])]
+        wanted = [self.adapter_wanted([p]) for p in prompts]
+        if len(set(wanted)) > 1:  # text and soft prompts: adapter off / on
+            soft = [i for i, w in enumerate(wanted) if w]
+            text = [i for i, w in enumerate(wanted) if not w]
             answers: dict[int, str] = {}
             for group in (soft, text):
                 outs = self.generate_from_segments([prompts[i] for i in group], max_new_tokens, **generate_kwargs)

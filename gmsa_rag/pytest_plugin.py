@@ -44,6 +44,20 @@ def tiny_model(tokenizer):
 
 
 @pytest.fixture()
+def small_docs(tmp_path):
+    """A fresh folder holding three of the bundled example documents (for index and CLI tests)."""
+    import shutil
+
+    from .rag import bundled_docs_dir
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name in ("32-the-art-of-war.txt", "27-manchester-united-f-c.txt", "16-great-lakes.txt"):
+        shutil.copy(bundled_docs_dir() / name, folder / name)
+    return folder
+
+
+@pytest.fixture()
 def texts():
     return list(TEXTS)
 

@@ -202,12 +202,6 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
     return [samples[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(cfg.grad_accum)]
 
 
-def batch_for(step: int, micro: int, data: Data, cfg: TrainConfig, rates: list[int], rank: int,
-              progress: float = 1.0) -> list[Sample]:
-    """Micro-batch ``micro`` of a step (see :func:`step_batches`)."""
-    return step_batches(step, data, cfg, rates, rank, progress)[micro]
-
-
 def decoder_positions(sample: Sample) -> int:
     """About how many decoder positions a sample takes (soft tokens or text, labels, target), for length sorting."""
     def tokens(text) -> int:
@@ -351,14 +345,14 @@ def train(cfg: TrainConfig) -> Path:
     rates = list(model.config.rates)
     if cfg.rate_weights and len(cfg.rate_weights) != len(rates):
         raise ValueError(f"--rate_weights needs one weight per rate {rates}, got {cfg.rate_weights}")
-    groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and n in _decoder_names(model)],
-               "lr": cfg.lr}]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and n not in _decoder_names(model)]
+    decoder_ids = {id(p) for p in model.decoder_parameters().values()}
+    tuned = [p for p in model.parameters() if p.requires_grad and id(p) in decoder_ids]
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in decoder_ids]
     if cfg.stage == "keft" and cfg.compressor_lr > 0:
-        groups.append({"params": rest, "lr": cfg.compressor_lr})
+        groups = [{"params": tuned, "lr": cfg.lr}, {"params": rest, "lr": cfg.compressor_lr}]
     else:
-        groups[0]["params"] += rest
-    trainable = [p for g in groups for p in g["params"]]
+        groups = [{"params": tuned + rest, "lr": cfg.lr}]
+    trainable = tuned + rest
     for g in groups:
         g["base_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -427,10 +421,6 @@ def train(cfg: TrainConfig) -> Path:
             break
     bar.close()
     return latest_checkpoint(cfg.out_dir)
-
-
-def _decoder_names(model: GMSAModel) -> set[str]:
-    return set(model.decoder_parameters())
 
 
 def _token_count(model: GMSAModel, sample: Sample) -> int:

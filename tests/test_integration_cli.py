@@ -22,15 +22,6 @@ def tokenizer():
 
 
 @pytest.fixture()
-def small_docs(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for name in ("32-the-art-of-war.txt", "27-manchester-united-f-c.txt", "16-great-lakes.txt"):
-        shutil.copy(DOCS / name, folder / name)
-    return folder
-
-
-@pytest.fixture()
 def tiny_model(tokenizer, monkeypatch):
     config = GMSAConfig(base_model="tiny", encoder_layers=2, lsa_layers=1, window=32, lora_rank=4, lora_alpha=8)
     model = GMSAModel(tiny_backbone("llama"), tokenizer, config)

@@ -32,7 +32,6 @@ from gmsa_rag.errors import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "examples" / "docs"
 QUESTION = "who was the author of the art of war"
 
 
@@ -47,15 +46,6 @@ def checkpoint(tmp_path_factory, tokenizer) -> Path:
                         lora_rank=4, lora_alpha=8)
     GMSAModel.from_base(config).save_pretrained(root / "ckpt")
     return root / "ckpt"
-
-
-@pytest.fixture()
-def docs(tmp_path) -> Path:
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    for name in ("32-the-art-of-war.txt", "27-manchester-united-f-c.txt", "16-great-lakes.txt"):
-        shutil.copy(DOCS / name, folder / name)
-    return folder
 
 
 @pytest.fixture()
@@ -79,8 +69,8 @@ def run(main, argv: list[str], capsys) -> tuple[int, str, str]:
     return status, out, err
 
 
-def ask_argv(docs: Path, checkpoint: Path, cache_dir: Path, index_dir: Path, *extra) -> list:
-    return ["ask", QUESTION, "--docs", docs, "--checkpoint", checkpoint, "--cache-dir", cache_dir,
+def ask_argv(small_docs: Path, checkpoint: Path, cache_dir: Path, index_dir: Path, *extra) -> list:
+    return ["ask", QUESTION, "--docs", small_docs, "--checkpoint", checkpoint, "--cache-dir", cache_dir,
             "--index-dir", index_dir, "--embed", "hash", "--top-k", "2", "--max-new-tokens", "2",
             "--no-compare", "--no-progress", *extra]
 
@@ -153,7 +143,7 @@ def read_only(monkeypatch):
 
 
 # ------------------------------------------------------------------------------- damaged cache database
-def test_damaged_cache_database_message_exit_status_and_clear_force(tmp_path, capsys, docs, checkpoint, no_model_load):
+def test_damaged_cache_database_message_exit_status_and_clear_force(tmp_path, capsys, small_docs, checkpoint, no_model_load):
     cdir = tmp_path / "cache"
     filled_cache(cdir)
     (cdir / "NOTES.txt").write_text("not the cache's")
@@ -165,7 +155,7 @@ def test_damaged_cache_database_message_exit_status_and_clear_force(tmp_path, ca
         status, _, err = run(cache_main, argv, capsys)
         line = one_line(err)
         assert status == EXIT_CACHE and f"soft-token cache {cdir} is damaged" in line and fix in line
-    status, _, err = run(cli.main, ask_argv(docs, checkpoint, cdir, tmp_path / "idx"), capsys)
+    status, _, err = run(cli.main, ask_argv(small_docs, checkpoint, cdir, tmp_path / "idx"), capsys)
     assert status == EXIT_CACHE and fix in one_line(err)  # and no model was loaded
     assert snapshot(cdir) == before  # nothing deleted without --force
 
@@ -184,9 +174,9 @@ def test_clear_force_on_a_healthy_cache_clears_entries(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------ read-only cache
-def test_read_only_cache_serves_stats_and_lookups_and_refuses_writes(tmp_path, capsys, docs, checkpoint, read_only):
+def test_read_only_cache_serves_stats_and_lookups_and_refuses_writes(tmp_path, capsys, small_docs, checkpoint, read_only):
     cdir, idx = tmp_path / "cache", tmp_path / "idx"
-    assert ask(capsys, docs, checkpoint, cdir, idx)["runs"][0]["computed"] == 2
+    assert ask(capsys, small_docs, checkpoint, cdir, idx)["runs"][0]["computed"] == 2
     before = snapshot(read_only(cdir))
 
     status, out, _ = run(cache_main, ["stats", "--cache-dir", cdir], capsys)
@@ -195,12 +185,12 @@ def test_read_only_cache_serves_stats_and_lookups_and_refuses_writes(tmp_path, c
     line = one_line(err)
     assert status == EXIT_CACHE and f"soft-token cache {cdir} cannot be written" in line and "writable" in line
 
-    report = ask(capsys, docs, checkpoint, cdir, idx)
+    report = ask(capsys, small_docs, checkpoint, cdir, idx)
     first = report["runs"][0]
     assert report["cache_readonly"] and first["disk_hits"] == 2 and first["computed"] == 0
-    report = ask(capsys, docs, checkpoint, cdir, idx, "--top-k", "3")  # one chunk more: computed, not stored
+    report = ask(capsys, small_docs, checkpoint, cdir, idx, "--top-k", "3")  # one chunk more: computed, not stored
     assert report["runs"][0]["disk_hits"] == 2 and report["runs"][0]["computed"] == 1
-    status, out, _ = run(cli.main, ask_argv(docs, checkpoint, cdir, idx, "--top-k", "3"), capsys)
+    status, out, _ = run(cli.main, ask_argv(small_docs, checkpoint, cdir, idx, "--top-k", "3"), capsys)
     assert status == EXIT_OK and "is read-only" in out and "1 compressed now (not stored: the cache is read-only)" in out
     assert snapshot(cdir) == before  # not a byte written
 
@@ -236,9 +226,9 @@ def test_read_only_cache_from_other_threads_and_after_close(tmp_path):
 
 
 # ------------------------------------------------------------------------ one meaning of --cache-dir
-def test_both_tools_read_and_write_the_same_cache_dir(tmp_path, capsys, docs, checkpoint):
+def test_both_tools_read_and_write_the_same_cache_dir(tmp_path, capsys, small_docs, checkpoint):
     cdir, idx = tmp_path / "cache", tmp_path / "idx"
-    report = ask(capsys, docs, checkpoint, tmp_path / "first", idx)
+    report = ask(capsys, small_docs, checkpoint, tmp_path / "first", idx)
     assert not {"indexes", "soft_tokens"} & {p.name for p in (tmp_path / "first").iterdir()}
     index_dir = Path(report["index_dir"])
     assert index_dir.parent == idx
@@ -247,69 +237,69 @@ def test_both_tools_read_and_write_the_same_cache_dir(tmp_path, capsys, docs, ch
                                         "--rate", "4", "--no-progress", "--json"], capsys)
     assert status == EXIT_OK, err
     built = json.loads(out)["computed"]
-    first = ask(capsys, docs, checkpoint, cdir, idx)["runs"][0]
+    first = ask(capsys, small_docs, checkpoint, cdir, idx)["runs"][0]
     assert first["disk_hits"] == 2 and first["computed"] == 0  # the cache built for the store is used
     assert_intact_count(cdir, built)
 
 
-def test_layout_of_an_older_ask_cache_dir_is_recognised(tmp_path, capsys, docs, checkpoint, no_model_load):
+def test_layout_of_an_older_ask_cache_dir_is_recognised(tmp_path, capsys, small_docs, checkpoint, no_model_load):
     old = tmp_path / "old"
     filled_cache(old / "soft_tokens", 2)
     (old / "indexes").mkdir()
     for main, argv in ((cache_main, ["stats", "--cache-dir", old]),
-                       (cli.main, ask_argv(docs, checkpoint, old, tmp_path / "idx"))):
+                       (cli.main, ask_argv(small_docs, checkpoint, old, tmp_path / "idx"))):
         status, _, err = run(main, argv, capsys)
         assert status == EXIT_USAGE and f"pass --cache-dir {old / 'soft_tokens'}" in one_line(err)
     assert_intact_count(old / "soft_tokens", 2)
 
 
 # ------------------------------------------------------------------------- hits from valid reads only
-def test_hits_count_only_valid_reads(tmp_path, capsys, docs, checkpoint):
+def test_hits_count_only_valid_reads(tmp_path, capsys, small_docs, checkpoint):
     cdir, idx = tmp_path / "cache", tmp_path / "idx"
-    ask(capsys, docs, checkpoint, cdir, idx)
+    ask(capsys, small_docs, checkpoint, cdir, idx)
     with SoftTokenCache(cdir) as cache:
         victim = next(iter(cache.backend))
         cache.backend.set(victim, b"damaged entry")
-    first = ask(capsys, docs, checkpoint, cdir, idx)["runs"][0]
+    first = ask(capsys, small_docs, checkpoint, cdir, idx)["runs"][0]
     assert first["disk_hits"] == 1 and first["computed"] == 1
-    status, out, _ = run(cli.main, ask_argv(docs, checkpoint, cdir, idx), capsys)
+    status, out, _ = run(cli.main, ask_argv(small_docs, checkpoint, cdir, idx), capsys)
     assert status == EXIT_OK and "2 loaded from the disk cache" in out  # recomputed and stored again
 
 
 # ----------------------------------------------------------------------------------------- binary files
-def test_binary_files_are_skipped_with_one_warning_each(tmp_path, caplog, docs, tokenizer):
-    (docs / "elf.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+def test_binary_files_are_skipped_with_one_warning_each(tmp_path, caplog, small_docs, tokenizer):
+    (small_docs / "elf.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
     noise = random.Random(0).randbytes(4096)
     assert b"\0" in noise
-    (docs / "random.txt").write_bytes(noise)
-    (docs / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me, a text in Latin-1.".encode("latin-1"))
+    (small_docs / "random.txt").write_bytes(noise)
+    (small_docs / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me, a text in Latin-1.".encode("latin-1"))
     for _ in range(2):  # each run warns once per file
         caplog.clear()
-        info = rag.build_or_load_index(docs, rag.hash_embedding(), tokenizer, persist_root=tmp_path / "idx")
+        info = rag.build_or_load_index(small_docs, rag.hash_embedding(), tokenizer, persist_root=tmp_path / "idx")
         files = {n.metadata["file_path"] for n in info.index.docstore.docs.values()}
         assert files == {"32-the-art-of-war.txt", "27-manchester-united-f-c.txt", "16-great-lakes.txt", "latin1.txt"}
         messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         for name in ("elf.txt", "random.txt"):
-            assert [m for m in messages if name in m] == [f"skipping {docs / name}: a binary file, not text"]
+            assert [m for m in messages if name in m] == [f"skipping {small_docs / name}: a binary file, not text"]
         assert len([m for m in messages if "latin1.txt" in m and "not valid UTF-8" in m]) == 1
         assert len(messages) == 3
 
 
-def test_cache_build_skips_binary_files_too(tmp_path, caplog, docs):
+def test_cache_build_skips_binary_files_too(tmp_path, caplog, small_docs):
     """`python -m gmsa_rag.cache build --source <folder>` reads folders with the same loader: binaries skipped."""
     from gmsa_rag.cache import load_folder
 
-    (docs / "elf.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
-    files = {d.metadata["file_path"] for d in load_folder(docs)}
+    (small_docs / "elf.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    files = {d.metadata["file_path"] for d in load_folder(small_docs)}
     assert "elf.txt" not in files and "32-the-art-of-war.txt" in files
     assert [r.getMessage() for r in caplog.records if "elf.txt" in r.getMessage()] == [
-        f"skipping {docs / 'elf.txt'}: a binary file, not text"]
+        f"skipping {small_docs / 'elf.txt'}: a binary file, not text"]
 
 
 # ------------------------------------------------------------------------- messages, not tracebacks
 @pytest.mark.parametrize("question", ["", "   "])
-def test_empty_question(tmp_path, capsys, docs, checkpoint, question, no_model_load):
-    argv = ask_argv(docs, checkpoint, tmp_path / "c", tmp_path / "idx")
+def test_empty_question(tmp_path, capsys, small_docs, checkpoint, question, no_model_load):
+    argv = ask_argv(small_docs, checkpoint, tmp_path / "c", tmp_path / "idx")
     argv[1] = question
     status, _, err = run(cli.main, argv, capsys)
     assert status == EXIT_USAGE and "the question is empty" in one_line(err)
@@ -329,19 +319,19 @@ def build_argv(source: Path, cache_dir: Path, checkpoint: Path, *extra) -> list:
 
 
 @pytest.mark.parametrize("problem", ["missing", "corrupted"])
-def test_checkpoint_errors_in_both_tools(tmp_path, capsys, docs, checkpoint, problem):
+def test_checkpoint_errors_in_both_tools(tmp_path, capsys, small_docs, checkpoint, problem):
     bad = tmp_path / "missing" if problem == "missing" else corrupt_copy(checkpoint, tmp_path / "bad")
     cdir = tmp_path / "cache"
     entries = filled_cache(cdir)
     expect = "is not a GMSA checkpoint" if problem == "missing" else "is corrupted (checksum mismatch)"
-    for main, argv in ((cache_main, build_argv(docs, cdir, bad)), (cli.main, ask_argv(docs, bad, cdir, tmp_path / "idx"))):
+    for main, argv in ((cache_main, build_argv(small_docs, cdir, bad)), (cli.main, ask_argv(small_docs, bad, cdir, tmp_path / "idx"))):
         status, _, err = run(main, argv, capsys)
         line = one_line(err)
         assert status == EXIT_CHECKPOINT and str(bad) in line and expect in line and "pass --checkpoint" in line
     assert_intact(cdir, entries)
 
 
-def test_base_model_not_on_this_machine(tmp_path, docs, checkpoint):
+def test_base_model_not_on_this_machine(tmp_path, small_docs, checkpoint):
     """In fresh processes: both tools must turn offline mode on before huggingface_hub is imported (else
     the Hub is retried for about a minute, with warnings, before the same error)."""
     hub = shutil.copytree(checkpoint, tmp_path / "hub")
@@ -349,8 +339,8 @@ def test_base_model_not_on_this_machine(tmp_path, docs, checkpoint):
     record["base_model"] = record["config"]["base_model"] = "no-such-org/no-such-model"
     (hub / "gmsa_config.json").write_text(json.dumps(record))
     env = {k: v for k, v in subprocess_env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    for module, argv in (("gmsa_rag.cache", build_argv(docs, tmp_path / "c", hub)),
-                         ("gmsa_rag.cli", ask_argv(docs, hub, tmp_path / "c", tmp_path / "i"))):
+    for module, argv in (("gmsa_rag.cache", build_argv(small_docs, tmp_path / "c", hub)),
+                         ("gmsa_rag.cli", ask_argv(small_docs, hub, tmp_path / "c", tmp_path / "i"))):
         proc = subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
                               timeout=300, env=env, cwd=tmp_path)
         line = one_line(proc.stderr)
@@ -358,10 +348,10 @@ def test_base_model_not_on_this_machine(tmp_path, docs, checkpoint):
         assert "'no-such-org/no-such-model' is not on this machine" in line and "hf download" in line
 
 
-def test_unavailable_device_is_refused_before_loading(tmp_path, capsys, docs, checkpoint, no_model_load):
+def test_unavailable_device_is_refused_before_loading(tmp_path, capsys, small_docs, checkpoint, no_model_load):
     device = "cuda:99" if torch.cuda.is_available() else "cuda"
-    for main, argv in ((cache_main, build_argv(docs, tmp_path / "c", checkpoint, "--device", device)),
-                       (cli.main, ask_argv(docs, checkpoint, tmp_path / "c", tmp_path / "i", "--device", device))):
+    for main, argv in ((cache_main, build_argv(small_docs, tmp_path / "c", checkpoint, "--device", device)),
+                       (cli.main, ask_argv(small_docs, checkpoint, tmp_path / "c", tmp_path / "i", "--device", device))):
         status, _, err = run(main, argv, capsys)
         assert status == EXIT_DEVICE and f"torch device {device!r} is not available" in one_line(err)
 
@@ -397,9 +387,9 @@ BAD_ARGUMENTS = [
 
 
 @pytest.mark.parametrize("tool, bad, message", BAD_ARGUMENTS)
-def test_bad_arguments_are_refused_before_any_model_loads(tmp_path, capsys, docs, checkpoint, no_model_load, tool, bad, message):
-    argv = (ask_argv(docs, checkpoint, tmp_path / "c", tmp_path / "i") if tool == "ask"
-            else build_argv(docs, tmp_path / "c", checkpoint))
+def test_bad_arguments_are_refused_before_any_model_loads(tmp_path, capsys, small_docs, checkpoint, no_model_load, tool, bad, message):
+    argv = (ask_argv(small_docs, checkpoint, tmp_path / "c", tmp_path / "i") if tool == "ask"
+            else build_argv(small_docs, tmp_path / "c", checkpoint))
     status, _, err = run(cli.main if tool == "ask" else cache_main, argv + bad, capsys)
     assert status == EXIT_USAGE and message in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
@@ -440,7 +430,7 @@ print(sorted(m for m in ("torch", "transformers", "peft", "llama_index.core", "s
 
 
 # ------------------------------------------------------------------------------------- index builds
-def test_index_build_uses_a_folder_of_its_own_and_keeps_an_index_persisted_first(tmp_path, docs, tokenizer, monkeypatch):
+def test_index_build_uses_a_folder_of_its_own_and_keeps_an_index_persisted_first(tmp_path, small_docs, tokenizer, monkeypatch):
     from llama_index.core import StorageContext
 
     real_persist = StorageContext.persist
@@ -453,27 +443,27 @@ def test_index_build_uses_a_folder_of_its_own_and_keeps_an_index_persisted_first
         real_persist(self, persist_dir=str(final))  # the other process renames its folder first
 
     monkeypatch.setattr(StorageContext, "persist", persist_while_another_process_wins)
-    info = rag.build_or_load_index(docs, rag.hash_embedding(), tokenizer, persist_root=tmp_path / "idx")
+    info = rag.build_or_load_index(small_docs, rag.hash_embedding(), tokenizer, persist_root=tmp_path / "idx")
     assert info.built and f".tmp-{os.getpid()}-" in folders[0].name
     assert [p.name for p in (tmp_path / "idx").iterdir()] == [info.persist_dir.name]  # no leftovers
     monkeypatch.undo()
-    again = rag.build_or_load_index(docs, rag.hash_embedding(), tokenizer, persist_root=tmp_path / "idx")
+    again = rag.build_or_load_index(small_docs, rag.hash_embedding(), tokenizer, persist_root=tmp_path / "idx")
     assert not again.built and again.nodes == info.nodes
 
 
-def _build_in_process(docs, tokenizer, root, barrier, queue) -> None:
+def _build_in_process(small_docs, tokenizer, root, barrier, queue) -> None:
     try:
         barrier.wait(timeout=60)
-        info = rag.build_or_load_index(docs, rag.hash_embedding(), tokenizer, persist_root=root)
+        info = rag.build_or_load_index(small_docs, rag.hash_embedding(), tokenizer, persist_root=root)
         queue.put((info.persist_dir.name, info.nodes, None))
     except BaseException as exc:  # report, don't hang the parent
         queue.put((None, 0, repr(exc)))
 
 
-def test_two_processes_build_the_same_index_at_once(tmp_path, docs, tokenizer):
+def test_two_processes_build_the_same_index_at_once(tmp_path, small_docs, tokenizer):
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     barrier, queue = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_build_in_process, args=(docs, tokenizer, tmp_path / "idx", barrier, queue)) for _ in range(2)]
+    procs = [ctx.Process(target=_build_in_process, args=(small_docs, tokenizer, tmp_path / "idx", barrier, queue)) for _ in range(2)]
     for p in procs:
         p.start()
     results = [queue.get(timeout=120) for _ in procs]
@@ -482,21 +472,21 @@ def test_two_processes_build_the_same_index_at_once(tmp_path, docs, tokenizer):
     assert [r[2] for r in results] == [None, None]
     assert results[0][:2] == results[1][:2]
     assert [p.name for p in (tmp_path / "idx").iterdir()] == [results[0][0]]
-    assert not rag.build_or_load_index(docs, rag.hash_embedding(), tokenizer, persist_root=tmp_path / "idx").built
+    assert not rag.build_or_load_index(small_docs, rag.hash_embedding(), tokenizer, persist_root=tmp_path / "idx").built
 
 
-def test_progress_bars_and_no_progress(tmp_path, capsys, docs, checkpoint):
+def test_progress_bars_and_no_progress(tmp_path, capsys, small_docs, checkpoint):
     from transformers.utils import logging as hf_logging
 
-    rag.build_or_load_index(docs, rag.hash_embedding(), tokenizer_of(checkpoint), persist_root=tmp_path / "a", progress=True)
+    rag.build_or_load_index(small_docs, rag.hash_embedding(), tokenizer_of(checkpoint), persist_root=tmp_path / "a", progress=True)
     assert "Generating embeddings" in capsys.readouterr().err
-    status, _, err = run(cli.main, ask_argv(docs, checkpoint, tmp_path / "c", tmp_path / "b"), capsys)
+    status, _, err = run(cli.main, ask_argv(small_docs, checkpoint, tmp_path / "c", tmp_path / "b"), capsys)
     assert status == EXIT_OK and "Generating embeddings" not in err and "Parsing nodes" not in err
 
     hf_logging.enable_progress_bar()
-    status, _, err = run(cache_main, build_argv(docs, tmp_path / "c1", checkpoint), capsys)
+    status, _, err = run(cache_main, build_argv(small_docs, tmp_path / "c1", checkpoint), capsys)
     assert status == EXIT_OK and "Loading weights" in err and "GMSA compress" in err
-    status, _, err = run(cache_main, build_argv(docs, tmp_path / "c2", checkpoint, "--no-progress"), capsys)
+    status, _, err = run(cache_main, build_argv(small_docs, tmp_path / "c2", checkpoint, "--no-progress"), capsys)
     assert status == EXIT_OK and "Loading weights" not in err and "GMSA compress" not in err
 
 
@@ -507,7 +497,7 @@ def tokenizer_of(checkpoint: Path):
 
 
 # ----------------------------------------------------------------------------------------------- Ctrl-C
-def test_ctrl_c_during_build_keeps_what_was_stored(tmp_path, capsys, docs, checkpoint, monkeypatch):
+def test_ctrl_c_during_build_keeps_what_was_stored(tmp_path, capsys, small_docs, checkpoint, monkeypatch):
     cdir = tmp_path / "cache"
     real = GMSAModel.compress
     calls = []
@@ -519,7 +509,7 @@ def test_ctrl_c_during_build_keeps_what_was_stored(tmp_path, capsys, docs, check
         return real(self, texts, rate, batch_size=batch_size)
 
     monkeypatch.setattr(GMSAModel, "compress", compress_then_ctrl_c)
-    argv = build_argv(docs, cdir, checkpoint, "--batch-size", "2", "--chunk-size", "128", "--chunk-overlap", "8",
+    argv = build_argv(small_docs, cdir, checkpoint, "--batch-size", "2", "--chunk-size", "128", "--chunk-overlap", "8",
                       "--no-progress", "--json")
     status, out, err = run(cache_main, argv, capsys)
     line = one_line(err)
@@ -531,11 +521,11 @@ def test_ctrl_c_during_build_keeps_what_was_stored(tmp_path, capsys, docs, check
     assert status == EXIT_OK and report["skipped"] == 2 and report["computed"] == report["unique_chunks"] - 2
 
 
-def test_ctrl_c_during_ask(tmp_path, capsys, docs, checkpoint, monkeypatch):
+def test_ctrl_c_during_ask(tmp_path, capsys, small_docs, checkpoint, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(rag, "load_gmsa_model", interrupted)
-    status, _, err = run(cli.main, ask_argv(docs, checkpoint, tmp_path / "c", tmp_path / "i"), capsys)
+    status, _, err = run(cli.main, ask_argv(small_docs, checkpoint, tmp_path / "c", tmp_path / "i"), capsys)
     assert status == EXIT_INTERRUPTED and one_line(err).startswith("error: interrupted")
 

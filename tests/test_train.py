@@ -12,7 +12,7 @@ from gmsa_rag.checkpoint import read_weights
 from gmsa_rag.data.qa import QAExample, save_qa_jsonl
 from gmsa_rag.model import GMSAModel
 from gmsa_rag.samples import sample_rate
-from gmsa_rag.train import Data, TrainConfig, batch_for, parse_args, train
+from gmsa_rag.train import Data, TrainConfig, parse_args, step_batches, train
 
 CORPUS = (
     "The cat sat on the mat. It was a sunny day and the cat was happy to be outside in the garden.\n\n"
@@ -109,7 +109,7 @@ def test_no_compress_baseline_trains_the_same_parameters_on_text(base_dir, qa_fi
                               batch_size=2, eval_every=2, eval_samples=2, save_every=1000))
     assert any(n.startswith("decoder.") and ".q_proj.lora_" in n for n in read_weights(final))
     data = Data(None, [QAExample("q", ["a"], ["d1", "d2"])], [])
-    samples = batch_for(0, 0, data, TrainConfig(stage="keft", no_compress=True), [4], 0)
+    [samples] = step_batches(0, data, TrainConfig(stage="keft", no_compress=True), [4], 0)
     assert all(s.rate is None and s.documents == ["d1", "d2"] for s in samples)
 
 
@@ -119,7 +119,7 @@ def test_rate_sampling_covers_the_configured_set():
     assert set(counts) == {2, 4, 8, 16} and min(counts.values()) > 800
     cfg = TrainConfig(stage="keft", batch_size=64)
     data = Data(None, [QAExample("q", ["a"], ["d"])], [])
-    seen = {s.rate for step in range(4) for s in batch_for(step, 0, data, cfg, [2, 4, 8, 16], 0)}
+    seen = {s.rate for step in range(4) for s in step_batches(step, data, cfg, [2, 4, 8, 16], 0)[0]}
     assert seen == {2, 4, 8, 16}
     weighted = collections.Counter(sample_rate([2, 4, 8, 16], rng, [0, 1, 3, 0]) for _ in range(4000))
     assert set(weighted) == {4, 8} and 2.5 < weighted[8] / weighted[4] < 3.5
