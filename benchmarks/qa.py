@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N questions (default 200; --quick 8)")
     p.add_argument("--batch-size", type=int, default=None, help="questions per batch (default 8 on CPU, 16 on GPU)")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--gold-only", action="store_true",
+                   help="show each question its gold passage alone (the one-document variant; needs gold flags)")
     p.add_argument("--rates", type=int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
     p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
     p.add_argument("--nocompress-checkpoint", default=None)
@@ -135,6 +137,13 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
     }
 
 
+def gold_only(examples: list) -> list:
+    """Each example with its gold passage as the only document (examples without a marked gold are dropped)."""
+    from gmsa_rag.data.qa import QAExample
+
+    return [QAExample(e.question, e.answers, [e.gold_context], 0) for e in examples if e.gold_index is not None]
+
+
 def main(argv=None) -> dict[str, Any]:
     from gmsa_rag.data.qa import load_qa_jsonl
 
@@ -152,6 +161,10 @@ def main(argv=None) -> dict[str, Any]:
     examples = load_qa_jsonl(data, limit=args.limit)
     if not examples:
         raise SystemExit(f"{data} holds no examples")
+    if args.gold_only:
+        examples = gold_only(examples)
+        if not examples:
+            raise SystemExit(f"{data}: no example marks a gold passage (isgold), so --gold-only has nothing to show")
     specs, notes = systems_from_args(args)
 
     rows: list[dict[str, Any]] = []
@@ -172,6 +185,7 @@ def main(argv=None) -> dict[str, Any]:
     ctx_counts = sorted({len(e.contexts) for e in examples})
     meta = {**bc.env_info(device, dtype), "data": str(data), "questions": len(examples),
             "documents_per_question": ctx_counts if len(ctx_counts) > 1 else ctx_counts[0],
+            "documents": "gold passage only" if args.gold_only else "as in the file (gold among distractors)",
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
     notes += [
         "EM / F1: SQuAD normalisation, best over gold answers; accuracy: a gold answer appears in the output "

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Method = Literal["gmsa", "tcp"]
-DecoderTuning = Literal["none", "qkv", "qkv_lora"]
+DecoderTuning = Literal["none", "qkv", "qkv_lora", "full"]
 
 
 @dataclass
@@ -47,7 +47,8 @@ class GMSAConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     decoder_tuning: DecoderTuning = "none"
-    """Which decoder parameters KEFT trains: none, full W_Q/W_K/W_V, or LoRA on q/k/v."""
+    """Which decoder parameters KEFT trains: none, full W_Q/W_K/W_V, LoRA on q/k/v, or ``full``: every decoder
+    weight but the token embedding (shared with the encoder and tied to the LM head), as in the authors' code."""
     decoder_adapter: Literal["soft", "always"] = "soft"
     """When the decoder's LoRA adapter is on: ``soft``, only for prompts with soft tokens (plain-text prompts run
     on the pristine base model); ``always`` (the uncompressed fine-tuning baseline, trained on text)."""
@@ -63,8 +64,8 @@ class GMSAConfig:
         self.decoder_targets = tuple(self.decoder_targets)
         if self.method not in ("gmsa", "tcp"):
             raise ValueError(f"method must be 'gmsa' or 'tcp', got {self.method!r}")
-        if self.decoder_tuning not in ("none", "qkv", "qkv_lora"):
-            raise ValueError(f"decoder_tuning must be none, qkv or qkv_lora, got {self.decoder_tuning!r}")
+        if self.decoder_tuning not in ("none", "qkv", "qkv_lora", "full"):
+            raise ValueError(f"decoder_tuning must be none, qkv, qkv_lora or full, got {self.decoder_tuning!r}")
         if self.decoder_adapter not in ("soft", "always"):
             raise ValueError(f"decoder_adapter must be soft or always, got {self.decoder_adapter!r}")
         if not self.rates or any(r < 1 for r in self.rates):

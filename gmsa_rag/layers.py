@@ -62,8 +62,17 @@ class EmbeddingScaleNorm(nn.Module):
 
 
 def run_stack(stack: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Run a layer stack over [B, T, H] embeddings with a [B, T] padding mask; return its last hidden states."""
-    return stack(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    """Run a causal layer stack over [B, T, H] embeddings whose rows are padded on the right ([B, T] ``mask``);
+    return its last hidden states.
+
+    Under causal attention a real position only sees earlier positions, all real when padding is on the right,
+    so the mask changes nothing a caller reads and is not passed: SDPA then runs its fused causal kernels
+    instead of the masked fallback that materialises [B, heads, T, T] scores (measured: 20-60 GB for SmolLM2
+    training batches, ~15k tokens/s on an H100). Rows padded on the left are refused.
+    """
+    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("run_stack needs rows padded on the right (a padding position precedes a real one)")
+    return stack(inputs_embeds=embeds, use_cache=False).last_hidden_state
 
 
 def own_parameters(stack: nn.Module) -> dict[str, nn.Parameter]:

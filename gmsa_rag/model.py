@@ -135,7 +135,8 @@ class GMSAModel(nn.Module):
         return params
 
     def decoder_parameters(self) -> dict[str, nn.Parameter]:
-        """Decoder W_Q/W_K/W_V (or their LoRA): what stage 2 (KEFT) trains; empty when not tuned."""
+        """Decoder W_Q/W_K/W_V, their LoRA, or all decoder weights but the embedding: what stage 2 (KEFT) trains;
+        empty when not tuned."""
         tuning = self.config.decoder_tuning
         if tuning == "none":
             return {}
@@ -143,7 +144,11 @@ class GMSAModel(nn.Module):
         params = {}
         for name, p in self.decoder.named_parameters():
             is_lora = "lora_" in name
-            if (tuning == "qkv_lora" and is_lora) or (tuning == "qkv" and not is_lora and any(t in name for t in targets)):
+            if tuning == "full":
+                wanted = not is_lora and p is not self.embed_tokens.weight
+            else:
+                wanted = is_lora if tuning == "qkv_lora" else not is_lora and any(t in name for t in targets)
+            if wanted:
                 params[f"decoder.{name}"] = p
         return params
 
@@ -314,11 +319,9 @@ class GMSAModel(nn.Module):
 
         The LM head runs on the target positions only (a long prompt's full [B, T, V] logits would be gigabytes).
         """
-        batch = self.build_batch(prompts)
+        batch = self.build_batch(prompts)  # padded on the right: causal attention needs no mask (see run_stack)
         with self.decoder_adapter(self.adapter_wanted(prompts)):
-            hidden = self.decoder.get_decoder()(
-                inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, use_cache=False
-            ).last_hidden_state
+            hidden = run_stack(self.decoder.get_decoder(), batch.inputs_embeds, batch.attention_mask)
             labels = batch.labels[:, 1:]
             picked = labels != -100
             logits = self.decoder.get_output_embeddings()(hidden[:, :-1][picked])

@@ -68,7 +68,7 @@ class TrainConfig:
     encoder_prefix: str = "Document:\n"
     encoder_norm: bool = False
     soft_token_norm: bool = False
-    decoder_tuning: Literal["qkv", "qkv_lora"] = "qkv_lora"
+    decoder_tuning: Literal["qkv", "qkv_lora", "full"] = field(default="qkv_lora", metadata={"help": "keft: LoRA on W_Q/W_K/W_V (adapter on for soft-token prompts only), full W_Q/W_K/W_V, or the full decoder (the authors' public code; a comparison: it changes the uncompressed path)"})
     decoder_lora_rank: int = 16
     # data shaping
     rate_weights: list[float] = field(default_factory=list, metadata={"help": "relative frequency of each rate (default uniform)"})
@@ -175,6 +175,17 @@ def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.R
     return Sample(documents=documents, target=example.answers[0], question=example.question, rate=rate)
 
 
+def dev_qa_sample(example: QAExample, rate: int | None, max_docs: int, index: int) -> Sample:
+    """A fixed dev prompt: the gold passage among the example's first ``max_docs - 1`` distractors (the hardest,
+    in stored order), gold at place ``index mod count`` so every place is scored equally often."""
+    documents = list(example.contexts)
+    if example.gold_index is not None:
+        gold = documents.pop(example.gold_index)
+        documents = documents[: max_docs - 1]
+        documents.insert(index % (len(documents) + 1), gold)
+    return Sample(documents=documents, target=None, question=example.question, rate=rate)
+
+
 def docs_cap(cfg: TrainConfig, progress: float) -> int:
     """keft curriculum: the most documents a sample may show at this point of the budget."""
     if cfg.docs_curriculum <= 0:
@@ -273,7 +284,7 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
                 preds += model.generate_from_segments(prompts, max_new_tokens=max(map(len, chunk)) + 8)
                 refs += [model.tokenizer.decode(ids).strip() for ids in chunk]
             else:
-                samples = [Sample(list(e.contexts), None, question=e.question, rate=rate) for e in chunk]
+                samples = [dev_qa_sample(e, rate, cfg.max_docs, start + j) for j, e in enumerate(chunk)]
                 preds += model.generate_from_segments(build_prompts(model, samples), max_new_tokens=24)
                 refs += [e.answers for e in chunk]
         scores = reconstruction_metrics(preds, refs) if cfg.stage == "ae" else qa_metrics(preds, refs)
@@ -340,6 +351,7 @@ def train(cfg: TrainConfig) -> Path:
     )
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, accelerator.device)
+    model.generation_engine = "hf"  # dev evaluation: varied shapes, under autocast, in this thread (no compiles)
     with accelerator.main_process_first():  # one process tokenizes the corpus; the others read its cache
         data = load_data(cfg, model.tokenizer)
     rates = list(model.config.rates)

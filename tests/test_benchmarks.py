@@ -117,6 +117,9 @@ def test_qa_runs_end_to_end(qa_file, checkpoints, tmp_path):
     for r in result["rows"]:
         assert r["n"] == 3 and 0 <= r["f1"] <= 100 and r["ms_per_query"] > 0
     assert len(data["outputs"]) == 3
+    gold = _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--gold-only",
+                              "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "gold")])
+    assert gold["meta"]["documents_per_question"] == 1 and gold["rows"][0]["n"] == 3
 
 
 def test_reconstruction_runs_end_to_end(qa_file, checkpoints, tmp_path):

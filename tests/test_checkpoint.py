@@ -16,7 +16,8 @@ def _reload(tokenizer, path, **config):
     return attach_checkpoint(fresh, read_record(path), read_weights(path), path)
 
 
-@pytest.mark.parametrize("config", [{}, {"method": "tcp"}, {"decoder_tuning": "qkv"}, {"decoder_tuning": "qkv_lora"}])
+@pytest.mark.parametrize("config", [{}, {"method": "tcp"}, {"decoder_tuning": "qkv"}, {"decoder_tuning": "qkv_lora"},
+                                    {"decoder_tuning": "full"}])
 def test_round_trip_is_bit_exact(tokenizer, tmp_path, config):
     model = tiny_gmsa(tokenizer, **config)
     with torch.no_grad():

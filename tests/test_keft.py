@@ -10,7 +10,7 @@ from gmsa_rag.data.qa import QAExample
 from gmsa_rag.prompt import qa_segments
 from gmsa_rag.samples import Sample
 from gmsa_rag.testing import tiny_gmsa
-from gmsa_rag.train import TrainConfig, docs_cap, qa_sample
+from gmsa_rag.train import TrainConfig, dev_qa_sample, docs_cap, qa_sample
 
 DOCS = ["Hamlet is a tragedy written by William Shakespeare.", "Paris is the capital of France."]
 
@@ -86,6 +86,21 @@ def test_qa_samples_show_the_gold_once_among_a_capped_number_of_distractors():
     assert [docs_cap(cfg, p) for p in (0.0, 0.25, 0.5, 1.0)] == [1, 3, 5, 5]  # gold-only first, then the full prompt
     no_gold = QAExample("q", ["a"], ["x", "y"])
     assert qa_sample(no_gold, None, 1, rng).documents == ["x", "y"]  # unknown gold: documents as given
+
+
+def test_dev_prompts_show_the_hardest_distractors_with_the_gold_at_every_place_in_turn():
+    example = QAExample("q", ["a"], ["gold", "d1", "d2", "d3", "d4", "d5"], gold_index=0)
+    shown = [dev_qa_sample(example, 4, 3, j).documents for j in range(6)]
+    assert shown[:3] == [["gold", "d1", "d2"], ["d1", "gold", "d2"], ["d1", "d2", "gold"]] and shown[3] == shown[0]
+    assert dev_qa_sample(example, None, 1, 5).documents == ["gold"]  # gold only
+
+
+def test_full_decoder_tuning_trains_every_decoder_weight_but_the_shared_embedding(tokenizer):
+    model = tiny_gmsa(tokenizer, decoder_tuning="full")
+    tuned = model.decoder_parameters()
+    assert any("mlp" in n for n in tuned) and any("norm" in n for n in tuned)
+    assert all(p is not model.embed_tokens.weight for p in tuned.values())
+    assert not any("lora_" in n for n in tuned)
 
 
 def test_format1_checkpoints_load_with_the_architecture_they_were_trained_with(tokenizer, tmp_path, monkeypatch):

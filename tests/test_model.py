@@ -212,3 +212,18 @@ def test_length_groups_bound_the_padded_size():
     assert sorted(i for g in groups for i in g) == list(range(6))
     assert all(len(g) == 1 or max(lengths[i] for i in g) * len(g) <= 40 for g in groups)
     assert [lengths[g[0]] for g in groups] == sorted(lengths[g[0]] for g in groups)  # short windows first
+
+
+def test_right_padded_stacks_run_without_a_mask_and_match_the_masked_run(tokenizer):
+    """run_stack drops the padding mask (fused causal attention); real positions are what a masked run gives."""
+    from gmsa_rag.layers import run_stack
+
+    model = make_tiny(tokenizer)
+    ids, mask = model.encoder_inputs([[5, 6, 7, 8, 9, 10], [11, 12, 13]])
+    embeds = model.embed_tokens(ids)
+    fast = run_stack(model.encoder, embeds, mask)
+    masked = model.encoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    real = mask.bool()
+    assert torch.allclose(fast[real], masked[real], atol=1e-5)
+    with pytest.raises(ValueError, match="padded on the right"):
+        run_stack(model.encoder, embeds, mask.flip(1))

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Stage 2 (answering from soft tokens) on SmolLM2: the recipe ablations and the long run behind
+# checkpoints/smollm2-gmsa. Needs a GPU; the runs of a mode share it (one process each).
+#   scripts/stage2_recipe.sh ablations   # one equal wall-clock budget (ABL_MINUTES, runs side by side) per lever
+#   scripts/stage2_recipe.sh long        # RECIPE from INIT, and the no-compress fine-tune on the same steps
+# Train data: data/qa-multidoc train (17,579 questions, gold + MiniLM hard distractors); dev (recipe choices):
+# data/qa-multidoc dev. The reported evaluation (benchmarks/qa.py on data/nq-multidoc dev) is never used here.
+set -euo pipefail
+RUNS=${RUNS:-runs}
+INIT=${INIT:-checkpoints/smollm2-gmsa-ae}     # the stage-1 checkpoint
+ABL_MINUTES=${ABL_MINUTES:-7}
+LONG_STEPS=${LONG_STEPS:-600}
+LONG_MINUTES=${LONG_MINUTES:-0}               # optional wall-clock budget of the long runs (0: steps only)
+STOP_AFTER=${STOP_AFTER:-0}                   # pause this invocation after N minutes (resume with the same command)
+RECIPE=${RECIPE:-"--compressor_lr 2e-4"}      # flags of the chosen recipe for the long run
+common="--stage keft --data data/qa-multidoc --dev_data data/qa-multidoc --max_docs 5 --rate_weights 1 4 3 2
+  --batch_size ${BATCH:-8} --grad_accum ${ACCUM:-8} --lr 5e-4 --warmup_steps 20 --seed 0 --log_every 5
+  --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --save_dtype bfloat16"
+
+# name: flags beside the common ones (decoder: LoRA r=16 on W_Q/W_K/W_V, on for soft-token prompts only;
+# compressor frozen, as in the paper)
+ablations=(
+  "frozen:--init $INIT"
+  "joint:--init $INIT --compressor_lr 2e-4"
+  "joint-distill:--init $INIT --compressor_lr 2e-4 --distill_weight 0.5"
+  "full-decoder:--init $INIT --decoder_tuning full --lr 5e-5"
+  "nocompress:--no_compress true"
+)
+
+case "${1:?mode: ablations or long}" in
+ablations)
+  for entry in "${ablations[@]}"; do
+    name=${entry%%:*}; flags=${entry#*:}
+    [ -n "${ABL_ONLY:-}" ] && [[ " $ABL_ONLY " != *" $name "* ]] && continue
+    python3 -m gmsa_rag.train $common $flags --out_dir "$RUNS/s2-$name" --steps 100000 \
+      --time_limit_minutes "$ABL_MINUTES" --eval_every 100000 --save_every 100000 > "$RUNS/s2-$name.log" 2>&1 &
+  done
+  wait
+  tail -n 3 "$RUNS"/s2-*.log ;;
+long)
+  python3 -m gmsa_rag.train $common --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" --steps "$LONG_STEPS" \
+    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --eval_every 200 --save_every 100 \
+    > "$RUNS/s2-long.log" 2>&1 &
+  python3 -m gmsa_rag.train $common --no_compress true --out_dir "$RUNS/s2-long-nocompress" --steps "$LONG_STEPS" \
+    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --eval_every 200 --save_every 100 \
+    > "$RUNS/s2-long-nocompress.log" 2>&1 &
+  wait
+  tail -n 3 "$RUNS"/s2-long*.log ;;
+*) echo "unknown mode $1" >&2; exit 2 ;;
+esac
