@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("."))
     p.add_argument("--steps", type=int, default=2, help="profiled optimizer steps (after one warm-up step)")
+    p.add_argument("--cudnn-sdp", dest="cudnn_sdp_off", action="store_false",
+                   help="leave cuDNN attention on (the trainer turns it off; this shows why)")
     args = p.parse_args(argv[:split])
     cfg = parse_args(argv[split + 1 :])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.enable_cudnn_sdp(not args.cudnn_sdp_off)  # what gmsa_rag.train does: off
     model = build_model(cfg, device)
     data = load_data(cfg, model.tokenizer)
     model.train()

@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="first N questions (default 200; --quick 8)")
     p.add_argument("--batch-size", type=int, default=None, help="questions per batch (default 8 on CPU, 16 on GPU)")
     p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--engine", default="auto", choices=["auto", "hf", "static"],
+                   help="decoding path (gmsa_rag.engine); greedy output is the same, only speed differs")
     p.add_argument("--gold-only", action="store_true",
                    help="show each question its gold passage alone (the one-document variant; needs gold flags)")
     p.add_argument("--rates", type=int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
@@ -173,6 +175,7 @@ def main(argv=None) -> dict[str, Any]:
         groups.setdefault((s.kind if s.kind == "base" else "ckpt", s.path), []).append(s)
     for (_, _), group in groups.items():
         model, load_notes = load_model(group[0], args, device, dtype)
+        model.generation_engine = args.engine
         notes += load_notes
         for spec in group:
             row = evaluate(model, spec, examples, args, device)
@@ -186,7 +189,7 @@ def main(argv=None) -> dict[str, Any]:
     meta = {**bc.env_info(device, dtype), "data": str(data), "questions": len(examples),
             "documents_per_question": ctx_counts if len(ctx_counts) > 1 else ctx_counts[0],
             "documents": "gold passage only" if args.gold_only else "as in the file (gold among distractors)",
-            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "decoding": "greedy"}
+            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "engine": args.engine, "decoding": "greedy"}
     notes += [
         "EM / F1: SQuAD normalisation, best over gold answers; accuracy: a gold answer appears in the output "
         "(Lost in the Middle). All in percent.",

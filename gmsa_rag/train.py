@@ -350,6 +350,10 @@ def train(cfg: TrainConfig) -> Path:
         mixed_precision="bf16" if use_bf16(cfg) else "no", gradient_accumulation_steps=cfg.grad_accum
     )
     torch.manual_seed(cfg.seed)
+    # cuDNN's SDPA builds an execution plan for every new shape, and training shapes vary every micro-batch: on an
+    # H200 it spent 5.7 s of host time per 64-sample KEFT step against 0.7 s of GPU work
+    # (benchmarks/profile_train_step.py). Flash attention has no such per-shape cost.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_model(cfg, accelerator.device)
     model.generation_engine = "hf"  # dev evaluation: varied shapes, under autocast, in this thread (no compiles)
     with accelerator.main_process_first():  # one process tokenizes the corpus; the others read its cache
