@@ -27,7 +27,7 @@ def read_run(path: Path) -> dict[str, Any]:
         "name": path.name.removeprefix("abl-"),
         "config": json.loads(config_file.read_text()) if config_file.is_file() else {},
         "train": [r for r in records if "loss" in r],
-        "evals": [r for r in records if any(k.startswith(("bleu@", "accuracy")) for k in r)],
+        "evals": [r for r in records if any(k.startswith(("bleu@", "accuracy")) for k in r)],  # stage 1 / stage 2
     }
 
 
@@ -42,6 +42,8 @@ def summary_row(run: dict[str, Any], metric: str) -> dict[str, Any]:
     for key, value in last_eval.items():
         if key.startswith(f"{metric}@") or key.startswith(("semantic@",)):
             row[key] = value
+    if metric in last_eval:  # an uncompressed run (stage-2 no-compress baseline): one figure, no rate
+        row["text"] = last_eval[metric]
     return row
 
 
@@ -73,6 +75,8 @@ def main(argv=None) -> dict[str, Any]:
     columns = [C("run", "run"), C("steps", "steps", 0), C("tokens_m", "tokens (M)", 1), C("loss", "train loss", 3),
                C("tok_s", "tokens/s", 0)]
     columns += [C(f"{args.metric}@{r}x", f"{args.metric} {r}x", 1) for r in rates]
+    if any("text" in row for row in rows):
+        columns.append(C("text", f"{args.metric} uncompressed", 1))
     if base is not None:
         columns += [C(f"delta@{r}x", f"Δ{r}x vs {args.baseline}", 1) for r in rates]
 
@@ -82,7 +86,8 @@ def main(argv=None) -> dict[str, Any]:
         ax_loss.plot([r["tokens"] / 1e6 for r in run["train"]], [r["loss"] for r in run["train"]], label=run["name"], lw=1)
         if run["evals"]:
             key = f"{args.metric}@4x"
-            points = [(e.get("tokens", 0) / 1e6, e[key]) for e in run["evals"] if key in e]
+            points = [(e.get("tokens", 0) / 1e6, e.get(key, e.get(args.metric))) for e in run["evals"]
+                      if key in e or args.metric in e]
             if points:
                 ax_eval.plot(*zip(*points), marker="o", label=run["name"])
     ax_loss.set_xlabel("tokens seen (M)")

@@ -26,3 +26,17 @@ def test_compresses_and_generates_from_soft_tokens(smollm2):
     assert soft.shape == (sum(-(-min(512, n - i) // 8) for i in range(0, n, 512)), 576)
     assert torch.isfinite(soft).all()
     assert isinstance(smollm2.generate("What jumps?", [soft], max_new_tokens=4), str)
+
+
+def test_bundled_checkpoint_is_small_and_reads_text_exactly_as_the_base_model(smollm2):
+    """The shipped stage-2 checkpoint: <= 16 MB, loads, and its uncompressed path is the untouched SmolLM2."""
+    from gmsa_rag.checkpoint import default_checkpoint
+    from gmsa_rag.prompt import qa_segments
+
+    path = default_checkpoint()
+    assert path is not None
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 16 * 1024 * 1024
+    bundled = GMSAModel.from_pretrained(path)
+    assert bundled.config.decoder_adapter == "soft" and bundled.decoder_parameters()
+    prompt = [qa_segments(bundled.tokenizer, "What is the capital of France?", ["Its capital is Paris."], "Paris")]
+    assert torch.equal(bundled.target_logits(prompt)[0], smollm2.target_logits(prompt)[0])
