@@ -8,11 +8,11 @@
 set -euo pipefail
 RUNS=${RUNS:-runs}
 INIT=${INIT:-checkpoints/smollm2-gmsa-ae}     # the stage-1 checkpoint
-ABL_MINUTES=${ABL_MINUTES:-7}
-LONG_STEPS=${LONG_STEPS:-600}
-LONG_MINUTES=${LONG_MINUTES:-0}               # optional wall-clock budget of the long runs (0: steps only)
+ABL_MINUTES=${ABL_MINUTES:-4.5}
+LONG_STEPS=${LONG_STEPS:-300}
+LONG_MINUTES=${LONG_MINUTES:-14}              # wall-clock cap of the long runs (0: steps only; 14 did not bind in the shipped run)
 STOP_AFTER=${STOP_AFTER:-0}                   # pause this invocation after N minutes (resume with the same command)
-RECIPE=${RECIPE:-"--compressor_lr 2e-4"}      # flags of the chosen recipe for the long run
+RECIPE=${RECIPE:-"--compressor_lr 2e-4 --distill_weight 0.5"}  # the shipped checkpoints/smollm2-gmsa (see its model card)
 common="--stage keft --data data/qa-multidoc --dev_data data/qa-multidoc --max_docs 5 --rate_weights 1 4 3 2
   --batch_size ${BATCH:-8} --grad_accum ${ACCUM:-8} --lr 5e-4 --warmup_steps 20 --seed 0 --log_every 5
   --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --save_dtype bfloat16"
