@@ -292,20 +292,27 @@ class GMSAModel(nn.Module):
         """Embed and pad segment lists into one decoder batch."""
         return assemble(prompts, self.embed_tokens, padding_side=padding_side)
 
-    def forward(self, samples: Sequence[Sample], distill_weight: float = 0.0) -> torch.Tensor:
+    def forward(self, samples: Sequence[Sample], distill_weight: float = 0.0,
+                teacher: "GMSAModel | None" = None) -> torch.Tensor:
         """Training loss of a batch of stage-1 / QA samples (what the trainer and DDP call).
 
         With ``distill_weight`` w > 0: (1 - w) * cross-entropy on the targets + w * KL(teacher || student), the
-        teacher being the same decoder with its adapter off reading the documents as text.
+        teacher reading the documents as text: ``teacher`` (e.g. a no-compress fine-tune, same base model and
+        tokenizer) or, by default, this decoder with its adapter off (the base model).
         """
         prompts = build_prompts(self, samples)
         if not distill_weight:
             return self.loss(prompts)
-        with torch.no_grad(), self.decoder_adapter(False):
-            teacher, _ = self.target_logits(build_prompts(self, [replace(s, rate=None) for s in samples]))
+        text_samples = [replace(s, rate=None) for s in samples]
+        with torch.no_grad():
+            if teacher is None:
+                with self.decoder_adapter(False):
+                    teacher_logits, _ = self.target_logits(build_prompts(self, text_samples))
+            else:
+                teacher_logits, _ = teacher.target_logits(build_prompts(teacher, text_samples))
         logits, labels = self.target_logits(prompts)
         ce = F.cross_entropy(logits.float(), labels)
-        kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+        kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1), log_target=True,
                       reduction="batchmean")
         return (1 - distill_weight) * ce + distill_weight * kl
 

@@ -6,7 +6,8 @@ Passages are cut from a tokenized corpus like RAG chunks; some samples hold seve
 documents of which one is restored (``--multi_doc_fraction``). Stage ``keft``: compressor frozen (loaded from a
 stage-1 checkpoint); a LoRA adapter on the decoder's W_Q/W_K/W_V (on only for prompts with soft tokens) learns
 to answer questions from the soft tokens of the retrieved documents, optionally distilled from the base model
-reading the same documents as text (``--distill_weight``). ``--no-compress`` fine-tunes the same decoder
+reading the same documents as text (``--distill_weight``; ``--distill_teacher``: a no-compress fine-tune
+instead). ``--no-compress`` fine-tunes the same decoder
 parameters on the uncompressed prompt (the fair baseline). Rates are drawn per sample (``--rate_weights``).
 
 The learning-rate schedule runs on the fraction of the budget spent: the largest of steps, tokens
@@ -33,7 +34,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from .checkpoint import attach_checkpoint, load_checkpoint, read_record, read_weights, save_checkpoint
+from .checkpoint import CheckpointError, attach_checkpoint, load_checkpoint, read_record, read_weights, save_checkpoint
 from .config import GMSAConfig
 from .backbone import cache_root
 from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
@@ -83,6 +84,7 @@ class TrainConfig:
     eval_chunk_tokens: int = 128
     # stage 2 options
     distill_weight: float = field(default=0.0, metadata={"help": "keft: weight of token-level KL to the base model reading the documents as text"})
+    distill_teacher: str = field(default="", metadata={"help": "keft: a no-compress checkpoint (--no_compress run on the same base model) whose fine-tuned decoder reading the text is the distillation teacher; default: the base model"})
     compressor_lr: float = field(default=0.0, metadata={"help": "keft: also train encoder LoRA + LSA at this lr (0: frozen, as in the paper)"})
     # optimisation
     steps: int = 1000
@@ -120,7 +122,21 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     (cfg,) = parser.parse_args_into_dataclasses(argv)
     if cfg.stage == "keft" and not cfg.init and not cfg.no_compress:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
+    if cfg.distill_teacher:
+        check_teacher(cfg, parser.error)
     return cfg
+
+
+def check_teacher(cfg: TrainConfig, error) -> None:
+    """Refuse a distillation teacher that cannot serve, before any model is loaded."""
+    if cfg.stage != "keft" or cfg.no_compress or cfg.distill_weight <= 0:
+        error("--distill_teacher needs --stage keft with soft tokens and --distill_weight > 0")
+    try:
+        config = read_record(cfg.distill_teacher)["config"]
+    except CheckpointError as err:
+        error(f"--distill_teacher: {err}")
+    if config.get("decoder_adapter") != "always":
+        error(f"--distill_teacher {cfg.distill_teacher} is not a no-compress fine-tune (train one with --no_compress)")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -390,6 +406,12 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=100, initial=int(100 * progress.fraction(cfg)), unit="%", disable=not accelerator.is_main_process,
                bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]")
     distill = cfg.distill_weight if cfg.stage == "keft" and not cfg.no_compress else 0.0
+    teacher = None
+    if distill and cfg.distill_teacher:  # the text-reading fine-tune: frozen, outside DDP, on every process
+        teacher = load_checkpoint(cfg.distill_teacher, base_model=model.config.base_model, device=accelerator.device,
+                                  dtype=model.dtype)
+        teacher.requires_grad_(False)
+        teacher.eval()
     invocation_start = time.perf_counter()
     while progress.fraction(cfg) < 1.0:
         started = time.perf_counter()
@@ -398,7 +420,7 @@ def train(cfg: TrainConfig) -> Path:
             g["lr"] = g["base_lr"] * lr_factor(cfg, fraction, progress.step)
         for samples in step_batches(progress.step, data, cfg, rates, accelerator.process_index, fraction):
             with accelerator.accumulate(wrapped):
-                loss = wrapped(samples, distill_weight=distill)
+                loss = wrapped(samples, distill_weight=distill, teacher=teacher)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)

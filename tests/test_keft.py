@@ -10,7 +10,7 @@ from gmsa_rag.data.qa import QAExample
 from gmsa_rag.prompt import qa_segments
 from gmsa_rag.samples import Sample
 from gmsa_rag.testing import tiny_gmsa
-from gmsa_rag.train import TrainConfig, dev_qa_sample, docs_cap, qa_sample
+from gmsa_rag.train import TrainConfig, dev_qa_sample, docs_cap, parse_args, qa_sample
 
 DOCS = ["Hamlet is a tragedy written by William Shakespeare.", "Paris is the capital of France."]
 
@@ -64,6 +64,23 @@ def test_distillation_loss_trains_only_the_adapter_against_the_text_reading_teac
     mixed.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all("lora_" in n and n.startswith("decoder.") for n in grads)
+
+
+def test_a_given_distillation_teacher_replaces_the_base_model(tokenizer, tmp_path):
+    """--distill_teacher: the teacher's logits on the text prompt drive the KL term; the base model by default."""
+    student = with_trained_adapter(tokenizer)
+    samples = [Sample(DOCS, "Shakespeare", question="who wrote hamlet?", rate=4)]
+    base_teacher = tiny_gmsa(tokenizer)  # same base weights, no adapter: what the default teacher is
+    assert torch.allclose(student(samples, 0.5), student(samples, 0.5, teacher=base_teacher), atol=1e-6)
+    tuned_teacher = with_trained_adapter(tokenizer, decoder_adapter="always")
+    assert not torch.allclose(student(samples, 0.5), student(samples, 0.5, teacher=tuned_teacher))
+    path = tuned_teacher.save_pretrained(tmp_path / "teacher")
+    flags = ["--stage", "keft", "--init", "x", "--distill_weight", "0.5", "--distill_teacher"]
+    assert parse_args(flags + [str(path)]).distill_teacher == str(path)
+    student.save_pretrained(tmp_path / "soft")
+    for bad in (tmp_path / "soft", tmp_path / "missing"):  # not a no-compress fine-tune; not a checkpoint
+        with pytest.raises(SystemExit):
+            parse_args(flags + [str(bad)])
 
 
 def test_answer_losses_are_per_prompt_means_of_the_target_tokens(tokenizer):

@@ -113,6 +113,16 @@ def test_no_compress_baseline_trains_the_same_parameters_on_text(base_dir, qa_fi
     assert all(s.rate is None and s.documents == ["d1", "d2"] for s in samples)
 
 
+def test_keft_distills_from_a_no_compress_teacher(base_dir, corpus, qa_file, tmp_path):
+    common = dict(data=[str(qa_file)], batch_size=2, warmup_steps=0, eval_every=1000, save_every=1000, log_every=1)
+    teacher = train(TrainConfig(stage="keft", no_compress=True, base_model=str(base_dir), encoder_layers=2, window=32,
+                                out_dir=str(tmp_path / "teacher"), steps=1, **common))
+    ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=1))
+    final = train(TrainConfig(stage="keft", init=str(ae), distill_weight=0.5, distill_teacher=str(teacher),
+                              out_dir=str(tmp_path / "keft"), steps=2, **common))
+    assert final is not None and all(torch.isfinite(torch.tensor(losses(tmp_path / "keft"))))
+
+
 def test_rate_sampling_covers_the_configured_set():
     rng = random.Random(0)
     counts = collections.Counter(sample_rate([2, 4, 8, 16], rng) for _ in range(4000))
