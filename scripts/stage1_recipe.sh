@@ -4,6 +4,7 @@
 #   scripts/stage1_recipe.sh ablations   # one small equal budget (ABL_TOKENS encoder tokens) per lever
 #   scripts/stage1_recipe.sh long        # the chosen recipe on LONG_GPUS (accelerate/DDP), resumable
 #   scripts/stage1_recipe.sh tokenize    # tokenize DATA and DEV into the token cache (the others do it too)
+#   scripts/stage1_recipe.sh profile     # where one step of the long run's recipe spends time and memory (one GPU)
 # DATA: training corpus files/folders (default ../shared/data/wiki parts 00-13; never wiki-15, the test set)
 # DEV: dev corpus (default a slice of wiki-14, kept out of training). RUNS: output root (default runs).
 set -euo pipefail
@@ -38,7 +39,7 @@ ablations=(
 ABL_GPUS=(${ABL_GPUS:-$(seq 0 $((GPUS - 1)))})    # which GPUs the ablations share
 LONG_GPUS=${LONG_GPUS:-$(seq -s, 0 $((GPUS - 1)))}  # which GPUs the long run uses (comma-separated)
 
-case "${1:?mode: ablations or long}" in
+case "${1:?mode: ablations, long, tokenize or profile}" in
 ablations)
   "$0" tokenize  # once, before the parallel runs share the cache
   i=0
@@ -64,5 +65,8 @@ long)
     --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size "${BATCH:-64}" \
     --grad_accum "${ACCUM:-1}" --lr 5e-4 \
     --eval_every 300 --save_every 300 ;;
+profile)
+  python3 benchmarks/profile_train_step.py --out "$RUNS/profile" -- $common $RECIPE --data $DATA \
+    --batch_size "${BATCH:-64}" --grad_accum "${ACCUM:-1}" ;;
 *) echo "unknown mode $1" >&2; exit 2 ;;
 esac

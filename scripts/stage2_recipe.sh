@@ -3,6 +3,7 @@
 # checkpoints/smollm2-gmsa. Needs a GPU; the runs of a mode share it (one process each).
 #   scripts/stage2_recipe.sh ablations   # one equal wall-clock budget (ABL_MINUTES, runs side by side) per lever
 #   scripts/stage2_recipe.sh long        # RECIPE from INIT, and the no-compress fine-tune on the same steps
+#   scripts/stage2_recipe.sh profile     # where one step of RECIPE spends time and memory (one GPU)
 # Train data: data/qa-multidoc train (17,579 questions, gold + MiniLM hard distractors); dev (recipe choices):
 # data/qa-multidoc dev. The reported evaluation (benchmarks/qa.py on data/nq-multidoc dev) is never used here.
 set -euo pipefail
@@ -27,7 +28,7 @@ ablations=(
   "nocompress:--no_compress true"
 )
 
-case "${1:?mode: ablations or long}" in
+case "${1:?mode: ablations, long or profile}" in
 ablations)
   for entry in "${ablations[@]}"; do
     name=${entry%%:*}; flags=${entry#*:}
@@ -46,5 +47,7 @@ long)
     > "$RUNS/s2-long-nocompress.log" 2>&1 &
   wait
   tail -n 3 "$RUNS"/s2-long*.log ;;
+profile)
+  python3 benchmarks/profile_train_step.py --out "$RUNS/s2-profile" -- $common --init "$INIT" $RECIPE ;;
 *) echo "unknown mode $1" >&2; exit 2 ;;
 esac
