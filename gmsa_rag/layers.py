@@ -66,9 +66,10 @@ def run_stack(stack: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> tor
     return its last hidden states.
 
     Under causal attention a real position only sees earlier positions, all real when padding is on the right,
-    so the mask changes nothing a caller reads and is not passed: SDPA then runs its fused causal kernels
-    instead of the masked fallback that materialises [B, heads, T, T] scores (measured: 20-60 GB for SmolLM2
-    training batches, ~15k tokens/s on an H100). Rows padded on the left are refused.
+    so the mask changes nothing a caller reads and is not passed: SDPA may then use its fused causal kernels
+    (flash attention) rather than a masked path. The gain of this alone was not measured; the slow training
+    steps of 2026-11-26 came from cuDNN attention's per-call host cost (see gmsa_rag.train). Rows padded on the
+    left are refused.
     """
     if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
         raise ValueError("run_stack needs rows padded on the right (a padding position precedes a real one)")
