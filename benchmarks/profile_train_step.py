@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gmsa_rag.samples import build_prompts  # noqa: E402
-from gmsa_rag.train import build_model, load_data, parse_args, step_batches  # noqa: E402
+from gmsa_rag.train import build_model, distillation, load_data, parse_args, step_batches  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> str:
     model.train()
     rates = list(model.config.rates)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    distill = cfg.distill_weight if cfg.stage == "keft" and not cfg.no_compress else 0.0
+    distill, teacher = distillation(cfg, model)
     seconds: dict[str, float] = defaultdict(float)
 
     def timed(name: str, fn):
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> str:
         for samples in step_batches(index, data, cfg, rates, 0):
             with autocast:
                 if distill:
-                    loss = timed("loss (prompts, encoder, decoder, teacher)", lambda: model(samples, distill))
+                    loss = timed("loss (prompts, encoder, decoder, teacher)", lambda: model(samples, distill, teacher))
                 else:
                     prompts = timed("prompts + encoder", lambda: build_prompts(model, samples))
                     loss = timed("decoder loss", lambda: model.loss(prompts))

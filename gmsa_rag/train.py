@@ -283,6 +283,20 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
     return model
 
 
+def distillation(cfg: TrainConfig, model: GMSAModel) -> tuple[float, GMSAModel | None]:
+    """The distillation weight this run uses (0 outside stage 2 with soft tokens) and its teacher: the
+    ``--distill_teacher`` fine-tune, frozen, on the model's device (outside DDP, one per process), or None for
+    the default teacher, the model's own decoder with its adapter off."""
+    weight = cfg.distill_weight if cfg.stage == "keft" and not cfg.no_compress else 0.0
+    if not weight or not cfg.distill_teacher:
+        return weight, None
+    teacher = load_checkpoint(cfg.distill_teacher, base_model=model.config.base_model, device=model.device,
+                              dtype=model.dtype)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return weight, teacher
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
@@ -405,13 +419,7 @@ def train(cfg: TrainConfig) -> Path:
     window_tokens, clock = 0, time.perf_counter()
     bar = tqdm(total=100, initial=int(100 * progress.fraction(cfg)), unit="%", disable=not accelerator.is_main_process,
                bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]")
-    distill = cfg.distill_weight if cfg.stage == "keft" and not cfg.no_compress else 0.0
-    teacher = None
-    if distill and cfg.distill_teacher:  # the text-reading fine-tune: frozen, outside DDP, on every process
-        teacher = load_checkpoint(cfg.distill_teacher, base_model=model.config.base_model, device=accelerator.device,
-                                  dtype=model.dtype)
-        teacher.requires_grad_(False)
-        teacher.eval()
+    distill, teacher = distillation(cfg, model)
     invocation_start = time.perf_counter()
     while progress.fraction(cfg) < 1.0:
         started = time.perf_counter()
