@@ -1,6 +1,6 @@
 """Train GMSA (or TCP-AE) in two stages: ``python -m gmsa_rag.train --stage ae|keft ...``.
 
-Stage ``ae``: decoder frozen; encoder LoRA + LSA learn to make soft tokens from which the decoder restores
+Stage ``ae``: decoder frozen (``--ae_decoder_lora``: its soft-token adapter trains too); encoder LoRA + LSA learn to make soft tokens from which the decoder restores
 the passage (autoencoding) or writes the text that follows it (continuation, ``--continuation_fraction``).
 Passages are cut from a tokenized corpus like RAG chunks; some samples hold several separately compressed
 documents of which one is restored (``--multi_doc_fraction``). Stage ``keft``: compressor frozen (loaded from a
@@ -71,6 +71,7 @@ class TrainConfig:
     soft_token_norm: bool = False
     decoder_tuning: Literal["qkv", "qkv_lora", "full"] = field(default="qkv_lora", metadata={"help": "keft: LoRA on W_Q/W_K/W_V (adapter on for soft-token prompts only), full W_Q/W_K/W_V, or the full decoder (the authors' public code; a comparison: it changes the uncompressed path)"})
     decoder_lora_rank: int = 16
+    ae_decoder_lora: bool = field(default=False, metadata={"help": "ae: also train the soft-token decoder adapter (LoRA on W_Q/W_K/W_V, on only for prompts with soft tokens; stage 2 continues it). A deviation from the paper's frozen stage-1 decoder (PISCO-style); the text path stays the base model"})
     # data shaping
     rate_weights: list[float] = field(default_factory=list, metadata={"help": "relative frequency of each rate (default uniform)"})
     min_chunk_tokens: int = 32
@@ -124,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
     if cfg.distill_teacher:
         check_teacher(cfg, parser.error)
+    if cfg.ae_decoder_lora and cfg.stage != "ae":
+        parser.error("--ae_decoder_lora is a stage-1 option (stage keft tunes the decoder with --decoder_tuning)")
     return cfg
 
 
@@ -253,6 +256,14 @@ def use_bf16(cfg: TrainConfig) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
 
 
+def decoder_tuning(cfg: TrainConfig) -> str:
+    """What a fresh model's decoder tunes: stage 2 its ``--decoder_tuning``; stage 1 nothing (the paper), or the
+    soft-token LoRA adapter with ``--ae_decoder_lora``."""
+    if cfg.stage == "keft":
+        return cfg.decoder_tuning
+    return "qkv_lora" if cfg.ae_decoder_lora else "none"
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     if cfg.stage == "keft" and cfg.init:
@@ -263,13 +274,16 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
             base_model=cfg.base_model, method=cfg.method, encoder_layers=cfg.encoder_layers, lsa_layers=cfg.lsa_layers,
             rates=tuple(cfg.rates), window=cfg.window, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
             encoder_prefix=cfg.encoder_prefix, encoder_norm=cfg.encoder_norm, soft_token_norm=cfg.soft_token_norm,
-            decoder_tuning=cfg.decoder_tuning if cfg.stage == "keft" else "none", decoder_lora_rank=cfg.decoder_lora_rank,
+            decoder_tuning=decoder_tuning(cfg), decoder_lora_rank=cfg.decoder_lora_rank,
             decoder_lora_alpha=2 * cfg.decoder_lora_rank, decoder_adapter="always" if cfg.no_compress else "soft",
         )
         model = GMSAModel.from_base(config, device=device, dtype=dtype)
     model.set_stage(cfg.stage)
     if cfg.stage == "keft" and cfg.compressor_lr > 0 and not cfg.no_compress:
         for p in model.compressor_parameters().values():
+            p.requires_grad_(True)
+    if cfg.stage == "ae" and cfg.ae_decoder_lora:
+        for p in model.decoder_parameters().values():
             p.requires_grad_(True)
     for p in model.parameters():
         if p.requires_grad:

@@ -3,6 +3,7 @@ import collections
 import json
 import random
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,6 +102,24 @@ def test_keft_changes_only_decoder_qkv(base_dir, corpus, qa_file, tmp_path):
     assert all(t.abs().sum() > 0 for n, t in decoder.items() if "lora_B" in n)  # peft starts B at zero
     record = [json.loads(line) for line in (tmp_path / "keft" / "metrics.jsonl").read_text().splitlines()]
     assert {"exact_match@2x", "f1@4x", "accuracy@2x"} <= set(record[-1])
+
+
+def test_ae_decoder_lora_trains_the_soft_token_adapter_and_keft_continues_it(base_dir, corpus, qa_file, tmp_path):
+    ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=3, ae_decoder_lora=True, decoder_lora_rank=4))
+    state = trained_state(ae)
+    adapter = {n: t for n, t in state.items() if n.startswith("decoder.")}
+    assert adapter and all("lora_" in n for n in adapter)
+    assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)  # trained (peft starts B at zero)
+    model = GMSAModel.from_pretrained(ae)
+    fresh = GMSAModel.from_base(replace(model.config, decoder_tuning="none"))
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with model.decoder_adapter(False):  # the text path is still the base model
+        torch.testing.assert_close(model.decoder(ids).logits, fresh.decoder(ids).logits)
+    keft = train(TrainConfig(stage="keft", init=str(ae), data=[str(qa_file)], out_dir=str(tmp_path / "keft"), steps=1,
+                             batch_size=2, warmup_steps=0, eval_every=1000, save_every=1000))
+    assert all(torch.equal(state[n], t) for n, t in trained_state(keft).items() if not n.startswith("decoder."))
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "keft", "--no_compress", "--ae_decoder_lora"])
 
 
 def test_no_compress_baseline_trains_the_same_parameters_on_text(base_dir, qa_file, tmp_path):
