@@ -16,24 +16,26 @@ GPUS=${GPUS:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
 ABL_TOKENS=${ABL_TOKENS:-12e6}
 ABL_MINUTES=${ABL_MINUTES:-6.5}      # safety stop per ablation run (the budget is ABL_TOKENS)
 LONG_TOKENS=${LONG_TOKENS:-300e6}
-LONG_MINUTES=${LONG_MINUTES:-17}     # budget in training minutes: the schedule ends at tokens or minutes
+LONG_MINUTES=${LONG_MINUTES:-6.5}    # budget in training minutes: the schedule ends at tokens or minutes
 STOP_AFTER=${STOP_AFTER:-0}          # pause this invocation after N minutes (resume with the same command)
-RECIPE=${RECIPE:-}                   # extra flags of the chosen recipe for the long run
+RECIPE=${RECIPE:-"--rate_weights 1 2 2 1 --warmup_steps 100"}  # the long run's flags beyond the defaults
 common="--stage ae --base_model smollm2 --rates 2 4 8 16 --seed 0 --log_every 20 --save_dtype bfloat16
   --dev_data $DEV --token_cache $TOKENS --eval_samples 64 --eval_batch_size 64 --warmup_steps 50"
 
 # name: flags that differ from the defaults (an encoder prefix that takes the attention sink, raw residual-stream
-# encoder output, LSA output as is, k=8 encoder layers, 1 LSA block, LoRA r=32 on all linear layers,
-# 50% continuation, 25% multi-document samples)
+# encoder output, k=12 encoder layers, 1 LSA block, encoder LoRA r=16 on all linear layers, the soft-token decoder
+# adapter trained too, autoencoding only, 25% multi-document samples). The first ablation table
+# (benchmarks/results/h100-x2/stage1-ablations.md) chose k=12 and AE-only; the decoder adapter was measured in
+# benchmarks/results/h100/stage1-decoder-adapter.md.
 ablations=(
   "default:"
+  "frozen-decoder:--ae_decoder_lora false"
   "format1:--encoder_prefix="
   "encoder-norm:--encoder_norm true"
-  "k4:--encoder_layers 4"
-  "k12:--encoder_layers 12"
+  "k8:--encoder_layers 8"
   "lsa2:--lsa_layers 2"
-  "lora128:--lora_rank 128 --lora_alpha 256"
-  "ae-only:--continuation_fraction 0"
+  "lora32:--lora_rank 32 --lora_alpha 64"
+  "continuation:--continuation_fraction 0.5"
   "tcp:--method tcp"
 )
 ABL_GPUS=(${ABL_GPUS:-$(seq 0 $((GPUS - 1)))})    # which GPUs the ablations share
@@ -62,11 +64,11 @@ long)
   [ "$n" -gt 1 ] && launch=(accelerate launch --multi_gpu --num_processes "$n" --mixed_precision bf16 --main_process_port 29533)
   CUDA_VISIBLE_DEVICES=$LONG_GPUS "${launch[@]}" -m gmsa_rag.train $common $RECIPE \
     --data $DATA --out_dir "$RUNS/long" --steps 1000000 --max_tokens "$LONG_TOKENS" \
-    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size "${BATCH:-64}" \
-    --grad_accum "${ACCUM:-1}" --lr 5e-4 \
+    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size "${BATCH:-16}" \
+    --grad_accum "${ACCUM:-4}" --lr 5e-4 \
     --eval_every 300 --save_every 300 ;;
 profile)
   python3 benchmarks/profile_train_step.py --out "$RUNS/profile" -- $common $RECIPE --data $DATA \
-    --batch_size "${BATCH:-64}" --grad_accum "${ACCUM:-1}" ;;
+    --batch_size "${BATCH:-16}" --grad_accum "${ACCUM:-4}" ;;
 *) echo "unknown mode $1" >&2; exit 2 ;;
 esac
