@@ -17,8 +17,8 @@ case "${1:?stage: ae or keft}" in
 ae)
   for method in gmsa tcp; do
     python -m gmsa_rag.train --stage ae --method $method $common --out_dir "$RUNS/ae-$method" \
-      --encoder_layers 8 --lsa_layers 1 --lora_rank 32 --lora_alpha 64 \
-      --steps "$AE_STEPS" --time_limit_minutes "$AE_MINUTES" --batch_size 32 --lr 2e-4 --warmup_steps 50 \
+      --encoder_layers 8 --lsa_layers 1 --lora_rank 32 --lora_alpha 64 --ae_decoder_lora false \
+      --continuation_fraction 0 --steps "$AE_STEPS" --time_limit_minutes "$AE_MINUTES" --batch_size 32 --lr 2e-4 --warmup_steps 50 \
       --min_chunk_tokens 64 --max_chunk_tokens 512 --eval_every 100000 --eval_samples 16 --save_every 500 &
   done
   wait ;;
