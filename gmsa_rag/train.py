@@ -1,13 +1,14 @@
 """Train GMSA (or TCP-AE) in two stages: ``python -m gmsa_rag.train --stage ae|keft ...``.
 
-Stage ``ae``: decoder frozen (``--ae_decoder_lora``: its soft-token adapter trains too); encoder LoRA + LSA learn to make soft tokens from which the decoder restores
-the passage (autoencoding) or writes the text that follows it (continuation, ``--continuation_fraction``).
+Stage ``ae``: encoder LoRA + LSA learn to make soft tokens from which the decoder restores the passage
+(autoencoding) or writes the text that follows it (continuation, ``--continuation_fraction``); by default the
+decoder's soft-token adapter trains with them (``--ae_decoder_lora false``: the paper's frozen decoder).
 Passages are cut from a tokenized corpus like RAG chunks; some samples hold several separately compressed
 documents of which one is restored (``--multi_doc_fraction``). Stage ``keft``: compressor frozen (loaded from a
-stage-1 checkpoint); a LoRA adapter on the decoder's W_Q/W_K/W_V (on only for prompts with soft tokens) learns
-to answer questions from the soft tokens of the retrieved documents, optionally distilled from the base model
-reading the same documents as text (``--distill_weight``; ``--distill_teacher``: a no-compress fine-tune
-instead). ``--no-compress`` fine-tunes the same decoder
+stage-1 checkpoint); a LoRA adapter on the decoder's W_Q/W_K/W_V (on only for prompts with soft tokens; the
+stage-1 one, if the checkpoint has it) learns to answer questions from the soft tokens of the retrieved
+documents, optionally distilled from the base model reading the same documents as text (``--distill_weight``;
+``--distill_teacher``: a no-compress fine-tune instead). ``--no-compress`` fine-tunes the same decoder
 parameters on the uncompressed prompt (the fair baseline). Rates are drawn per sample (``--rate_weights``).
 
 The learning-rate schedule runs on the fraction of the budget spent: the largest of steps, tokens
