@@ -124,7 +124,8 @@ def load_checkpoint(
     """Rebuild a GMSAModel from a checkpoint; fails clearly if the base model's weights are not the recorded ones.
 
     ``decoder_tuning`` adds decoder parameters for KEFT on top of a stage-1 (AE) checkpoint; those start
-    from the base model since the checkpoint has none.
+    from the base model since the checkpoint has none. ``"full"`` on a checkpoint with a decoder LoRA adapter
+    folds the adapter into the weights first.
     """
     from .backbone import load_backbone
     from .model import GMSAModel
@@ -134,7 +135,8 @@ def load_checkpoint(
     config = GMSAConfig.from_dict(record["config"])
     if base_model is not None:
         config.base_model = base_model
-    new_decoder_params = decoder_tuning is not None and decoder_tuning != config.decoder_tuning
+    merge_adapter = decoder_tuning == "full" and config.decoder_tuning == "qkv_lora"  # the adapter folds into q/k/v
+    new_decoder_params = decoder_tuning is not None and decoder_tuning != config.decoder_tuning and not merge_adapter
     if new_decoder_params:
         if config.decoder_tuning != "none":
             raise CheckpointError(f"{path} already tunes the decoder ({config.decoder_tuning}); cannot switch to {decoder_tuning}")
@@ -143,7 +145,10 @@ def load_checkpoint(
             config.decoder_lora_rank, config.decoder_lora_alpha = decoder_lora_rank, 2 * decoder_lora_rank
     decoder, tokenizer = load_backbone(config.base_model, device=device, dtype=dtype)
     model = GMSAModel(decoder, tokenizer, config)
-    return attach_checkpoint(model, record, state, path, partial=set(model.decoder_parameters()) if new_decoder_params else set())
+    model = attach_checkpoint(model, record, state, path, partial=set(model.decoder_parameters()) if new_decoder_params else set())
+    if merge_adapter:
+        model.merge_decoder_adapter()
+    return model
 
 
 def attach_checkpoint(

@@ -362,6 +362,20 @@ class GMSAModel(nn.Module):
             for m, was in zip(layers, previous):
                 m._disable_adapters = was
 
+    def merge_decoder_adapter(self) -> None:
+        """Fold the decoder's LoRA adapter into W_Q/W_K/W_V and drop it: the decoder becomes one plain model whose
+        every weight can train (``decoder_tuning="full"``, the authors' stage 2). The text path then changes too."""
+        if self.config.decoder_tuning != "qkv_lora":
+            raise ValueError(f"the decoder has no LoRA adapter to merge (decoder_tuning={self.config.decoder_tuning!r})")
+        for parent in list(self.decoder.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, BaseTunerLayer):
+                    child._disable_adapters = False
+                    child.merge(adapter_names=[DECODER_ADAPTER])
+                    setattr(parent, name, child.get_base_layer())
+        self._decoder_lora_layers = []
+        self.config.decoder_tuning = "full"
+
     def max_context_tokens(self) -> int:
         return int(getattr(self.decoder.config, "max_position_embeddings", 0) or 0)
 

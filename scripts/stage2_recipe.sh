@@ -24,7 +24,7 @@ ablations=(
   "frozen:--init $INIT"
   "joint:--init $INIT --compressor_lr 2e-4"
   "joint-distill:--init $INIT --compressor_lr 2e-4 --distill_weight 0.5"
-  "full-decoder:--init $INIT --decoder_tuning full --lr 5e-5"  # needs a stage-1 INIT without decoder adapter (--ae_decoder_lora false)
+  "full-decoder:--init $INIT --decoder_tuning full --lr 5e-5"  # a decoder adapter in INIT is folded into the weights first
   "nocompress:--no_compress true"
 )
 

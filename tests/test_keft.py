@@ -138,3 +138,22 @@ def test_format1_checkpoints_load_with_the_architecture_they_were_trained_with(t
     (path / CONFIG_FILE).write_text(json.dumps(record))
     with pytest.raises(Exception, match="unsupported checkpoint format 99"):
         load_checkpoint(path)
+
+
+def test_full_decoder_tuning_from_an_adapter_checkpoint_folds_the_adapter_in(tokenizer, tmp_path, monkeypatch):
+    """The authors' stage 2 (every decoder weight trains) can start from a stage-1 checkpoint with a decoder adapter:
+    the adapter is merged into W_Q/W_K/W_V, so soft-token prompts read the same, and nothing LoRA is left."""
+    model = with_trained_adapter(tokenizer)
+    path = model.save_pretrained(tmp_path / "stage1")
+    import gmsa_rag.backbone as backbone
+
+    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **k: (tiny_gmsa(tokenizer).decoder, tokenizer))
+    merged = load_checkpoint(path, decoder_tuning="full")
+    soft_prompt = [qa_segments(tokenizer, "q?", model.compress(DOCS, 4), "Shakespeare")]
+    assert torch.allclose(merged.target_logits(soft_prompt)[0], model.target_logits(soft_prompt)[0], atol=1e-5)
+    assert torch.equal(merged.compress(DOCS, 4)[0], model.compress(DOCS, 4)[0])  # the encoder is untouched
+    assert merged.config.decoder_tuning == "full"
+    assert not any("lora_" in n for n in merged.decoder.state_dict())
+    merged.set_stage("keft")
+    tuned = {n for n, p in merged.decoder.named_parameters() if p.requires_grad}
+    assert any("mlp" in n for n in tuned) and any("q_proj" in n for n in tuned)
