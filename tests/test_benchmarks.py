@@ -207,3 +207,14 @@ def test_precompute_benchmark_one_then_two_processes(tmp_path):
     two = [r for r in data["rows"] if r["processes"] == 2]
     assert len(two) == 6 and all(r["chunks"] == 12 and len(r["per_process"]) == 2 for r in two)
     assert all(r["scaling_vs_1"] > 0 for r in two) and len(data["rows"]) == 12  # the 1-process rows kept
+
+
+def test_soft_token_states_compares_soft_and_text_positions(qa_file, checkpoints, tmp_path):
+    result = _bench("soft_token_states").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
+                                               "--checkpoint", str(checkpoints["gmsa"]), "--rates", "4", "--limit", "2",
+                                               "--out", str(tmp_path)])
+    _check_outputs(tmp_path, "soft-token-states")
+    curve = result["curves"][4]
+    assert len(curve["soft"]) == len(curve["text"]) > 0
+    assert all(-1.0 <= c <= 1.0 for c in curve["soft"] + curve["text"])
+    assert result["rows"][0]["soft_rms"] > 0 and result["rows"][0]["embed_rms"] > 0
