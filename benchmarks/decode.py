@@ -40,6 +40,17 @@ ENGINES = ("hf", "static", "static-compiled", "static-stop")
 BANDWIDTH_GBS = {"h200": 4800.0, "h100": 3350.0, "gh200": 4000.0, "a100": 2039.0, "l40s": 864.0, "l4": 300.0}
 
 
+def decode_step_weight_bytes(decoder) -> int:
+    """Bytes of weights one decode step reads: every parameter, but of an input embedding table that the output
+    layer does not share only the one row the step looks up."""
+    total = sum(p.numel() * p.element_size() for p in decoder.parameters())
+    embed = decoder.get_input_embeddings().weight
+    output = decoder.get_output_embeddings()
+    if output is None or output.weight is not embed:  # untied: the step gathers one row, it does not stream the table
+        total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+    return total
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bc.add_common_args(p)
@@ -152,7 +163,7 @@ def main(argv=None) -> dict[str, Any]:
             if timer is not None:
                 samples[name]["steps"] += timer.gaps()
 
-    weight_bytes = sum(p.numel() * p.element_size() for p in decoder.parameters())
+    weight_bytes = decode_step_weight_bytes(decoder)
     bandwidth = args.bandwidth_gbs or (BANDWIDTH_GBS.get(bc.machine_name(device)) if gpu else None)
     limit_ms = weight_bytes / (bandwidth * 1e9) * 1e3 if bandwidth else None
     reference = outputs.get("hf")

@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=5, help="product calls under the profiler (default 5)")
     p.add_argument("--rows", type=int, default=40, help="operators in the table (default 40)")
     p.add_argument("--data", default=None, help="passages (default: the bundled QA dev split)")
+    p.add_argument("--tokenizer", default="smollm2",
+                   help="tokenizer name or folder (default: SmolLM2's; a folder works without its GGUF)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<machine>/)")
     return p.parse_args(argv)
 
@@ -101,7 +103,7 @@ def main(argv=None) -> dict[str, Any]:
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     env = bc.env_info(device, dtype)
-    tokenizer = load_tokenizer("smollm2")
+    tokenizer = load_tokenizer(args.tokenizer)
     config_dir = random_model_dir(args.shape, tokenizer, args.config_dir)
     rates = tuple(sorted({2, 4, 8, 16, args.rate}))
     config = GMSAConfig(base_model=f"random:{config_dir}", encoder_layers=args.encoder_layers, lsa_layers=1,

@@ -161,6 +161,19 @@ def test_decode_compares_engines_and_agrees(qa_file, tmp_path):
     assert data["meta"]["weight_bandwidth_limit_ms"] is None  # CPU: no bandwidth table
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_limit_counts_the_weights_a_step_reads(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    decoder = LlamaForCausalLM(config)
+    every = sum(p.numel() * p.element_size() for p in decoder.parameters())
+    table = 100 * 16 * 4
+    # tied: the output layer streams the table; untied: a step gathers one row of the input table
+    assert _bench("decode").decode_step_weight_bytes(decoder) == (every if tied else every - table + 16 * 4)
+
+
 def test_profile_ttft_runs_on_a_tiny_shape(qa_file, tmp_path):
     out = tmp_path / "prof"
     result = _bench("profile_ttft").main(["--shape", "tiny", "--device", "cpu", "--data", str(qa_file),
