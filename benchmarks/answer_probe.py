@@ -84,17 +84,12 @@ def probe(model, examples, rates: list[int], batch_size: int) -> dict[str, list[
 
 
 def main(argv=None) -> dict[str, Any]:
-    from gmsa_rag.checkpoint import default_checkpoint
-    from gmsa_rag.data import DEFAULT_QA_DIR
     from gmsa_rag.data.qa import load_qa_jsonl
 
     args = parse_args(argv)
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
-    checkpoint = args.checkpoint or default_checkpoint()
-    if checkpoint is None:
-        raise SystemExit("no --checkpoint given and no bundled checkpoint found")
-    data = Path(args.data) if args.data else DEFAULT_QA_DIR / "dev.jsonl.gz"
+    checkpoint, data = bc.probe_inputs(args)
     limit = args.limit or (40 if device.type == "cpu" else 200)
     examples = load_qa_jsonl(data, limit=limit)
     batch_size = args.batch_size or (4 if device.type == "cpu" else 32)

@@ -283,6 +283,17 @@ def load_system(checkpoint: str | Path, device: torch.device, dtype: torch.dtype
     return attach_checkpoint(model, record, state, checkpoint).eval()
 
 
+def probe_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(checkpoint, QA data) of a probe: ``--checkpoint`` or the bundled one, ``--data`` or the bundled dev split."""
+    from gmsa_rag.checkpoint import default_checkpoint
+    from gmsa_rag.data import DEFAULT_QA_DIR
+
+    checkpoint = args.checkpoint or default_checkpoint()
+    if checkpoint is None:
+        raise SystemExit("no --checkpoint given and no bundled checkpoint found")
+    return Path(checkpoint), Path(args.data) if args.data else DEFAULT_QA_DIR / "dev.jsonl.gz"
+
+
 def free(*objects) -> None:
     """Drop references and return cached GPU memory (best effort)."""
     del objects

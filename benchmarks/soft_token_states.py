@@ -41,9 +41,7 @@ def layer_cosines(model, examples, rate: int) -> tuple[list[float], list[float],
     """Mean cosine(input, layer state) per layer for soft and text positions, and the soft tokens' mean RMS."""
     from gmsa_rag.prompt import assemble, qa_segments
 
-    soft_sum = text_sum = None
-    soft_n = text_n = 0
-    rms = []
+    soft_columns, text_columns, rms = [], [], []  # [layers, positions] cosines of each prompt
     for example in examples:
         soft = model.compress([example.gold_context], rate)
         rms.append(soft[0].float().pow(2).mean(-1).sqrt().mean().item())
@@ -60,25 +58,19 @@ def layer_cosines(model, examples, rate: int) -> tuple[list[float], list[float],
                                    output_hidden_states=True).hidden_states
         inputs = states[0][0].float()
         cos = torch.stack([torch.nn.functional.cosine_similarity(inputs, s[0].float(), dim=-1) for s in states[1:]])
-        soft_part, text_part = cos[:, is_soft].sum(1), cos[:, ~is_soft].sum(1)
-        soft_sum = soft_part if soft_sum is None else soft_sum + soft_part
-        text_sum = text_part if text_sum is None else text_sum + text_part
-        soft_n, text_n = soft_n + int(is_soft.sum()), text_n + int((~is_soft).sum())
-    return (soft_sum / soft_n).tolist(), (text_sum / text_n).tolist(), sum(rms) / len(rms)
+        soft_columns.append(cos[:, is_soft])
+        text_columns.append(cos[:, ~is_soft])
+    return (torch.cat(soft_columns, 1).mean(1).tolist(), torch.cat(text_columns, 1).mean(1).tolist(),
+            sum(rms) / len(rms))
 
 
 def main(argv=None) -> dict[str, Any]:
-    from gmsa_rag.checkpoint import default_checkpoint
-    from gmsa_rag.data import DEFAULT_QA_DIR
     from gmsa_rag.data.qa import load_qa_jsonl
 
     args = parse_args(argv)
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
-    checkpoint = args.checkpoint or default_checkpoint()
-    if checkpoint is None:
-        raise SystemExit("no --checkpoint given and no bundled checkpoint found")
-    data = Path(args.data) if args.data else DEFAULT_QA_DIR / "dev.jsonl.gz"
+    checkpoint, data = bc.probe_inputs(args)
     examples = [e for e in load_qa_jsonl(data) if e.gold_context is not None][: args.limit]
     if not examples:
         raise SystemExit(f"{data}: no question with a marked gold passage")
