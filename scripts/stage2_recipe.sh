@@ -39,12 +39,21 @@ ablations)
   wait
   tail -n 3 "$RUNS"/s2-*.log ;;
 long)
-  python3 -m gmsa_rag.train $common --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" --steps "$LONG_STEPS" \
-    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --eval_every 200 --save_every 100 \
-    > "$RUNS/s2-long.log" 2>&1 &
-  python3 -m gmsa_rag.train $common --no_compress true --out_dir "$RUNS/s2-long-nocompress" --steps "$LONG_STEPS" \
-    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --eval_every 200 --save_every 100 \
-    > "$RUNS/s2-long-nocompress.log" 2>&1 &
+  # LONG_GPUS=0,1,2,3: the GMSA run on those GPUs through accelerate (DDP; the global batch is BATCH x ACCUM x
+  # processes, so ACCUM=2 on 4 GPUs keeps 64 samples a step); NOCOMPRESS_GPU: where the no-compress run goes
+  # (default: beside the GMSA run's first GPU; NOCOMPRESS=0 skips it).
+  gpus=${LONG_GPUS:-${CUDA_VISIBLE_DEVICES:-0}}
+  n=$(echo "$gpus" | tr ',' '\n' | grep -c .)
+  launch=(python3)
+  [ "$n" -gt 1 ] && launch=(accelerate launch --multi_gpu --num_processes "$n" --mixed_precision bf16 --main_process_port 29534)
+  CUDA_VISIBLE_DEVICES=$gpus "${launch[@]}" -m gmsa_rag.train $common --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" \
+    --steps "$LONG_STEPS" --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --eval_every 200 \
+    --save_every 100 > "$RUNS/s2-long.log" 2>&1 &
+  if [ "${NOCOMPRESS:-1}" = 1 ]; then
+    CUDA_VISIBLE_DEVICES=${NOCOMPRESS_GPU:-${gpus%%,*}} python3 -m gmsa_rag.train $common --no_compress true \
+      --out_dir "$RUNS/s2-long-nocompress" --steps "$LONG_STEPS" --time_limit_minutes "$LONG_MINUTES" \
+      --stop_after_minutes "$STOP_AFTER" --eval_every 200 --save_every 100 > "$RUNS/s2-long-nocompress.log" 2>&1 &
+  fi
   wait
   tail -n 3 "$RUNS"/s2-long*.log ;;
 profile)

@@ -231,3 +231,17 @@ def test_soft_token_states_compares_soft_and_text_positions(qa_file, checkpoints
     assert len(curve["soft"]) == len(curve["text"]) > 0
     assert all(-1.0 <= c <= 1.0 for c in curve["soft"] + curve["text"])
     assert result["rows"][0]["soft_rms"] > 0 and result["rows"][0]["embed_rms"] > 0
+
+
+def test_read_back_restores_then_answers(qa_file, checkpoints, tmp_path):
+    result = _bench("read_back").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
+                                       "--checkpoint", str(checkpoints["gmsa"]), "--answer-checkpoint",
+                                       str(checkpoints["gmsa"]), "--rates", "2", "4", "--limit", "3",
+                                       "--max-new-tokens", "4", "--out", str(tmp_path)])
+    data = _check_outputs(tmp_path, "read-back")
+    by_name = {row["condition"]: row for row in result["rows"]}
+    assert set(by_name) == {"none", "text-gold", "restored@2", "restored@4", "soft-gold@2", "soft-gold@4"}
+    assert all(row["n"] == 3 for row in result["rows"])
+    assert by_name["text-gold"]["answer_kept"] == 100.0  # every gold passage holds its answer
+    assert by_name["none"]["answer_kept"] is None and by_name["restored@2"]["restoration_bleu"] is not None
+    assert len(data["restored_samples"]["restored@4"]) == 3

@@ -202,6 +202,31 @@ def test_two_process_ddp_run_saves_and_resumes(base_dir, corpus, tmp_path):
     assert (out / "latest").read_text() == "step-0000004"
 
 
+def test_two_process_ddp_keft_trains_adapter_and_compressor(base_dir, corpus, qa_file, tmp_path):
+    """Stage 2 on the multi-GPU path (two CPU processes over gloo): the decoder adapter and, with --compressor_lr,
+    the compressor train in DDP; the two processes' weights stay identical (one checkpoint)."""
+    import os
+    import subprocess
+    import sys
+
+    ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=1))
+    out = tmp_path / "keft-ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
+        "-m", "gmsa_rag.train", "--stage", "keft", "--init", str(ae), "--data", str(qa_file), "--out_dir", str(out),
+        "--rates", "2", "4", "--batch_size", "2", "--grad_accum", "2", "--steps", "2", "--lr", "1e-2",
+        "--compressor_lr", "1e-2", "--warmup_steps", "0", "--save_every", "1000", "--eval_every", "1000",
+        "--log_every", "1", "--docs_curriculum", "0.5",
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout
+    before, after = trained_state(ae), trained_state(out / "checkpoints" / "step-0000002")
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert any(n.startswith("decoder.") for n in changed) and any(n.startswith("encoder.") for n in changed)
+
+
 def test_gradient_checkpointing_and_accumulation_match_plain_training(base_dir, corpus, tmp_path):
     """Recomputing activations must not change the result; accumulation runs its micro-batches."""
     plain = train(ae_config(base_dir, corpus, tmp_path / "plain", steps=2, grad_accum=2))

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Read-back bound: are the facts in the soft tokens, and can the base model answer from what they restore?
+
+For each question's gold passage and each rate r, the checkpoint restores the passage from its own soft tokens
+("Repeat Document [1] exactly.", greedy, the stage-1 task); then the base model (decoder adapter off) answers the
+question reading that restoration as text. Conditions:
+
+  none          base model, no documents                 text-gold      base model reading the gold passage
+  restored@r    base model reading the passage the checkpoint restored from its r-x soft tokens
+  soft-gold@r   (with --answer-checkpoint) that checkpoint answering directly from the soft tokens of the gold passage
+
+Beside the answers' EM / F1 / accuracy, ``answer kept`` is the share of questions whose gold answer appears in the
+passage read (the original, or the restoration): what survives compression, whoever reads it. A restoration that
+keeps the answers while direct answering fails says stage 2 is the bottleneck, not stage 1.
+
+    python benchmarks/read_back.py --checkpoint checkpoints/smollm2-gmsa-ae --data data/qa-multidoc/dev.jsonl.gz --limit 100
+    python benchmarks/read_back.py --device cuda --checkpoint runs/s1/checkpoints/<step> --answer-checkpoint runs/s2/... --limit 500
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as bc  # noqa: E402
+
+NAME = "read-back"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bc.add_common_args(p, backbone_default=None)
+    p.add_argument("--checkpoint", default=None, help="checkpoint whose soft tokens restore the passages (stage 1)")
+    p.add_argument("--answer-checkpoint", default=None,
+                   help="optional checkpoint answering directly from soft tokens (stage 2), for comparison")
+    p.add_argument("--backbone", default=None, help="base model to load them on (default: the recorded one; tiny in tests)")
+    p.add_argument("--data", default=None, help="QA jsonl(.gz) with gold passages marked, or a pooled QA folder (its dev split); default: the bundled dev split")
+    p.add_argument("--limit", type=int, default=None, help="first N questions with a gold passage (default 60 CPU, 300 GPU)")
+    p.add_argument("--rates", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default 8 CPU, 64 GPU)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
+    p.add_argument("--name", default=NAME)
+    return p.parse_args(argv)
+
+
+def batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def restore(model, passages: list[str], rate: int, batch_size: int) -> list[str]:
+    """Each passage as the checkpoint restores it from its own soft tokens (greedy, the stage-1 prompt)."""
+    from gmsa_rag.samples import Sample, build_prompts, token_ids
+
+    restored: list[str] = []
+    for chunk in batches(passages, batch_size):
+        ids = token_ids(model, chunk)
+        prompts = build_prompts(model, [Sample([i], None, rate=rate) for i in ids])
+        restored += model.generate_from_segments(prompts, max_new_tokens=max(map(len, ids)) + 8)
+    return [text.strip() for text in restored]
+
+
+@torch.no_grad()
+def answer(model, questions: list[str], contexts: list[list], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Answers to ``questions`` from ``contexts`` (text: the base model; soft tokens: the checkpoint's adapter)."""
+    outputs: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        outputs += model.generate(questions[start : start + batch_size], contexts[start : start + batch_size],
+                                  max_new_tokens=max_new_tokens)
+    return outputs
+
+
+def score(condition: str, predictions: list[str], passages: list[str] | None, answers: list[list[str]],
+          rate: int | None = None, restoration_bleu: float | None = None) -> dict[str, Any]:
+    """One table row: the answers' metrics and how often the passage read still holds a gold answer."""
+    from gmsa_rag.metrics import qa_metrics
+
+    row = {"condition": condition, "rate": rate, "n": len(predictions), **qa_metrics(predictions, answers)}
+    row["answer_kept"] = qa_metrics(passages, answers)["accuracy"] if passages is not None else None
+    row["restoration_bleu"] = restoration_bleu
+    return row
+
+
+def main(argv=None) -> dict[str, Any]:
+    from gmsa_rag.data.qa import load_qa
+    from gmsa_rag.metrics import reconstruction_metrics
+
+    args = parse_args(argv)
+    device = bc.resolve_device(args.device)
+    dtype = bc.resolve_dtype(args.dtype, device)
+    checkpoint, data = bc.probe_inputs(args)
+    limit = args.limit or (60 if device.type == "cpu" else 300)
+    examples = [e for e in load_qa(data, "dev") if e.gold_context is not None][:limit]
+    if not examples:
+        raise SystemExit(f"{data} has no questions with a marked gold passage")
+    batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
+    torch.manual_seed(args.seed)
+
+    model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
+    rates = [r for r in args.rates if r in model.config.rates]
+    questions = [e.question for e in examples]
+    answers = [e.answers for e in examples]
+    gold = [e.gold_context for e in examples]
+    rows = [score("none", answer(model, questions, [[] for _ in examples], batch_size, args.max_new_tokens), None, answers),
+            score("text-gold", answer(model, questions, [[g] for g in gold], batch_size, args.max_new_tokens), gold, answers)]
+    samples: dict[str, list[str]] = {}
+    for rate in rates:
+        restored = restore(model, gold, rate, batch_size)
+        bleu = reconstruction_metrics(restored, gold)["bleu"]
+        predictions = answer(model, questions, [[r] for r in restored], batch_size, args.max_new_tokens)
+        rows.append(score(f"restored@{rate}", predictions, restored, answers, rate, bleu))
+        samples[f"restored@{rate}"] = restored[:5]
+        print(f"rate {rate}: restoration BLEU {bleu:.1f}, answer kept {rows[-1]['answer_kept']:.1f}%, "
+              f"accuracy reading it {rows[-1]['accuracy']:.1f}%", flush=True)
+    if args.answer_checkpoint:
+        bc.free(model)
+        model = bc.load_system(args.answer_checkpoint, device, dtype, backbone=args.backbone)
+        for rate in [r for r in rates if r in model.config.rates]:
+            soft = [[s] for s in model.compress(gold, rate)]
+            rows.append(score(f"soft-gold@{rate}", answer(model, questions, soft, batch_size, args.max_new_tokens),
+                              None, answers, rate))
+
+    C = bc.Column
+    columns = [C("condition", "condition"), C("n", "n", 0), C("restoration_bleu", "restoration BLEU", 1),
+               C("answer_kept", "answer kept in the passage read %", 1), C("exact_match", "EM", 1),
+               C("f1", "F1", 1), C("accuracy", "accuracy", 1)]
+    fig, axes = bc.new_figure(width=7.5, height=4.0)
+    ax = axes[0][0]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["accuracy"] for r in rows], width=0.4, label="answer accuracy")
+    ax.bar([i + 0.2 for i in x], [r["answer_kept"] or 0 for r in rows], width=0.4, label="answer kept in passage")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([r["condition"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("% of questions")
+    ax.legend(fontsize=8)
+    meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "answer_checkpoint": args.answer_checkpoint,
+            "data": str(data), "questions": len(examples), "rates": rates}
+    notes = [f"Data: the first {len(examples)} questions of {data} with a marked gold passage; the gold passage is the "
+             "only document. Greedy decoding; answers up to "
+             f"{args.max_new_tokens} tokens; accuracy = a gold answer appears in the output (normalised).",
+             "Restorations: the stage-1 prompt (one document, 'Repeat Document [1] exactly.'), up to the passage's "
+             "length + 8 tokens. The base model (decoder adapter off) reads them as plain text."]
+    out_dir = args.out or bc.default_out_dir(device)
+    paths = bc.write_outputs(out_dir, args.name, f"Read-back bound ({meta['machine']})", meta,
+                             [("Results", columns, rows)], fig, notes, {"rows": rows, "restored_samples": samples})
+    print(bc.markdown_table(columns, rows))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return {"rows": rows, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()
