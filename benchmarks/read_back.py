@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone", default=None, help="base model to load them on (default: the recorded one; tiny in tests)")
     p.add_argument("--data", default=None, help="QA jsonl(.gz) with gold passages marked, or a pooled QA folder (its dev split); default: the bundled dev split")
     p.add_argument("--limit", type=int, default=None, help="first N questions with a gold passage (default 60 CPU, 300 GPU)")
+    p.add_argument("--max-passage-tokens", type=int, default=256,
+                   help="keep questions whose gold passage has at most this many tokens (default 256, the product's "
+                        "chunk size; 0: all)")
     p.add_argument("--rates", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default 8 CPU, 64 GPU)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
@@ -95,13 +98,17 @@ def main(argv=None) -> dict[str, Any]:
     dtype = bc.resolve_dtype(args.dtype, device)
     checkpoint, data = bc.probe_inputs(args)
     limit = args.limit or (60 if device.type == "cpu" else 300)
-    examples = [e for e in load_qa(data, "dev") if e.gold_context is not None][:limit]
-    if not examples:
+    with_gold = [e for e in load_qa(data, "dev") if e.gold_context is not None]
+    if not with_gold:
         raise SystemExit(f"{data} has no questions with a marked gold passage")
     batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
     torch.manual_seed(args.seed)
 
     model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
+    cap = args.max_passage_tokens
+    examples = [e for e in with_gold if not cap or len(model.tokenize([e.gold_context])[0]) <= cap][:limit]
+    if not examples:
+        raise SystemExit(f"no gold passage of {data} has at most {cap} tokens")
     rates = [r for r in args.rates if r in model.config.rates]
     questions = [e.question for e in examples]
     answers = [e.answers for e in examples]
@@ -139,9 +146,11 @@ def main(argv=None) -> dict[str, Any]:
     ax.set_ylabel("% of questions")
     ax.legend(fontsize=8)
     meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "answer_checkpoint": args.answer_checkpoint,
-            "data": str(data), "questions": len(examples), "rates": rates}
-    notes = [f"Data: the first {len(examples)} questions of {data} with a marked gold passage; the gold passage is the "
-             "only document. Greedy decoding; answers up to "
+            "data": str(data), "questions": len(examples), "max_passage_tokens": cap, "rates": rates}
+    considered = with_gold.index(examples[-1]) + 1
+    notes = [f"Data: the first {len(examples)} questions of {data} with a marked gold passage of at most "
+             f"{cap or 'any number of'} tokens ({considered - len(examples)} longer ones among the first {considered} "
+             "skipped); the gold passage is the only document. Greedy decoding; answers up to "
              f"{args.max_new_tokens} tokens; accuracy = a gold answer appears in the output (normalised).",
              "Restorations: the stage-1 prompt (one document, 'Repeat Document [1] exactly.'), up to the passage's "
              "length + 8 tokens. The base model (decoder adapter off) reads them as plain text."]
