@@ -8,6 +8,9 @@ question reading that restoration as text. Conditions:
   none          base model, no documents                 text-gold      base model reading the gold passage
   restored@r    base model reading the passage the checkpoint restored from its r-x soft tokens
   soft-gold@r   (with --answer-checkpoint) that checkpoint answering directly from the soft tokens of the gold passage
+  text-full     base model reading the gold passage among the question's hardest distractors (--max-docs in all, as
+                the trainer's dev evaluation places them)
+  soft-full@r   (with --answer-checkpoint) that checkpoint answering from the soft tokens of those documents
 
 Beside the answers' EM / F1 / accuracy, ``answer kept`` is the share of questions whose gold answer appears in the
 passage read (the original, or the restoration): what survives compression, whoever reads it. A restoration that
@@ -43,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-passage-tokens", type=int, default=256,
                    help="keep questions whose gold passage has at most this many tokens (default 256, the product's "
                         "chunk size; 0: all)")
+    p.add_argument("--max-docs", type=int, default=5,
+                   help="documents of the multi-document conditions (gold + hardest distractors; 1: skip them)")
     p.add_argument("--rates", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default 8 CPU, 64 GPU)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
@@ -92,6 +97,7 @@ def score(condition: str, predictions: list[str], passages: list[str] | None, an
 def main(argv=None) -> dict[str, Any]:
     from gmsa_rag.data.qa import load_qa
     from gmsa_rag.metrics import reconstruction_metrics
+    from gmsa_rag.train import dev_qa_sample
 
     args = parse_args(argv)
     device = bc.resolve_device(args.device)
@@ -115,6 +121,9 @@ def main(argv=None) -> dict[str, Any]:
     gold = [e.gold_context for e in examples]
     rows = [score("none", answer(model, questions, [[] for _ in examples], batch_size, args.max_new_tokens), None, answers),
             score("text-gold", answer(model, questions, [[g] for g in gold], batch_size, args.max_new_tokens), gold, answers)]
+    full = [dev_qa_sample(e, None, args.max_docs, i).documents for i, e in enumerate(examples)]
+    if args.max_docs > 1:
+        rows.append(score("text-full", answer(model, questions, full, batch_size, args.max_new_tokens), None, answers))
     samples: dict[str, list[str]] = {}
     for rate in rates:
         restored = restore(model, gold, rate, batch_size)
@@ -131,6 +140,10 @@ def main(argv=None) -> dict[str, Any]:
             soft = [[s] for s in model.compress(gold, rate)]
             rows.append(score(f"soft-gold@{rate}", answer(model, questions, soft, batch_size, args.max_new_tokens),
                               None, answers, rate))
+            if args.max_docs > 1:
+                soft = [model.compress(docs, rate) for docs in full]
+                rows.append(score(f"soft-full@{rate}", answer(model, questions, soft, batch_size, args.max_new_tokens),
+                                  None, answers, rate))
 
     C = bc.Column
     columns = [C("condition", "condition"), C("n", "n", 0), C("restoration_bleu", "restoration BLEU", 1),
@@ -146,14 +159,17 @@ def main(argv=None) -> dict[str, Any]:
     ax.set_ylabel("% of questions")
     ax.legend(fontsize=8)
     meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "answer_checkpoint": args.answer_checkpoint,
-            "data": str(data), "questions": len(examples), "max_passage_tokens": cap, "rates": rates}
+            "data": str(data), "questions": len(examples), "max_passage_tokens": cap, "max_docs": args.max_docs,
+            "rates": rates}
     considered = with_gold.index(examples[-1]) + 1
     notes = [f"Data: the first {len(examples)} questions of {data} with a marked gold passage of at most "
              f"{cap or 'any number of'} tokens ({considered - len(examples)} longer ones among the first {considered} "
              "skipped); the gold passage is the only document. Greedy decoding; answers up to "
              f"{args.max_new_tokens} tokens; accuracy = a gold answer appears in the output (normalised).",
              "Restorations: the stage-1 prompt (one document, 'Repeat Document [1] exactly.'), up to the passage's "
-             "length + 8 tokens. The base model (decoder adapter off) reads them as plain text."]
+             "length + 8 tokens. The base model (decoder adapter off) reads them as plain text.",
+             f"*-full: the gold passage among the question's {args.max_docs - 1} hardest distractors (stored order), gold "
+             f"at place i mod {args.max_docs} for question i, as the trainer's dev evaluation shows them."]
     out_dir = args.out or bc.default_out_dir(device)
     paths = bc.write_outputs(out_dir, args.name, f"Read-back bound ({meta['machine']})", meta,
                              [("Results", columns, rows)], fig, notes, {"rows": rows, "restored_samples": samples})

@@ -240,7 +240,8 @@ def test_read_back_restores_then_answers(qa_file, checkpoints, tmp_path):
                                        "--max-new-tokens", "4", "--out", str(tmp_path)])
     data = _check_outputs(tmp_path, "read-back")
     by_name = {row["condition"]: row for row in result["rows"]}
-    assert set(by_name) == {"none", "text-gold", "restored@2", "restored@4", "soft-gold@2", "soft-gold@4"}
+    assert set(by_name) == {"none", "text-gold", "text-full", "restored@2", "restored@4", "soft-gold@2", "soft-gold@4",
+                            "soft-full@2", "soft-full@4"}
     assert all(row["n"] == 3 for row in result["rows"])
     assert by_name["text-gold"]["answer_kept"] == 100.0  # every gold passage holds its answer
     assert by_name["none"]["answer_kept"] is None and by_name["restored@2"]["restoration_bleu"] is not None
