@@ -83,6 +83,8 @@ class TrainConfig:
     multi_doc_fraction: float = field(default=0.25, metadata={"help": "ae: share of samples with 2..max_docs documents, one restored"})
     max_docs: int = field(default=5, metadata={"help": "ae: most documents per sample; keft: gold + distractors shown at most"})
     docs_curriculum: float = field(default=0.0, metadata={"help": "keft: share of the budget over which the number of documents ramps from gold-only to max_docs"})
+    min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
+    distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
     eval_chunk_tokens: int = 128
     # stage 2 options
     distill_weight: float = field(default=0.0, metadata={"help": "keft: weight of token-level KL to the base model reading the documents as text"})
@@ -124,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     (cfg,) = parser.parse_args_into_dataclasses(argv)
     if cfg.stage == "keft" and not cfg.init and not cfg.no_compress:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
+    if not 1 <= cfg.min_docs <= cfg.max_docs:
+        parser.error(f"--min_docs must be between 1 and --max_docs ({cfg.max_docs}), got {cfg.min_docs}")
     if cfg.distill_teacher:
         check_teacher(cfg, parser.error)
     return cfg
@@ -180,14 +184,20 @@ def stage1_sample(corpus: PassageCorpus, cfg: TrainConfig, rate: int, rng: rando
     return Sample([p.token_ids for p in passages], target.token_ids, rate=rate, target_doc=target_doc)
 
 
-def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random) -> Sample:
-    """A QA sample: the gold passage among up to ``max_docs - 1`` of the example's distractors, gold at a random
-    place (examples without a marked gold passage keep their documents as they are)."""
+def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random, min_docs: int = 1,
+              hardest: bool = False) -> Sample:
+    """A QA sample: the gold passage among ``min_docs - 1`` to ``max_docs - 1`` of the example's distractors (random
+    ones, or with ``hardest`` the first in stored order, as retrieval ranks them), gold at a random place (examples
+    without a marked gold passage keep their documents as they are)."""
     documents = list(example.contexts)
     if example.gold_index is not None:
         gold = documents[example.gold_index]
         others = [d for i, d in enumerate(documents) if i != example.gold_index]
-        keep = rng.sample(others, rng.randint(0, min(max_docs - 1, len(others))))
+        most = min(max_docs - 1, len(others))
+        count = rng.randint(min(max(min_docs - 1, 0), most), most)
+        keep = others[:count] if hardest else rng.sample(others, count)
+        if hardest:
+            rng.shuffle(keep)
         keep.insert(rng.randint(0, len(keep)), gold)
         documents = keep
     return Sample(documents=documents, target=example.answers[0], question=example.question, rate=rate)
@@ -225,7 +235,8 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
             samples.append(stage1_sample(data.corpus, cfg, rate, rng))
         else:
             example = data.qa[rng.randrange(len(data.qa))]
-            samples.append(qa_sample(example, rate, docs_cap(cfg, progress), rng))
+            samples.append(qa_sample(example, rate, docs_cap(cfg, progress), rng, cfg.min_docs,
+                                     cfg.distractors == "hardest"))
     if cfg.grad_accum > 1:
         samples.sort(key=decoder_positions)
     return [samples[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(cfg.grad_accum)]

@@ -105,6 +105,23 @@ def test_qa_samples_show_the_gold_once_among_a_capped_number_of_distractors():
     assert qa_sample(no_gold, None, 1, rng).documents == ["x", "y"]  # unknown gold: documents as given
 
 
+def test_qa_samples_can_show_the_full_prompt_with_the_hardest_distractors():
+    example = QAExample("q", ["a"], ["d1", "gold", "d2", "d3", "d4", "d5", "d6"], gold_index=1)
+    rng = random.Random(0)
+    full = [qa_sample(example, 4, 5, rng, min_docs=5).documents for _ in range(100)]
+    assert all(len(docs) == 5 and docs.count("gold") == 1 for docs in full)
+    assert {d for docs in full for d in docs} == {"gold", "d1", "d2", "d3", "d4", "d5", "d6"}  # random distractors
+    hardest = [qa_sample(example, 4, 5, rng, min_docs=5, hardest=True).documents for _ in range(100)]
+    assert all(sorted(docs) == ["d1", "d2", "d3", "d4", "gold"] for docs in hardest)  # the first four, as ranked
+    assert len({tuple(docs) for docs in hardest}) > 10  # in varied order, gold anywhere
+    early = [qa_sample(example, 4, 2, rng, min_docs=5).documents for _ in range(20)]  # the curriculum's cap wins
+    assert all(len(docs) <= 2 for docs in early)
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "keft", "--no_compress", "true", "--min_docs", "6", "--max_docs", "5"])
+    cfg = parse_args(["--stage", "keft", "--no_compress", "true", "--min_docs", "5", "--distractors", "hardest"])
+    assert cfg.min_docs == 5 and cfg.distractors == "hardest"
+
+
 def test_dev_prompts_show_the_hardest_distractors_with_the_gold_at_every_place_in_turn():
     example = QAExample("q", ["a"], ["gold", "d1", "d2", "d3", "d4", "d5"], gold_index=0)
     shown = [dev_qa_sample(example, 4, 3, j).documents for j in range(6)]
