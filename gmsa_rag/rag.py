@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
-from .cache import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, load_folder, make_splitter
-from .cache.precompute import TEXT_SUFFIXES
-from .cache.precompute import BINARY_PROBE_BYTES
+from .cache import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, make_splitter
+from .cache.precompute import BINARY_PROBE_BYTES, SOURCE_SUFFIXES, load_source
 
 if TYPE_CHECKING:
     from llama_index.core import Document, VectorStoreIndex
@@ -90,9 +89,10 @@ def is_binary(path: Path) -> bool:
 
 
 def load_documents(docs_dir: str | Path) -> list["Document"]:
-    """The text documents of ``docs_dir`` exactly as :func:`gmsa_rag.cache.load_folder` reads them (so that
-    ``python -m gmsa_rag.cache build --source docs_dir`` makes the same chunks); binary files are skipped there."""
-    return load_folder(Path(docs_dir))
+    """The documents of ``docs_dir`` (a folder of text and ``.jsonl`` / ``.jsonl.gz`` files, or one such file)
+    exactly as :func:`gmsa_rag.cache.precompute.load_source` reads them, the loader of ``python -m gmsa_rag.cache
+    build --source docs_dir`` (so both make the same chunks); binary files are skipped there."""
+    return load_source(Path(docs_dir))
 
 
 def _embed_identity(embed_model: Any) -> str:
@@ -102,7 +102,8 @@ def _embed_identity(embed_model: Any) -> str:
 def index_signature(
     documents: Sequence["Document"], embed_model: Any, tokenizer: Any, chunk_size: int, chunk_overlap: int
 ) -> str:
-    """Hash of everything the persisted index depends on: documents (file names + texts), chunking, embedder."""
+    """Hash of everything the persisted index depends on: documents (file names, titles + texts), chunking,
+    embedder. A document without a ``title`` (a text file) hashes as before titles were read."""
     digest = hashlib.sha256()
     digest.update(
         json.dumps(
@@ -112,6 +113,8 @@ def index_signature(
     )
     for doc in documents:
         digest.update(doc.metadata["file_path"].encode() + b"\0" + doc.text.encode("utf-8", "surrogatepass") + b"\0")
+        if "title" in doc.metadata:  # a JSON-lines record's title: metadata of its nodes
+            digest.update(b"title\0" + str(doc.metadata["title"]).encode("utf-8", "surrogatepass") + b"\0")
     return digest.hexdigest()[:20]
 
 
@@ -157,7 +160,8 @@ def build_or_load_index(
     documents = load_documents(docs) if isinstance(docs, (str, os.PathLike)) else list(docs)
     if not documents:
         where = docs if isinstance(docs, (str, os.PathLike)) else "the documents given"
-        raise ValueError(f"no text documents ({', '.join(TEXT_SUFFIXES)}) in {where}: pass a folder of text files")
+        raise ValueError(f"no documents ({', '.join(SOURCE_SUFFIXES)}) in {where}: pass a folder of text or "
+                         "JSON-lines files")
     persist_root = Path(persist_root) if persist_root is not None else cache_root() / "indexes"
     persist_dir = persist_root / index_signature(documents, embed_model, tokenizer, chunk_size, chunk_overlap)
     if (persist_dir / "docstore.json").is_file() and (persist_dir / "default__vector_store.json").is_file():

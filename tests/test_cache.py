@@ -461,6 +461,106 @@ def test_load_folder_metadata_does_not_change_chunking(tmp_path: Path):
     assert from_docs == from_texts
 
 
+def write_jsonl(path: Path, records: list, blank_lines: bool = False) -> Path:
+    """``records`` as JSON lines (gzip-compressed for a ``.gz`` name); a record that is a str is written as is."""
+    import gzip
+
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    text = ("\n\n" if blank_lines else "\n").join(lines) + "\n"
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+LONG_TITLE = "A title long enough to shorten every chunk if it counted as metadata " * 4
+
+
+def test_load_folder_reads_jsonl_records_and_their_metadata_does_not_change_chunking(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text(prose(30, "apples"))
+    write_jsonl(tmp_path / "sub" / "wiki.jsonl.gz",
+                [{"title": LONG_TITLE, "text": prose(40, "bears"), "id": 1}, {"text": prose(5, "owls")}], blank_lines=True)
+    write_jsonl(tmp_path / "z.JSONL", [{"title": 7, "text": prose(20, "eels")}])
+    (tmp_path / "notes.json").write_text('{"text": "not read"}')
+    docs = load_folder(tmp_path)
+    assert [d.text for d in docs] == [prose(30, "apples"), prose(40, "bears"), prose(5, "owls"), prose(20, "eels")]
+    assert [d.metadata for d in docs] == [{"file_path": "a.txt"}, {"file_path": "sub/wiki.jsonl.gz", "title": LONG_TITLE},
+                                          {"file_path": "sub/wiki.jsonl.gz"}, {"file_path": "z.JSONL", "title": "7"}]
+    assert all(d.excluded_embed_metadata_keys == d.excluded_llm_metadata_keys == list(d.metadata) for d in docs)
+    tok = WhitespaceTokenizer()
+    assert chunk_documents(docs, tok, 32, 4) == chunk_documents([d.text for d in docs], tok, 32, 4)
+    assert [d.text for d in load_folder(tmp_path, suffixes=(".txt",))] == [prose(30, "apples")]
+    assert [d.text for d in load_folder(tmp_path, suffixes=(".json",))] == ['{"text": "not read"}']  # as text
+
+
+@pytest.mark.parametrize("name, records, message", [
+    ("bad.jsonl", [{"text": "fine"}, {"title": "no text"}], r"bad.jsonl:2: the record has no string \"text\" field"),
+    ("bad.jsonl", [{"text": "fine"}, "", {"text": 3}], r"bad.jsonl:3: the record has no string \"text\" field"),
+    ("bad.jsonl.gz", ["[1, 2]"], r"bad.jsonl.gz:1: the record has no string \"text\" field"),
+    ("bad.jsonl.gz", [{"text": "fine"}, '{"text": "cut'], r"bad.jsonl.gz:2: not a JSON record \(Unterminated string"),
+])
+def test_bad_jsonl_records_fail_in_one_line_naming_file_and_line(tmp_path: Path, name, records, message):
+    write_jsonl(tmp_path / name, records)
+    with pytest.raises(ValueError, match=message) as err:
+        load_folder(tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path / name) in str(err.value)
+
+
+def test_damaged_gzip_and_single_file_sources(cache: SoftTokenCache, tmp_path: Path):
+    from gmsa_rag.cache.precompute import load_source
+
+    (tmp_path / "damaged.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"damaged.jsonl.gz: cannot be read as JSON lines"):
+        load_source(tmp_path / "damaged.jsonl.gz")
+    (tmp_path / "scan.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ValueError, match=r"unsupported source file .*scan.pdf: expected one of .*\.jsonl\.gz"):
+        precompute(FakeModel(), cache, tmp_path / "scan.pdf", 4, progress=False)
+    with pytest.raises(FileNotFoundError, match="source not found"):
+        load_source(tmp_path / "missing.jsonl")
+
+    records = [{"title": LONG_TITLE, "text": prose(30, "whales")}, {"text": prose(12, "seals")}, {"text": " "}]
+    one = write_jsonl(tmp_path / "one.jsonl.gz", records)
+    model = FakeModel()
+    rep = precompute(model, cache, one, 4, chunk_size=40, chunk_overlap=4, progress=False)
+    chunks = chunk_documents([r["text"] for r in records], model.tokenizer, 40, 4)
+    assert rep.documents == 3 and rep.empty_skipped == 1 and rep.computed == len(set(chunks)) > 2
+    assert all(cache_key(c, FP, 4) in cache for c in chunks)
+    assert [d.metadata["file_path"] for d in load_source(one)] == ["one.jsonl.gz"] * 3
+    text_file = tmp_path / "page.md"
+    text_file.write_text(prose(25, "otters"))
+    rep = precompute(model, cache, text_file, 4, chunk_size=40, chunk_overlap=4, progress=False)
+    assert rep.documents == 1 and rep.computed > 1
+    assert all(cache_key(c, FP, 4) in cache for c in chunk_documents([prose(25, "otters")], model.tokenizer, 40, 4))
+
+
+def test_index_nodes_equal_precompute_chunks_for_a_jsonl_folder(tmp_path: Path, tokenizer):
+    """`gmsa-rag ask`'s index and `python -m gmsa_rag.cache build` read a folder with one loader: same chunks."""
+    from gmsa_rag.cache import collect_chunks
+    from gmsa_rag.rag import build_or_load_index, hash_embedding
+
+    src = tmp_path / "docs"
+    src.mkdir()
+    (src / "a.txt").write_text(prose(20, "apples"))
+    write_jsonl(src / "wiki-00.jsonl.gz", [{"title": LONG_TITLE, "text": prose(30, "bears")},
+                                            {"title": "Owls", "text": prose(9, "owls")}, {"text": prose(14, "eels")}])
+    info = build_or_load_index(src, hash_embedding(), tokenizer, persist_root=tmp_path / "indexes",
+                               chunk_size=48, chunk_overlap=8)
+    nodes = list(info.index.docstore.docs.values())
+    chunks, empty = collect_chunks(src, tokenizer, 48, 8)
+    assert [n.get_content() for n in nodes] == chunks and empty == 0
+    assert {n.metadata.get("title") for n in nodes} == {None, LONG_TITLE, "Owls"}
+    assert any("bears" in c for c in chunks) and any("eels" in c for c in chunks)  # the records were read
+    model = FakeModel()
+    model.tokenizer = tokenizer
+    with SoftTokenCache(tmp_path / "cache") as cache:
+        rep = precompute(model, cache, src, 4, chunk_size=48, chunk_overlap=8, progress=False)
+        assert rep.documents == 4 and rep.computed == len(set(chunks))
+        assert all(cache_key(n.get_content(), FP, 4) in cache for n in nodes)
+
+
 # --------------------------------------------------------------------------------------- precompute
 def test_precompute_list_idempotent_and_keys_hit(cache: SoftTokenCache):
     model = FakeModel()
@@ -584,6 +684,36 @@ def test_cli_stats_clear_build(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.setattr("gmsa_rag.checkpoint.default_checkpoint", lambda: None)
     assert cli_main(argv[:5] + argv[9:] + ["--rate", "4"]) == 3
     assert "no --checkpoint given" in capsys.readouterr().err
+
+
+def test_cli_build_takes_a_jsonl_file_and_refuses_other_files(tmp_path: Path, monkeypatch, capsys):
+    class FakeGMSAModel:
+        @staticmethod
+        def from_pretrained(checkpoint, device=None):
+            return FakeModel()
+
+    monkeypatch.setitem(sys.modules, "gmsa_rag.model", types.SimpleNamespace(GMSAModel=FakeGMSAModel))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "gmsa_config.json").write_text(json.dumps({"format_version": 1, "config": {"rates": [2, 4, 8]}}))
+    src = write_jsonl(tmp_path / "wiki.jsonl.gz", [{"title": "T", "text": prose(30)}, {"text": prose(8, "dogs")}])
+    argv = ["build", "--cache-dir", str(tmp_path / "c"), "--rate", "4", "--checkpoint", str(ckpt),
+            "--no-progress", "--chunk-size", "40", "--chunk-overlap", "4"]
+    assert cli_main(argv + ["--source", str(src), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["documents"] == 2 and rep["computed"] == rep["unique_chunks"] > 2 and rep["split"] == "none"
+    assert cli_main(argv + ["--source", str(src)]) == 0
+    assert capsys.readouterr().out.startswith(f"{rep['total_chunks']} chunks ({rep['unique_chunks']} unique): 0 computed")
+
+    other = tmp_path / "notes.pdf"
+    other.write_bytes(b"%PDF")
+    assert cli_main(argv + ["--source", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"--source {other} is not a supported file" in err and ".jsonl.gz" in err and len(err.splitlines()) == 1
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"title": "no text"}])
+    assert cli_main(argv + ["--source", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err == f'error: {bad}:2: the record has no string "text" field\n'
 
 
 def test_cli_help():

@@ -134,3 +134,109 @@ def test_launched_processes_fill_one_cache_together(tmp_path: Path):
         assert len(cache) == 120
         for t in texts:
             assert torch.equal(cache.get(cache_key(t, FP, 4)), torch.full((2, 3), float(len(t))))
+
+
+# ------------------------------------------------------------------- documents split before chunking
+def test_split_by_length_is_balanced_complete_and_deterministic():
+    from gmsa_rag.cache.precompute import split_by_length
+
+    lengths = [(i * 7919) % 1000 + 1 for i in range(200)]
+    for count in (1, 2, 3, 7):
+        parts = split_by_length(lengths, count)
+        assert sorted(i for part in parts for i in part) == list(range(200))
+        assert all(part == sorted(part) for part in parts) and parts == split_by_length(lengths, count)
+        loads = [sum(lengths[i] for i in part) for part in parts]
+        assert max(loads) - min(loads) <= max(lengths)  # greedy longest-first: within one item's length
+    assert split_by_length([5, 1, 1, 1, 1, 5, 3], 2) == [[0, 4, 6], [1, 2, 3, 5]]
+    assert split_by_length([], 3) == [[], [], []]
+    with pytest.raises(ValueError, match="count"):
+        split_by_length([1], 0)
+
+
+def mixed_folder(root: Path) -> Path:
+    """Text files and a jsonl.gz of records of varied lengths; one record repeats a text file's text."""
+    import gzip
+    import json
+
+    from gmsa_rag.testing import SAMPLE_TEXT
+
+    root.mkdir()
+    sentences = SAMPLE_TEXT.split(". ")
+    (root / "eiffel.txt").write_text(SAMPLE_TEXT * 2)
+    (root / "paris.md").write_text("Paris is the capital of France. " * 3)
+    records = [{"title": f"Record {i}", "text": " ".join(sentences[: 1 + i % len(sentences)]) + f" Fact {i}." * (1 + i % 5)}
+               for i in range(12)]
+    records.append({"title": "Again", "text": "Paris is the capital of France. " * 3})  # a duplicate document
+    records.append({"text": "   "})
+    with gzip.open(root / "wiki-00.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_processes_chunk_only_their_documents_and_together_cover_the_source(tiny, tmp_path: Path):
+    """shard=(i, n) for n = 1, 2, 3 (tiny GMSA model), each process into a cache of its own: together they compute
+    every chunk key of the single-process run, each key by exactly one process (but a chunk text found in two
+    documents), and each chunks only its own documents."""
+    from gmsa_rag.cache import chunk_documents, load_folder
+
+    src = mixed_folder(tmp_path / "docs")
+    docs = load_folder(src)
+    assert len(docs) == 16  # 4 per process for n = 3: documents are split
+    chunks = chunk_documents(docs, tiny.tokenizer, 48, 8)
+    all_keys = {cache_key(c, tiny.fingerprint, 4) for c in chunks}
+    documents_of: dict[str, int] = {}  # chunk key -> number of documents it occurs in
+    for doc in docs:
+        for key in {cache_key(c, tiny.fingerprint, 4) for c in chunk_documents([doc], tiny.tokenizer, 48, 8)}:
+            documents_of[key] = documents_of.get(key, 0) + 1
+    in_two_documents = {k for k, m in documents_of.items() if m > 1}
+    assert in_two_documents and set(documents_of) == all_keys
+    for n in (1, 2, 3):
+        owned: list[set[str]] = []
+        reports = []
+        for i in range(n):
+            with SoftTokenCache(tmp_path / f"cache-{i}-of-{n}") as cache:
+                rep = precompute(tiny, cache, src, 4, chunk_size=48, chunk_overlap=8, batch_size=4, progress=False,
+                                 shard=(i, n))
+                assert rep.computed == rep.unique_chunks == len(cache) and rep.process_index == i
+                assert precompute(tiny, cache, src, 4, chunk_size=48, chunk_overlap=8, progress=False,
+                                  shard=(i, n)).computed == 0  # re-runs skip what is cached
+                owned.append(set(cache.backend))
+                reports.append(rep)
+        assert set().union(*owned) == all_keys
+        for a in range(n):
+            for b in range(a + 1, n):
+                assert owned[a] & owned[b] <= in_two_documents
+        assert [r.split for r in reports] == (["none"] if n == 1 else ["documents"] * n)
+        assert sum(r.documents for r in reports) == len(docs) and sum(r.empty_skipped for r in reports) == 1
+        assert sum(r.total_chunks for r in reports) == len(chunks)
+        if n > 1:  # nobody chunked the whole source
+            assert all(0 < r.documents < len(docs) and r.total_chunks < len(chunks) for r in reports)
+
+
+def test_too_few_documents_per_process_split_chunk_keys(tmp_path: Path):
+    """Fewer than 4 documents per process: each chunks everything and takes every n-th key (today's split)."""
+    texts = docs(11)
+    models = [WordModel() for _ in range(3)]
+    with SoftTokenCache(tmp_path / "c") as cache:
+        reps = [precompute(m, cache, texts, 4, chunk_size=200, chunk_overlap=0, progress=False, shard=(i, 3))
+                for i, m in enumerate(models)]
+        assert len(cache) == 11
+    assert [r.split for r in reps] == ["chunk keys"] * 3
+    assert all(r.total_chunks == 11 and r.documents == 11 for r in reps) and sum(r.unique_chunks for r in reps) == 11
+    seen = [{t for batch, _ in m.calls for t in batch} for m in models]
+    assert sorted(t for s in seen for t in s) == sorted(texts)
+
+
+def test_documents_split_keeps_each_process_to_its_own(tmp_path: Path):
+    """12 one-chunk documents over 3 processes: each compresses only chunks of its own documents, balanced by
+    length, and reports their counts (not the whole source's)."""
+    texts = docs(12)
+    models = [WordModel() for _ in range(3)]
+    with SoftTokenCache(tmp_path / "c") as cache:
+        reps = [precompute(m, cache, texts, 4, chunk_size=200, chunk_overlap=0, progress=False, shard=(i, 3))
+                for i, m in enumerate(models)]
+        assert len(cache) == 12
+    assert [r.split for r in reps] == ["documents"] * 3 and sum(r.documents for r in reps) == 12
+    assert [r.total_chunks for r in reps] == [r.documents for r in reps] == [r.computed for r in reps]
+    words = [sum(len(t.split()) for batch, _ in m.calls for t in batch) for m in models]
+    assert max(words) - min(words) <= max(len(t.split()) for t in texts)

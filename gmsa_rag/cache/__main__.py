@@ -27,7 +27,15 @@ from ..errors import (
     positive_int,
     report_errors,
 )
-from .precompute import DEFAULT_CHUNK_OVERLAP, DEFAULT_CHUNK_SIZE, precompute, process_device
+from .precompute import (
+    DEFAULT_CHUNK_OVERLAP,
+    DEFAULT_CHUNK_SIZE,
+    MIN_DOCUMENTS_PER_PROCESS,
+    SOURCE_SUFFIXES,
+    precompute,
+    process_device,
+    source_file_kind,
+)
 from .store import CacheDatabaseError, SoftTokenCache, check_cache_dir, default_cache_dir, remove_cache_files
 
 if TYPE_CHECKING:
@@ -66,12 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "build",
         help="compress every chunk of a corpus not yet cached",
-        description="Chunk SOURCE and compress every chunk not yet cached. SOURCE is a folder of "
-        ".txt/.md/.rst files or a persisted LlamaIndex storage folder (docstore.json; its nodes "
-        "are used as-is, which guarantees cache hits at query time).",
+        description="Chunk SOURCE and compress every chunk not yet cached. SOURCE is one of:\n"
+        "  a folder of .txt/.md/.markdown/.rst files and .jsonl/.jsonl.gz files (searched recursively),\n"
+        "  one such file (JSON lines: one document per line, its \"text\" field; \"title\" kept as metadata),\n"
+        "  a persisted LlamaIndex storage folder (docstore.json; its nodes are used as-is, which guarantees\n"
+        "  cache hits at query time).\n\n"
+        "Several GPUs: `accelerate launch --num_processes N -m gmsa_rag.cache build ...` starts a process per\n"
+        "GPU. They divide the documents among themselves, balanced by length, and each chunks and compresses\n"
+        f"only its own (with fewer than {MIN_DOCUMENTS_PER_PROCESS} documents per process, each chunks all and "
+        "they divide the chunks);\nall write to the one cache and each prints the report of its own share.",
         **common,
     )
-    b.add_argument("--source", required=True, help="folder of text files or persisted index folder")
+    b.add_argument("--source", required=True,
+                   help="folder of text / .jsonl(.gz) files, one such file, or a persisted index folder")
     _add_cache_dir(b)
     b.add_argument("--rate", type=positive_int, required=True, help="compression rate (one of the model's rates)")
     b.add_argument("--checkpoint", default=None, help="GMSA checkpoint folder (default: the bundled checkpoints/smollm2-gmsa)")
@@ -100,12 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _source_folder(source: str) -> Path:
+def _source_path(source: str) -> Path:
+    """``--source`` as a path: an existing folder, or a file of a supported type."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--source {path} does not exist: pass a folder of text files or a persisted index folder")
-    if not path.is_dir():
-        raise NotADirectoryError(f"--source {path} is a file: pass the folder that holds it")
+        raise FileNotFoundError(f"--source {path} does not exist: pass a folder of text / .jsonl(.gz) files, "
+                                "one such file, or a persisted index folder")
+    if not path.is_dir() and (not path.is_file() or source_file_kind(path) is None):
+        raise UsageError(f"--source {path} is not a supported file ({', '.join(SOURCE_SUFFIXES)}): pass such a "
+                         "file or a folder")
     return path
 
 
@@ -135,7 +153,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline like `gmsa-rag ask`; HF_HUB_OFFLINE=0 downloads
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     cache_dir = check_cache_dir(args.cache_dir)
-    source = _source_folder(args.source)
+    source = _source_path(args.source)
     checkpoint, config = _checkpoint_config(args.checkpoint)
     if args.rate not in config.rates:
         raise UsageError(f"--rate {args.rate} is not allowed: {checkpoint} supports {list(config.rates)}")
@@ -159,8 +177,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
+        share = (f"process {report.process_index} of {report.num_processes} (split by {report.split}, "
+                 f"{report.documents} documents): " if report.num_processes > 1 else "")
         print(
-            f"{report.total_chunks} chunks ({report.unique_chunks} unique): {report.computed} computed, "
+            f"{share}{report.total_chunks} chunks ({report.unique_chunks} unique): {report.computed} computed, "
             f"{report.skipped} already cached, {report.empty_skipped} empty skipped "
             f"in {report.seconds:.1f} s -> {report.cache_dir}"
         )

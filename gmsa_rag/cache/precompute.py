@@ -7,26 +7,35 @@ strings the retriever later returns (``node.get_content()``). Two ways to guaran
   nodes are used as-is, no re-chunking;
 * or build the index's nodes with :func:`make_splitter` (same tokenizer, chunk size and overlap)
   from the same documents. Beware: LlamaIndex's splitter shortens chunks by the length of the
-  document's *metadata string*; :func:`load_folder` therefore excludes its ``file_path`` metadata
-  from the embed/LLM metadata, so chunks equal those of the bare text.
+  document's *metadata string*; :func:`load_folder` therefore excludes its ``file_path`` (and a JSON-lines
+  record's ``title``) metadata from the embed/LLM metadata, so chunks equal those of the bare text.
+
+Sources on disk (:func:`load_source`): a folder of text files and JSON-lines files (``*.jsonl``, ``*.jsonl.gz``: one
+document per record, its ``text`` field), one such file, or a persisted LlamaIndex storage folder.
 
 Throughput: chunks are sorted by token length (little padding) and compressed ``batch_size`` at a time while a
 writer thread serialises and stores the previous batch. Several processes (``accelerate launch -m gmsa_rag.cache
-build ...`` or ``torchrun``) each take a shard of the chunks (:func:`process_shard`) and write to the one cache,
-which is safe under concurrent writers (diskcache: SQLite in WAL mode with a busy timeout).
+build ...`` or ``torchrun``, see :func:`process_shard`) write to the one cache, which is safe under concurrent
+writers (diskcache: SQLite in WAL mode with a busy timeout). Each chunks only its share of the documents
+(:func:`split_by_length`); with fewer than :data:`MIN_DOCUMENTS_PER_PROCESS` documents per process, each chunks
+everything and takes a share of the chunk keys instead.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
+import heapq
 import inspect
+import json
 import logging
 import os
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
 from .store import SoftTokenCache, cache_key
 
@@ -37,15 +46,25 @@ if TYPE_CHECKING:  # llama_index is imported lazily (it is slow to import)
 __all__ = [
     "DEFAULT_CHUNK_OVERLAP",
     "DEFAULT_CHUNK_SIZE",
+    "JSONL_SUFFIXES",
+    "MIN_DOCUMENTS_PER_PROCESS",
+    "SOURCE_SUFFIXES",
     "TEXT_SUFFIXES",
     "PrecomputeReport",
     "chunk_documents",
+    "chunk_items",
     "collect_chunks",
+    "load_file",
     "load_folder",
+    "load_source",
     "make_splitter",
     "precompute",
     "process_device",
     "process_shard",
+    "shard_of_items",
+    "source_file_kind",
+    "source_items",
+    "split_by_length",
     "token_counter",
 ]
 
@@ -55,8 +74,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 256
 #: Chunk overlap in tokens used by default.
 DEFAULT_CHUNK_OVERLAP = 32
-#: File suffixes read from a source folder.
+#: File suffixes read from a source folder as one text document per file.
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+#: File suffixes read as JSON lines, one document per record (its ``text`` field); ``.gz``: gzip-compressed.
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+#: Every file suffix a source folder or a single source file may have.
+SOURCE_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
+#: With fewer documents than this per process, processes split chunk keys instead of documents.
+MIN_DOCUMENTS_PER_PROCESS = 4
 
 Source = Union[str, os.PathLike, Sequence[Any]]
 
@@ -65,8 +90,19 @@ Source = Union[str, os.PathLike, Sequence[Any]]
 class PrecomputeReport:
     """What :func:`precompute` did. ``computed + skipped == unique_chunks``.
 
-    With several processes, ``unique_chunks``, ``computed``, ``skipped``, ``tokens`` and the rates are this
-    process's shard's; ``total_chunks`` and ``empty_skipped`` are the whole source's.
+    With several processes every count is this process's; ``split`` says how the work was divided:
+
+    * ``"documents"`` (at least :data:`MIN_DOCUMENTS_PER_PROCESS` documents per process): the documents (or the
+      nodes of a persisted index) were divided among the processes before chunking, balanced by text length.
+      ``documents``, ``total_chunks`` and ``empty_skipped`` count this process's documents and their chunks,
+      ``unique_chunks`` their distinct keys, all this process's to compute. Summed over the processes they give
+      the whole source's numbers, except that a chunk text found in documents of two processes counts (and is
+      computed, if missing) in both.
+    * ``"chunk keys"`` (fewer documents): every process chunked the whole source, so ``documents``,
+      ``total_chunks`` and ``empty_skipped`` are the whole source's; ``unique_chunks`` is this process's share
+      (every ``num_processes``-th distinct key, in key order), and the shares add up to the source's.
+
+    With one process (``split == "none"``) everything is the whole source's.
     """
 
     source: str
@@ -83,6 +119,8 @@ class PrecomputeReport:
     compress_seconds: float = 0.0  # the compress + store loop alone
     process_index: int = 0
     num_processes: int = 1
+    split: str = "none"  # how processes divided the work: "none" (one process), "documents" or "chunk keys"
+    documents: int = 0  # documents, nodes or texts of the source that this process chunked
 
     @property
     def chunks_per_second(self) -> float:
@@ -165,42 +203,128 @@ def chunk_documents(
 BINARY_PROBE_BYTES = 8000
 
 
-def load_folder(folder: Union[str, os.PathLike], suffixes: Sequence[str] = TEXT_SUFFIXES) -> list["Document"]:
-    """Read every text file under ``folder`` (recursive, sorted) as a UTF-8 ``Document``.
+def source_file_kind(path: Union[str, os.PathLike], suffixes: Sequence[str] = SOURCE_SUFFIXES) -> str | None:
+    """How a file named ``path`` is read, by its name (case-insensitive): ``"jsonl"`` if it ends in one of
+    ``suffixes`` that is a :data:`JSONL_SUFFIXES`, ``"text"`` if its last suffix is another of ``suffixes``,
+    else ``None`` (not a source file)."""
+    wanted = {s.lower() for s in suffixes}
+    name = Path(path).name.lower()
+    if any(name.endswith(s) and name != s for s in wanted & set(JSONL_SUFFIXES)):
+        return "jsonl"
+    return "text" if Path(name).suffix in wanted else None
+
+
+def _excluded_metadata_document(text: str, metadata: dict) -> "Document":
+    """A ``Document`` whose metadata is kept out of the embed and LLM metadata (so it does not change chunking)."""
+    from llama_index.core import Document
+
+    keys = list(metadata)
+    return Document(text=text, metadata=metadata, excluded_embed_metadata_keys=keys, excluded_llm_metadata_keys=keys)
+
+
+def _read_text_file(path: Path) -> str | None:
+    """The UTF-8 text of ``path`` (undecodable bytes replaced, with a warning); ``None`` for a binary file
+    (a NUL byte in the first 8000 bytes, as git decides), with a warning."""
+    raw = path.read_bytes()
+    if b"\0" in raw[:BINARY_PROBE_BYTES]:
+        logger.warning("skipping %s: a binary file, not text", path)
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        logger.warning("%s is not valid UTF-8; undecodable bytes replaced", path)
+        return raw.decode("utf-8", errors="replace")
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a JSON-lines file (gzip-compressed if it ends in ``.gz``).
+
+    Raises:
+        ValueError: a line is not a JSON object with a string ``text`` field, or the gzip stream is damaged.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as lines:
+            for line_no, raw in enumerate(lines, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.strip())
+                except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                    detail = f"{err.msg}: column {err.colno}" if isinstance(err, json.JSONDecodeError) else err
+                    raise ValueError(f"{path}:{line_no}: not a JSON record ({detail})") from err
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f'{path}:{line_no}: the record has no string "text" field')
+                yield line_no, record
+    except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{path}: cannot be read as JSON lines ({err})") from err
+
+
+def load_file(path: Union[str, os.PathLike], name: str | None = None, kind: str | None = None) -> list["Document"]:
+    """The documents of one source file: one per record of a ``.jsonl`` / ``.jsonl.gz`` file, else the whole
+    file as one UTF-8 text (none for a binary file, with a warning).
+
+    Metadata (excluded from the embed and LLM metadata, so chunking sees the bare text): ``file_path`` = ``name``
+    (default: the file's name), and a record's ``title`` if it has one. ``kind`` (``"text"`` or ``"jsonl"``)
+    overrides :func:`source_file_kind`.
+
+    Raises:
+        ValueError: the file's type is not supported, or a JSON-lines record is bad (names file and line).
+    """
+    path = Path(path)
+    name = path.name if name is None else name
+    kind = kind or source_file_kind(path)
+    if kind is None:
+        raise ValueError(f"unsupported source file {path}: expected one of {', '.join(SOURCE_SUFFIXES)}")
+    if kind == "text":
+        text = _read_text_file(path)
+        return [] if text is None else [_excluded_metadata_document(text, {"file_path": name})]
+    docs = []
+    for _, record in _jsonl_records(path):
+        metadata: dict = {"file_path": name}
+        if record.get("title") is not None:
+            metadata["title"] = str(record["title"])
+        docs.append(_excluded_metadata_document(record["text"], metadata))
+    return docs
+
+
+def load_folder(folder: Union[str, os.PathLike], suffixes: Sequence[str] = SOURCE_SUFFIXES) -> list["Document"]:
+    """Read every file under ``folder`` (recursive, sorted by path) whose name ends in one of ``suffixes`` with
+    :func:`load_file`: a ``.jsonl`` / ``.jsonl.gz`` file gives a ``Document`` per record (its ``text`` field),
+    any other file one UTF-8 ``Document``.
 
     Binary files with a text suffix (a NUL byte in the first 8000 bytes, as git decides: executables, images,
     random data, also UTF-16 text) are skipped with one warning each.
 
-    Each gets ``metadata={"file_path": <path relative to folder>}``, excluded from the embed and LLM
-    metadata so it does not change chunking. Build the index from these to match precompute.
+    Each gets ``metadata={"file_path": <path relative to folder>}`` (plus a record's ``title``), excluded from the
+    embed and LLM metadata so it does not change chunking. Build the index from these to match precompute.
     """
-    from llama_index.core import Document
-
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
-    wanted = {s.lower() for s in suffixes}
     docs = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in wanted):
-        raw = path.read_bytes()
-        if b"\0" in raw[:BINARY_PROBE_BYTES]:
-            logger.warning("skipping %s: a binary file, not text", path)
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            logger.warning("%s is not valid UTF-8; undecodable bytes replaced", path)
-            text = raw.decode("utf-8", errors="replace")
-        rel = path.relative_to(root).as_posix()
-        docs.append(
-            Document(
-                text=text,
-                metadata={"file_path": rel},
-                excluded_embed_metadata_keys=["file_path"],
-                excluded_llm_metadata_keys=["file_path"],
-            )
-        )
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        kind = source_file_kind(path, suffixes)
+        if kind is not None:
+            docs.extend(load_file(path, path.relative_to(root).as_posix(), kind))
     return docs
+
+
+def load_source(path: Union[str, os.PathLike]) -> list["Document"]:
+    """The documents of a source folder (:func:`load_folder`) or of one source file (:func:`load_file`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is a file of an unsupported type.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return load_folder(path)
+    if not path.exists():
+        raise FileNotFoundError(f"source not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"source {path} is neither a folder nor a regular file")
+    return load_file(path)
 
 
 def _docstore_items(persist_dir: Path) -> list[Any]:
@@ -211,36 +335,47 @@ def _docstore_items(persist_dir: Path) -> list[Any]:
     return list(SimpleDocumentStore.from_persist_dir(str(persist_dir)).docs.values())
 
 
-def collect_chunks(
-    source: Source,
-    tokenizer: Any = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
-) -> tuple[list[str], int]:
-    """Chunk texts of ``source`` and the number of empty chunks dropped.
-
-    ``source``: a folder of text files (see :func:`load_folder`); a persisted LlamaIndex storage
-    folder (has ``docstore.json``; its nodes are used as-is, ``Document`` entries are chunked); or a
-    sequence of strings / ``Document`` (chunked) / other text nodes (used as-is).
-    """
-    from llama_index.core import Document
-    from llama_index.core.schema import TextNode
-
+def source_items(source: Source) -> list[Any]:
+    """The documents or nodes of ``source`` (see :func:`collect_chunks`), not yet chunked."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         if not path.exists():
             raise FileNotFoundError(
-                f"source folder not found: {path} (to precompute raw texts, pass a list of strings)"
+                f"source not found: {path} (to precompute raw texts, pass a list of strings)"
             )
-        if not path.is_dir():
-            raise NotADirectoryError(f"source must be a folder, got file {path}")
-        items: list[Any] = _docstore_items(path) if (path / "docstore.json").is_file() else load_folder(path)
+        items: list[Any] = _docstore_items(path) if (path / "docstore.json").is_file() else load_source(path)
         if not items:
             logger.warning("source %s holds no documents or nodes", path)
-    elif isinstance(source, Sequence):
-        items = list(source)
-    else:
-        raise TypeError(f"source must be a folder path or a sequence of texts, got {type(source).__name__}")
+        return items
+    if isinstance(source, Sequence):
+        return list(source)
+    raise TypeError(f"source must be a path or a sequence of texts, got {type(source).__name__}")
+
+
+def _item_text(item: Any, i: int) -> str:
+    """The text of a source item: a string, a ``Document``'s text, a text node's content."""
+    from llama_index.core import Document
+    from llama_index.core.schema import TextNode
+
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Document):
+        return item.text
+    if isinstance(item, TextNode):
+        return item.get_content()
+    raise TypeError(f"source item {i} is {type(item).__name__}; expected str, Document or TextNode")
+
+
+def chunk_items(
+    items: Sequence[Any],
+    tokenizer: Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
+) -> tuple[list[str], int]:
+    """Chunk texts of ``items`` (strings and ``Document`` are chunked, other text nodes used as-is, in order)
+    and the number of empty chunks dropped."""
+    from llama_index.core import Document
+    from llama_index.core.schema import TextNode
 
     chunks: list[str] = []
     empty = 0
@@ -264,11 +399,52 @@ def collect_chunks(
             else:
                 empty += 1
         else:
-            raise TypeError(
-                f"source item {i} is {type(item).__name__}; expected str, Document or TextNode"
-            )
+            _item_text(item, i)  # raises the TypeError
     flush()
     return chunks, empty
+
+
+def collect_chunks(
+    source: Source,
+    tokenizer: Any = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
+) -> tuple[list[str], int]:
+    """Chunk texts of ``source`` and the number of empty chunks dropped.
+
+    ``source``: a folder of text and JSON-lines files, or one such file (see :func:`load_source`); a persisted
+    LlamaIndex storage folder (has ``docstore.json``; its nodes are used as-is, ``Document`` entries are
+    chunked); or a sequence of strings / ``Document`` (chunked) / other text nodes (used as-is).
+    """
+    return chunk_items(source_items(source), tokenizer, chunk_size, chunk_overlap)
+
+
+def split_by_length(lengths: Sequence[int], count: int) -> list[list[int]]:
+    """Indices of the items each of ``count`` processes takes, balanced by ``lengths``: longest-processing-time
+    greedy (longest item first, to the least-loaded process; ties to the lower index), so every process computes
+    the same split. Each list is in ascending order."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    loads = [(0, p) for p in range(count)]  # a heap of (load, process)
+    parts: list[list[int]] = [[] for _ in range(count)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load, p = heapq.heappop(loads)
+        parts[p].append(i)
+        heapq.heappush(loads, (load + lengths[i], p))
+    return [sorted(part) for part in parts]
+
+
+def shard_of_items(items: Sequence[Any], index: int, count: int) -> list[Any] | None:
+    """The items (documents, nodes or texts) process ``index`` of ``count`` chunks, in source order: a split of
+    ``items`` balanced by text length (:func:`split_by_length`); ``None`` when ``count`` is 1 or there are fewer
+    than :data:`MIN_DOCUMENTS_PER_PROCESS` items per process (too few to balance: split chunk keys instead)."""
+    if count == 1 or len(items) < MIN_DOCUMENTS_PER_PROCESS * count:
+        return None
+    lengths = [len(_item_text(item, i)) for i, item in enumerate(items)]
+    own = split_by_length(lengths, count)[index]
+    logger.info("process %d of %d chunks %d of %d documents (%d of %d characters)", index, count, len(own),
+                len(items), sum(lengths[i] for i in own), sum(lengths))
+    return [items[i] for i in own]
 
 
 def _check_model_rate(model: Any, rate: int) -> None:
@@ -353,8 +529,11 @@ def precompute(
         progress: show a tqdm progress bar (chunks/s, and tokens/s after it); only on process 0.
         verify: read and checksum existing entries (corrupt ones are recomputed) instead of only
             testing their presence.
-        shard: (index, count): compress only every count-th distinct chunk from index on (in key order);
-            default :func:`process_shard`, so each process of a multi-process launch takes its share.
+        shard: (index, count): this process's share, default :func:`process_shard`, so each process of a
+            multi-process launch takes its own. With count > 1 the documents (or nodes) are divided among the
+            processes before chunking (:func:`shard_of_items`), so each chunks only its own; with fewer than
+            :data:`MIN_DOCUMENTS_PER_PROCESS` per process, each chunks the whole source and compresses every
+            count-th distinct chunk from index on (in key order). See :class:`PrecomputeReport` for the counts.
 
     Empty / whitespace-only chunks are skipped and counted in ``empty_skipped``. Re-running is
     idempotent: cached chunks are skipped.
@@ -375,11 +554,18 @@ def precompute(
     if isinstance(tokenizer, str) and tokenizer == "model":
         tokenizer = getattr(model, "tokenizer", None)
 
-    chunks, empty = collect_chunks(source, tokenizer, chunk_size, chunk_overlap)
+    items = source_items(source)
+    own = shard_of_items(items, index, count)
+    split = "none" if count == 1 else "chunk keys" if own is None else "documents"
+    chunked = items if own is None else own
+    chunks, empty = chunk_items(chunked, tokenizer, chunk_size, chunk_overlap)
     unique: dict[str, str] = {}
     for text in chunks:
         unique.setdefault(cache_key(text, fingerprint, rate), text)
-    mine = {k: unique[k] for k in sorted(unique)[index::count]}  # keys are hashes: an even, stable split
+    if split == "chunk keys":
+        mine = {k: unique[k] for k in sorted(unique)[index::count]}  # keys are hashes: an even, stable split
+    else:
+        mine = unique
     if verify:
         missing = {k: t for k, t in mine.items() if cache.get(k) is None}
     else:
@@ -428,6 +614,8 @@ def precompute(
         compress_seconds=loop_seconds,
         process_index=index,
         num_processes=count,
+        split=split,
+        documents=len(chunked),
     )
     logger.info("precompute: %s", report)
     return report
