@@ -77,9 +77,8 @@ def restore(model, passages: list[str], rate: int, batch_size: int) -> list[str]
 def answer(model, questions: list[str], contexts: list[list], batch_size: int, max_new_tokens: int) -> list[str]:
     """Answers to ``questions`` from ``contexts`` (text: the base model; soft tokens: the checkpoint's adapter)."""
     outputs: list[str] = []
-    for start in range(0, len(questions), batch_size):
-        outputs += model.generate(questions[start : start + batch_size], contexts[start : start + batch_size],
-                                  max_new_tokens=max_new_tokens)
+    for qs, cs in zip(batches(questions, batch_size), batches(contexts, batch_size)):
+        outputs += model.generate(qs, cs, max_new_tokens=max_new_tokens)
     return outputs
 
 

@@ -117,18 +117,12 @@ def make_chunks(tokenizer, passages: list[str], lengths: list[int], count: int) 
 
 @torch.no_grad()
 def reconstruct(model, chunks: list[list[int]], rate: int, max_new_tokens: int, batch_size: int) -> list[str]:
-    from gmsa_rag.prompt import ae_segments
+    """Each chunk as the model restores it from its own soft tokens (the stage-1 prompt, built as training builds it)."""
+    from gmsa_rag.samples import Sample, build_prompts
 
     outputs: list[str] = []
     for start in range(0, len(chunks), batch_size):
-        batch = chunks[start : start + batch_size]
-        windows = [model.windows(ids) for ids in batch]
-        flat = [w for ws in windows for w in ws]
-        soft = model.soft_tokens(flat, [rate] * len(flat))
-        prompts, i = [], 0
-        for ws in windows:
-            prompts.append(ae_segments(model.tokenizer, [torch.cat(soft[i : i + len(ws)])]))
-            i += len(ws)
+        prompts = build_prompts(model, [Sample([ids], None, rate=rate) for ids in chunks[start : start + batch_size]])
         outputs += model.generate_from_segments(prompts, max_new_tokens=max_new_tokens)
     return outputs
 
