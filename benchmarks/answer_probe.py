@@ -33,13 +33,10 @@ NAME = "answer-probe"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bc.add_common_args(p, backbone_default=None)
-    p.add_argument("--checkpoint", default=None, help="GMSA (or TCP-AE) checkpoint (default: the bundled one)")
-    p.add_argument("--data", default=None, help="QA jsonl(.gz) with gold passages marked (default: the bundled dev split)")
-    p.add_argument("--limit", type=int, default=None, help="first N questions (default 40 on CPU, 200 on GPU)")
+    bc.add_probe_args(p, NAME, "first N questions (default 40 on CPU, 200 on GPU)",
+                      checkpoint_help="GMSA (or TCP-AE) checkpoint (default: the bundled one)")
     p.add_argument("--rates", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default 4 CPU, 32 GPU)")
-    p.add_argument("--name", default=NAME)
     return p.parse_args(argv)
 
 
@@ -84,14 +81,14 @@ def probe(model, examples, rates: list[int], batch_size: int) -> dict[str, list[
 
 
 def main(argv=None) -> dict[str, Any]:
-    from gmsa_rag.data.qa import load_qa_jsonl
+    from gmsa_rag.data.qa import load_qa
 
     args = parse_args(argv)
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     checkpoint, data = bc.probe_inputs(args)
     limit = args.limit or (40 if device.type == "cpu" else 200)
-    examples = load_qa_jsonl(data, limit=limit)
+    examples = load_qa(data, "dev", limit=limit)
     batch_size = args.batch_size or (4 if device.type == "cpu" else 32)
     model = bc.load_system(checkpoint, device, dtype)
     rates = [r for r in args.rates if r in model.config.rates]

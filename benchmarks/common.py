@@ -283,6 +283,20 @@ def load_system(checkpoint: str | Path, device: torch.device, dtype: torch.dtype
     return attach_checkpoint(model, record, state, checkpoint).eval()
 
 
+def add_probe_args(parser: argparse.ArgumentParser, name: str, limit_help: str, limit_default: int | None = None,
+                   checkpoint_help: str = "GMSA checkpoint (default: the bundled one)") -> None:
+    """The arguments every QA probe shares: the common ones, --checkpoint, --backbone, --data, --limit, --name
+    (read back with ``probe_inputs``)."""
+    add_common_args(parser, backbone_default=None)
+    parser.add_argument("--checkpoint", default=None, help=checkpoint_help)
+    parser.add_argument("--backbone", default=None,
+                        help="base model to load checkpoints on (default: the recorded one; tiny in tests)")
+    parser.add_argument("--data", default=None, help="QA jsonl(.gz) with gold passages marked, or a pooled QA folder "
+                                                     "(its dev split); default: the bundled dev split")
+    parser.add_argument("--limit", type=int, default=limit_default, help=limit_help)
+    parser.add_argument("--name", default=name)
+
+
 def probe_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
     """(checkpoint, QA data) of a probe: ``--checkpoint`` or the bundled one, ``--data`` or the bundled dev split."""
     from gmsa_rag.checkpoint import default_checkpoint

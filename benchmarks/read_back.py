@@ -36,13 +36,10 @@ NAME = "read-back"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bc.add_common_args(p, backbone_default=None)
-    p.add_argument("--checkpoint", default=None, help="checkpoint whose soft tokens restore the passages (stage 1)")
+    bc.add_probe_args(p, NAME, "first N questions with a gold passage (default 60 CPU, 300 GPU)",
+                      checkpoint_help="checkpoint whose soft tokens restore the passages (stage 1)")
     p.add_argument("--answer-checkpoint", default=None,
                    help="optional checkpoint answering directly from soft tokens (stage 2), for comparison")
-    p.add_argument("--backbone", default=None, help="base model to load them on (default: the recorded one; tiny in tests)")
-    p.add_argument("--data", default=None, help="QA jsonl(.gz) with gold passages marked, or a pooled QA folder (its dev split); default: the bundled dev split")
-    p.add_argument("--limit", type=int, default=None, help="first N questions with a gold passage (default 60 CPU, 300 GPU)")
     p.add_argument("--max-passage-tokens", type=int, default=256,
                    help="keep questions whose gold passage has at most this many tokens (default 256, the product's "
                         "chunk size; 0: all)")
@@ -51,7 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rates", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default 8 CPU, 64 GPU)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
-    p.add_argument("--name", default=NAME)
     return p.parse_args(argv)
 
 

@@ -26,13 +26,8 @@ NAME = "soft-token-states"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bc.add_common_args(p, backbone_default=None)
-    p.add_argument("--checkpoint", default=None, help="GMSA checkpoint (default: the bundled one)")
-    p.add_argument("--backbone", default=None, help="base model to load it on (default: the recorded one; tiny in tests)")
-    p.add_argument("--data", default=None, help="QA jsonl(.gz) with gold passages marked (default: the bundled dev split)")
-    p.add_argument("--limit", type=int, default=8, help="first N questions with a gold passage")
+    bc.add_probe_args(p, NAME, "first N questions with a gold passage", limit_default=8)
     p.add_argument("--rates", type=int, nargs="+", default=[4])
-    p.add_argument("--name", default=NAME)
     return p.parse_args(argv)
 
 
@@ -65,13 +60,13 @@ def layer_cosines(model, examples, rate: int) -> tuple[list[float], list[float],
 
 
 def main(argv=None) -> dict[str, Any]:
-    from gmsa_rag.data.qa import load_qa_jsonl
+    from gmsa_rag.data.qa import load_qa
 
     args = parse_args(argv)
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     checkpoint, data = bc.probe_inputs(args)
-    examples = [e for e in load_qa_jsonl(data) if e.gold_context is not None][: args.limit]
+    examples = [e for e in load_qa(data, "dev") if e.gold_context is not None][: args.limit]
     if not examples:
         raise SystemExit(f"{data}: no question with a marked gold passage")
     model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)

@@ -246,3 +246,22 @@ def test_read_back_restores_then_answers(qa_file, checkpoints, tmp_path):
     assert by_name["text-gold"]["answer_kept"] == 100.0  # every gold passage holds its answer
     assert by_name["none"]["answer_kept"] is None and by_name["restored@2"]["restoration_bleu"] is not None
     assert len(data["restored_samples"]["restored@4"]) == 3
+
+
+def test_attention_probe_splits_the_answer_position_over_documents(qa_file, checkpoints, tmp_path):
+    result = _bench("attention_probe").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
+                                             "--checkpoint", str(checkpoints["gmsa"]), "--text-checkpoint",
+                                             str(checkpoints["gmsa"]), "--rates", "4", "--limit", "3",
+                                             "--out", str(tmp_path)])
+    data = _check_outputs(tmp_path, "attention-probe")
+    rows = {row["system"]: row for row in result["rows"]}
+    assert set(rows) == {"base, text", "GMSA 4x", "fine-tune, text"}
+    for row in rows.values():
+        assert row["n"] == 3
+        assert 0.0 < row["docs_mass"] <= 100.0 + 1e-6  # a share of one attention row
+        assert 0.0 <= row["gold_share"] <= 100.0 + 1e-6 and 0.0 < row["chance"] < 100.0
+        assert any(abs(row["gold_top"] - k * 100 / 3) < 1e-6 for k in range(4))  # a count out of 3 questions
+        assert len(row["lift_by_layer"]) == len(data["rows"][0]["lift_by_layer"]) > 0
+    # this checkpoint's adapter serves soft-token prompts only: as a "fine-tune" on text it is the base model again
+    text, again = rows["base, text"], rows["fine-tune, text"]
+    assert again["gold_share"] == pytest.approx(text["gold_share"]) and again["docs_mass"] == pytest.approx(text["docs_mass"])
