@@ -7,6 +7,12 @@ soft-token positions and for text positions, and the RMS of soft tokens against 
 states turn away from their input within a layer or two (the model contextualises them); soft tokens that keep a
 cosine near 1 deep into the decoder are a static memory its attention copies from, not content it processes.
 
+A second table asks how much of the soft tokens is one vector shared by all documents: each soft token's cosine
+with the mean soft token (over all passages), and the share of their energy in the few coordinates where that
+mean is largest, beside the same figures for the text hidden states at the middle decoder layer (the base model's
+"massive activations" live in a few coordinates too). Soft tokens that are mostly one shared vector can be walked
+through by position (restoring) but hardly told apart by content (finding one document among several).
+
     python benchmarks/soft_token_states.py --checkpoint checkpoints/smollm2-gmsa-ae --limit 8 --rates 4
 """
 from __future__ import annotations
@@ -37,9 +43,11 @@ def layer_cosines(model, examples, rate: int) -> tuple[list[float], list[float],
     from gmsa_rag.prompt import assemble, qa_segments
 
     soft_columns, text_columns, rms = [], [], []  # [layers, positions] cosines of each prompt
+    soft_tokens, text_states = [], []  # every soft token; text positions' hidden states at the middle layer
     for example in examples:
         soft = model.compress([example.gold_context], rate)
         rms.append(soft[0].float().pow(2).mean(-1).sqrt().mean().item())
+        soft_tokens.append(soft[0].float().cpu())
         segments = qa_segments(model.tokenizer, example.question, soft)
         batch = assemble([segments], model.embed_tokens)
         is_soft = torch.zeros(batch.inputs_embeds.shape[1], dtype=torch.bool)
@@ -55,8 +63,22 @@ def layer_cosines(model, examples, rate: int) -> tuple[list[float], list[float],
         cos = torch.stack([torch.nn.functional.cosine_similarity(inputs, s[0].float(), dim=-1) for s in states[1:]])
         soft_columns.append(cos[:, is_soft])
         text_columns.append(cos[:, ~is_soft])
+        text_states.append(states[len(states) // 2][0].float()[~is_soft].cpu())
+    shared = {"soft": shared_component(torch.cat(soft_tokens)), "text": shared_component(torch.cat(text_states))}
     return (torch.cat(soft_columns, 1).mean(1).tolist(), torch.cat(text_columns, 1).mean(1).tolist(),
-            sum(rms) / len(rms))
+            sum(rms) / len(rms), shared)
+
+
+def shared_component(vectors: torch.Tensor, top: int = 3) -> dict[str, Any]:
+    """How much of [N, H] ``vectors`` is one shared vector: mean cosine with their mean, RMS, and the ``top``
+    coordinates where the mean is largest with their share of the vectors' energy."""
+    mean = vectors.mean(0)
+    cos = torch.nn.functional.cosine_similarity(vectors, mean[None], dim=-1)
+    coords = mean.abs().topk(top).indices
+    energy = vectors.pow(2)
+    return {"cos_with_mean": cos.mean().item(), "rms": vectors.pow(2).mean().sqrt().item(),
+            "top_coords": coords.tolist(), "top_share": (energy[:, coords].sum() / energy.sum()).item(),
+            "top_mean_values": mean[coords].tolist()}
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -75,12 +97,20 @@ def main(argv=None) -> dict[str, Any]:
     rates = [r for r in args.rates if r in model.config.rates]
     embed_rms = model.embed_tokens.weight.float().pow(2).mean(-1).sqrt().mean().item()
 
-    rows, curves = [], {}
+    rows, curves, shared_rows = [], {}, []
     fig, axes = bc.new_figure(width=6.5, height=4.0)
     ax = axes[0][0]
     for rate in rates:
-        soft, text, soft_rms = layer_cosines(model, examples, rate)
+        soft, text, soft_rms, shared = layer_cosines(model, examples, rate)
         curves[rate] = {"soft": soft, "text": text}
+        for kind, label in (("soft", "soft tokens (decoder input)"), ("text", f"text states (layer {len(soft) // 2})")):
+            if kind == "text" and rate != rates[0]:
+                continue  # the same text positions at every rate
+            figures = shared[kind]
+            shared_rows.append({"rate": rate if kind == "soft" else "-", "what": label, "rms": figures["rms"],
+                                "cos_with_mean": figures["cos_with_mean"], "top_share": 100 * figures["top_share"],
+                                "top_coords": ", ".join(f"{c}: {v:.0f}" for c, v in
+                                                        zip(figures["top_coords"], figures["top_mean_values"]))})
         for layer in sorted({l for l in (1, 2, 4, 8, len(soft) // 2, len(soft)) if 1 <= l <= len(soft)}):
             rows.append({"rate": rate, "layer": layer, "soft": soft[layer - 1], "text": text[layer - 1],
                          "soft_rms": soft_rms, "embed_rms": embed_rms})
@@ -94,17 +124,25 @@ def main(argv=None) -> dict[str, Any]:
     C = bc.Column
     columns = [C("rate", "rate", 0), C("layer", "layer", 0), C("soft", "soft tokens", 3), C("text", "text tokens", 3),
                C("soft_rms", "soft-token RMS", 3), C("embed_rms", "embedding RMS", 3)]
+    shared_columns = [C("rate", "rate"), C("what", "vectors"), C("rms", "RMS", 2),
+                      C("cos_with_mean", "cosine with their mean", 3), C("top_share", "energy in the top 3 coordinates %", 1),
+                      C("top_coords", "top coordinates of the mean: value")]
     meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "data": str(data), "questions": len(examples),
             "rates": rates}
     notes = [f"Prompts: the product's QA prompt over the gold passage alone, compressed at the rate, for the first "
              f"{len(examples)} questions of {data} that mark one; the decoder adapter is on as in serving.",
-             "Cosines are averaged over all soft-token (or text) positions of all prompts."]
+             "Cosines are averaged over all soft-token (or text) positions of all prompts.",
+             "Shared component: the mean is taken over all soft tokens of all passages (so a high cosine means soft "
+             "tokens of different documents point the same way); text states are the hidden states of the text "
+             "positions of the same prompts (instruction, labels, question) at the middle decoder layer."]
     out_dir = args.out or bc.default_out_dir(device)
     paths = bc.write_outputs(out_dir, args.name, f"Soft-token states in the decoder ({meta['machine']})", meta,
-                             [("Results", columns, rows)], fig, notes, {"rows": rows, "curves": curves})
+                             [("Results", columns, rows), ("Shared component", shared_columns, shared_rows)], fig, notes,
+                             {"rows": rows, "curves": curves, "shared": shared_rows})
     print(bc.markdown_table(columns, rows))
+    print(bc.markdown_table(shared_columns, shared_rows))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return {"rows": rows, "curves": curves, "paths": paths}
+    return {"rows": rows, "curves": curves, "shared": shared_rows, "paths": paths}
 
 
 if __name__ == "__main__":

@@ -231,6 +231,10 @@ def test_soft_token_states_compares_soft_and_text_positions(qa_file, checkpoints
     assert len(curve["soft"]) == len(curve["text"]) > 0
     assert all(-1.0 <= c <= 1.0 for c in curve["soft"] + curve["text"])
     assert result["rows"][0]["soft_rms"] > 0 and result["rows"][0]["embed_rms"] > 0
+    kinds = [row["what"].split(" (")[0] for row in result["shared"]]
+    assert kinds == ["soft tokens", "text states"]  # one rate: soft tokens at it, and the text states once
+    for row in result["shared"]:
+        assert -1.0 <= row["cos_with_mean"] <= 1.0 and 0.0 < row["top_share"] <= 100.0 and row["rms"] > 0
 
 
 def test_read_back_restores_then_answers(qa_file, checkpoints, tmp_path):
@@ -265,3 +269,17 @@ def test_attention_probe_splits_the_answer_position_over_documents(qa_file, chec
     # this checkpoint's adapter serves soft-token prompts only: as a "fine-tune" on text it is the base model again
     text, again = rows["base, text"], rows["fine-tune, text"]
     assert again["gold_share"] == pytest.approx(text["gold_share"]) and again["docs_mass"] == pytest.approx(text["docs_mass"])
+
+
+def test_shared_component_finds_a_vector_common_to_all():
+    torch = pytest.importorskip("torch")
+    shared_component = _bench("soft_token_states").shared_component
+    generator = torch.Generator().manual_seed(0)
+    common = torch.zeros(64)
+    common[[5, 17, 40]] = torch.tensor([50.0, -30.0, 20.0])
+    mostly_shared = common + torch.randn(200, 64, generator=generator)
+    figures = shared_component(mostly_shared)
+    assert sorted(figures["top_coords"]) == [5, 17, 40] and figures["cos_with_mean"] > 0.95
+    assert figures["top_share"] > 0.9
+    spread = shared_component(torch.randn(200, 64, generator=generator))  # no shared vector
+    assert spread["cos_with_mean"] < 0.3 and spread["top_share"] < 0.15
