@@ -63,7 +63,9 @@ def layer_cosines(model, examples, rate: int) -> tuple[list[float], list[float],
         cos = torch.stack([torch.nn.functional.cosine_similarity(inputs, s[0].float(), dim=-1) for s in states[1:]])
         soft_columns.append(cos[:, is_soft])
         text_columns.append(cos[:, ~is_soft])
-        text_states.append(states[len(states) // 2][0].float()[~is_soft].cpu())
+        is_text = ~is_soft
+        is_text[0] = False  # the first position is the attention sink, with its own massive activations
+        text_states.append(states[len(states) // 2][0].float()[is_text].cpu())
     shared = {"soft": shared_component(torch.cat(soft_tokens)), "text": shared_component(torch.cat(text_states))}
     return (torch.cat(soft_columns, 1).mean(1).tolist(), torch.cat(text_columns, 1).mean(1).tolist(),
             sum(rms) / len(rms), shared)
@@ -134,7 +136,8 @@ def main(argv=None) -> dict[str, Any]:
              "Cosines are averaged over all soft-token (or text) positions of all prompts.",
              "Shared component: the mean is taken over all soft tokens of all passages (so a high cosine means soft "
              "tokens of different documents point the same way); text states are the hidden states of the text "
-             "positions of the same prompts (instruction, labels, question) at the middle decoder layer."]
+             "positions of the same prompts (instruction, labels, question; not the first position, the attention "
+             "sink) at the middle decoder layer."]
     out_dir = args.out or bc.default_out_dir(device)
     paths = bc.write_outputs(out_dir, args.name, f"Soft-token states in the decoder ({meta['machine']})", meta,
                              [("Results", columns, rows), ("Shared component", shared_columns, shared_rows)], fig, notes,

@@ -17,6 +17,7 @@ QA_INSTRUCTION = (
 )
 RESTORE_INSTRUCTION = "Repeat Document [{}] exactly."
 CONTINUE_INSTRUCTION = "Continue the text of Document [{}]."
+SPAN_INSTRUCTION = 'Quote the words that follow "{}" in the documents.'
 _MARK = "<|gmsa_span_{}|>"
 _MARK_RE = re.compile(r"<\|gmsa_span_(\d+)\|>")
 
@@ -95,11 +96,16 @@ def ae_segments(
     target_doc: int = 0,
     text: str | Sequence[int] | None = None,
     continuation: bool = False,
+    cue: str | None = None,
 ) -> list[Segment]:
-    """Stage-1 prompt over labelled documents (soft tokens): restore document ``target_doc`` (autoencoding) or,
-    with ``continuation``, write the text that follows it. ``text`` is the target."""
-    template = CONTINUE_INSTRUCTION if continuation else RESTORE_INSTRUCTION
-    parts = [*document_parts(contexts), "\n" + template.format(target_doc + 1)]
+    """Stage-1 prompt over labelled documents (soft tokens): restore document ``target_doc`` (autoencoding),
+    with ``continuation`` write the text that follows it, or with a ``cue`` (a few words quoted from one of the
+    documents, which one unsaid) the words that follow the cue there. ``text`` is the target."""
+    if cue is not None:
+        instruction = SPAN_INSTRUCTION.format(cue)
+    else:
+        instruction = (CONTINUE_INSTRUCTION if continuation else RESTORE_INSTRUCTION).format(target_doc + 1)
+    parts = [*document_parts(contexts), "\n" + instruction]
     return chat_segments(tokenizer, parts, text)
 
 

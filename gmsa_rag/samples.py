@@ -1,8 +1,9 @@
 """Training samples and how they become decoder prompts (the same per-document scheme as inference).
 
 * Stage-1 sample (``question=None``): one or more documents, each compressed on its own and shown as a
-  labelled span; the target is document ``target_doc`` itself (``task="restore"``, autoencoding) or the
-  text that follows it (``task="continue"``).
+  labelled span; the target is document ``target_doc`` itself (``task="restore"``, autoencoding), the
+  text that follows it (``task="continue"``), or the words that follow a few quoted words (``cue``) inside it
+  (``task="span"``: find a place by content, copy from the middle of a document, as extractive answers need).
 * QA sample: question + retrieved documents (each compressed on its own, or plain text for the
   uncompressed baseline) -> the answer (target).
 
@@ -33,8 +34,9 @@ class Sample:
     target: Text | None  # None: no target segment (prompt for generation)
     question: str | None = None  # None: a stage-1 sample (restore or continue documents[target_doc])
     rate: int | None = None
-    task: Literal["restore", "continue"] = "restore"
+    task: Literal["restore", "continue", "span"] = "restore"
     target_doc: int = 0
+    cue: Text | None = None  # task="span": the quoted words (text or token ids) the target follows
 
 
 def sample_rate(rates: Sequence[int], rng: random.Random, weights: Sequence[float] | None = None) -> int:
@@ -72,8 +74,10 @@ def build_prompts(model: "GMSAModel", samples: Sequence[Sample]) -> list[list[Se
         else:
             contexts = [_cat(parts) for parts in docs]
         if sample.question is None:
+            cue = sample.cue if isinstance(sample.cue, str) or sample.cue is None else model.tokenizer.decode(sample.cue)
             prompts.append(ae_segments(model.tokenizer, contexts, sample.target_doc, sample.target,
-                                       continuation=sample.task == "continue"))
+                                       continuation=sample.task == "continue",
+                                       cue=cue.strip() if sample.task == "span" and cue else None))
         else:
             prompts.append(qa_segments(model.tokenizer, sample.question, contexts, sample.target))
     return prompts

@@ -80,6 +80,8 @@ class TrainConfig:
     title_fraction: float = field(default=0.5, metadata={"help": "ae: share of passages with their 'Title:' line"})
     continuation_fraction: float = field(default=0.0, metadata={"help": "ae: share of samples whose target is the text that follows (0.5 in PISCO; autoencoding only restored better on an equal budget: benchmarks/results/h100-x2/stage1-ablations.md)"})
     continuation_tokens: int = 128
+    span_fraction: float = field(default=0.0, metadata={"help": "ae: share of samples that quote 4-8 words of one document (which one unsaid) and ask for the up to span_tokens words that follow them there: finding a place by content and copying from the middle of a document, the two things extractive answers need and restoring does not teach (not yet measured)"})
+    span_tokens: int = field(default=32, metadata={"help": "ae: most target tokens of a span sample (at least 8)"})
     multi_doc_fraction: float = field(default=0.25, metadata={"help": "ae: share of samples with 2..max_docs documents, one restored"})
     max_docs: int = field(default=5, metadata={"help": "ae: most documents per sample; keft: gold + distractors shown at most"})
     docs_curriculum: float = field(default=0.0, metadata={"help": "keft: share of the budget over which the number of documents ramps from gold-only to max_docs"})
@@ -126,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     (cfg,) = parser.parse_args_into_dataclasses(argv)
     if cfg.stage == "keft" and not cfg.init and not cfg.no_compress:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
+    if cfg.continuation_fraction + cfg.span_fraction > 1:
+        parser.error("--continuation_fraction + --span_fraction must be at most 1")
+    if cfg.span_tokens < 8:
+        parser.error(f"--span_tokens must be at least 8, got {cfg.span_tokens}")
     if not 1 <= cfg.min_docs <= cfg.max_docs:
         parser.error(f"--min_docs must be between 1 and --max_docs ({cfg.max_docs}), got {cfg.min_docs}")
     if cfg.distill_teacher:
@@ -179,9 +185,21 @@ def stage1_sample(corpus: PassageCorpus, cfg: TrainConfig, rate: int, rng: rando
     passages = [draw() for _ in range(count)]
     target_doc = rng.randrange(count)
     target = passages[target_doc]
+    documents = [p.token_ids for p in passages]
     if len(target.continuation) >= 16 and rng.random() < cfg.continuation_fraction:
-        return Sample([p.token_ids for p in passages], target.continuation, rate=rate, task="continue", target_doc=target_doc)
-    return Sample([p.token_ids for p in passages], target.token_ids, rate=rate, target_doc=target_doc)
+        return Sample(documents, target.continuation, rate=rate, task="continue", target_doc=target_doc)
+    if cfg.span_fraction > 0 and len(target.token_ids) >= 16 and rng.random() < cfg.span_fraction / (1 - cfg.continuation_fraction):
+        cue, follow = quote(target.token_ids, cfg.span_tokens, rng)
+        return Sample(documents, follow, rate=rate, task="span", target_doc=target_doc, cue=cue)
+    return Sample(documents, target.token_ids, rate=rate, target_doc=target_doc)
+
+
+def quote(token_ids: list[int], most: int, rng: random.Random) -> tuple[list[int], list[int]]:
+    """A span sample's cue (4-8 tokens from anywhere in the passage) and the 8-``most`` tokens that follow it."""
+    cue_length = rng.randint(4, 8)
+    start = rng.randint(0, len(token_ids) - cue_length - 8)
+    end = min(len(token_ids), start + cue_length + rng.randint(8, most))
+    return token_ids[start : start + cue_length], token_ids[start + cue_length : end]
 
 
 def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random, min_docs: int = 1,

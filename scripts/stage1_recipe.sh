@@ -36,6 +36,8 @@ ablations=(
   "lsa2:--lsa_layers 2"
   "lora32:--lora_rank 32 --lora_alpha 64"
   "continuation:--continuation_fraction 0.5"
+  "span:--span_fraction 0.25"
+  "span50:--span_fraction 0.5"
   "tcp:--method tcp"
 )
 ABL_GPUS=(${ABL_GPUS:-$(seq 0 $((GPUS - 1)))})    # which GPUs the ablations share

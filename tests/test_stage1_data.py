@@ -1,4 +1,5 @@
-"""Stage-1 data and objectives: the tokenized passage corpus, multi-span restore, continuation, budget schedule."""
+"""Stage-1 data and objectives: the tokenized passage corpus, multi-span restore, continuation, quoted spans, budget
+schedule."""
 import gzip
 import json
 import math
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 from gmsa_rag.data.passages import PassageCorpus, tokenize_corpus
-from gmsa_rag.prompt import CONTINUE_INSTRUCTION, RESTORE_INSTRUCTION
+from gmsa_rag.prompt import CONTINUE_INSTRUCTION, RESTORE_INSTRUCTION, SPAN_INSTRUCTION
 from gmsa_rag.samples import Sample, build_prompts
 from gmsa_rag.testing import tiny_gmsa
-from gmsa_rag.train import Progress, TrainConfig, lr_factor, stage1_sample
+from gmsa_rag.train import Progress, TrainConfig, lr_factor, parse_args, stage1_sample
 
 ARTICLES = [
     {"title": "Nile", "text": "The Nile is a river in Africa. It flows north into the Mediterranean Sea.\n"
@@ -84,6 +85,36 @@ def test_stage1_samples_restore_one_of_several_documents_or_continue(corpus_file
     assert all(len(s.target) >= 16 for s in continued if s.task == "continue")
 
 
+def test_span_samples_quote_a_cue_and_ask_for_the_words_after_it(corpus_file, tmp_path, tokenizer):
+    corpus = PassageCorpus.build([corpus_file], tokenizer, tmp_path / "cache", workers=1)
+    cfg = TrainConfig(min_chunk_tokens=16, max_chunk_tokens=40, multi_doc_fraction=0.5, max_docs=3, span_fraction=1.0,
+                      span_tokens=10)
+    rng = random.Random(3)
+    samples = [stage1_sample(corpus, cfg, 4, rng) for _ in range(40)]
+    assert all(s.task == "span" for s in samples)
+    starts = set()
+    for s in samples:
+        doc = s.documents[s.target_doc]
+        assert 4 <= len(s.cue) <= 8 and 1 <= len(s.target) <= 10
+        quoted = s.cue + s.target  # cue and target are one contiguous stretch of the target document
+        at = [i for i in range(len(doc) - len(quoted) + 1) if doc[i : i + len(quoted)] == quoted]
+        assert at, "the cue and its continuation must come from the target document, in order"
+        starts.add(at[0])
+    assert len(starts) > 5 and max(starts) > 0  # from anywhere in the passage, not only its start
+    assert any(len(s.documents) > 1 for s in samples)  # among other documents (which one holds it is not said)
+    mixed = TrainConfig(min_chunk_tokens=16, max_chunk_tokens=40, multi_doc_fraction=0.0, span_fraction=0.5)
+    tasks = [stage1_sample(corpus, mixed, 4, rng).task for _ in range(200)]
+    assert 0.35 < tasks.count("span") / len(tasks) < 0.65 and set(tasks) == {"span", "restore"}
+
+
+def test_span_fraction_is_validated():
+    with pytest.raises(SystemExit):
+        parse_args(["--continuation_fraction", "0.6", "--span_fraction", "0.5"])
+    with pytest.raises(SystemExit):
+        parse_args(["--span_tokens", "4"])
+    assert parse_args(["--span_fraction", "0.5"]).span_fraction == 0.5
+
+
 def test_stage1_prompts_label_each_separately_compressed_span(tokenizer):
     model = tiny_gmsa(tokenizer)
     docs = [tokenizer.encode(t, add_special_tokens=False) for t in ("First document here.", "Second one.", "Third.")]
@@ -97,6 +128,12 @@ def test_stage1_prompts_label_each_separately_compressed_span(tokenizer):
     assert target.token_ids[: len(docs[1])] == docs[1]
     cont_text = "".join(tokenizer.decode(seg.token_ids) for seg in cont if seg.token_ids is not None and not seg.is_target)
     assert CONTINUE_INSTRUCTION.format(1) in cont_text
+    cue = tokenizer.encode(" Second", add_special_tokens=False)
+    [span] = build_prompts(model, [Sample(docs, docs[1][len(cue):], rate=2, task="span", target_doc=1, cue=cue)])
+    span_text = "".join(tokenizer.decode(seg.token_ids) for seg in span if seg.token_ids is not None and not seg.is_target)
+    assert SPAN_INSTRUCTION.format("Second") in span_text and "Document [2]" in span_text  # the cue, quoted
+    assert "Repeat" not in span_text and "Continue" not in span_text
+    assert [seg for seg in span if seg.is_target][0].token_ids[:-1] == docs[1][len(cue):]  # + end of turn
 
 
 def test_schedule_ends_where_the_budget_ends():

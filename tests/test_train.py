@@ -1,6 +1,7 @@
 """Trainer tests on a tiny random LLaMA saved to disk (the trainer loads base models by path, like any HF model)."""
 import collections
 import json
+import math
 import random
 import shutil
 from dataclasses import replace
@@ -84,6 +85,14 @@ def test_ae_overfits_a_repeated_batch_and_changes_only_the_compressor(base_dir, 
         changed = not torch.equal(p, model.encoder.state_dict()[name])
         assert changed == ("lora_" in name), name
     assert any(not torch.equal(p, model.lsa.state_dict()[n]) for n, p in fresh.lsa.state_dict().items() if "embed" not in n)
+
+
+def test_ae_trains_on_quoted_spans(base_dir, corpus, tmp_path):
+    final = train(ae_config(base_dir, corpus, tmp_path, steps=4, span_fraction=1.0, span_tokens=8, multi_doc_fraction=0.5,
+                            min_chunk_tokens=16, max_chunk_tokens=24))
+    curve = losses(tmp_path)
+    assert final is not None and len(curve) == 4 and all(math.isfinite(x) and x > 0 for x in curve)
+    assert json.loads((tmp_path / "train_config.json").read_text())["span_fraction"] == 1.0
 
 
 def test_keft_changes_only_decoder_qkv(base_dir, corpus, qa_file, tmp_path):
