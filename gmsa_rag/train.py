@@ -88,6 +88,7 @@ class TrainConfig:
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
     distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
     eval_chunk_tokens: int = 128
+    eval_gold_only: bool = field(default=False, metadata={"help": "keft: also score the dev questions with the gold passage alone (gold_accuracy@r ...): reading an answer, apart from finding its document"})
     # stage 2 options
     distill_weight: float = field(default=0.0, metadata={"help": "keft: weight of token-level KL to the base model reading the documents as text"})
     distill_teacher: str = field(default="", metadata={"help": "keft: a no-compress checkpoint (--no_compress run on the same base model) whose fine-tuned decoder reading the text is the distillation teacher; default: the base model"})
@@ -342,26 +343,31 @@ def distillation(cfg: TrainConfig, model: GMSAModel) -> tuple[float, GMSAModel |
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
-    """ae: reconstruction BLEU / ROUGE-L / prefix EM per rate; keft: EM / F1 / answer-in-output accuracy."""
+    """ae: reconstruction BLEU / ROUGE-L / prefix EM per rate; keft: EM / F1 / answer-in-output accuracy (and, with
+    ``eval_gold_only``, the same from the gold passage alone, prefixed ``gold_``)."""
     model.eval()
     examples = dev[: cfg.eval_samples]
     results: dict[str, float] = {}
     rates: list[int | None] = [None] if cfg.no_compress else list(model.config.rates)
-    for rate in rates:
-        preds, refs = [], []
-        for start in range(0, len(examples), cfg.eval_batch_size):
-            chunk = examples[start : start + cfg.eval_batch_size]
-            if cfg.stage == "ae":
-                prompts = build_prompts(model, [Sample([ids], None, rate=rate) for ids in chunk])
-                preds += model.generate_from_segments(prompts, max_new_tokens=max(map(len, chunk)) + 8)
-                refs += [model.tokenizer.decode(ids).strip() for ids in chunk]
-            else:
-                samples = [dev_qa_sample(e, rate, cfg.max_docs, start + j) for j, e in enumerate(chunk)]
-                preds += model.generate_from_segments(build_prompts(model, samples), max_new_tokens=24)
-                refs += [e.answers for e in chunk]
-        scores = reconstruction_metrics(preds, refs) if cfg.stage == "ae" else qa_metrics(preds, refs)
-        suffix = f"@{rate}x" if rate else ""
-        results.update({f"{k}{suffix}": float(v) for k, v in scores.items()})
+    layouts = [("", cfg.max_docs, examples)]  # (metric prefix, documents shown, questions)
+    if cfg.stage == "keft" and cfg.eval_gold_only:
+        layouts.append(("gold_", 1, [e for e in examples if e.gold_index is not None]))
+    for prefix, docs, questions in layouts:
+        for rate in rates:
+            preds, refs = [], []
+            for start in range(0, len(questions), cfg.eval_batch_size):
+                chunk = questions[start : start + cfg.eval_batch_size]
+                if cfg.stage == "ae":
+                    prompts = build_prompts(model, [Sample([ids], None, rate=rate) for ids in chunk])
+                    preds += model.generate_from_segments(prompts, max_new_tokens=max(map(len, chunk)) + 8)
+                    refs += [model.tokenizer.decode(ids).strip() for ids in chunk]
+                else:
+                    samples = [dev_qa_sample(e, rate, docs, start + j) for j, e in enumerate(chunk)]
+                    preds += model.generate_from_segments(build_prompts(model, samples), max_new_tokens=24)
+                    refs += [e.answers for e in chunk]
+            scores = reconstruction_metrics(preds, refs) if cfg.stage == "ae" else qa_metrics(preds, refs)
+            suffix = f"@{rate}x" if rate else ""
+            results.update({f"{prefix}{k}{suffix}": float(v) for k, v in scores.items()})
     model.train()
     return results
 

@@ -5,7 +5,7 @@
 #   scripts/stage2_recipe.sh long        # RECIPE from INIT, and the no-compress fine-tune on the same steps
 #   scripts/stage2_recipe.sh profile     # where one step of RECIPE spends time and memory (one GPU)
 # Train data: data/qa-multidoc train (17,579 questions, gold + MiniLM hard distractors); dev (recipe choices):
-# data/qa-multidoc dev. The reported evaluation (benchmarks/qa.py on data/nq-multidoc dev) is never used here.
+# data/qa-multidoc dev, 5 documents and (gold_* metrics) the gold passage alone. The reported evaluation (benchmarks/qa.py on data/nq-multidoc dev) is never used here.
 set -euo pipefail
 RUNS=${RUNS:-runs}
 INIT=${INIT:-checkpoints/smollm2-gmsa-ae}     # the stage-1 checkpoint
@@ -16,7 +16,7 @@ STOP_AFTER=${STOP_AFTER:-0}                   # pause this invocation after N mi
 RECIPE=${RECIPE:-"--compressor_lr 2e-4 --distill_weight 0.5"}  # the shipped checkpoints/smollm2-gmsa (see its model card)
 common="--stage keft --data data/qa-multidoc --dev_data data/qa-multidoc --max_docs 5 --rate_weights 1 4 3 2
   --batch_size ${BATCH:-8} --grad_accum ${ACCUM:-8} --lr 5e-4 --warmup_steps 20 --seed 0 --log_every 5
-  --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --save_dtype bfloat16"
+  --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --eval_gold_only true --save_dtype bfloat16"
 
 # name: flags beside the common ones (decoder: LoRA r=16 on W_Q/W_K/W_V, on for soft-token prompts only;
 # compressor frozen, as in the paper)

@@ -14,7 +14,7 @@ from gmsa_rag.checkpoint import read_weights
 from gmsa_rag.data.qa import QAExample, save_qa_jsonl
 from gmsa_rag.model import GMSAModel
 from gmsa_rag.samples import sample_rate
-from gmsa_rag.train import Data, TrainConfig, parse_args, step_batches, train
+from gmsa_rag.train import Data, TrainConfig, evaluate, parse_args, step_batches, train
 
 CORPUS = (
     "The cat sat on the mat. It was a sunny day and the cat was happy to be outside in the garden.\n\n"
@@ -93,6 +93,21 @@ def test_ae_trains_on_quoted_spans(base_dir, corpus, tmp_path):
     curve = losses(tmp_path)
     assert final is not None and len(curve) == 4 and all(math.isfinite(x) and x > 0 for x in curve)
     assert json.loads((tmp_path / "train_config.json").read_text())["span_fraction"] == 1.0
+
+
+def test_keft_dev_evaluation_can_score_the_gold_passage_alone(tokenizer):
+    from gmsa_rag.testing import tiny_gmsa
+
+    model = tiny_gmsa(tokenizer, rates=[2, 4])
+    dev = [QAExample("who wrote hamlet", ["Shakespeare"], ["Paris is in France.", "Hamlet is by Shakespeare."], 1),
+           QAExample("capital of france", ["Paris"], ["Hamlet is a play.", "Paris is the capital."]),  # no gold marked
+           QAExample("river in egypt", ["Nile"], ["The Nile flows north.", "Rome is old.", "Snow is cold."], 0)]
+    cfg = TrainConfig(stage="keft", init="unused", max_docs=3, eval_samples=3, eval_batch_size=2)
+    plain = evaluate(model, dev, cfg)
+    both = evaluate(model, dev, replace(cfg, eval_gold_only=True))
+    assert set(plain) == {k for k in both if not k.startswith("gold_")} and {"accuracy@2x", "n@4x"} <= set(plain)
+    assert both["n@2x"] == 3 and both["gold_n@2x"] == 2 and {"gold_accuracy@4x", "gold_f1@2x"} <= set(both)
+    assert all(both[k] == plain[k] for k in plain)  # greedy: the 3-document figures are unchanged
 
 
 def test_keft_changes_only_decoder_qkv(base_dir, corpus, qa_file, tmp_path):
