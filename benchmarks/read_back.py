@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       checkpoint_help="checkpoint whose soft tokens restore the passages (stage 1)")
     p.add_argument("--answer-checkpoint", default=None,
                    help="optional checkpoint answering directly from soft tokens (stage 2), for comparison")
+    p.add_argument("--text-checkpoint", default=None,
+                   help="optional no-compress fine-tune (--no_compress run) answering from the same passages as text")
     p.add_argument("--max-passage-tokens", type=int, default=256,
                    help="keep questions whose gold passage has at most this many tokens (default 256, the product's "
                         "chunk size; 0: all)")
@@ -139,6 +141,14 @@ def main(argv=None) -> dict[str, Any]:
                 soft = [model.compress(docs, rate) for docs in full]
                 rows.append(score(f"soft-full@{rate}", answer(model, questions, soft, batch_size, args.max_new_tokens),
                                   None, answers, rate))
+    if args.text_checkpoint:
+        bc.free(model)
+        model = bc.load_system(args.text_checkpoint, device, dtype, backbone=args.backbone)
+        rows.append(score("fine-tune text-gold", answer(model, questions, [[g] for g in gold], batch_size,
+                                                        args.max_new_tokens), gold, answers))
+        if args.max_docs > 1:
+            rows.append(score("fine-tune text-full", answer(model, questions, full, batch_size, args.max_new_tokens),
+                              None, answers))
 
     C = bc.Column
     columns = [C("condition", "condition"), C("n", "n", 0), C("restoration_bleu", "restoration BLEU", 1),
@@ -154,6 +164,7 @@ def main(argv=None) -> dict[str, Any]:
     ax.set_ylabel("% of questions")
     ax.legend(fontsize=8)
     meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "answer_checkpoint": args.answer_checkpoint,
+            "text_checkpoint": args.text_checkpoint,
             "data": str(data), "questions": len(examples), "max_passage_tokens": cap, "max_docs": args.max_docs,
             "rates": rates}
     considered = with_gold.index(examples[-1]) + 1

@@ -240,12 +240,15 @@ def test_soft_token_states_compares_soft_and_text_positions(qa_file, checkpoints
 def test_read_back_restores_then_answers(qa_file, checkpoints, tmp_path):
     result = _bench("read_back").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
                                        "--checkpoint", str(checkpoints["gmsa"]), "--answer-checkpoint",
-                                       str(checkpoints["gmsa"]), "--rates", "2", "4", "--limit", "3",
-                                       "--max-new-tokens", "4", "--out", str(tmp_path)])
+                                       str(checkpoints["gmsa"]), "--text-checkpoint", str(checkpoints["gmsa"]),
+                                       "--rates", "2", "4", "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path)])
     data = _check_outputs(tmp_path, "read-back")
     by_name = {row["condition"]: row for row in result["rows"]}
     assert set(by_name) == {"none", "text-gold", "text-full", "restored@2", "restored@4", "soft-gold@2", "soft-gold@4",
-                            "soft-full@2", "soft-full@4"}
+                            "soft-full@2", "soft-full@4", "fine-tune text-gold", "fine-tune text-full"}
+    # that checkpoint's adapter serves soft tokens only: reading text it is the base model, answer for answer
+    assert by_name["fine-tune text-gold"]["accuracy"] == by_name["text-gold"]["accuracy"]
+    assert by_name["fine-tune text-full"]["f1"] == by_name["text-full"]["f1"]
     assert all(row["n"] == 3 for row in result["rows"])
     assert by_name["text-gold"]["answer_kept"] == 100.0  # every gold passage holds its answer
     assert by_name["none"]["answer_kept"] is None and by_name["restored@2"]["restoration_bleu"] is not None
