@@ -32,7 +32,7 @@ class Sample:
 
     documents: list[Text]
     target: Text | None  # None: no target segment (prompt for generation)
-    question: str | None = None  # None: a stage-1 sample (restore or continue documents[target_doc])
+    question: str | None = None  # None: a stage-1 sample (restore, continue or quote documents[target_doc])
     rate: int | None = None
     task: Literal["restore", "continue", "span"] = "restore"
     target_doc: int = 0
@@ -74,10 +74,11 @@ def build_prompts(model: "GMSAModel", samples: Sequence[Sample]) -> list[list[Se
         else:
             contexts = [_cat(parts) for parts in docs]
         if sample.question is None:
-            cue = sample.cue if isinstance(sample.cue, str) or sample.cue is None else model.tokenizer.decode(sample.cue)
+            cue = None
+            if sample.task == "span":
+                cue = (sample.cue if isinstance(sample.cue, str) else model.tokenizer.decode(sample.cue)).strip()
             prompts.append(ae_segments(model.tokenizer, contexts, sample.target_doc, sample.target,
-                                       continuation=sample.task == "continue",
-                                       cue=cue.strip() if sample.task == "span" and cue else None))
+                                       continuation=sample.task == "continue", cue=cue))
         else:
             prompts.append(qa_segments(model.tokenizer, sample.question, contexts, sample.target))
     return prompts

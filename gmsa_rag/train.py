@@ -189,7 +189,8 @@ def stage1_sample(corpus: PassageCorpus, cfg: TrainConfig, rate: int, rng: rando
     documents = [p.token_ids for p in passages]
     if len(target.continuation) >= 16 and rng.random() < cfg.continuation_fraction:
         return Sample(documents, target.continuation, rate=rate, task="continue", target_doc=target_doc)
-    if cfg.span_fraction > 0 and len(target.token_ids) >= 16 and rng.random() < cfg.span_fraction / (1 - cfg.continuation_fraction):
+    span_chance = cfg.span_fraction / (1 - cfg.continuation_fraction) if cfg.span_fraction > 0 else 0.0
+    if span_chance and len(target.token_ids) >= 16 and rng.random() < span_chance:  # (no draw when off: same batches)
         cue, follow = quote(target.token_ids, cfg.span_tokens, rng)
         return Sample(documents, follow, rate=rate, task="span", target_doc=target_doc, cue=cue)
     return Sample(documents, target.token_ids, rate=rate, target_doc=target_doc)
