@@ -84,13 +84,10 @@ def main(argv=None) -> dict[str, Any]:
     from gmsa_rag.data.qa import load_qa
 
     args = parse_args(argv)
-    device = bc.resolve_device(args.device)
-    dtype = bc.resolve_dtype(args.dtype, device)
-    checkpoint, data = bc.probe_inputs(args)
-    limit = args.limit or (40 if device.type == "cpu" else 200)
+    device, dtype, checkpoint, data, limit = bc.probe_setup(args, cpu_limit=40, gpu_limit=200)
     examples = load_qa(data, "dev", limit=limit)
     batch_size = args.batch_size or (4 if device.type == "cpu" else 32)
-    model = bc.load_system(checkpoint, device, dtype)
+    model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
     rates = [r for r in args.rates if r in model.config.rates]
     torch.manual_seed(args.seed)
     losses = probe(model, examples, rates, batch_size)

@@ -97,17 +97,11 @@ def use_eager_attention(model) -> None:
 
 
 def main(argv=None) -> dict[str, Any]:
-    from gmsa_rag.data.qa import load_qa
     from gmsa_rag.train import dev_qa_sample
 
     args = parse_args(argv)
-    device = bc.resolve_device(args.device)
-    dtype = bc.resolve_dtype(args.dtype, device)
-    checkpoint, data = bc.probe_inputs(args)
-    limit = args.limit or (40 if device.type == "cpu" else 200)
-    examples = [e for e in load_qa(data, "dev") if e.gold_context is not None][:limit]
-    if not examples:
-        raise SystemExit(f"{data} has no questions with a marked gold passage")
+    device, dtype, checkpoint, data, limit = bc.probe_setup(args, cpu_limit=40, gpu_limit=200)
+    examples = bc.gold_questions(data)[:limit]
     prompts = [dev_qa_sample(e, None, args.max_docs, i).documents for i, e in enumerate(examples)]
     gold = [docs.index(e.gold_context) for docs, e in zip(prompts, examples)]
     torch.manual_seed(args.seed)

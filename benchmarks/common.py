@@ -308,6 +308,24 @@ def probe_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
     return Path(checkpoint), Path(args.data) if args.data else DEFAULT_QA_DIR / "dev.jsonl.gz"
 
 
+def probe_setup(args: argparse.Namespace, cpu_limit: int, gpu_limit: int) -> tuple[torch.device, torch.dtype, Path, Path, int]:
+    """(device, dtype, checkpoint, QA data, question limit) of a probe: ``--limit`` or the device's default."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    checkpoint, data = probe_inputs(args)
+    return device, dtype, checkpoint, data, args.limit or (cpu_limit if device.type == "cpu" else gpu_limit)
+
+
+def gold_questions(data: Path) -> list:
+    """The dev questions of a QA file (or pooled QA folder) that mark a gold passage; a clear exit if none does."""
+    from gmsa_rag.data.qa import load_qa
+
+    examples = [e for e in load_qa(data, "dev") if e.gold_context is not None]
+    if not examples:
+        raise SystemExit(f"{data} has no questions with a marked gold passage")
+    return examples
+
+
 def free(*objects) -> None:
     """Drop references and return cached GPU memory (best effort)."""
     del objects

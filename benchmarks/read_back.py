@@ -92,18 +92,12 @@ def score(condition: str, predictions: list[str], passages: list[str] | None, an
 
 
 def main(argv=None) -> dict[str, Any]:
-    from gmsa_rag.data.qa import load_qa
     from gmsa_rag.metrics import reconstruction_metrics
     from gmsa_rag.train import dev_qa_sample
 
     args = parse_args(argv)
-    device = bc.resolve_device(args.device)
-    dtype = bc.resolve_dtype(args.dtype, device)
-    checkpoint, data = bc.probe_inputs(args)
-    limit = args.limit or (60 if device.type == "cpu" else 300)
-    with_gold = [e for e in load_qa(data, "dev") if e.gold_context is not None]
-    if not with_gold:
-        raise SystemExit(f"{data} has no questions with a marked gold passage")
+    device, dtype, checkpoint, data, limit = bc.probe_setup(args, cpu_limit=60, gpu_limit=300)
+    with_gold = bc.gold_questions(data)
     batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
     torch.manual_seed(args.seed)
 

@@ -84,15 +84,11 @@ def shared_component(vectors: torch.Tensor, top: int = 3) -> dict[str, Any]:
 
 
 def main(argv=None) -> dict[str, Any]:
-    from gmsa_rag.data.qa import load_qa
-
     args = parse_args(argv)
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     checkpoint, data = bc.probe_inputs(args)
-    examples = [e for e in load_qa(data, "dev") if e.gold_context is not None][: args.limit]
-    if not examples:
-        raise SystemExit(f"{data}: no question with a marked gold passage")
+    examples = bc.gold_questions(data)[: args.limit]
     model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
     if model.config.method != "gmsa":
         raise SystemExit(f"{checkpoint} is a {model.config.method} checkpoint; this probe reads GMSA soft tokens")

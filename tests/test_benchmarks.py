@@ -286,3 +286,14 @@ def test_shared_component_finds_a_vector_common_to_all():
     assert figures["top_share"] > 0.9
     spread = shared_component(torch.randn(200, 64, generator=generator))  # no shared vector
     assert spread["cos_with_mean"] < 0.3 and spread["top_share"] < 0.15
+
+
+def test_answer_probe_scores_every_condition(qa_file, checkpoints, tmp_path):
+    result = _bench("answer_probe").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
+                                          "--checkpoint", str(checkpoints["gmsa"]), "--rates", "4", "--limit", "3",
+                                          "--out", str(tmp_path)])
+    _check_outputs(tmp_path, "answer-probe")
+    by_name = {row["condition"]: row for row in result["rows"]}
+    assert {"text-full", "text-gold", "none", "soft-full@4", "soft-gold@4", "soft-other@4"} <= set(by_name)
+    assert all(row["n"] == 3 and row["loss"] > 0 for row in by_name.values())
+    assert by_name["none"]["vs_none"] == 0.0
