@@ -88,6 +88,7 @@ class TrainConfig:
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
     distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
     eval_chunk_tokens: int = 128
+    eval_spans: bool = field(default=False, metadata={"help": "ae: also score quoting on the dev passages (span_bleu@r ...): 6 tokens from the middle of each, then the 16 that follow"})
     eval_gold_only: bool = field(default=False, metadata={"help": "keft: also score the dev questions with the gold passage alone (gold_accuracy@r ...): reading an answer, apart from finding its document"})
     # stage 2 options
     distill_weight: float = field(default=0.0, metadata={"help": "keft: weight of token-level KL to the base model reading the documents as text"})
@@ -344,33 +345,48 @@ def distillation(cfg: TrainConfig, model: GMSAModel) -> tuple[float, GMSAModel |
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
-    """ae: reconstruction BLEU / ROUGE-L / prefix EM per rate; keft: EM / F1 / answer-in-output accuracy (and, with
-    ``eval_gold_only``, the same from the gold passage alone, prefixed ``gold_``)."""
+    """ae: reconstruction BLEU / ROUGE-L / prefix EM per rate (and, with ``eval_spans``, the same for quoted spans,
+    prefixed ``span_``); keft: EM / F1 / answer-in-output accuracy (and, with ``eval_gold_only``, the same from the
+    gold passage alone, prefixed ``gold_``)."""
     model.eval()
     examples = dev[: cfg.eval_samples]
     results: dict[str, float] = {}
     rates: list[int | None] = [None] if cfg.no_compress else list(model.config.rates)
-    layouts = [("", cfg.max_docs, examples)]  # (metric prefix, documents shown, questions)
-    if cfg.stage == "keft" and cfg.eval_gold_only:
-        layouts.append(("gold_", 1, [e for e in examples if e.gold_index is not None]))
-    for prefix, docs, questions in layouts:
+    if cfg.stage == "ae":  # (metric prefix, task, documents shown, dev items)
+        layouts = [("", "restore", 1, examples)]
+        if cfg.eval_spans:
+            layouts.append(("span_", "span", 1, examples))
+    else:
+        layouts = [("", "qa", cfg.max_docs, examples)]
+        if cfg.eval_gold_only:
+            layouts.append(("gold_", "qa", 1, [e for e in examples if e.gold_index is not None]))
+    for prefix, task, docs, items in layouts:
         for rate in rates:
             preds, refs = [], []
-            for start in range(0, len(questions), cfg.eval_batch_size):
-                chunk = questions[start : start + cfg.eval_batch_size]
-                if cfg.stage == "ae":
-                    prompts = build_prompts(model, [Sample([ids], None, rate=rate) for ids in chunk])
-                    preds += model.generate_from_segments(prompts, max_new_tokens=max(map(len, chunk)) + 8)
-                    refs += [model.tokenizer.decode(ids).strip() for ids in chunk]
-                else:
-                    samples = [dev_qa_sample(e, rate, docs, start + j) for j, e in enumerate(chunk)]
-                    preds += model.generate_from_segments(build_prompts(model, samples), max_new_tokens=24)
-                    refs += [e.answers for e in chunk]
-            scores = reconstruction_metrics(preds, refs) if cfg.stage == "ae" else qa_metrics(preds, refs)
+            for start in range(0, len(items), cfg.eval_batch_size):
+                samples, references, new_tokens = dev_batch(items[start : start + cfg.eval_batch_size], task, docs,
+                                                            rate, start, model)
+                preds += model.generate_from_segments(build_prompts(model, samples), max_new_tokens=new_tokens)
+                refs += references
+            scores = qa_metrics(preds, refs) if task == "qa" else reconstruction_metrics(preds, refs)
             suffix = f"@{rate}x" if rate else ""
             results.update({f"{prefix}{k}{suffix}": float(v) for k, v in scores.items()})
     model.train()
     return results
+
+
+def dev_batch(items: list, task: str, docs: int, rate: int | None, offset: int,
+              model: GMSAModel) -> tuple[list[Sample], list, int]:
+    """Generation prompts, references and an answer length for a slice of dev items: restore a passage, quote the
+    16 tokens that follow 6 tokens from its middle (``span``), or answer a question over ``docs`` documents."""
+    if task == "restore":
+        return ([Sample([ids], None, rate=rate) for ids in items],
+                [model.tokenizer.decode(ids).strip() for ids in items], max(map(len, items)) + 8)
+    if task == "span":
+        starts = [max(len(ids) // 2 - 3, 0) for ids in items]
+        return ([Sample([ids], None, rate=rate, task="span", cue=ids[s : s + 6]) for ids, s in zip(items, starts)],
+                [model.tokenizer.decode(ids[s + 6 : s + 22]).strip() for ids, s in zip(items, starts)], 20)
+    return ([dev_qa_sample(e, rate, docs, offset + j) for j, e in enumerate(items)], [e.answers for e in items], 24)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -20,7 +20,7 @@ LONG_MINUTES=${LONG_MINUTES:-6.5}    # budget in training minutes: the schedule 
 STOP_AFTER=${STOP_AFTER:-0}          # pause this invocation after N minutes (resume with the same command)
 RECIPE=${RECIPE:-"--rate_weights 1 2 2 1 --warmup_steps 100"}  # the long run's flags beyond the defaults
 common="--stage ae --base_model smollm2 --rates 2 4 8 16 --seed 0 --log_every 20 --save_dtype bfloat16
-  --dev_data $DEV --token_cache $TOKENS --eval_samples 64 --eval_batch_size 64 --warmup_steps 50"
+  --dev_data $DEV --token_cache $TOKENS --eval_samples 64 --eval_batch_size 64 --eval_spans true --warmup_steps 50"
 
 # name: flags that differ from the defaults (an encoder prefix that takes the attention sink, raw residual-stream
 # encoder output, k=12 encoder layers, 1 LSA block, encoder LoRA r=16 on all linear layers, the soft-token decoder

@@ -14,7 +14,7 @@ from gmsa_rag.checkpoint import read_weights
 from gmsa_rag.data.qa import QAExample, save_qa_jsonl
 from gmsa_rag.model import GMSAModel
 from gmsa_rag.samples import sample_rate
-from gmsa_rag.train import Data, TrainConfig, evaluate, parse_args, step_batches, train
+from gmsa_rag.train import Data, TrainConfig, dev_batch, evaluate, parse_args, step_batches, train
 
 CORPUS = (
     "The cat sat on the mat. It was a sunny day and the cat was happy to be outside in the garden.\n\n"
@@ -108,6 +108,26 @@ def test_keft_dev_evaluation_can_score_the_gold_passage_alone(tokenizer):
     assert set(plain) == {k for k in both if not k.startswith("gold_")} and {"accuracy@2x", "n@4x"} <= set(plain)
     assert both["n@2x"] == 3 and both["gold_n@2x"] == 2 and {"gold_accuracy@4x", "gold_f1@2x"} <= set(both)
     assert all(both[k] == plain[k] for k in plain)  # greedy: the 3-document figures are unchanged
+
+
+def test_stage1_dev_evaluation_can_score_quoted_spans(tokenizer):
+    from gmsa_rag.testing import tiny_gmsa
+
+    model = tiny_gmsa(tokenizer, rates=[2, 4])
+    passages = [tokenizer.encode(t, add_special_tokens=False) for t in (
+        "The Nile is a river in Africa. It flows north into the Mediterranean Sea through Egypt and Sudan today.",
+        "Paris is the capital of France and its largest city; the Seine runs through it from east to west, "
+        "past the islands at its centre.")]
+    samples, refs, new_tokens = dev_batch(passages, "span", 1, 4, 0, model)
+    for ids, sample, ref in zip(passages, samples, refs):
+        start = len(ids) // 2 - 3
+        assert sample.task == "span" and sample.cue == ids[start : start + 6] and sample.target is None
+        assert ref == tokenizer.decode(ids[start + 6 : start + 22]).strip() and new_tokens >= 16
+    cfg = TrainConfig(eval_samples=2, eval_batch_size=2)
+    plain = evaluate(model, passages, cfg)
+    both = evaluate(model, passages, replace(cfg, eval_spans=True))
+    assert all(both[k] == plain[k] for k in plain) and {"bleu@2x", "prefix_em@4x"} <= set(plain)
+    assert {"span_bleu@2x", "span_prefix_em@4x"} <= set(both) and not any(k.startswith("span_") for k in plain)
 
 
 def test_keft_changes_only_decoder_qkv(base_dir, corpus, qa_file, tmp_path):
