@@ -43,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def document_attention(model, question: str, documents: list, adapter: bool) -> torch.Tensor:
-    """[layers, documents] attention mass of the last prompt position on each document's span (mean over heads).
+def document_attention(model, question: str, documents: list, adapter: bool) -> tuple[torch.Tensor, list[int]]:
+    """[layers, documents] attention mass of the last prompt position on each document's span (mean over heads),
+    and each span's length in positions.
 
     ``documents`` are soft-token tensors or texts (fed as their token embeddings, so every span is exact)."""
     from gmsa_rag.prompt import qa_segments
@@ -63,7 +64,7 @@ def document_attention(model, question: str, documents: list, adapter: bool) -> 
     with model.decoder_adapter(adapter):
         out = stack(inputs_embeds=batch.inputs_embeds, output_attentions=True, use_cache=False)
     last = torch.stack([a[0, :, -1, :].float().mean(0) for a in out.attentions])  # [layers, T]
-    return torch.stack([last[:, a:b].sum(-1) for a, b in bounds], dim=-1)
+    return torch.stack([last[:, a:b].sum(-1) for a, b in bounds], dim=-1), [b - a for a, b in bounds]
 
 
 def summarise(name: str, masses: list[torch.Tensor], lengths: list[list[int]], gold: list[int]) -> dict[str, Any]:
@@ -106,14 +107,14 @@ def main(argv=None) -> dict[str, Any]:
     gold = [docs.index(e.gold_context) for docs, e in zip(prompts, examples)]
     torch.manual_seed(args.seed)
 
-    rows, results = [], {}
+    rows = []
 
     def run(name: str, model, docs_of, adapter: bool) -> None:
         masses, lengths = [], []
         for e, docs in zip(examples, prompts):
-            shown = docs_of(docs)
-            masses.append(document_attention(model, e.question, shown, adapter).cpu())
-            lengths.append([len(d) if isinstance(d, torch.Tensor) else len(model.tokenize([d])[0]) for d in shown])
+            mass, spans = document_attention(model, e.question, docs_of(docs), adapter)
+            masses.append(mass.cpu())
+            lengths.append(spans)
         rows.append(summarise(name, masses, lengths, gold))
         print(f"{name}: lift {rows[-1]['lift']:.2f}, gold top {rows[-1]['gold_top']:.1f}%", flush=True)
 

@@ -213,14 +213,21 @@ def test_processes_chunk_only_their_documents_and_together_cover_the_source(tiny
             assert all(0 < r.documents < len(docs) and r.total_chunks < len(chunks) for r in reports)
 
 
+def precompute_as_three_processes(tmp_path: Path, texts: list[str]):
+    """``texts`` precomputed at 4x into one cache as processes 0, 1, 2 of 3 (one model each): their reports, their
+    models (what each compressed) and how many entries the cache holds."""
+    models = [WordModel() for _ in range(3)]
+    with SoftTokenCache(tmp_path / "c") as cache:
+        reports = [precompute(m, cache, texts, 4, chunk_size=200, chunk_overlap=0, progress=False, shard=(i, 3))
+                   for i, m in enumerate(models)]
+        return reports, models, len(cache)
+
+
 def test_too_few_documents_per_process_split_chunk_keys(tmp_path: Path):
     """Fewer than 4 documents per process: each chunks everything and takes every n-th key (today's split)."""
     texts = docs(11)
-    models = [WordModel() for _ in range(3)]
-    with SoftTokenCache(tmp_path / "c") as cache:
-        reps = [precompute(m, cache, texts, 4, chunk_size=200, chunk_overlap=0, progress=False, shard=(i, 3))
-                for i, m in enumerate(models)]
-        assert len(cache) == 11
+    reps, models, cached = precompute_as_three_processes(tmp_path, texts)
+    assert cached == 11
     assert [r.split for r in reps] == ["chunk keys"] * 3
     assert all(r.total_chunks == 11 and r.documents == 11 for r in reps) and sum(r.unique_chunks for r in reps) == 11
     seen = [{t for batch, _ in m.calls for t in batch} for m in models]
@@ -231,11 +238,8 @@ def test_documents_split_keeps_each_process_to_its_own(tmp_path: Path):
     """12 one-chunk documents over 3 processes: each compresses only chunks of its own documents, balanced by
     length, and reports their counts (not the whole source's)."""
     texts = docs(12)
-    models = [WordModel() for _ in range(3)]
-    with SoftTokenCache(tmp_path / "c") as cache:
-        reps = [precompute(m, cache, texts, 4, chunk_size=200, chunk_overlap=0, progress=False, shard=(i, 3))
-                for i, m in enumerate(models)]
-        assert len(cache) == 12
+    reps, models, cached = precompute_as_three_processes(tmp_path, texts)
+    assert cached == 12
     assert [r.split for r in reps] == ["documents"] * 3 and sum(r.documents for r in reps) == 12
     assert [r.total_chunks for r in reps] == [r.documents for r in reps] == [r.computed for r in reps]
     words = [sum(len(t.split()) for batch, _ in m.calls for t in batch) for m in models]

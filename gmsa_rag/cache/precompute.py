@@ -363,7 +363,11 @@ def _item_text(item: Any, i: int) -> str:
         return item.text
     if isinstance(item, TextNode):
         return item.get_content()
-    raise TypeError(f"source item {i} is {type(item).__name__}; expected str, Document or TextNode")
+    raise _unsupported_item(item, i)
+
+
+def _unsupported_item(item: Any, i: int) -> TypeError:
+    return TypeError(f"source item {i} is {type(item).__name__}; expected str, Document or TextNode")
 
 
 def chunk_items(
@@ -399,7 +403,7 @@ def chunk_items(
             else:
                 empty += 1
         else:
-            _item_text(item, i)  # raises the TypeError
+            raise _unsupported_item(item, i)
     flush()
     return chunks, empty
 
