@@ -50,7 +50,9 @@ def summary_row(run: dict[str, Any], metric: str) -> dict[str, Any]:
 def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="run folders (each with metrics.jsonl)")
-    p.add_argument("--metric", default="bleu", help="the per-rate evaluation metric to tabulate (default bleu)")
+    p.add_argument("--metric", nargs="+", default=["bleu"],
+                   help="the per-rate evaluation metric(s) to tabulate, one table each (default bleu; e.g. span_bleu, "
+                        "accuracy, gold_accuracy)")
     p.add_argument("--baseline", default=None, help="run name the 'vs baseline' column compares with")
     p.add_argument("--name", default="training-runs")
     p.add_argument("--title", default="Training runs")
@@ -62,48 +64,58 @@ def main(argv=None) -> dict[str, Any]:
     runs = [read_run(r) for r in args.runs if (r / "metrics.jsonl").is_file()]
     if not runs:
         raise SystemExit("no run folder with a metrics.jsonl among --runs")
-    rows = [summary_row(r, args.metric) for r in runs]
-    rates = sorted({int(k.split("@")[1].rstrip("x")) for row in rows for k in row if k.startswith(f"{args.metric}@")})
-    base = next((row for row in rows if row["run"] == args.baseline), None)
+    tables = [metric_table(runs, metric, args.baseline) for metric in args.metric]
+
+    fig, axes = bc.new_figure(ncols=1 + len(args.metric), width=6.0, height=4.2)
+    ax_loss = axes[0][0]
+    for run in runs:
+        ax_loss.plot([r["tokens"] / 1e6 for r in run["train"]], [r["loss"] for r in run["train"]], label=run["name"], lw=1)
+    ax_loss.set_xlabel("tokens seen (M)")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_yscale("log")
+    for metric, ax_eval in zip(args.metric, axes[0][1:]):
+        key = f"{metric}@4x"
+        for run in runs:
+            points = [(e.get("tokens", 0) / 1e6, e.get(key, e.get(metric))) for e in run["evals"] if key in e or metric in e]
+            if points:
+                ax_eval.plot(*zip(*points), marker="o", label=run["name"])
+        ax_eval.set_xlabel("tokens seen (M)")
+        ax_eval.set_ylabel(f"dev {metric} @4x")
+    for ax in axes[0]:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    meta = {"machine": args.machine, "runs": [str(r) for r in args.runs]}
+    sections = [(f"Results: {metric}" if len(tables) > 1 else "Results", columns, rows)
+                for metric, (columns, rows) in zip(args.metric, tables)]
+    paths = bc.write_outputs(args.out, args.name, args.title, meta, sections, fig, args.note,
+                             {"rows": tables[0][1], "tables": {m: rows for m, (_, rows) in zip(args.metric, tables)},
+                              "runs": runs})
+    for _, columns, rows in sections:
+        print(bc.markdown_table(columns, rows))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return {"rows": tables[0][1], "tables": [rows for _, rows in tables], "paths": paths}
+
+
+def metric_table(runs: list[dict[str, Any]], metric: str, baseline: str | None) -> tuple[list, list[dict[str, Any]]]:
+    """Columns and one summary row per run for one per-rate metric, with deltas against the baseline run."""
+    rows = [summary_row(r, metric) for r in runs]
+    rates = sorted({int(k.split("@")[1].rstrip("x")) for row in rows for k in row if k.startswith(f"{metric}@")})
+    base = next((row for row in rows if row["run"] == baseline), None)
     for row in rows:
         if base is not None:
             for r in rates:
-                key = f"{args.metric}@{r}x"
+                key = f"{metric}@{r}x"
                 if key in row and key in base:
                     row[f"delta@{r}x"] = row[key] - base[key]
     C = bc.Column
     columns = [C("run", "run"), C("steps", "steps", 0), C("tokens_m", "tokens (M)", 1), C("loss", "train loss", 3),
                C("tok_s", "tokens/s", 0)]
-    columns += [C(f"{args.metric}@{r}x", f"{args.metric} {r}x", 1) for r in rates]
+    columns += [C(f"{metric}@{r}x", f"{metric} {r}x", 1) for r in rates]
     if any("text" in row for row in rows):
-        columns.append(C("text", f"{args.metric} uncompressed", 1))
+        columns.append(C("text", f"{metric} uncompressed", 1))
     if base is not None:
-        columns += [C(f"delta@{r}x", f"Δ{r}x vs {args.baseline}", 1) for r in rates]
-
-    fig, axes = bc.new_figure(ncols=2, width=6.0, height=4.2)
-    ax_loss, ax_eval = axes[0]
-    for run in runs:
-        ax_loss.plot([r["tokens"] / 1e6 for r in run["train"]], [r["loss"] for r in run["train"]], label=run["name"], lw=1)
-        if run["evals"]:
-            key = f"{args.metric}@4x"
-            points = [(e.get("tokens", 0) / 1e6, e.get(key, e.get(args.metric))) for e in run["evals"]
-                      if key in e or args.metric in e]
-            if points:
-                ax_eval.plot(*zip(*points), marker="o", label=run["name"])
-    ax_loss.set_xlabel("tokens seen (M)")
-    ax_loss.set_ylabel("training loss")
-    ax_loss.set_yscale("log")
-    ax_eval.set_xlabel("tokens seen (M)")
-    ax_eval.set_ylabel(f"dev {args.metric} @4x")
-    for ax in (ax_loss, ax_eval):
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    meta = {"machine": args.machine, "runs": [str(r) for r in args.runs]}
-    paths = bc.write_outputs(args.out, args.name, args.title, meta, [("Results", columns, rows)], fig, args.note,
-                             {"rows": rows, "runs": runs})
-    print(bc.markdown_table(columns, rows))
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return {"rows": rows, "paths": paths}
+        columns += [C(f"delta@{r}x", f"Δ{r}x vs {baseline}", 1) for r in rates]
+    return columns, rows
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ LONG_TOKENS=${LONG_TOKENS:-300e6}
 LONG_MINUTES=${LONG_MINUTES:-6.5}    # budget in training minutes: the schedule ends at tokens or minutes
 STOP_AFTER=${STOP_AFTER:-0}          # pause this invocation after N minutes (resume with the same command)
 RECIPE=${RECIPE:-"--rate_weights 1 2 2 1 --warmup_steps 100"}  # the long run's flags beyond the defaults
+INIT=${INIT:-}                       # long: train this stage-1 checkpoint further (fresh optimizer and schedule)
+LONG_LR=${LONG_LR:-5e-4}
 common="--stage ae --base_model smollm2 --rates 2 4 8 16 --seed 0 --log_every 20 --save_dtype bfloat16
   --dev_data $DEV --token_cache $TOKENS --eval_samples 64 --eval_batch_size 64 --eval_spans true --warmup_steps 50"
 
@@ -67,7 +69,7 @@ long)
   CUDA_VISIBLE_DEVICES=$LONG_GPUS "${launch[@]}" -m gmsa_rag.train $common $RECIPE \
     --data $DATA --out_dir "$RUNS/long" --steps 1000000 --max_tokens "$LONG_TOKENS" \
     --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size "${BATCH:-16}" \
-    --grad_accum "${ACCUM:-4}" --lr 5e-4 \
+    --grad_accum "${ACCUM:-4}" --lr "$LONG_LR" ${INIT:+--init "$INIT"} \
     --eval_every 300 --save_every 300 ;;
 profile)
   python3 benchmarks/profile_train_step.py --out "$RUNS/profile" -- $common $RECIPE --data $DATA \

@@ -297,3 +297,21 @@ def test_answer_probe_scores_every_condition(qa_file, checkpoints, tmp_path):
     assert {"text-full", "text-gold", "none", "soft-full@4", "soft-gold@4", "soft-other@4"} <= set(by_name)
     assert all(row["n"] == 3 and row["loss"] > 0 for row in by_name.values())
     assert by_name["none"]["vs_none"] == 0.0
+
+
+def test_training_runs_tabulates_each_metric_against_the_baseline(tmp_path):
+    for name, acc, gold in (("base", 4.0, 14.0), ("lever", 6.0, 13.0)):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        records = [{"step": 5, "tokens": 1000, "loss": 2.0, "lr": 1e-4, "tokens_per_s": 100.0},
+                   {"step": 10, "tokens": 2000, "accuracy@4x": acc, "gold_accuracy@4x": gold}]
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    result = _bench("training_runs").main([
+        "--runs", str(tmp_path / "runs" / "base"), str(tmp_path / "runs" / "lever"), "--metric", "accuracy",
+        "gold_accuracy", "--baseline", "base", "--name", "t", "--out", str(tmp_path / "out")])
+    accuracy, gold = result["tables"]
+    assert [row["delta@4x"] for row in accuracy] == [0.0, 2.0]
+    assert [row["delta@4x"] for row in gold] == [0.0, -1.0]
+    markdown = (tmp_path / "out" / "t.md").read_text()
+    assert "Results: accuracy" in markdown and "Results: gold_accuracy" in markdown
+    assert (tmp_path / "out" / "t.png").is_file()

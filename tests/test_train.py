@@ -95,6 +95,23 @@ def test_ae_trains_on_quoted_spans(base_dir, corpus, tmp_path):
     assert json.loads((tmp_path / "train_config.json").read_text())["span_fraction"] == 1.0
 
 
+def test_ae_init_trains_a_stage1_checkpoint_further_from_its_weights(base_dir, corpus, tmp_path):
+    first = train(ae_config(base_dir, corpus, tmp_path / "a", steps=3, span_fraction=0.0))
+    start = read_weights(first)
+    more = ae_config(base_dir, corpus, tmp_path / "b", steps=1, lr=1e-12, span_fraction=0.5, encoder_layers=1,
+                     init=str(first))  # architecture flags yield to the checkpoint's
+    second = train(more)
+    after = read_weights(second)
+    assert after.keys() == start.keys()
+    assert all(torch.allclose(after[k].float(), start[k].float(), atol=1e-6) for k in start)  # lr ~0: where it began
+    assert GMSAModel.from_pretrained(second).config.encoder_layers == 2
+
+
+def test_init_that_is_not_a_checkpoint_is_refused_before_any_model_loads(tmp_path):
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "ae", "--init", str(tmp_path / "missing")])
+
+
 def test_keft_dev_evaluation_can_score_the_gold_passage_alone(tokenizer):
     from gmsa_rag.testing import tiny_gmsa
 
