@@ -59,17 +59,29 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--machine", default="", help="where the runs trained (for the header)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--note", action="append", default=[], help="a note for the markdown (repeatable)")
+    p.add_argument("--offset", action="append", default=[], metavar="RUN=MILLIONS",
+                   help="tokens (millions) a run had seen before its log starts, e.g. one trained further with --init "
+                        "(repeatable; shifts its curves and its tokens column)")
     args = p.parse_args(argv)
 
     runs = [read_run(r) for r in args.runs if (r / "metrics.jsonl").is_file()]
     if not runs:
         raise SystemExit("no run folder with a metrics.jsonl among --runs")
+    for spec in args.offset:  # a run that continued another (--init): count the tokens that came before it
+        name, _, millions = spec.partition("=")
+        run = next((r for r in runs if r["name"] == name), None)
+        if run is None or not millions:
+            raise SystemExit(f"--offset {spec!r}: expected RUN=MILLIONS with RUN one of {[r['name'] for r in runs]}")
+        for record in run["train"] + run["evals"]:
+            record["tokens"] = record.get("tokens", 0) + float(millions) * 1e6
     tables = [metric_table(runs, metric, args.baseline) for metric in args.metric]
 
     fig, axes = bc.new_figure(ncols=1 + len(args.metric), width=6.0, height=4.2)
     ax_loss = axes[0][0]
+    colors = {run["name"]: f"C{i % 10}" for i, run in enumerate(runs)}  # one colour per run in every panel
     for run in runs:
-        ax_loss.plot([r["tokens"] / 1e6 for r in run["train"]], [r["loss"] for r in run["train"]], label=run["name"], lw=1)
+        ax_loss.plot([r["tokens"] / 1e6 for r in run["train"]], [r["loss"] for r in run["train"]], label=run["name"], lw=1,
+                     color=colors[run["name"]])
     ax_loss.set_xlabel("tokens seen (M)")
     ax_loss.set_ylabel("training loss")
     ax_loss.set_yscale("log")
@@ -78,7 +90,7 @@ def main(argv=None) -> dict[str, Any]:
         for run in runs:
             points = [(e.get("tokens", 0) / 1e6, e.get(key, e.get(metric))) for e in run["evals"] if key in e or metric in e]
             if points:
-                ax_eval.plot(*zip(*points), marker="o", label=run["name"])
+                ax_eval.plot(*zip(*points), marker="o", label=run["name"], color=colors[run["name"]])
         ax_eval.set_xlabel("tokens seen (M)")
         ax_eval.set_ylabel(f"dev {metric} @4x")
     for ax in axes[0]:
