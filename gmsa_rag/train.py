@@ -492,6 +492,7 @@ def train(cfg: TrainConfig) -> Path:
                bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]")
     distill, teacher = distillation(cfg, model)
     invocation_start = time.perf_counter()
+    grad_norm = torch.tensor(float("nan"))
     while progress.fraction(cfg) < 1.0:
         started = time.perf_counter()
         fraction = progress.fraction(cfg)
@@ -502,7 +503,7 @@ def train(cfg: TrainConfig) -> Path:
                 loss = wrapped(samples, distill_weight=distill, teacher=teacher)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)  # before clipping
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             window_tokens += sum(_token_count(model, s) for s in samples)
@@ -515,7 +516,7 @@ def train(cfg: TrainConfig) -> Path:
             progress.tokens += int(step_tokens)
             rate = step_tokens / (time.perf_counter() - clock)
             metrics = {"step": done, "tokens": progress.tokens, "loss": accelerator.reduce(loss.detach(), "mean").item(),
-                       "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate}
+                       "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate, "grad_norm": float(grad_norm)}
             bar.set_postfix(step=done, loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(int(100 * progress.fraction(cfg)) - bar.n)
             _log(accelerator, log_file, metrics)

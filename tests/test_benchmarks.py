@@ -315,3 +315,21 @@ def test_training_runs_tabulates_each_metric_against_the_baseline(tmp_path):
     markdown = (tmp_path / "out" / "t.md").read_text()
     assert "Results: accuracy" in markdown and "Results: gold_accuracy" in markdown
     assert (tmp_path / "out" / "t.png").is_file()
+
+
+def test_answer_position_buckets_accuracy_by_where_the_answer_sits(qa_file, checkpoints, tmp_path, tokenizer):
+    bench = _bench("answer_position")
+    assert bench.answer_offset(tokenizer, "Paris is big.", ["Rome"]) is None
+    assert bench.answer_offset(tokenizer, "It is in Paris.", ["paris"]) == len(tokenizer.encode("It is in ", add_special_tokens=False))
+    assert bench.bucket_names([16, 48]) == ["0-15", "16-47", "48+"]
+    assert [bench.bucket_of(o, [16, 48]) for o in (0, 15, 16, 48, 500)] == [0, 0, 1, 2, 2]
+    result = bench.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--checkpoint",
+                         str(checkpoints["gmsa"]), "--text-checkpoint", str(checkpoints["gmsa"]), "--rates", "2", "4",
+                         "--limit", "3", "--max-new-tokens", "4", "--edges", "4", "--out", str(tmp_path)])
+    data = _check_outputs(tmp_path, "answer-position")
+    by_name = {row["condition"]: row for row in result["rows"]}
+    assert set(by_name) == {"text-gold", "soft-gold@2", "soft-gold@4", "fine-tune text"}
+    assert result["counts"]["n"] == 3 and result["counts"]["0-3"] + result["counts"]["4+"] == 3
+    assert len(data["offsets"]) == 3
+    # that checkpoint's adapter serves soft tokens only: reading text it is the base model
+    assert by_name["fine-tune text"]["all"] == by_name["text-gold"]["all"]

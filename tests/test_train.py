@@ -93,6 +93,9 @@ def test_ae_trains_on_quoted_spans(base_dir, corpus, tmp_path):
     curve = losses(tmp_path)
     assert final is not None and len(curve) == 4 and all(math.isfinite(x) and x > 0 for x in curve)
     assert json.loads((tmp_path / "train_config.json").read_text())["span_fraction"] == 1.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["grad_norm"] for r in records if "loss" in r]  # before clipping, logged with the loss
+    assert len(norms) == 4 and all(math.isfinite(g) and g > 0 for g in norms)
 
 
 def test_ae_init_trains_a_stage1_checkpoint_further_from_its_weights(base_dir, corpus, tmp_path):
