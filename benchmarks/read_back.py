@@ -7,6 +7,9 @@ question reading that restoration as text. Conditions:
 
   none          base model, no documents                 text-gold      base model reading the gold passage
   restored@r    base model reading the passage the checkpoint restored from its r-x soft tokens
+  restored-among@r  (with --restore-among) the same, the passage restored from a stage-1 prompt that shows it among
+                the hardest distractors (each compressed on its own; "Repeat Document [k] exactly."): does the
+                decoder keep one document's content apart from the others'?
   soft-gold@r   (with --answer-checkpoint) that checkpoint answering directly from the soft tokens of the gold passage
   text-full     base model reading the gold passage among the question's hardest distractors (--max-docs in all, as
                 the trainer's dev evaluation places them)
@@ -47,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "chunk size; 0: all)")
     p.add_argument("--max-docs", type=int, default=5,
                    help="documents of the multi-document conditions (gold + hardest distractors; 1: skip them)")
+    p.add_argument("--restore-among", action="store_true",
+                   help="also restore each gold passage from among its --max-docs - 1 hardest distractors (restored-among@r)")
     p.add_argument("--rates", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default 8 CPU, 64 GPU)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
@@ -59,15 +64,21 @@ def batches(items: Sequence, size: int):
 
 
 @torch.no_grad()
-def restore(model, passages: list[str], rate: int, batch_size: int) -> list[str]:
-    """Each passage as the checkpoint restores it from its own soft tokens (greedy, the stage-1 prompt)."""
+def restore(model, passages: list[str], rate: int, batch_size: int,
+            documents: list[list[str]] | None = None) -> list[str]:
+    """Each passage as the checkpoint restores it from its own soft tokens (greedy, the stage-1 prompt); with
+    ``documents``, from a prompt showing those documents (the passage among them), each compressed on its own."""
     from gmsa_rag.samples import Sample, build_prompts, token_ids
 
+    shown = documents or [[p] for p in passages]
     restored: list[str] = []
-    for chunk in batches(passages, batch_size):
-        ids = token_ids(model, chunk)
-        prompts = build_prompts(model, [Sample([i], None, rate=rate) for i in ids])
-        restored += model.generate_from_segments(prompts, max_new_tokens=max(map(len, ids)) + 8)
+    for start in range(0, len(passages), batch_size):
+        samples, lengths = [], []
+        for passage, docs in zip(passages[start : start + batch_size], shown[start : start + batch_size]):
+            ids = token_ids(model, docs)
+            samples.append(Sample(ids, None, rate=rate, target_doc=docs.index(passage)))
+            lengths.append(len(ids[samples[-1].target_doc]))
+        restored += model.generate_from_segments(build_prompts(model, samples), max_new_tokens=max(lengths) + 8)
     return [text.strip() for text in restored]
 
 
@@ -124,6 +135,14 @@ def main(argv=None) -> dict[str, Any]:
         samples[f"restored@{rate}"] = restored[:5]
         print(f"rate {rate}: restoration BLEU {bleu:.1f}, answer kept {rows[-1]['answer_kept']:.1f}%, "
               f"accuracy reading it {rows[-1]['accuracy']:.1f}%", flush=True)
+        if args.restore_among and args.max_docs > 1:
+            restored = restore(model, gold, rate, batch_size, documents=full)
+            bleu = reconstruction_metrics(restored, gold)["bleu"]
+            predictions = answer(model, questions, [[r] for r in restored], batch_size, args.max_new_tokens)
+            rows.append(score(f"restored-among@{rate}", predictions, restored, answers, rate, bleu))
+            samples[f"restored-among@{rate}"] = restored[:5]
+            print(f"rate {rate}, among {args.max_docs - 1} distractors: restoration BLEU {bleu:.1f}, answer kept "
+                  f"{rows[-1]['answer_kept']:.1f}%", flush=True)
     if args.answer_checkpoint:
         bc.free(model)
         model = bc.load_system(args.answer_checkpoint, device, dtype, backbone=args.backbone)

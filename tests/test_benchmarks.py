@@ -241,11 +241,25 @@ def test_read_back_restores_then_answers(qa_file, checkpoints, tmp_path):
     result = _bench("read_back").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
                                        "--checkpoint", str(checkpoints["gmsa"]), "--answer-checkpoint",
                                        str(checkpoints["gmsa"]), "--text-checkpoint", str(checkpoints["gmsa"]),
-                                       "--rates", "2", "4", "--limit", "3", "--max-new-tokens", "4", "--out", str(tmp_path)])
+                                       "--rates", "2", "4", "--limit", "3", "--max-new-tokens", "4", "--restore-among",
+                                       "--out", str(tmp_path)])
     data = _check_outputs(tmp_path, "read-back")
     by_name = {row["condition"]: row for row in result["rows"]}
-    assert set(by_name) == {"none", "text-gold", "text-full", "restored@2", "restored@4", "soft-gold@2", "soft-gold@4",
-                            "soft-full@2", "soft-full@4", "fine-tune text-gold", "fine-tune text-full"}
+    assert set(by_name) == {"none", "text-gold", "text-full", "restored@2", "restored@4", "restored-among@2",
+                            "restored-among@4", "soft-gold@2", "soft-gold@4", "soft-full@2", "soft-full@4",
+                            "fine-tune text-gold", "fine-tune text-full"}
+    assert by_name["restored-among@4"]["restoration_bleu"] is not None and len(data["restored_samples"]["restored-among@2"]) == 3
+    bench, bc = _bench("read_back"), _bench("common")
+    model = bc.load_system(checkpoints["gmsa"], torch.device("cpu"), torch.float32, backbone="tiny")
+    alone = bench.restore(model, PASSAGES[:2], 4, 2)
+    assert bench.restore(model, PASSAGES[:2], 4, 2, documents=[[PASSAGES[0]], [PASSAGES[1]]]) == alone
+    # the passage restored is the one asked for, wherever it sits among the others
+    among = bench.restore(model, PASSAGES[:2], 4, 2, documents=[[PASSAGES[2], PASSAGES[0]], [PASSAGES[1], PASSAGES[2]]])
+    from gmsa_rag.samples import Sample, build_prompts, token_ids
+    ids = token_ids(model, [PASSAGES[2], PASSAGES[0]])
+    direct = model.generate_from_segments(build_prompts(model, [Sample(ids, None, rate=4, target_doc=1)]),
+                                          max_new_tokens=len(ids[1]) + 8)
+    assert among[0] == direct[0].strip()
     # that checkpoint's adapter serves soft tokens only: reading text it is the base model, answer for answer
     assert by_name["fine-tune text-gold"]["accuracy"] == by_name["text-gold"]["accuracy"]
     assert by_name["fine-tune text-full"]["f1"] == by_name["text-full"]["f1"]
