@@ -83,6 +83,7 @@ class TrainConfig:
     span_fraction: float = field(default=0.0, metadata={"help": "ae: share of samples that quote 4-8 words of one document (which one unsaid) and ask for the up to span_tokens words that follow them there: finding a place by content and copying from the middle of a document, the two things extractive answers need and restoring does not teach (not yet measured)"})
     span_tokens: int = field(default=32, metadata={"help": "ae: most target tokens of a span sample (at least 8)"})
     multi_doc_fraction: float = field(default=0.25, metadata={"help": "ae: share of samples with 2..max_docs documents, one restored"})
+    multi_doc_distractors: str = field(default="random", metadata={"help": "ae: the other documents of a multi-document sample: random passages of the corpus, or other passages of the target's own article where it has them (same topic and entities, as retrieval's hard distractors; not yet measured)", "choices": ["random", "same_article"]})
     max_docs: int = field(default=5, metadata={"help": "ae: most documents per sample; keft: gold + distractors shown at most"})
     docs_curriculum: float = field(default=0.0, metadata={"help": "keft: share of the budget over which the number of documents ramps from gold-only to max_docs"})
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
@@ -189,9 +190,17 @@ def stage1_sample(corpus: PassageCorpus, cfg: TrainConfig, rate: int, rng: rando
                               with_title=rng.random() < cfg.title_fraction)
 
     count = rng.randint(2, cfg.max_docs) if cfg.max_docs > 1 and rng.random() < cfg.multi_doc_fraction else 1
-    passages = [draw() for _ in range(count)]
-    target_doc = rng.randrange(count)
-    target = passages[target_doc]
+    if cfg.multi_doc_distractors == "same_article" and count > 1:
+        target = draw()
+        others = [corpus.sibling(target, rng, cfg.min_chunk_tokens, cfg.max_chunk_tokens,
+                                 with_title=rng.random() < cfg.title_fraction) for _ in range(count - 1)]
+        passages = [o if o is not None else draw() for o in others]  # a one-paragraph article: random ones
+        target_doc = rng.randint(0, len(passages))
+        passages.insert(target_doc, target)
+    else:
+        passages = [draw() for _ in range(count)]
+        target_doc = rng.randrange(count)
+        target = passages[target_doc]
     documents = [p.token_ids for p in passages]
     if len(target.continuation) >= 16 and rng.random() < cfg.continuation_fraction:
         return Sample(documents, target.continuation, rate=rate, task="continue", target_doc=target_doc)

@@ -40,6 +40,7 @@ ablations=(
   "continuation:--continuation_fraction 0.5"
   "span:--span_fraction 0.25"
   "span50:--span_fraction 0.5"
+  "hardmulti:--multi_doc_fraction 0.75 --multi_doc_distractors same_article"
   "tcp:--method tcp"
 )
 ABL_GPUS=(${ABL_GPUS:-$(seq 0 $((GPUS - 1)))})    # which GPUs the ablations share

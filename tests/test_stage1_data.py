@@ -85,6 +85,29 @@ def test_stage1_samples_restore_one_of_several_documents_or_continue(corpus_file
     assert all(len(s.target) >= 16 for s in continued if s.task == "continue")
 
 
+def test_same_article_distractors_come_from_the_target_documents_article(corpus_file, tmp_path, tokenizer):
+    corpus = PassageCorpus.build([corpus_file], tokenizer, tmp_path / "cache", workers=1)
+    rng = random.Random(2)
+    for _ in range(20):
+        passage = corpus.passage(rng, 6, 12)
+        other = corpus.sibling(passage, rng, 6, 12)
+        assert other is not None  # every test article has a second paragraph
+        assert other.source[:2] == passage.source[:2] and other.source[2] != passage.source[2]
+    cfg = TrainConfig(min_chunk_tokens=6, max_chunk_tokens=12, multi_doc_fraction=1.0, max_docs=3,
+                      multi_doc_distractors="same_article", title_fraction=0.0)
+    samples = [stage1_sample(corpus, cfg, 4, rng) for _ in range(30)]
+    assert {len(s.documents) for s in samples} == {2, 3} and len({s.target_doc for s in samples}) == 3
+    for s in samples:
+        home = [a["text"] for a in ARTICLES if tokenizer.decode(s.target).strip()[:12] in a["text"]]
+        assert len(home) == 1 and s.target == s.documents[s.target_doc]
+        texts = [tokenizer.decode(d).strip() for d in s.documents]
+        assert all(t[:12] in home[0] for t in texts), texts  # the others are passages of the same article
+        if len(texts) == 2:  # a sibling starts at another paragraph than the target
+            assert texts[0] != texts[1]
+    with pytest.raises(SystemExit):
+        parse_args(["--multi_doc_distractors", "nearby"])
+
+
 def test_span_samples_quote_a_cue_and_ask_for_the_words_after_it(corpus_file, tmp_path, tokenizer):
     corpus = PassageCorpus.build([corpus_file], tokenizer, tmp_path / "cache", workers=1)
     cfg = TrainConfig(min_chunk_tokens=16, max_chunk_tokens=40, multi_doc_fraction=0.5, max_docs=3, span_fraction=1.0,

@@ -34,10 +34,12 @@ CACHE_VERSION = 1
 
 @dataclass
 class Passage:
-    """A chunk as token ids (title line included) and, when the article goes on, the tokens that follow."""
+    """A chunk as token ids (title line included) and, when the article goes on, the tokens that follow; ``source``
+    = (corpus part, article, first token) says where it was cut."""
 
     token_ids: list[int]
     continuation: list[int]
+    source: tuple[int, int, int] = (-1, -1, -1)
 
 
 def _tokenizer_key(tokenizer) -> str:
@@ -176,17 +178,42 @@ class PassageCorpus:
         for _ in range(1000):
             index = rng.randrange(self.num_paragraphs)
             part_index = int(np.searchsorted(self.cumulative, index, side="right"))
-            part = self.parts[part_index]
             local = index - (int(self.cumulative[part_index - 1]) if part_index else 0)
-            start, article = int(part["para_starts"][local]), int(part["para_article"][local])
-            end_of_article = int(part["article_ends"][article])
-            length = int(round(math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens)))))
-            end = min(start + length, end_of_article)
-            if end - start < min_tokens:
-                continue
-            body = part["tokens"][start:end].tolist()
-            follow = part["tokens"][end : min(end + continuation_tokens, end_of_article)].tolist()
-            title = part["title_tokens"][part["title_offsets"][article] : part["title_offsets"][article + 1]].tolist()
-            head = self.title_prefix + title + self.newline if with_title and title else []
-            return Passage(head + body, follow)
+            passage = self._cut(part_index, local, rng, min_tokens, max_tokens, continuation_tokens, with_title)
+            if passage is not None:
+                return passage
         raise ValueError(f"no passage of at least {min_tokens} tokens found; is the corpus made of short texts?")
+
+    def sibling(self, of: Passage, rng: random.Random, min_tokens: int, max_tokens: int,
+                with_title: bool = True) -> Passage | None:
+        """Another passage of the same article as ``of``, starting at a different paragraph (a hard distractor:
+        same topic, same entities, often the same title line); None if the article has no such passage."""
+        part_index, article, start = of.source
+        if part_index < 0:
+            return None
+        para_article = self.parts[part_index]["para_article"]
+        first, last = np.searchsorted(para_article, [article, article + 1])
+        candidates = [i for i in range(int(first), int(last)) if int(self.parts[part_index]["para_starts"][i]) != start]
+        rng.shuffle(candidates)
+        for local in candidates[:8]:
+            passage = self._cut(part_index, local, rng, min_tokens, max_tokens, 0, with_title)
+            if passage is not None:
+                return passage
+        return None
+
+    def _cut(self, part_index: int, local: int, rng: random.Random, min_tokens: int, max_tokens: int,
+             continuation_tokens: int, with_title: bool) -> Passage | None:
+        """The passage starting at paragraph ``local`` of a part, of a log-uniform length cut at the article's end;
+        None if that leaves fewer than ``min_tokens``."""
+        part = self.parts[part_index]
+        start, article = int(part["para_starts"][local]), int(part["para_article"][local])
+        end_of_article = int(part["article_ends"][article])
+        length = int(round(math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens)))))
+        end = min(start + length, end_of_article)
+        if end - start < min_tokens:
+            return None
+        body = part["tokens"][start:end].tolist()
+        follow = part["tokens"][end : min(end + continuation_tokens, end_of_article)].tolist()
+        title = part["title_tokens"][part["title_offsets"][article] : part["title_offsets"][article + 1]].tolist()
+        head = self.title_prefix + title + self.newline if with_title and title else []
+        return Passage(head + body, follow, (part_index, article, start))
