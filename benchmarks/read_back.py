@@ -91,6 +91,17 @@ def answer(model, questions: list[str], contexts: list[list], batch_size: int, m
     return outputs
 
 
+def right_document_share(restored: list[str], documents: list[list[str]], asked: list[str]) -> float:
+    """% of restorations closer (sentence BLEU) to the document asked for than to any other document shown."""
+    from gmsa_rag.metrics import sentence_bleu
+
+    hits = 0
+    for text, docs, target in zip(restored, documents, asked):
+        closeness = [sentence_bleu(text, d) for d in docs]
+        hits += closeness.index(max(closeness)) == docs.index(target)
+    return 100.0 * hits / max(len(restored), 1)
+
+
 def score(condition: str, predictions: list[str], passages: list[str] | None, answers: list[list[str]],
           rate: int | None = None, restoration_bleu: float | None = None) -> dict[str, Any]:
     """One table row: the answers' metrics and how often the passage read still holds a gold answer."""
@@ -140,9 +151,11 @@ def main(argv=None) -> dict[str, Any]:
             bleu = reconstruction_metrics(restored, gold)["bleu"]
             predictions = answer(model, questions, [[r] for r in restored], batch_size, args.max_new_tokens)
             rows.append(score(f"restored-among@{rate}", predictions, restored, answers, rate, bleu))
+            rows[-1]["right_document"] = right_document_share(restored, full, gold)
             samples[f"restored-among@{rate}"] = restored[:5]
             print(f"rate {rate}, among {args.max_docs - 1} distractors: restoration BLEU {bleu:.1f}, answer kept "
-                  f"{rows[-1]['answer_kept']:.1f}%", flush=True)
+                  f"{rows[-1]['answer_kept']:.1f}%, closest to the asked document {rows[-1]['right_document']:.1f}%",
+                  flush=True)
     if args.answer_checkpoint:
         bc.free(model)
         model = bc.load_system(args.answer_checkpoint, device, dtype, backbone=args.backbone)
@@ -165,7 +178,8 @@ def main(argv=None) -> dict[str, Any]:
 
     C = bc.Column
     columns = [C("condition", "condition"), C("n", "n", 0), C("restoration_bleu", "restoration BLEU", 1),
-               C("answer_kept", "answer kept in the passage read %", 1), C("exact_match", "EM", 1),
+               C("answer_kept", "answer kept in the passage read %", 1),
+               C("right_document", "restoration closest to the asked document %", 1), C("exact_match", "EM", 1),
                C("f1", "F1", 1), C("accuracy", "accuracy", 1)]
     fig, axes = bc.new_figure(width=7.5, height=4.0)
     ax = axes[0][0]

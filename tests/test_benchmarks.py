@@ -249,6 +249,10 @@ def test_read_back_restores_then_answers(qa_file, checkpoints, tmp_path):
                             "restored-among@4", "soft-gold@2", "soft-gold@4", "soft-full@2", "soft-full@4",
                             "fine-tune text-gold", "fine-tune text-full"}
     assert by_name["restored-among@4"]["restoration_bleu"] is not None and len(data["restored_samples"]["restored-among@2"]) == 3
+    assert 0 <= by_name["restored-among@2"]["right_document"] <= 100
+    share = _bench("read_back").right_document_share
+    assert share(["the cat sat", "a dog ran far"], [["a dog ran far", "the cat sat"], ["x y", "a dog ran far"]],
+                 ["the cat sat", "x y"]) == 50.0
     bench, bc = _bench("read_back"), _bench("common")
     model = bc.load_system(checkpoints["gmsa"], torch.device("cpu"), torch.float32, backbone="tiny")
     alone = bench.restore(model, PASSAGES[:2], 4, 2)
