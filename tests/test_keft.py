@@ -75,9 +75,9 @@ def test_a_given_distillation_teacher_replaces_the_base_model(tokenizer, tmp_pat
     tuned_teacher = with_trained_adapter(tokenizer, decoder_adapter="always")
     assert not torch.allclose(student(samples, 0.5), student(samples, 0.5, teacher=tuned_teacher))
     path = tuned_teacher.save_pretrained(tmp_path / "teacher")
-    flags = ["--stage", "keft", "--init", "x", "--distill_weight", "0.5", "--distill_teacher"]
+    soft = student.save_pretrained(tmp_path / "soft")
+    flags = ["--stage", "keft", "--init", str(soft), "--distill_weight", "0.5", "--distill_teacher"]
     assert parse_args(flags + [str(path)]).distill_teacher == str(path)
-    student.save_pretrained(tmp_path / "soft")
     for bad in (tmp_path / "soft", tmp_path / "missing"):  # not a no-compress fine-tune; not a checkpoint
         with pytest.raises(SystemExit):
             parse_args(flags + [str(bad)])
