@@ -36,14 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bc.add_probe_args(p, NAME, "first N questions whose gold passage holds an answer (default 80 CPU, 400 GPU)",
                       checkpoint_help="checkpoint answering from soft tokens (stage 2)")
-    p.add_argument("--text-checkpoint", default=None,
-                   help="optional no-compress fine-tune (--no_compress run) answering from the same passages as text")
+    bc.add_reading_args(p)
     p.add_argument("--rates", type=int, nargs="+", default=[2, 4])
     p.add_argument("--edges", type=int, nargs="+", default=list(DEFAULT_EDGES),
                    help="token offsets where position buckets start (default 16 48 96: 0-15, 16-47, 48-95, 96+)")
-    p.add_argument("--max-passage-tokens", type=int, default=256, help="skip longer gold passages (0: none)")
-    p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default 8 CPU, 64 GPU)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
     return p.parse_args(argv)
 
 
@@ -77,9 +73,7 @@ def main(argv=None) -> dict[str, Any]:
     model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
     cap = args.max_passage_tokens
     examples, offsets = [], []
-    for e in bc.gold_questions(data):
-        if cap and len(model.tokenize([e.gold_context])[0]) > cap:
-            continue
+    for e in bc.passages_within(model, bc.gold_questions(data), cap):
         offset = answer_offset(model.tokenizer, e.gold_context, e.answers)
         if offset is not None:
             examples.append(e)

@@ -326,6 +326,24 @@ def gold_questions(data: Path) -> list:
     return examples
 
 
+def add_reading_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments of the probes that answer from gold passages (read_back, answer_position): --text-checkpoint,
+    --max-passage-tokens, --batch-size, --max-new-tokens."""
+    parser.add_argument("--text-checkpoint", default=None,
+                        help="optional no-compress fine-tune (--no_compress run) answering from the same passages as text")
+    parser.add_argument("--max-passage-tokens", type=int, default=256,
+                        help="keep questions whose gold passage has at most this many tokens (default 256, the "
+                             "product's chunk size; 0: all)")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default 8 CPU, 64 GPU)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
+
+
+def passages_within(model, examples: Sequence, cap: int) -> Iterator:
+    """The examples whose gold passage has at most ``cap`` tokens (every one with ``cap`` 0), in order, lazily: a
+    caller that stops early tokenizes no more passages than it reads."""
+    return (e for e in examples if not cap or len(model.tokenize([e.gold_context])[0]) <= cap)
+
+
 def free(*objects) -> None:
     """Drop references and return cached GPU memory (best effort)."""
     del objects

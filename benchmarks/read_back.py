@@ -25,6 +25,7 @@ keeps the answers while direct answering fails says stage 2 is the bottleneck, n
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,18 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                       checkpoint_help="checkpoint whose soft tokens restore the passages (stage 1)")
     p.add_argument("--answer-checkpoint", default=None,
                    help="optional checkpoint answering directly from soft tokens (stage 2), for comparison")
-    p.add_argument("--text-checkpoint", default=None,
-                   help="optional no-compress fine-tune (--no_compress run) answering from the same passages as text")
-    p.add_argument("--max-passage-tokens", type=int, default=256,
-                   help="keep questions whose gold passage has at most this many tokens (default 256, the product's "
-                        "chunk size; 0: all)")
+    bc.add_reading_args(p)
     p.add_argument("--max-docs", type=int, default=5,
                    help="documents of the multi-document conditions (gold + hardest distractors; 1: skip them)")
     p.add_argument("--restore-among", action="store_true",
                    help="also restore each gold passage from among its --max-docs - 1 hardest distractors (restored-among@r)")
     p.add_argument("--rates", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call (default 8 CPU, 64 GPU)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
     return p.parse_args(argv)
 
 
@@ -125,7 +120,7 @@ def main(argv=None) -> dict[str, Any]:
 
     model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
     cap = args.max_passage_tokens
-    examples = [e for e in with_gold if not cap or len(model.tokenize([e.gold_context])[0]) <= cap][:limit]
+    examples = list(itertools.islice(bc.passages_within(model, with_gold, cap), limit))
     if not examples:
         raise SystemExit(f"no gold passage of {data} has at most {cap} tokens")
     rates = [r for r in args.rates if r in model.config.rates]
