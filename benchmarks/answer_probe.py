@@ -7,6 +7,11 @@ For each question, the mean cross-entropy per token of its (first) gold answer, 
   none             no documents at all
   soft-full@r      all documents as soft tokens     soft-gold@r the gold document alone as soft tokens
   soft-other@r     another question's documents as soft tokens (the same amount of soft tokens, wrong content)
+  text-hard5 / soft-hard5@r      the gold document among its 4 hardest distractors (the product's and dev's prompt)
+  text-random5 / soft-random5@r  the gold document among 4 unrelated documents (other questions' gold passages)
+
+hard5 against random5 separates two ways extra documents can cost answers: documents too alike to tell apart
+(hard5 far above random5) or the mere presence of more documents (both far above gold alone).
 
 Soft tokens worth anything put soft-* well below ``none`` and soft-other; the gap to text-* is what compression
 still loses. Prompts are the product's own (``gmsa_rag.prompt.qa_segments``), each document compressed on its own;
@@ -40,18 +45,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def conditions(example, other, rate: int | None, model) -> dict[str, list]:
+def five_documents(example, unrelated: list[str], place: int) -> dict[str, list[str]]:
+    """The gold document at ``place`` among its 4 hardest distractors (stored order) and among 4 unrelated ones."""
+    gold = example.gold_context
+    hardest = [d for i, d in enumerate(example.contexts) if i != example.gold_index][:4]
+    return {kind: [*others[:place], gold, *others[place:]] for kind, others in
+            (("hard5", hardest), ("random5", unrelated[:4]))}
+
+
+def conditions(example, other, rate: int | None, model, unrelated: list[str] = (), place: int = 0) -> dict[str, list]:
     """The document lists each condition shows (text, or soft tokens compressed per document)."""
     gold = example.gold_context
+    layouts = five_documents(example, list(unrelated), place) if gold is not None and len(unrelated) >= 4 else {}
     if rate is None:
         found = {"text-full": list(example.contexts), "none": []}
         if gold is not None:
             found["text-gold"] = [gold]
+        found.update({f"text-{kind}": docs for kind, docs in layouts.items()})
         return found
     found = {f"soft-full@{rate}": model.compress(list(example.contexts), rate),
              f"soft-other@{rate}": model.compress(list(other.contexts), rate)}
     if gold is not None:
         found[f"soft-gold@{rate}"] = model.compress([gold], rate)
+    found.update({f"soft-{kind}@{rate}": model.compress(docs, rate) for kind, docs in layouts.items()})
     return found
 
 
@@ -70,8 +86,10 @@ def probe(model, examples, rates: list[int], batch_size: int) -> dict[str, list[
 
     for i, example in enumerate(examples):
         other = examples[(i + 1) % len(examples)]
+        unrelated = ([e.gold_context or e.contexts[0] for e in (examples[(i + k) % len(examples)] for k in range(1, 5))]
+                     if len(examples) >= 5 else [])  # (fewer questions: the 5-document layouts are skipped)
         for rate in [None, *rates]:
-            for name, docs in conditions(example, other, rate, model).items():
+            for name, docs in conditions(example, other, rate, model, unrelated, place=i % 5).items():
                 pending.setdefault(name, []).append(qa_segments(model.tokenizer, example.question, docs, example.answers[0]))
                 if len(pending[name]) >= batch_size:
                     flush(name)
@@ -92,7 +110,8 @@ def main(argv=None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     losses = probe(model, examples, rates, batch_size)
 
-    order = ["text-full", "text-gold", "none"] + [f"soft-{k}@{r}" for r in rates for k in ("full", "gold", "other")]
+    order = (["text-full", "text-hard5", "text-random5", "text-gold", "none"]
+             + [f"soft-{k}@{r}" for r in rates for k in ("full", "hard5", "random5", "gold", "other")])
     rows = [{"condition": name, "n": len(losses[name]), "loss": sum(losses[name]) / len(losses[name])}
             for name in order if losses.get(name)]
     none = next((r["loss"] for r in rows if r["condition"] == "none"), None)
@@ -114,7 +133,10 @@ def main(argv=None) -> dict[str, Any]:
     meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "data": str(data), "questions": len(examples),
             "rates": rates}
     notes = [f"Data: the first {len(examples)} questions of {data}; loss on the first gold answer (+ end of turn).",
-             "soft-other: the documents of the next question in the file, compressed at the same rate."]
+             "soft-other: the documents of the next question in the file, compressed at the same rate.",
+             "hard5 / random5: the gold document at place i mod 5 among its 4 hardest distractors (the dev prompt) or "
+             "among the gold passages of the next 4 questions in the file (unrelated topics); questions with a "
+             "marked gold passage only."]
     out_dir = args.out or bc.default_out_dir(device)
     paths = bc.write_outputs(out_dir, args.name, f"Answer-loss probe ({meta['machine']})", meta,
                              [("Results", columns, rows)], fig, notes, {"rows": rows, "losses": losses})

@@ -120,8 +120,12 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     decoder_tuning: str | None = None,
     decoder_lora_rank: int | None = None,
+    soft_token_center: bool = False,
 ) -> "GMSAModel":
     """Rebuild a GMSAModel from a checkpoint; fails clearly if the base model's weights are not the recorded ones.
+
+    ``soft_token_center`` adds a soft-token centre to a checkpoint without one; it starts at zero (the
+    checkpoint's soft tokens unchanged) until :meth:`GMSAModel.calibrate_soft_center` sets it.
 
     ``decoder_tuning`` adds decoder parameters for KEFT on top of a stage-1 (AE) checkpoint; those start
     from the base model since the checkpoint has none. ``"full"`` on a checkpoint with a decoder LoRA adapter
@@ -143,9 +147,13 @@ def load_checkpoint(
         config.decoder_tuning = decoder_tuning
         if decoder_lora_rank:
             config.decoder_lora_rank, config.decoder_lora_alpha = decoder_lora_rank, 2 * decoder_lora_rank
+    new_center = soft_token_center and not config.soft_token_center
+    if new_center:
+        config.soft_token_center = True
     decoder, tokenizer = load_backbone(config.base_model, device=device, dtype=dtype)
     model = GMSAModel(decoder, tokenizer, config)
-    model = attach_checkpoint(model, record, state, path, partial=set(model.decoder_parameters()) if new_decoder_params else set())
+    partial = set(model.decoder_parameters()) if new_decoder_params else set()
+    model = attach_checkpoint(model, record, state, path, partial=partial | ({"soft_center"} if new_center else set()))
     if merge_adapter:
         model.merge_decoder_adapter()
     return model

@@ -42,6 +42,12 @@ class GMSAConfig:
     """End with an RMSNorm whose gain starts at the per-dimension RMS of the token embeddings, so soft tokens
     live on the scale of the decoder's input embeddings. Off by default: on SmolLM2 it stopped stage 1 from
     learning at all within the ablation budget (dev BLEU@2x 0.2 vs 18.5 without), see the stage-1 ablations."""
+    soft_token_center: bool = False
+    """Subtract a learned vector from every soft token, started at the mean soft token of the training data (see
+    :meth:`GMSAModel.calibrate_soft_center`). Without it, SmolLM2's soft tokens are ~95% one vector shared by all
+    documents (the base model's massive activations, RMS ~14 against 0.13 for token embeddings): the decoder's layers
+    barely change them (a static memory) and tells documents apart poorly. Centring keeps every bit of what
+    differs between soft tokens and puts them near the scale of the decoder's early states."""
     lora_rank: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.0
@@ -98,7 +104,7 @@ class GMSAConfig:
     def architecture_key(self) -> str:
         """Everything besides weights that changes the soft tokens a chunk gets (part of the cache fingerprint)."""
         return (f"{self.method}|{self.encoder_layers}|{self.lsa_layers}|{self.window}|{self.encoder_prefix!r}|"
-                f"{self.encoder_norm}|{self.soft_token_norm}")
+                f"{self.encoder_norm}|{self.soft_token_norm}" + ("|center" if self.soft_token_center else ""))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GMSAConfig":

@@ -54,6 +54,9 @@ class GMSAModel(nn.Module):
         inject_adapter_in_model(lora, self.encoder, adapter_name=ENCODER_ADAPTER)
         self.lsa = copy_of_lowest_layers(decoder, config.lsa_layers) if config.lsa_layers else None
         self.soft_norm = EmbeddingScaleNorm(self.embed_tokens.weight) if config.soft_token_norm else None
+        embed = self.embed_tokens.weight
+        self.soft_center = (nn.Parameter(torch.zeros(embed.shape[1], dtype=embed.dtype, device=embed.device))
+                            if config.soft_token_center else None)
 
         hidden = decoder.config.hidden_size
         if config.method == "tcp":
@@ -130,6 +133,8 @@ class GMSAModel(nn.Module):
             params.update({f"lsa.{n}": p for n, p in own_parameters(self.lsa).items()})
         if self.soft_norm is not None:
             params["soft_norm.weight"] = self.soft_norm.weight
+        if self.soft_center is not None:
+            params["soft_center"] = self.soft_center
         if self.memory is not None:
             params["memory"] = self.memory
         return params
@@ -229,9 +234,29 @@ class GMSAModel(nn.Module):
         else:
             summary, summary_mask = self._memory_summary(ids, mask, rate, skip)
         soft = run_stack(self.lsa, summary, summary_mask) if self.lsa is not None else summary
+        if self.soft_center is not None:
+            soft = soft - self.soft_center.to(soft.dtype)
         if self.soft_norm is not None:
             soft = self.soft_norm(soft)
         return soft, summary_mask
+
+    @torch.no_grad()
+    def calibrate_soft_center(self, token_windows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Set the soft-token centre to the mean uncentred soft token of ``token_windows`` at every configured rate
+        (how a run with ``soft_token_center`` starts); returns it."""
+        if self.soft_center is None:
+            raise ValueError("this model has no soft-token centre (GMSAConfig.soft_token_center is off)")
+        if not token_windows:
+            raise ValueError("calibrate_soft_center needs at least one window of tokens")
+        self.soft_center.zero_()
+        windows = [list(w)[: self.config.window] for w in token_windows]
+        total, count = torch.zeros(self.hidden_size, dtype=torch.float64), 0
+        for rate in self.config.rates:
+            for soft in self.soft_tokens(windows, [rate] * len(windows)):
+                total += soft.double().sum(0).cpu()
+                count += soft.shape[0]
+        self.soft_center.copy_((total / count).to(self.soft_center.dtype))
+        return self.soft_center.detach().clone()
 
     def _memory_summary(
         self, ids: torch.Tensor, mask: torch.Tensor, rate: torch.Tensor, skip: int = 0

@@ -43,7 +43,7 @@ from .data.passages import Passage, PassageCorpus
 from .data.qa import QAExample, load_qa
 from .metrics import qa_metrics, reconstruction_metrics
 from .model import GMSAModel
-from .samples import Sample, build_prompts, sample_rate
+from .samples import Sample, build_prompts, sample_rate, token_ids
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -70,6 +70,7 @@ class TrainConfig:
     encoder_prefix: str = "Document:\n"
     encoder_norm: bool = False
     soft_token_norm: bool = False
+    soft_token_center: bool = field(default=False, metadata={"help": "ae: subtract a learned vector from every soft token, started at the mean soft token of the first step's documents (with --init: added to a checkpoint without one). Measured: the same restoring, no better answers after stage 2 (benchmarks/results/h200-x4/stage1-same-article-and-centre.md)"})
     decoder_tuning: Literal["qkv", "qkv_lora", "full"] = field(default="qkv_lora", metadata={"help": "keft: LoRA on W_Q/W_K/W_V (adapter on for soft-token prompts only), full W_Q/W_K/W_V, or the full decoder (the authors' public code; a comparison: it changes the uncompressed path)"})
     decoder_lora_rank: int = 16
     ae_decoder_lora: bool = field(default=True, metadata={"help": "ae: also train the soft-token decoder adapter (LoRA on W_Q/W_K/W_V, on only for prompts with soft tokens; stage 2 continues it; ignored by keft). A deviation from the paper's frozen stage-1 decoder (--ae_decoder_lora false), measured: dev BLEU@4x 61.6 vs 23.8 on an equal budget (benchmarks/results/h100/stage1-decoder-adapter.md). The text path stays the base model"})
@@ -83,12 +84,13 @@ class TrainConfig:
     span_fraction: float = field(default=0.0, metadata={"help": "ae: share of samples that quote 4-8 words of one document (which one unsaid) and ask for the up to span_tokens words that follow them there: finding a place by content and copying from the middle of a document, the two things extractive answers need and restoring does not teach (measured: it teaches quoting, and stage 2 from it answered no better: benchmarks/results/h200-x4/stage2-span-objective.md)"})
     span_tokens: int = field(default=32, metadata={"help": "ae: most target tokens of a span sample (at least 8)"})
     multi_doc_fraction: float = field(default=0.25, metadata={"help": "ae: share of samples with 2..max_docs documents, one restored"})
-    multi_doc_distractors: str = field(default="random", metadata={"help": "ae: the other documents of a multi-document sample: random passages of the corpus, or other passages of the target's own article where it has them (same topic and entities, as retrieval's hard distractors; not yet measured)", "choices": ["random", "same_article"]})
+    multi_doc_distractors: str = field(default="random", metadata={"help": "ae: the other documents of a multi-document sample: random passages of the corpus, or other passages of the target's own article where it has them (same topic and entities, as retrieval's hard distractors). Measured with --multi_doc_fraction 0.75: restoring a passage among others of its article improves (dev among_bleu@4x +6.6), answers after stage 2 do not (benchmarks/results/h200-x4/stage1-same-article-and-centre.md)", "choices": ["random", "same_article"]})
     max_docs: int = field(default=5, metadata={"help": "ae: most documents per sample; keft: gold + distractors shown at most"})
     docs_curriculum: float = field(default=0.0, metadata={"help": "keft: share of the budget over which the number of documents ramps from gold-only to max_docs"})
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
     distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
     eval_chunk_tokens: int = 128
+    eval_among: bool = field(default=False, metadata={"help": "ae: also restore each dev passage among 3 other passages of its article, each compressed on its own, at place i mod 4 (among_bleu@r ...): telling documents apart, as a retrieved prompt needs"})
     eval_spans: bool = field(default=False, metadata={"help": "ae: also score quoting on the dev passages (span_bleu@r ...): 6 tokens from the middle of each, then the 16 that follow"})
     eval_gold_only: bool = field(default=False, metadata={"help": "keft: also score the dev questions with the gold passage alone (gold_accuracy@r ...): reading an answer, apart from finding its document"})
     # stage 2 options
@@ -167,6 +169,7 @@ class Data:
     corpus: PassageCorpus | None
     qa: list[QAExample]
     dev: list
+    dev_among: list = field(default_factory=list)  # ae with eval_among: 3 distractors (token ids) per dev passage
 
 
 def load_data(cfg: TrainConfig, tokenizer) -> Data:
@@ -177,10 +180,19 @@ def load_data(cfg: TrainConfig, tokenizer) -> Data:
         dev_corpus = PassageCorpus.build([cfg.dev_data], tokenizer, cache) if cfg.dev_data else corpus
         rng = random.Random(f"dev-{cfg.seed}")
         n = min(cfg.eval_chunk_tokens, cfg.max_chunk_tokens)
-        dev = [dev_corpus.passage(rng, n, n, with_title=False).token_ids for _ in range(cfg.eval_samples)]
-        return Data(corpus, [], dev)
+        passages = [dev_corpus.passage(rng, n, n, with_title=False) for _ in range(cfg.eval_samples)]
+        among = [dev_distractors(dev_corpus, p, n, random.Random(f"dev-among-{cfg.seed}-{i}"))
+                 for i, p in enumerate(passages)] if cfg.eval_among else []
+        return Data(corpus, [], [p.token_ids for p in passages], among)
     train = [e for path in (cfg.data or [DEFAULT_QA_DIR / "train.jsonl.gz"]) for e in load_qa(path, "train")]
     return Data(None, train, load_qa(cfg.dev_data or DEFAULT_QA_DIR / "dev.jsonl.gz", "dev"))
+
+
+def dev_distractors(corpus: PassageCorpus, passage: Passage, tokens: int, rng: random.Random,
+                    count: int = 3) -> list[list[int]]:
+    """Token ids of ``count`` passages of ``passage``'s own article (random passages where it has too few)."""
+    found = [corpus.sibling(passage, rng, tokens, tokens, with_title=False) for _ in range(count)]
+    return [(p or corpus.passage(rng, tokens, tokens, with_title=False)).token_ids for p in found]
 
 
 def stage1_sample(corpus: PassageCorpus, cfg: TrainConfig, rate: int, rng: random.Random) -> Sample:
@@ -314,13 +326,14 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
     if cfg.init and not cfg.no_compress:  # architecture from the checkpoint; stage 1 may add the decoder adapter
         tuning = decoder_tuning(cfg)
         model = load_checkpoint(cfg.init, device=device, dtype=dtype, decoder_tuning=None if tuning == "none" else tuning,
-                                decoder_lora_rank=cfg.decoder_lora_rank)
+                                decoder_lora_rank=cfg.decoder_lora_rank,
+                                soft_token_center=cfg.stage == "ae" and cfg.soft_token_center)
     else:
         config = GMSAConfig(
             base_model=cfg.base_model, method=cfg.method, encoder_layers=cfg.encoder_layers, lsa_layers=cfg.lsa_layers,
             rates=tuple(cfg.rates), window=cfg.window, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
             encoder_prefix=cfg.encoder_prefix, encoder_norm=cfg.encoder_norm, soft_token_norm=cfg.soft_token_norm,
-            decoder_tuning=decoder_tuning(cfg), decoder_lora_rank=cfg.decoder_lora_rank,
+            soft_token_center=cfg.soft_token_center, decoder_tuning=decoder_tuning(cfg), decoder_lora_rank=cfg.decoder_lora_rank,
             decoder_lora_alpha=2 * cfg.decoder_lora_rank, decoder_adapter="always" if cfg.no_compress else "soft",
         )
         model = GMSAModel.from_base(config, device=device, dtype=dtype)
@@ -343,6 +356,22 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
     return model
 
 
+def needs_calibration(cfg: TrainConfig) -> bool:
+    """Whether this run's soft-token centre is new (a fresh model, or one added to its --init checkpoint)."""
+    if cfg.stage != "ae" or not cfg.soft_token_center or cfg.no_compress:
+        return False
+    return not cfg.init or not read_record(cfg.init)["config"].get("soft_token_center", False)
+
+
+def calibrate(model: GMSAModel, data: Data, cfg: TrainConfig, rates: list[int], documents: int = 64) -> None:
+    """Start the soft-token centre at the mean soft token of the first step's documents (the same on every process)."""
+    samples = [s for batch in step_batches(0, data, cfg, rates, 0, 0.0) for s in batch]
+    windows = [model.windows(ids)[0] for s in samples for ids in token_ids(model, s.documents)][:documents]
+    center = model.calibrate_soft_center(windows)
+    print(f"soft-token centre from {len(windows)} documents: RMS {center.float().pow(2).mean().sqrt().item():.2f}",
+          flush=True)
+
+
 def distillation(cfg: TrainConfig, model: GMSAModel) -> tuple[float, GMSAModel | None]:
     """The distillation weight this run uses (0 outside stage 2 with soft tokens) and its teacher: the
     ``--distill_teacher`` fine-tune, frozen, on the model's device (outside DDP, one per process), or None for
@@ -359,9 +388,10 @@ def distillation(cfg: TrainConfig, model: GMSAModel) -> tuple[float, GMSAModel |
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
+def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None = None) -> dict[str, float]:
     """ae: reconstruction BLEU / ROUGE-L / prefix EM per rate (and, with ``eval_spans``, the same for quoted spans,
-    prefixed ``span_``); keft: EM / F1 / answer-in-output accuracy (and, with ``eval_gold_only``, the same from the
+    prefixed ``span_``; with ``among``, each dev passage's distractors, the same for restoring it among them, prefixed
+    ``among_``); keft: EM / F1 / answer-in-output accuracy (and, with ``eval_gold_only``, the same from the
     gold passage alone, prefixed ``gold_``)."""
     model.eval()
     examples = dev[: cfg.eval_samples]
@@ -371,6 +401,8 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig) -> dict[str, float]:
         layouts = [("", "restore", 1, examples)]
         if cfg.eval_spans:
             layouts.append(("span_", "span", 1, examples))
+        if among:
+            layouts.append(("among_", "restore", 1 + len(among[0]), list(zip(examples, among))))
     else:
         layouts = [("", "qa", cfg.max_docs, examples)]
         if cfg.eval_gold_only:
@@ -394,6 +426,12 @@ def dev_batch(items: list, task: str, docs: int, rate: int | None, offset: int,
               model: GMSAModel) -> tuple[list[Sample], list, int]:
     """Generation prompts, references and an answer length for a slice of dev items: restore a passage, quote the
     16 tokens that follow 6 tokens from its middle (``span``), or answer a question over ``docs`` documents."""
+    if task == "restore" and docs > 1:  # items: (passage, its distractors); the passage at place (offset + j) mod docs
+        samples = []
+        for j, (ids, others) in enumerate(items):
+            place = (offset + j) % docs
+            samples.append(Sample([*others[:place], ids, *others[place:]], None, rate=rate, target_doc=place))
+        return (samples, [model.tokenizer.decode(ids).strip() for ids, _ in items], max(len(i) for i, _ in items) + 8)
     if task == "restore":
         return ([Sample([ids], None, rate=rate) for ids in items],
                 [model.tokenizer.decode(ids).strip() for ids in items], max(map(len, items)) + 8)
@@ -483,6 +521,9 @@ def train(cfg: TrainConfig) -> Path:
         g["base_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     progress = resume(model, optimizer, cfg)
+    if progress.step == 0 and needs_calibration(cfg):
+        with accelerator.autocast():
+            calibrate(model, data, cfg, rates)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     log_file = Path(cfg.out_dir) / "metrics.jsonl"
@@ -536,7 +577,7 @@ def train(cfg: TrainConfig) -> Path:
         if data.dev and (done % cfg.eval_every == 0 or last or pause):
             if accelerator.is_main_process:
                 with accelerator.autocast():  # fp32 trainable weights beside bf16 frozen ones
-                    metrics = {"step": done, "tokens": progress.tokens, **evaluate(model, data.dev, cfg)}
+                    metrics = {"step": done, "tokens": progress.tokens, **evaluate(model, data.dev, cfg, data.dev_among)}
                 _log(accelerator, log_file, metrics)
                 tqdm.write(json.dumps(metrics))
             accelerator.wait_for_everyone()

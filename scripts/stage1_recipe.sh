@@ -22,7 +22,7 @@ RECIPE=${RECIPE:-"--rate_weights 1 2 2 1 --warmup_steps 100"}  # the long run's 
 INIT=${INIT:-}                       # long: train this stage-1 checkpoint further (fresh optimizer and schedule)
 LONG_LR=${LONG_LR:-5e-4}
 common="--stage ae --base_model smollm2 --rates 2 4 8 16 --seed 0 --log_every 20 --save_dtype bfloat16
-  --dev_data $DEV --token_cache $TOKENS --eval_samples 64 --eval_batch_size 64 --eval_spans true --warmup_steps 50"
+  --dev_data $DEV --token_cache $TOKENS --eval_samples 64 --eval_batch_size 64 --eval_spans true --eval_among true --warmup_steps 50"
 
 # name: flags that differ from the defaults (an encoder prefix that takes the attention sink, raw residual-stream
 # encoder output, k=12 encoder layers, 1 LSA block, encoder LoRA r=16 on all linear layers, the soft-token decoder
@@ -41,6 +41,7 @@ ablations=(
   "span:--span_fraction 0.25"
   "span50:--span_fraction 0.5"
   "hardmulti:--multi_doc_fraction 0.75 --multi_doc_distractors same_article"
+  "centre:--soft_token_center true"
   "tcp:--method tcp"
 )
 ABL_GPUS=(${ABL_GPUS:-$(seq 0 $((GPUS - 1)))})    # which GPUs the ablations share

@@ -317,6 +317,14 @@ def test_answer_probe_scores_every_condition(qa_file, checkpoints, tmp_path):
     assert by_name["none"]["vs_none"] == 0.0
 
 
+def test_answer_probe_places_the_gold_document_among_hard_or_unrelated_ones():
+    from gmsa_rag.data.qa import QAExample
+
+    example = QAExample("q?", ["a"], ["d0", "GOLD", "d2", "d3", "d4", "d5"], gold_index=1)
+    layouts = _bench("answer_probe").five_documents(example, ["u1", "u2", "u3", "u4", "u5"], place=2)
+    assert layouts == {"hard5": ["d0", "d2", "GOLD", "d3", "d4"], "random5": ["u1", "u2", "GOLD", "u3", "u4"]}
+
+
 def test_training_runs_tabulates_each_metric_against_the_baseline(tmp_path):
     for name, acc, gold in (("base", 4.0, 14.0), ("lever", 6.0, 13.0)):
         run = tmp_path / "runs" / name

@@ -174,3 +174,19 @@ def test_full_decoder_tuning_from_an_adapter_checkpoint_folds_the_adapter_in(tok
     merged.set_stage("keft")
     tuned = {n for n, p in merged.decoder.named_parameters() if p.requires_grad}
     assert any("mlp" in n for n in tuned) and any("q_proj" in n for n in tuned)
+
+
+def test_a_soft_token_center_is_saved_and_can_be_added_to_a_checkpoint_without_one(tokenizer, tmp_path, monkeypatch):
+    import gmsa_rag.backbone as backbone
+
+    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **k: (tiny_gmsa(tokenizer).decoder, tokenizer))
+    model = tiny_gmsa(tokenizer)
+    path = model.save_pretrained(tmp_path / "plain")
+    added = load_checkpoint(path, soft_token_center=True)  # starts at zero: the checkpoint's soft tokens unchanged
+    assert added.config.soft_token_center and torch.equal(added.compress(DOCS, 4)[0], model.compress(DOCS, 4)[0])
+    windows = [tokenizer.encode(d, add_special_tokens=False) for d in DOCS]
+    added.calibrate_soft_center(windows)
+    again = load_checkpoint(added.save_pretrained(tmp_path / "centred"))
+    assert again.config.soft_token_center and torch.equal(again.soft_center, added.soft_center)
+    assert torch.allclose(again.compress(DOCS, 4)[0], model.compress(DOCS, 4)[0] - added.soft_center, atol=1e-5)
+    assert again.fingerprint != model.fingerprint

@@ -227,3 +227,29 @@ def test_right_padded_stacks_run_without_a_mask_and_match_the_masked_run(tokeniz
     assert torch.allclose(fast[real], masked[real], atol=1e-5)
     with pytest.raises(ValueError, match="padded on the right"):
         run_stack(model.encoder, embeds, mask.flip(1))
+
+
+def test_soft_token_center_starts_at_the_mean_soft_token_and_keeps_their_differences(tokenizer):
+    """With soft_token_center, soft tokens are the uncentred ones minus one learned vector; calibration sets it to
+    their mean over the given windows at every rate, so the centred soft tokens average to zero there."""
+    plain = make_tiny(tokenizer)
+    model = make_tiny(tokenizer, soft_token_center=True)
+    assert "soft_center" in model.compressor_parameters() and not bool(model.soft_center.any())
+    windows = [tokenizer.encode(t, add_special_tokens=False)[:32] for t in (TEXT, "Berlin is the capital of Germany.",
+                                                                           TEXT[40:])]
+    center = model.calibrate_soft_center(windows)
+    assert bool(center.any())
+    every = []
+    for rate in model.config.rates:
+        for mine, theirs in zip(model.soft_tokens(windows, [rate] * 3), plain.soft_tokens(windows, [rate] * 3)):
+            assert torch.allclose(mine, theirs - center, atol=1e-5)
+            every.append(mine)
+    assert torch.cat(every).mean(0).abs().max() < 1e-3 * center.abs().max()
+    assert model.config.architecture_key != plain.config.architecture_key  # caches built without it do not match
+
+
+def test_soft_token_center_needs_the_option_and_some_windows(tokenizer):
+    with pytest.raises(ValueError, match="no soft-token centre"):
+        make_tiny(tokenizer).calibrate_soft_center([[1, 2, 3]])
+    with pytest.raises(ValueError, match="at least one window"):
+        make_tiny(tokenizer, soft_token_center=True).calibrate_soft_center([])

@@ -150,6 +150,36 @@ def test_stage1_dev_evaluation_can_score_quoted_spans(tokenizer):
     assert {"span_bleu@2x", "span_prefix_em@4x"} <= set(both) and not any(k.startswith("span_") for k in plain)
 
 
+def test_stage1_dev_evaluation_can_restore_each_passage_among_others(tokenizer):
+    from gmsa_rag.testing import tiny_gmsa
+
+    model = tiny_gmsa(tokenizer, rates=[2, 4])
+    texts = ["The Nile is a river in Africa.", "Paris is the capital of France.", "Snow is cold and white.",
+             "Rome is an old city in Italy.", "Tea grows on hills in Assam."]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    items = [(ids[0], ids[1:4]), (ids[4], ids[0:3])]
+    samples, refs, new_tokens = dev_batch(items, "restore", 4, 2, 3, model)
+    for j, ((passage, others), sample) in enumerate(zip(items, samples)):
+        place = (3 + j) % 4
+        assert sample.target_doc == place and sample.documents[place] == passage
+        assert sample.documents[:place] + sample.documents[place + 1:] == others and sample.target is None
+    assert refs == [tokenizer.decode(ids[0]).strip(), tokenizer.decode(ids[4]).strip()]
+    cfg = TrainConfig(eval_samples=2, eval_batch_size=2)
+    plain = evaluate(model, [ids[0], ids[4]], cfg)
+    both = evaluate(model, [ids[0], ids[4]], cfg, among=[ids[1:4], ids[0:3]])
+    assert all(both[k] == plain[k] for k in plain) and {"among_bleu@2x", "among_prefix_em@4x"} <= set(both)
+
+
+def test_ae_run_builds_same_article_distractors_for_its_dev_passages(base_dir, corpus, tmp_path, tokenizer):
+    cfg = ae_config(base_dir, corpus, tmp_path, eval_among=True, eval_samples=3, min_chunk_tokens=8, max_chunk_tokens=8)
+    from gmsa_rag.train import load_data
+
+    data = load_data(cfg, tokenizer)
+    assert len(data.dev_among) == 3 and all(len(d) == 3 and all(len(x) == 8 for x in d) for d in data.dev_among)
+    assert load_data(replace(cfg, eval_among=False), tokenizer).dev == data.dev  # the dev passages do not change
+    assert load_data(cfg, tokenizer).dev_among == data.dev_among  # fixed
+
+
 def test_keft_changes_only_decoder_qkv(base_dir, corpus, qa_file, tmp_path):
     ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=2, ae_decoder_lora=False))  # the paper's stage 1
     keft = train(TrainConfig(stage="keft", init=str(ae), data=[str(qa_file)], dev_data=str(qa_file),
@@ -299,3 +329,14 @@ def test_gradient_checkpointing_and_accumulation_match_plain_training(base_dir, 
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
     single = trained_state(train(ae_config(base_dir, corpus, tmp_path / "single", steps=2)))
     assert any(not torch.equal(a[n], single[n]) for n in a)  # the second micro-batch contributed
+
+
+def test_ae_soft_token_center_is_calibrated_at_the_start_and_trained(base_dir, corpus, tmp_path):
+    first = train(ae_config(base_dir, corpus, tmp_path / "a", steps=2))
+    final = train(ae_config(base_dir, corpus, tmp_path / "b", steps=3, init=str(first), soft_token_center=True))
+    model = GMSAModel.from_pretrained(final)
+    assert model.config.soft_token_center
+    state = read_weights(final)
+    assert float(state["soft_center"].float().pow(2).mean().sqrt()) > 0.01  # calibrated, then trained on
+    fresh = train(ae_config(base_dir, corpus, tmp_path / "c", steps=1, lr=1e-12, soft_token_center=True))
+    assert float(read_weights(fresh)["soft_center"].float().abs().max()) > 0  # a fresh model is calibrated too
