@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 from gmsa_rag.errors import EXIT_OK, EXIT_STATUS_HELP, UsageError, check_device, positive_int, report_errors
 
+DOC_KINDS = "text (.txt/.md/.markdown/.rst) or JSON lines (.jsonl/.jsonl.gz, one document per record's \"text\")"
+
 UNTRAINED_WARNING = (
     "WARNING: no trained GMSA checkpoint was found (pass --checkpoint DIR, or add checkpoints/smollm2-gmsa).\n"
     "         The compressor is UNTRAINED: its soft tokens do not carry the documents' content, so the\n"
@@ -131,6 +133,7 @@ def check_ask(args: argparse.Namespace) -> AskInputs:
     """Check every argument of ``ask`` that can be checked without loading a model; raise on the first
     bad one with a message naming it and the fix. Paths first: they need no torch import."""
     from gmsa_rag.cache import check_cache_dir
+    from gmsa_rag.cache.precompute import source_file_kind
     from gmsa_rag.rag import bundled_docs_dir
 
     if not args.question.strip():
@@ -139,9 +142,9 @@ def check_ask(args: argparse.Namespace) -> AskInputs:
     if docs is None:
         raise UsageError("no --docs given and no bundled examples/docs (not a source checkout): pass --docs DIR")
     if not docs.exists():
-        raise FileNotFoundError(f"document folder {docs} not found: pass --docs with a folder of text files")
-    if not docs.is_dir():
-        raise NotADirectoryError(f"--docs {docs} is a file: pass the folder that holds it")
+        raise FileNotFoundError(f"--docs {docs} not found: pass a folder or one file of {DOC_KINDS}")
+    if docs.is_file() and source_file_kind(docs) is None:
+        raise UsageError(f"--docs {docs} is not a document file: pass a folder or one file of {DOC_KINDS}")
     cache_dir = check_cache_dir(args.cache_dir)
     index_dir = Path(args.index_dir).expanduser() if args.index_dir else None
     if index_dir is not None and index_dir.exists() and not index_dir.is_dir():
@@ -188,7 +191,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
     say(f"question: {args.question}")
     documents = load_documents(inputs.docs)
     if not documents:
-        raise UsageError(f"no text documents (.txt/.md/.rst) in {inputs.docs}: pass --docs with a folder of text files")
+        raise UsageError(f"no documents in {inputs.docs}: pass --docs with a folder or file of {DOC_KINDS}")
     readonly = not cache_is_writable(inputs.cache_dir)
     with SoftTokenCache(inputs.cache_dir, readonly=readonly) as cache:  # a damaged cache fails here, before the model loads
         if readonly:
@@ -305,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="answer a question over a document folder and time it with/without compression",
                        epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("question")
-    a.add_argument("--docs", default=None, help="folder of .txt/.md/.rst files (default: the bundled examples/docs); "
-                   "binary files are skipped")
+    a.add_argument("--docs", default=None, help=f"folder (searched recursively) or one file of {DOC_KINDS} "
+                   "(default: the bundled examples/docs); binary files are skipped")
     a.add_argument("--rate", type=positive_int, default=4, help="compression rate, one of the model's rates (default 4)")
     a.add_argument("--top-k", type=positive_int, default=3, help="documents retrieved (default 3)")
     a.add_argument("--checkpoint", default=None, help="GMSA checkpoint folder (default: the bundled one, if any)")

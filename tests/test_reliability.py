@@ -374,7 +374,7 @@ BAD_ARGUMENTS = [
     ("ask", ["--rate", "four"], "--rate"),
     ("ask", ["--top-k", "0"], "--top-k"),
     ("ask", ["--max-new-tokens", "0"], "--max-new-tokens"),
-    ("ask", ["--docs", "/no/such/folder"], "document folder /no/such/folder not found"),
+    ("ask", ["--docs", "/no/such/folder"], "--docs /no/such/folder not found"),
     ("build", ["--rate", "3"], "--rate 3 is not allowed"),
     ("build", ["--batch-size", "0"], "--batch-size"),
     ("build", ["--chunk-size", "0"], "--chunk-size"),
@@ -529,3 +529,15 @@ def test_ctrl_c_during_ask(tmp_path, capsys, small_docs, checkpoint, monkeypatch
     status, _, err = run(cli.main, ask_argv(small_docs, checkpoint, tmp_path / "c", tmp_path / "i"), capsys)
     assert status == EXIT_INTERRUPTED and one_line(err).startswith("error: interrupted")
 
+
+
+def test_ask_reads_one_jsonl_file_and_refuses_a_file_of_another_kind(tmp_path, capsys, small_docs, checkpoint):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"title": p.stem, "text": p.read_text()}) for p in sorted(small_docs.iterdir())))
+    report = ask(capsys, corpus, checkpoint, tmp_path / "c", tmp_path / "i")
+    assert report["docs"] == str(corpus) and report["runs"][0]["computed"] == 2  # two retrieved chunks compressed
+    image = tmp_path / "notes.png"
+    image.write_bytes(b"\x89PNG\r\n")
+    status, _, err = run(cli.main, ask_argv(image, checkpoint, tmp_path / "c2", tmp_path / "i2"), capsys)
+    assert status == EXIT_USAGE and f"--docs {image} is not a document file" in one_line(err)
+    assert "JSON lines" in err and not (tmp_path / "c2").exists()
