@@ -44,10 +44,10 @@ class GMSAConfig:
     learning at all within the ablation budget (dev BLEU@2x 0.2 vs 18.5 without), see the stage-1 ablations."""
     soft_token_center: bool = False
     """Subtract a learned vector from every soft token, started at the mean soft token of the training data (see
-    :meth:`GMSAModel.calibrate_soft_center`). Without it, SmolLM2's soft tokens are ~95% one vector shared by all
-    documents (the base model's massive activations, RMS ~14 against 0.13 for token embeddings): the decoder's layers
-    barely change them (a static memory) and tells documents apart poorly. Centring keeps every bit of what
-    differs between soft tokens and puts them near the scale of the decoder's early states."""
+    :meth:`GMSAModel.calibrate_soft_center`). On SmolLM2 that mean (the base model's massive activations) holds ~90%
+    of a soft token's energy (RMS ~14 against 0.13 for token embeddings), and the decoder's layers barely change soft
+    tokens; centring keeps everything that differs between them. Off by default: measured, it trains but restores and
+    answers no better (benchmarks/results/h200-x4/stage1-same-article-and-centre.md)."""
     lora_rank: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.0
