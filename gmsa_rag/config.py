@@ -47,7 +47,8 @@ class GMSAConfig:
     :meth:`GMSAModel.calibrate_soft_center`). On SmolLM2 that mean (the base model's massive activations) holds ~90%
     of a soft token's energy (RMS ~14 against 0.13 for token embeddings), and the decoder's layers barely change soft
     tokens; centring keeps everything that differs between them. Off by default: measured, it trains but restores and
-    answers no better (benchmarks/results/h200-x4/stage1-same-article-and-centre.md)."""
+    answers no better, and the encoder and LSA learn the shared vector back (benchmarks/results/h200-x4/
+    stage1-same-article-and-centre.md, cpu-2core/soft-token-states-stage1-centre-23m.md)."""
     lora_rank: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.0
