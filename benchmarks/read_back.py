@@ -67,9 +67,9 @@ def restore(model, passages: list[str], rate: int, batch_size: int,
 
     shown = documents or [[p] for p in passages]
     restored: list[str] = []
-    for start in range(0, len(passages), batch_size):
+    for chunk, chunk_docs in zip(batches(passages, batch_size), batches(shown, batch_size)):
         samples, lengths = [], []
-        for passage, docs in zip(passages[start : start + batch_size], shown[start : start + batch_size]):
+        for passage, docs in zip(chunk, chunk_docs):
             ids = token_ids(model, docs)
             samples.append(Sample(ids, None, rate=rate, target_doc=docs.index(passage)))
             lengths.append(len(ids[samples[-1].target_doc]))

@@ -356,11 +356,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
     return model
 
 
-def needs_calibration(cfg: TrainConfig) -> bool:
-    """Whether this run's soft-token centre is new (a fresh model, or one added to its --init checkpoint)."""
-    if cfg.stage != "ae" or not cfg.soft_token_center or cfg.no_compress:
-        return False
-    return not cfg.init or not read_record(cfg.init)["config"].get("soft_token_center", False)
+def needs_calibration(model: GMSAModel, cfg: TrainConfig) -> bool:
+    """Whether this stage-1 run's soft-token centre is new: still zero, as a fresh model or one added to its --init
+    checkpoint has it (a loaded centre is the mean of real soft tokens, never exactly zero)."""
+    return (cfg.stage == "ae" and not cfg.no_compress and model.soft_center is not None
+            and not bool(model.soft_center.any()))
 
 
 def calibrate(model: GMSAModel, data: Data, cfg: TrainConfig, rates: list[int], documents: int = 64) -> None:
@@ -426,15 +426,13 @@ def dev_batch(items: list, task: str, docs: int, rate: int | None, offset: int,
               model: GMSAModel) -> tuple[list[Sample], list, int]:
     """Generation prompts, references and an answer length for a slice of dev items: restore a passage, quote the
     16 tokens that follow 6 tokens from its middle (``span``), or answer a question over ``docs`` documents."""
-    if task == "restore" and docs > 1:  # items: (passage, its distractors); the passage at place (offset + j) mod docs
+    if task == "restore":  # with docs > 1 items are (passage, its distractors), the passage at place (offset + j) mod docs
+        pairs = items if docs > 1 else [(ids, []) for ids in items]
         samples = []
-        for j, (ids, others) in enumerate(items):
+        for j, (ids, others) in enumerate(pairs):
             place = (offset + j) % docs
             samples.append(Sample([*others[:place], ids, *others[place:]], None, rate=rate, target_doc=place))
-        return (samples, [model.tokenizer.decode(ids).strip() for ids, _ in items], max(len(i) for i, _ in items) + 8)
-    if task == "restore":
-        return ([Sample([ids], None, rate=rate) for ids in items],
-                [model.tokenizer.decode(ids).strip() for ids in items], max(map(len, items)) + 8)
+        return (samples, [model.tokenizer.decode(ids).strip() for ids, _ in pairs], max(len(i) for i, _ in pairs) + 8)
     if task == "span":
         starts = [max(len(ids) // 2 - 3, 0) for ids in items]
         return ([Sample([ids], None, rate=rate, task="span", cue=ids[s : s + 6]) for ids, s in zip(items, starts)],
@@ -521,7 +519,7 @@ def train(cfg: TrainConfig) -> Path:
         g["base_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     progress = resume(model, optimizer, cfg)
-    if progress.step == 0 and needs_calibration(cfg):
+    if progress.step == 0 and needs_calibration(model, cfg):
         with accelerator.autocast():
             calibrate(model, data, cfg, rates)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
