@@ -5,10 +5,12 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 from filelock import FileLock
+from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import BackboneUnavailableError
@@ -62,29 +64,60 @@ def convert_smollm2(target: Path | None = None) -> Path:
     """Dequantise the packaged SmolLM2 GGUF once into a safetensors model directory and return it.
 
     The conversion (~20 s) runs once per machine; later loads take well under a second. A file lock makes
-    concurrent first calls safe.
+    concurrent first calls safe, from several processes of one multi-GPU job too.
     """
     gguf = smollm2_gguf_path()
     digest = hashlib.sha256(f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
     target = target or cache_root() / "backbones" / f"SmolLM2-135M-Instruct-{digest}"
-    done = target / ".complete"
-    if done.exists():
+    if is_converted(target):
         return target
-    target.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if done.exists():
+        if is_converted(target):
             return target
         log.info("converting %s to safetensors in %s (once)", gguf.name, target)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # GGUF loading leaves a quantizer that makes save_pretrained refuse
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        done.touch()
+        write_model_dir(model, tokenizer, target)
     return target
+
+
+CONVERTED_MARK = ".complete"
+CONVERTED_FILES = ("config.json", "model.safetensors")
+
+
+def is_converted(target: Path) -> bool:
+    """Whether ``target`` holds a finished conversion (its mark and the files a load needs)."""
+    return (target / CONVERTED_MARK).exists() and all((target / name).is_file() for name in CONVERTED_FILES)
+
+
+def write_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    """Write a loadable model folder (config, safetensors weights, tokenizer) on whichever process calls it, then mark
+    it finished. ``save_pretrained`` is not used: inside a torch.distributed job it writes weights on rank 0 only, so
+    a conversion won by another rank's process left a folder marked finished with no model in it."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.config.save_pretrained(staging)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    embedding = model.get_input_embeddings()
+    first = next(f"{name}.weight" for name, module in model.named_modules() if module is embedding)
+    state, stored = {}, set()
+    for name, tensor in sorted(model.state_dict().items(), key=lambda item: item[0] != first):
+        if tensor.numel() and tensor.data_ptr() in stored:  # a tied weight (the LM head): written once, as the input embedding
+            continue
+        stored.add(tensor.data_ptr())
+        state[name] = tensor
+    save_file({name: tensor.detach().contiguous() for name, tensor in state.items()},
+              str(staging / "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    (target / CONVERTED_MARK).touch()
 
 
 def _from_pretrained(auto_class: type, name_or_path: str, **kwargs):
