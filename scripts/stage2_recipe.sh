@@ -42,19 +42,23 @@ ablations)
   tail -n 3 "$RUNS"/s2-*.log ;;
 long)
   # LONG_GPUS=0,1,2,3: the GMSA run on those GPUs through accelerate (DDP; the global batch is BATCH x ACCUM x
-  # processes, so ACCUM=2 on 4 GPUs keeps 64 samples a step); NOCOMPRESS_GPU: where the no-compress run goes
-  # (default: beside the GMSA run's first GPU; NOCOMPRESS=0 skips it).
+  # processes, so ACCUM=2 on 2 GPUs keeps 64 samples a step); NOCOMPRESS_GPUS: where the no-compress run goes, the
+  # same way (default: beside the GMSA run's first GPU; give it as many GPUs as the GMSA run, e.g. LONG_GPUS=0,1
+  # NOCOMPRESS_GPUS=2,3, and the two get equal steps under one LONG_MINUTES); NOCOMPRESS=0 skips it.
+  on_gpus() {  # gpus port python-module-args...: one process, or one per GPU through accelerate
+    local gpus=$1 port=$2; shift 2
+    local n; n=$(echo "$gpus" | tr ',' '\n' | grep -c .)
+    local launch=(python3)
+    [ "$n" -gt 1 ] && launch=(accelerate launch --multi_gpu --num_processes "$n" --mixed_precision bf16 --main_process_port "$port")
+    CUDA_VISIBLE_DEVICES=$gpus "${launch[@]}" "$@"
+  }
   gpus=${LONG_GPUS:-${CUDA_VISIBLE_DEVICES:-0}}
-  n=$(echo "$gpus" | tr ',' '\n' | grep -c .)
-  launch=(python3)
-  [ "$n" -gt 1 ] && launch=(accelerate launch --multi_gpu --num_processes "$n" --mixed_precision bf16 --main_process_port 29534)
-  CUDA_VISIBLE_DEVICES=$gpus "${launch[@]}" -m gmsa_rag.train $common --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" \
-    --steps "$LONG_STEPS" --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --eval_every 200 \
-    --save_every 100 > "$RUNS/s2-long.log" 2>&1 &
+  budget="--steps $LONG_STEPS --time_limit_minutes $LONG_MINUTES --stop_after_minutes $STOP_AFTER --eval_every 200 --save_every 100"
+  on_gpus "$gpus" 29534 -m gmsa_rag.train $common --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" $budget \
+    > "$RUNS/s2-long.log" 2>&1 &
   if [ "${NOCOMPRESS:-1}" = 1 ]; then
-    CUDA_VISIBLE_DEVICES=${NOCOMPRESS_GPU:-${gpus%%,*}} python3 -m gmsa_rag.train $common --no_compress true \
-      --out_dir "$RUNS/s2-long-nocompress" --steps "$LONG_STEPS" --time_limit_minutes "$LONG_MINUTES" \
-      --stop_after_minutes "$STOP_AFTER" --eval_every 200 --save_every 100 > "$RUNS/s2-long-nocompress.log" 2>&1 &
+    on_gpus "${NOCOMPRESS_GPUS:-${NOCOMPRESS_GPU:-${gpus%%,*}}}" 29535 -m gmsa_rag.train $common --no_compress true \
+      --out_dir "$RUNS/s2-long-nocompress" $budget > "$RUNS/s2-long-nocompress.log" 2>&1 &
   fi
   wait
   tail -n 3 "$RUNS"/s2-long*.log ;;
