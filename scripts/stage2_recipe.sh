@@ -43,8 +43,8 @@ ablations)
 long)
   # LONG_GPUS=0,1,2,3: the GMSA run on those GPUs through accelerate (DDP; the global batch is BATCH x ACCUM x
   # processes, so ACCUM=2 on 2 GPUs keeps 64 samples a step); NOCOMPRESS_GPUS: where the no-compress run goes, the
-  # same way (default: beside the GMSA run's first GPU; give it as many GPUs as the GMSA run, e.g. LONG_GPUS=0,1
-  # NOCOMPRESS_GPUS=2,3, and the two get equal steps under one LONG_MINUTES); NOCOMPRESS=0 skips it.
+  # same way (default: beside the GMSA run's first GPU; e.g. LONG_GPUS=0,1 NOCOMPRESS_GPUS=2,3, with LONG_MINUTES=0
+  # so that both run exactly LONG_STEPS); NOCOMPRESS=0 skips it.
   on_gpus() {  # gpus port python-module-args...: one process, or one per GPU through accelerate
     local gpus=$1 port=$2; shift 2
     local n; n=$(echo "$gpus" | tr ',' '\n' | grep -c .)
