@@ -27,11 +27,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
@@ -388,11 +389,16 @@ def distillation(cfg: TrainConfig, model: GMSAModel) -> tuple[float, GMSAModel |
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None = None) -> dict[str, float]:
+def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None = None,
+             shard: tuple[int, int] = (0, 1), gather: Callable[[list], list] | None = None) -> dict[str, float]:
     """ae: reconstruction BLEU / ROUGE-L / prefix EM per rate (and, with ``eval_spans``, the same for quoted spans,
     prefixed ``span_``; with ``among``, each dev passage's distractors, the same for restoring it among them, prefixed
     ``among_``); keft: EM / F1 / answer-in-output accuracy (and, with ``eval_gold_only``, the same from the
-    gold passage alone, prefixed ``gold_``)."""
+    gold passage alone, prefixed ``gold_``).
+
+    Several processes share the generation: with ``shard=(i, n)`` this one generates every n-th dev batch from the
+    i-th, and ``gather`` (this process's list -> all processes' lists concatenated, as accelerate's
+    ``gather_object``) brings the batches together, so every process scores all of them alike."""
     model.eval()
     examples = dev[: cfg.eval_samples]
     results: dict[str, float] = {}
@@ -409,12 +415,16 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
             layouts.append(("gold_", "qa", 1, [e for e in examples if e.gold_index is not None]))
     for prefix, task, docs, items in layouts:
         for rate in rates:
-            preds, refs = [], []
-            for start in range(0, len(items), cfg.eval_batch_size):
-                samples, references, new_tokens = dev_batch(items[start : start + cfg.eval_batch_size], task, docs,
-                                                            rate, start, model)
-                preds += model.generate_from_segments(build_prompts(model, samples), max_new_tokens=new_tokens)
-                refs += references
+            index, count, size = *shard, cfg.eval_batch_size
+            batches = []  # (start, predictions, references) of this process's batches
+            for start in range(index * size, len(items), count * size):
+                samples, references, new_tokens = dev_batch(items[start : start + size], task, docs, rate, start, model)
+                batches.append((start, model.generate_from_segments(build_prompts(model, samples),
+                                                                    max_new_tokens=new_tokens), references))
+            if count > 1:
+                batches = sorted(gather(batches), key=lambda batch: batch[0])
+            preds = [p for _, predictions, _ in batches for p in predictions]
+            refs = [r for _, _, references in batches for r in references]
             scores = qa_metrics(preds, refs) if task == "qa" else reconstruction_metrics(preds, refs)
             suffix = f"@{rate}x" if rate else ""
             results.update({f"{prefix}{k}{suffix}": float(v) for k, v in scores.items()})
@@ -572,13 +582,14 @@ def train(cfg: TrainConfig) -> Path:
         last = progress.fraction(cfg) >= 1.0
         pause = cfg.stop_after_minutes > 0 and time.perf_counter() - invocation_start > 60 * cfg.stop_after_minutes
         pause = accelerator.reduce(torch.tensor(float(pause), device=accelerator.device), "sum").item() > 0
-        if data.dev and (done % cfg.eval_every == 0 or last or pause):
+        if data.dev and (done % cfg.eval_every == 0 or last or pause):  # every process generates a share
+            with accelerator.autocast():  # fp32 trainable weights beside bf16 frozen ones
+                scores = evaluate(model, data.dev, cfg, data.dev_among,
+                                  shard=(accelerator.process_index, accelerator.num_processes), gather=gather_object)
+            metrics = {"step": done, "tokens": progress.tokens, **scores}
+            _log(accelerator, log_file, metrics)
             if accelerator.is_main_process:
-                with accelerator.autocast():  # fp32 trainable weights beside bf16 frozen ones
-                    metrics = {"step": done, "tokens": progress.tokens, **evaluate(model, data.dev, cfg, data.dev_among)}
-                _log(accelerator, log_file, metrics)
                 tqdm.write(json.dumps(metrics))
-            accelerator.wait_for_everyone()
         if done % cfg.save_every == 0 or last or pause:
             save(accelerator, model, optimizer, progress, cfg, metrics)
         if pause and not last:

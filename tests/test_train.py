@@ -130,6 +130,22 @@ def test_keft_dev_evaluation_can_score_the_gold_passage_alone(tokenizer):
     assert all(both[k] == plain[k] for k in plain)  # greedy: the 3-document figures are unchanged
 
 
+def test_dev_evaluation_shared_by_processes_scores_as_one(tokenizer):
+    """Each process generates every n-th dev batch; gathered back in order, the figures are those of one process."""
+    from gmsa_rag.testing import tiny_gmsa
+
+    model = tiny_gmsa(tokenizer, rates=[2, 4])
+    dev = [QAExample(f"question {i}", [f"answer {i}"], [f"Passage {i} says answer {i}.", f"Other passage {i}."], i % 2)
+           for i in range(5)]
+    cfg = TrainConfig(stage="keft", init="unused", max_docs=2, eval_samples=5, eval_batch_size=2, eval_gold_only=True)
+    alone = evaluate(model, dev, cfg)
+    shares = {}
+    evaluate(model, dev, cfg, shard=(1, 2), gather=lambda batches: shares.setdefault(len(shares), batches))
+    second = iter(shares.values())
+    shared = evaluate(model, dev, cfg, shard=(0, 2), gather=lambda batches: batches + next(second))
+    assert shared == alone and alone["n@2x"] == 5 and alone["gold_n@4x"] == 5
+
+
 def test_stage1_dev_evaluation_can_score_quoted_spans(tokenizer):
     from gmsa_rag.testing import tiny_gmsa
 
@@ -310,7 +326,7 @@ def test_two_process_ddp_keft_trains_adapter_and_compressor(base_dir, corpus, qa
         "-m", "gmsa_rag.train", "--stage", "keft", "--init", str(ae), "--data", str(qa_file), "--out_dir", str(out),
         "--rates", "2", "4", "--batch_size", "2", "--grad_accum", "2", "--steps", "2", "--lr", "1e-2",
         "--compressor_lr", "1e-2", "--warmup_steps", "0", "--save_every", "1000", "--eval_every", "1000",
-        "--log_every", "1", "--docs_curriculum", "0.5",
+        "--log_every", "1", "--docs_curriculum", "0.5", "--dev_data", str(qa_file), "--eval_batch_size", "1",
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -319,6 +335,8 @@ def test_two_process_ddp_keft_trains_adapter_and_compressor(base_dir, corpus, qa
     before, after = trained_state(ae), trained_state(out / "checkpoints" / "step-0000002")
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert any(n.startswith("decoder.") for n in changed) and any(n.startswith("encoder.") for n in changed)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "n@2x" in line]
+    assert [(r["step"], r["n@2x"], r["n@4x"]) for r in evals] == [(2, 2, 2)]  # a dev batch from each process
 
 
 def test_gradient_checkpointing_and_accumulation_match_plain_training(base_dir, corpus, tmp_path):
