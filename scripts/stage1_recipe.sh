@@ -8,6 +8,7 @@
 # DATA: training corpus files/folders (default ../shared/data/wiki parts 00-13; never wiki-15, the test set)
 # DEV: dev corpus (default a slice of wiki-14, kept out of training). RUNS: output root (default runs).
 set -euo pipefail
+. "$(dirname "$0")/on_gpus.sh"
 RUNS=${RUNS:-runs}
 DATA=${DATA:-$(ls ../shared/data/wiki/wiki-{00..13}.jsonl.gz 2>/dev/null | tr '\n' ' ')}
 DEV=${DEV:-../shared/data/wiki/wiki-14.jsonl.gz}
@@ -65,10 +66,7 @@ tokenize)
   python3 -c "from gmsa_rag.data.passages import tokenize_corpus; from gmsa_rag.backbone import load_tokenizer; \
 tok = load_tokenizer('smollm2'); tokenize_corpus('$DATA'.split(), tok, '$TOKENS'); tokenize_corpus(['$DEV'], tok, '$TOKENS')" ;;
 long)
-  n=$(echo "$LONG_GPUS" | tr ',' '\n' | wc -l)
-  launch=(python3)
-  [ "$n" -gt 1 ] && launch=(accelerate launch --multi_gpu --num_processes "$n" --mixed_precision bf16 --main_process_port 29533)
-  CUDA_VISIBLE_DEVICES=$LONG_GPUS "${launch[@]}" -m gmsa_rag.train $common $RECIPE \
+  on_gpus "$LONG_GPUS" 29533 -m gmsa_rag.train $common $RECIPE \
     --data $DATA --out_dir "$RUNS/long" --steps 1000000 --max_tokens "$LONG_TOKENS" \
     --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size "${BATCH:-16}" \
     --grad_accum "${ACCUM:-4}" --lr "$LONG_LR" ${INIT:+--init "$INIT"} \

@@ -7,6 +7,7 @@
 # Train data: data/qa-multidoc train (17,579 questions, gold + MiniLM hard distractors); dev (recipe choices):
 # data/qa-multidoc dev, 5 documents and (gold_* metrics) the gold passage alone. The reported evaluation (benchmarks/qa.py on data/nq-multidoc dev) is never used here.
 set -euo pipefail
+. "$(dirname "$0")/on_gpus.sh"
 RUNS=${RUNS:-runs}
 INIT=${INIT:-checkpoints/smollm2-gmsa-ae}     # the stage-1 checkpoint
 ABL_MINUTES=${ABL_MINUTES:-4.5}
@@ -45,13 +46,6 @@ long)
   # processes, so ACCUM=2 on 2 GPUs keeps 64 samples a step); NOCOMPRESS_GPUS: where the no-compress run goes, the
   # same way (default: beside the GMSA run's first GPU; e.g. LONG_GPUS=0,1 NOCOMPRESS_GPUS=2,3, with LONG_MINUTES=0
   # so that both run exactly LONG_STEPS); NOCOMPRESS=0 skips it.
-  on_gpus() {  # gpus port python-module-args...: one process, or one per GPU through accelerate
-    local gpus=$1 port=$2; shift 2
-    local n; n=$(echo "$gpus" | tr ',' '\n' | grep -c .)
-    local launch=(python3)
-    [ "$n" -gt 1 ] && launch=(accelerate launch --multi_gpu --num_processes "$n" --mixed_precision bf16 --main_process_port "$port")
-    CUDA_VISIBLE_DEVICES=$gpus "${launch[@]}" "$@"
-  }
   gpus=${LONG_GPUS:-${CUDA_VISIBLE_DEVICES:-0}}
   budget="--steps $LONG_STEPS --time_limit_minutes $LONG_MINUTES --stop_after_minutes $STOP_AFTER --eval_every 200 --save_every 100"
   on_gpus "$gpus" 29534 -m gmsa_rag.train $common --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" $budget \
