@@ -121,6 +121,7 @@ def load_checkpoint(
     decoder_tuning: str | None = None,
     decoder_lora_rank: int | None = None,
     soft_token_center: bool = False,
+    decoder_mlp_lora_rank: int = 0,
 ) -> "GMSAModel":
     """Rebuild a GMSAModel from a checkpoint; fails clearly if the base model's weights are not the recorded ones.
 
@@ -129,10 +130,11 @@ def load_checkpoint(
 
     ``decoder_tuning`` adds decoder parameters for KEFT on top of a stage-1 (AE) checkpoint; those start
     from the base model since the checkpoint has none. ``"full"`` on a checkpoint with a decoder LoRA adapter
-    folds the adapter into the weights first.
+    folds the adapter into the weights first. ``decoder_mlp_lora_rank`` adds LoRA on the decoder's MLP to a
+    soft-token adapter without it (starting at zero: the loaded model answers as the checkpoint does).
     """
     from .backbone import load_backbone
-    from .model import GMSAModel
+    from .model import DECODER_MLP_TARGETS, GMSAModel
 
     record = read_record(path)
     state = read_weights(path)
@@ -147,12 +149,23 @@ def load_checkpoint(
         config.decoder_tuning = decoder_tuning
         if decoder_lora_rank:
             config.decoder_lora_rank, config.decoder_lora_alpha = decoder_lora_rank, 2 * decoder_lora_rank
+    new_mlp = bool(decoder_mlp_lora_rank) and decoder_mlp_lora_rank != config.decoder_mlp_lora_rank
+    if new_mlp:
+        if config.decoder_mlp_lora_rank:
+            raise CheckpointError(f"{path} already has a decoder MLP adapter of rank {config.decoder_mlp_lora_rank}; "
+                                  f"cannot switch to rank {decoder_mlp_lora_rank}")
+        if config.decoder_tuning != "qkv_lora":
+            raise CheckpointError(f"{path}: a decoder MLP adapter needs decoder_tuning 'qkv_lora', "
+                                  f"not {config.decoder_tuning!r}")
+        config.decoder_mlp_lora_rank = decoder_mlp_lora_rank
     new_center = soft_token_center and not config.soft_token_center
     if new_center:
         config.soft_token_center = True
     decoder, tokenizer = load_backbone(config.base_model, device=device, dtype=dtype)
     model = GMSAModel(decoder, tokenizer, config)
     partial = set(model.decoder_parameters()) if new_decoder_params else set()
+    if new_mlp:
+        partial |= {n for n in model.decoder_parameters() if any(f".{t}." in n for t in DECODER_MLP_TARGETS)}
     model = attach_checkpoint(model, record, state, path, partial=partial | ({"soft_center"} if new_center else set()))
     if merge_adapter:
         model.merge_decoder_adapter()

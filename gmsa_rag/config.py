@@ -62,6 +62,10 @@ class GMSAConfig:
     decoder_lora_rank: int = 16
     decoder_lora_alpha: int = 32
     decoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    decoder_mlp_lora_rank: int = 0
+    """Rank of the soft-token adapter's LoRA on the decoder's MLP (gate/up/down projections) beside W_Q/W_K/W_V;
+    0: attention only (the paper's KEFT targets). Attention LoRA can only change what a soft-token position is read
+    as; MLP LoRA can also change what the decoder writes at it. Only with ``decoder_tuning="qkv_lora"``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata (training command, data description, metrics) saved with checkpoints."""
 
@@ -73,6 +77,9 @@ class GMSAConfig:
             raise ValueError(f"method must be 'gmsa' or 'tcp', got {self.method!r}")
         if self.decoder_tuning not in ("none", "qkv", "qkv_lora", "full"):
             raise ValueError(f"decoder_tuning must be none, qkv, qkv_lora or full, got {self.decoder_tuning!r}")
+        if self.decoder_mlp_lora_rank < 0 or (self.decoder_mlp_lora_rank and self.decoder_tuning != "qkv_lora"):
+            raise ValueError(f"decoder_mlp_lora_rank needs decoder_tuning='qkv_lora' and a rank >= 0, got "
+                             f"{self.decoder_mlp_lora_rank} with {self.decoder_tuning!r}")
         if self.decoder_adapter not in ("soft", "always"):
             raise ValueError(f"decoder_adapter must be soft or always, got {self.decoder_adapter!r}")
         if not self.rates or any(r < 1 for r in self.rates):

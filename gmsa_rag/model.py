@@ -28,6 +28,7 @@ from .samples import Sample, build_prompts
 Stage = Literal["ae", "keft", "frozen"]
 ENCODER_ADAPTER = "gmsa_encoder"
 DECODER_ADAPTER = "gmsa_decoder"
+DECODER_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
 class GMSAModel(nn.Module):
@@ -70,10 +71,14 @@ class GMSAModel(nn.Module):
             self.memory = None
 
         if config.decoder_tuning == "qkv_lora":
+            mlp = DECODER_MLP_TARGETS if config.decoder_mlp_lora_rank else ()
+            mlp_rank = config.decoder_mlp_lora_rank
             decoder_lora = LoraConfig(
                 r=config.decoder_lora_rank,
                 lora_alpha=config.decoder_lora_alpha,
-                target_modules=list(config.decoder_targets),
+                target_modules=[*config.decoder_targets, *mlp],
+                rank_pattern={t: mlp_rank for t in mlp},  # the same alpha/r as the attention LoRA
+                alpha_pattern={t: mlp_rank * config.decoder_lora_alpha / config.decoder_lora_rank for t in mlp},
             )
             inject_adapter_in_model(decoder_lora, self.decoder, adapter_name=DECODER_ADAPTER)
         # found once: decoder_adapter() switches them around every decoder call

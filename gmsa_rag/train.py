@@ -74,6 +74,7 @@ class TrainConfig:
     soft_token_center: bool = field(default=False, metadata={"help": "ae: subtract a learned vector from every soft token, started at the mean soft token of the first step's documents (with --init: added to a checkpoint without one). Measured: the same restoring, no better answers after stage 2 (benchmarks/results/h200-x4/stage1-same-article-and-centre.md)"})
     decoder_tuning: Literal["qkv", "qkv_lora", "full"] = field(default="qkv_lora", metadata={"help": "keft: LoRA on W_Q/W_K/W_V (adapter on for soft-token prompts only), full W_Q/W_K/W_V, or the full decoder (the authors' public code; a comparison: it changes the uncompressed path)"})
     decoder_lora_rank: int = 16
+    decoder_mlp_lora_rank: int = field(default=0, metadata={"help": "rank of the soft-token adapter's LoRA on the decoder's MLP (gate/up/down) beside W_Q/W_K/W_V; 0: attention only. With --init it is added to a checkpoint without it (starting at zero)"})
     ae_decoder_lora: bool = field(default=True, metadata={"help": "ae: also train the soft-token decoder adapter (LoRA on W_Q/W_K/W_V, on only for prompts with soft tokens; stage 2 continues it; ignored by keft). A deviation from the paper's frozen stage-1 decoder (--ae_decoder_lora false), measured: dev BLEU@4x 61.6 vs 23.8 on an equal budget (benchmarks/results/h100/stage1-decoder-adapter.md). The text path stays the base model"})
     # data shaping
     rate_weights: list[float] = field(default_factory=list, metadata={"help": "relative frequency of each rate (default uniform)"})
@@ -328,7 +329,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
         tuning = decoder_tuning(cfg)
         model = load_checkpoint(cfg.init, device=device, dtype=dtype, decoder_tuning=None if tuning == "none" else tuning,
                                 decoder_lora_rank=cfg.decoder_lora_rank,
-                                soft_token_center=cfg.stage == "ae" and cfg.soft_token_center)
+                                soft_token_center=cfg.stage == "ae" and cfg.soft_token_center,
+                                decoder_mlp_lora_rank=cfg.decoder_mlp_lora_rank if tuning == "qkv_lora" else 0)
     else:
         config = GMSAConfig(
             base_model=cfg.base_model, method=cfg.method, encoder_layers=cfg.encoder_layers, lsa_layers=cfg.lsa_layers,
@@ -336,6 +338,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
             encoder_prefix=cfg.encoder_prefix, encoder_norm=cfg.encoder_norm, soft_token_norm=cfg.soft_token_norm,
             soft_token_center=cfg.soft_token_center, decoder_tuning=decoder_tuning(cfg), decoder_lora_rank=cfg.decoder_lora_rank,
             decoder_lora_alpha=2 * cfg.decoder_lora_rank, decoder_adapter="always" if cfg.no_compress else "soft",
+            decoder_mlp_lora_rank=cfg.decoder_mlp_lora_rank if decoder_tuning(cfg) == "qkv_lora" else 0,
         )
         model = GMSAModel.from_base(config, device=device, dtype=dtype)
     model.set_stage(cfg.stage)

@@ -17,6 +17,7 @@ def _reload(tokenizer, path, **config):
 
 
 @pytest.mark.parametrize("config", [{}, {"method": "tcp"}, {"decoder_tuning": "qkv"}, {"decoder_tuning": "qkv_lora"},
+                                    {"decoder_tuning": "qkv_lora", "decoder_mlp_lora_rank": 2},
                                     {"decoder_tuning": "full"}])
 def test_round_trip_is_bit_exact(tokenizer, tmp_path, config):
     model = tiny_gmsa(tokenizer, **config)

@@ -190,3 +190,44 @@ def test_a_soft_token_center_is_saved_and_can_be_added_to_a_checkpoint_without_o
     assert again.config.soft_token_center and torch.equal(again.soft_center, added.soft_center)
     assert torch.allclose(again.compress(DOCS, 4)[0], model.compress(DOCS, 4)[0] - added.soft_center, atol=1e-5)
     assert again.fingerprint != model.fingerprint
+
+
+def test_a_decoder_mlp_adapter_is_on_for_soft_tokens_only(tokenizer):
+    """--decoder_mlp_lora_rank: LoRA on gate/up/down beside q/k/v, at its own rank, off for plain text."""
+    tuned = with_trained_adapter(tokenizer, decoder_mlp_lora_rank=2)
+    ranks = {n.split(".")[-4]: p.shape[0] for n, p in tuned.decoder.named_parameters() if "lora_A" in n}
+    assert ranks == {"q_proj": 16, "k_proj": 16, "v_proj": 16, "gate_proj": 2, "up_proj": 2, "down_proj": 2}
+    plain = tiny_gmsa(tokenizer)
+    text_prompt = [qa_segments(tokenizer, "q?", DOCS, "Shakespeare")]
+    assert torch.equal(tuned.target_logits(text_prompt)[0], plain.target_logits(text_prompt)[0])
+    attention_only = with_trained_adapter(tokenizer)  # the same q/k/v weights (same generator order for them)
+    soft_prompt = [qa_segments(tokenizer, "q?", tuned.compress(DOCS, 4), "Shakespeare")]
+    assert not torch.allclose(tuned.target_logits(soft_prompt)[0], attention_only.target_logits(soft_prompt)[0])
+    with pytest.raises(ValueError, match="decoder_mlp_lora_rank needs decoder_tuning='qkv_lora'"):
+        tiny_gmsa(tokenizer, decoder_mlp_lora_rank=2)
+
+
+def test_a_decoder_mlp_adapter_can_be_added_to_a_checkpoint_without_one(tokenizer, tmp_path, monkeypatch):
+    """Stage 2 from an attention-only checkpoint: the MLP LoRA starts at zero, so the model answers as the checkpoint
+    does until it trains; it is saved and loads back with its rank; another rank is refused clearly."""
+    import gmsa_rag.backbone as backbone
+
+    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **k: (tiny_gmsa(tokenizer).decoder, tokenizer))
+    model = with_trained_adapter(tokenizer)
+    path = model.save_pretrained(tmp_path / "qkv")
+    added = load_checkpoint(path, decoder_mlp_lora_rank=2)
+    assert added.config.decoder_mlp_lora_rank == 2
+    assert any(".gate_proj.lora_A" in n for n in added.decoder_parameters())
+    soft_prompt = [qa_segments(tokenizer, "q?", model.compress(DOCS, 4), "Shakespeare")]
+    torch.testing.assert_close(added.target_logits(soft_prompt)[0], model.target_logits(soft_prompt)[0])
+    added.set_stage("keft")
+    assert all(p.requires_grad for n, p in added.decoder_parameters().items() if ".down_proj.lora_" in n)
+    with torch.no_grad():
+        for name, p in added.decoder_parameters().items():
+            if ".up_proj.lora_B" in name:
+                p.add_(0.1)
+    again = load_checkpoint(added.save_pretrained(tmp_path / "mlp"))
+    assert again.config.decoder_mlp_lora_rank == 2
+    torch.testing.assert_close(again.target_logits(soft_prompt)[0], added.target_logits(soft_prompt)[0])
+    with pytest.raises(Exception, match="already has a decoder MLP adapter of rank 2"):
+        load_checkpoint(tmp_path / "mlp", decoder_mlp_lora_rank=4)

@@ -226,8 +226,11 @@ def test_ae_decoder_lora_trains_the_soft_token_adapter_and_keft_continues_it(bas
     with model.decoder_adapter(False):  # the text path is still the base model
         torch.testing.assert_close(model.decoder(ids).logits, fresh.decoder(ids).logits)
     keft = train(TrainConfig(stage="keft", init=str(ae), data=[str(qa_file)], out_dir=str(tmp_path / "keft"), steps=1,
-                             batch_size=2, warmup_steps=0, eval_every=1000, save_every=1000))
-    assert all(torch.equal(state[n], t) for n, t in trained_state(keft).items() if not n.startswith("decoder."))
+                             batch_size=2, warmup_steps=0, eval_every=1000, save_every=1000, decoder_mlp_lora_rank=2))
+    after = trained_state(keft)
+    assert all(torch.equal(state[n], t) for n, t in after.items() if not n.startswith("decoder."))
+    mlp = {n: t for n, t in after.items() if n.startswith("decoder.") and ".mlp." in n and "lora_A" in n}  # added
+    assert mlp and all(t.shape[0] == 2 for t in mlp.values())  # by --decoder_mlp_lora_rank
 
 
 def test_no_compress_baseline_trains_the_same_parameters_on_text(base_dir, qa_file, tmp_path):
