@@ -2,9 +2,11 @@
 
 One interface (:class:`GenerationEngine`), two paths:
 
-* ``static``: a transformers ``StaticCache`` (one per batch size and length bucket, kept and reused) filled by an
-  eager prefill, then a one-token decode step. On CUDA the step is compiled with
-  ``torch.compile(mode="reduce-overhead")``, which records it as CUDA graphs; elsewhere it runs eagerly.
+* ``static``: a transformers ``StaticCache`` (one per batch size and length bucket, kept and reused) filled by a
+  prefill, then a one-token decode step. On CUDA the step is compiled with ``torch.compile(mode="reduce-overhead")``,
+  which records it as CUDA graphs; elsewhere it runs eagerly. The prefill runs eagerly over the prompt's own length,
+  or, as an option (``prefill_multiple``), over the prompt left-padded to a multiple of positions, compiled with the
+  step (not yet the default: see :data:`PREFILL_MULTIPLE`).
   Greedy only: stop tokens per row, ``BaseStreamer`` streaming, no logits processors.
 * ``hf``: Hugging Face ``generate`` (dynamic cache): everything else (sampling, beams, logits processors).
 
@@ -35,6 +37,13 @@ CPU_ENGINE: EngineKind = "hf"
 
 #: Smallest static-cache length; longer prompts round up to the next power of two (few buckets, few recompiles).
 MIN_BUCKET = 256
+
+#: A compiled prefill's padding: prompts left-padded to a multiple of this many positions, one CUDA graph per
+#: (batch size, padded length, cache bucket), at most this many - 1 masked positions of extra prefill work.
+#: ``GenerationEngine(prefill_multiple=PREFILL_MULTIPLE)`` turns it on. Not the default yet: its first GPU run
+#: (2026-11-27, H200) failed because the static cache was first filled inside the recorded graph (fixed since:
+#: ``_cache_for`` then allocates every new cache eagerly; not yet re-run on a GPU).
+PREFILL_MULTIPLE = 64
 
 # Generation kwargs the static path honours (or that change nothing in greedy decoding); anything else -> HF.
 _IGNORED_IN_GREEDY = ("temperature", "top_p", "top_k", "typical_p", "min_p")
@@ -113,13 +122,20 @@ class StaticCacheDecoder:
         mode: ``torch.compile`` mode; ``reduce-overhead`` records CUDA graphs.
         min_bucket: smallest cache length (see :func:`cache_bucket`).
         max_caches: static caches kept (least recently used dropped first).
+        prefill_multiple: left-pad prompts to a multiple of this many positions and prefill them in one call
+            straight into the static cache, compiled with the step (a CUDA graph per shape: no per-layer launch
+            overhead, which is most of a short prompt's prefill on a large model); 0: prefill over the prompt's own
+            length, eagerly (see :meth:`_prefill`).
     """
 
     def __init__(self, decoder: Any, compile_step: bool = False, mode: str = "reduce-overhead",
-                 min_bucket: int = MIN_BUCKET, max_caches: int = 4) -> None:
+                 min_bucket: int = MIN_BUCKET, max_caches: int = 4, prefill_multiple: int = 0) -> None:
+        if prefill_multiple < 0:
+            raise ValueError(f"prefill_multiple must be >= 0, got {prefill_multiple}")
         self.decoder = decoder
         self.min_bucket = min_bucket
         self.max_caches = max_caches
+        self.prefill_multiple = prefill_multiple
         self.compiled = compile_step
         self._caches: collections.OrderedDict = collections.OrderedDict()
         params = inspect.signature(decoder.forward).parameters
@@ -134,8 +150,10 @@ class StaticCacheDecoder:
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
             self.step = torch.compile(self._step, mode=mode, dynamic=False)
+            self.prefill_step = torch.compile(self._prefill_direct, mode=mode, dynamic=False)
         else:
             self.step = self._step
+            self.prefill_step = self._prefill_direct
 
     def _step(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
         out = self.decoder(input_ids=token, position_ids=position, attention_mask=mask, use_cache=True,
@@ -155,6 +173,8 @@ class StaticCacheDecoder:
         else:
             config = self.decoder.config.get_text_config(decoder=True)
             cache = StaticCache(config=config, max_cache_len=size)
+            if self.prefill_multiple:  # the compiled prefill may be the first to fill it
+                _allocate(cache, config, batch, dtype, device)
             mask = torch.ones(batch, size, dtype=torch.bool, device=device)
             if self.compiled:
                 torch._dynamo.mark_static_address(mask)  # updated in place, never copied into the graph
@@ -171,6 +191,8 @@ class StaticCacheDecoder:
         the same as Hugging Face greedy ``generate`` with ``eos_token_id=stop_token_ids``."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if self.prefill_multiple:
+            inputs_embeds, attention_mask = left_pad(inputs_embeds, attention_mask, self.prefill_multiple)
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
         cache, mask = self._cache_for(batch, length + max_new_tokens, inputs_embeds.dtype, device)
@@ -218,11 +240,12 @@ class StaticCacheDecoder:
         [length, length], SDPA's fused kernels when no row is padded) and its keys and values are then copied into
         the static cache. Prefilling into the static cache directly attends over the whole bucket through an
         explicit [length, bucket] mask: twice the attention work at 4k tokens in an 8k bucket, and no fused
-        kernel. Models with sliding-window layers keep that direct prefill."""
-        if not self._copy_prefill:
-            logits = self.decoder(inputs_embeds=inputs_embeds, attention_mask=bucket_mask, position_ids=positions,
-                                  use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits
-            return logits[:, -1].argmax(-1)
+        kernel. Models with sliding-window layers keep that direct prefill, and so does a compiled prefill
+        (``prefill_multiple``), where one static shape matters more than the attention work."""
+        if self.prefill_multiple or not self._copy_prefill:
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            return self.prefill_step(inputs_embeds, bucket_mask, positions, cache).clone()
         from transformers import DynamicCache
 
         prompt_cache = DynamicCache()
@@ -231,6 +254,13 @@ class StaticCacheDecoder:
         where = {"cache_position": torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)}
         for index, layer in enumerate(prompt_cache.layers):
             cache.update(layer.keys, layer.values, index, where)
+        return logits[:, -1].argmax(-1)
+
+    def _prefill_direct(self, inputs_embeds: torch.Tensor, bucket_mask: torch.Tensor, positions: torch.Tensor,
+                        cache: Any) -> torch.Tensor:
+        """The first new token from a prefill straight into the static cache, attending over its whole bucket."""
+        logits = self.decoder(inputs_embeds=inputs_embeds, attention_mask=bucket_mask, position_ids=positions,
+                              use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits
         return logits[:, -1].argmax(-1)
 
     @staticmethod
@@ -242,6 +272,32 @@ class StaticCacheDecoder:
             if finished:
                 return step + 1
         return None
+
+
+def _allocate(cache: Any, config: Any, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Allocate a new static cache's tensors now, eagerly, through one update and a reset. transformers allocates
+    them (and marks their addresses static) on the first update; inside a recorded CUDA graph that would make them
+    graph-owned memory, which the next graph replay overwrites."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    states = torch.zeros(batch, heads, 1, head_dim, dtype=dtype, device=device)
+    where = {"cache_position": torch.zeros(1, dtype=torch.long, device=device)}
+    for index in range(len(cache.layers)):
+        cache.update(states, states, index, where)
+    cache.reset()
+
+
+def left_pad(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch padded further on the left (zero embeddings, masked) to a multiple of ``multiple``
+    positions. Masked positions change no real position's output, so greedy decoding is unchanged."""
+    length = inputs_embeds.shape[1]
+    extra = -length % multiple
+    if not extra:
+        return inputs_embeds, attention_mask
+    batch, _, hidden = inputs_embeds.shape
+    pad = inputs_embeds.new_zeros(batch, extra, hidden)
+    return (torch.cat([pad, inputs_embeds], dim=1),
+            torch.cat([attention_mask.new_zeros(batch, extra), attention_mask], dim=1))
 
 
 class GenerationEngine:
@@ -257,7 +313,7 @@ class GenerationEngine:
     """
 
     def __init__(self, decoder: Any, choice: str = "auto", compile_step: bool | None = None,
-                 min_bucket: int = MIN_BUCKET) -> None:
+                 min_bucket: int = MIN_BUCKET, prefill_multiple: int = 0) -> None:
         self.decoder = decoder
         self.choice = choice
         self.device = torch.device(decoder.device)
@@ -272,7 +328,8 @@ class GenerationEngine:
                 compile_step = self.device.type == "cuda" and _has_triton()
                 if self.device.type == "cuda" and not compile_step:
                     logger.warning("triton is missing: the static decode step runs eagerly, without CUDA graphs")
-            self.static = StaticCacheDecoder(decoder, compile_step=compile_step, min_bucket=min_bucket)
+            self.static = StaticCacheDecoder(decoder, compile_step=compile_step, min_bucket=min_bucket,
+                                             prefill_multiple=prefill_multiple)
             if compile_step and self.device.type == "cuda":
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="gmsa-decode")
         self._lock = threading.Lock()

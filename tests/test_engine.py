@@ -81,6 +81,32 @@ def test_static_cache_greedy_equals_hf_generate_with_left_padding(model, batch):
     assert len(decoder._caches) == 2
 
 
+@pytest.mark.parametrize("multiple", [16, 7])
+def test_prefill_padded_to_a_multiple_equals_hf_generate(model, batch, multiple):
+    """The compiled path's prefill (run eagerly here): prompts left-padded further to a multiple of positions and
+    prefilled straight into the static cache give HF's greedy tokens, with and without stop tokens."""
+    decoder = StaticCacheDecoder(model.decoder, min_bucket=16, prefill_multiple=multiple)
+    assert batch.inputs_embeds.shape[1] % multiple  # really padded further
+    assert torch.equal(static(model, batch, 12, decoder=decoder), hf(model, batch, 12))
+    stop = [int(hf(model, batch, 12)[0, 3])]
+    assert torch.equal(static(model, batch, 12, stop=stop, decoder=decoder), hf(model, batch, 12, stop=stop))
+    embeds, mask = eng.left_pad(batch.inputs_embeds, batch.attention_mask, multiple)
+    extra = embeds.shape[1] - batch.inputs_embeds.shape[1]
+    assert embeds.shape[1] % multiple == 0 and 0 < extra < multiple
+    assert not mask[:, :extra].any() and not embeds[:, :extra].any() and torch.equal(mask[:, extra:], batch.attention_mask)
+
+
+def test_with_a_padded_prefill_a_new_static_cache_is_allocated_before_it(model):
+    """Its tensors exist (zeroed, nothing cached) before the first prefill, which may then run inside a CUDA graph."""
+    decoder = StaticCacheDecoder(model.decoder, min_bucket=16, prefill_multiple=8)
+    cache, _ = decoder._cache_for(2, 20, torch.float32, torch.device("cpu"))
+    assert all(layer.is_initialized and layer.keys.shape[0] == 2 and not layer.keys.any() for layer in cache.layers)
+    assert cache.get_seq_length() == 0
+    assert GenerationEngine(model.decoder, "static").static.prefill_multiple == 0  # the default: eager prefill
+    with pytest.raises(ValueError, match="prefill_multiple must be >= 0"):
+        StaticCacheDecoder(model.decoder, prefill_multiple=-1)
+
+
 def test_stop_tokens_end_each_row_as_hf_does(model, batch):
     free = hf(model, batch, 12)
     # stop on row 0's third token: row 0 ends there, rows where it never comes run to the end (padded rows of
@@ -237,3 +263,20 @@ def test_assembly_is_differentiable_in_the_soft_tokens(model, tokenizer):
     assert torch.equal(soft.grad, torch.arange(2.0, 7.0)[:, None].expand(5, model.hidden_size))
     with pytest.raises(ValueError, match="padding_side"):
         assemble([[Segment(token_ids=[1])]], model.embed_tokens, "middle")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_compiled_engine_on_cuda_equals_hf_generate(tokenizer):
+    """On a GPU: the compiled step and compiled, padded prefill (CUDA graphs) give HF's greedy tokens (fp32), twice
+    (the second call replays the recorded graphs) and for another prompt length (another padded shape)."""
+    model = lively(tiny_gmsa(tokenizer)).to("cuda")
+    engine = GenerationEngine(model.decoder, "auto", prefill_multiple=eng.PREFILL_MULTIPLE)
+    assert engine.static is not None and engine.static.compiled and engine.static.prefill_multiple
+    prompts = [qa_segments(tokenizer, "Who designed the tower?", [SAMPLE_TEXT]),
+               qa_segments(tokenizer, "Where is Paris?", ["Paris is the capital of France."])]
+    for prompt in prompts:
+        one = model.build_batch([prompt], padding_side="left")
+        expected = GenerationEngine(model.decoder, "hf").generate(one.inputs_embeds, one.attention_mask, 10)
+        for _ in range(2):
+            got = engine.generate(one.inputs_embeds, one.attention_mask, 10)
+            assert engine.last_path == "static" and torch.equal(got, expected)
