@@ -12,13 +12,15 @@ RUNS=${RUNS:-runs}
 INIT=${INIT:-checkpoints/smollm2-gmsa-ae}     # the stage-1 checkpoint
 ABL_MINUTES=${ABL_MINUTES:-4.5}
 LONG_STEPS=${LONG_STEPS:-2000}
-LONG_MINUTES=${LONG_MINUTES:-11}              # training-time cap of the long runs (0: steps only; the shipped run: 11 on 2 H200s, 748 steps)
+LONG_MINUTES=${LONG_MINUTES:-11}              # training-time cap of the long runs (0: steps only; the shipped run: 11 on 2 H200s, 748 steps, then 17 on 1, 545 more)
 STOP_AFTER=${STOP_AFTER:-0}                   # pause this invocation after N minutes (resume with the same command)
 # the shipped checkpoints/smollm2-gmsa (see its model card): LONG_GPUS=0,1 ACCUM=2 BATCH=16 NOCOMPRESS=0
-# INIT=<the same-article stage-1 run> scripts/stage2_recipe.sh long
+# INIT=<the same-article stage-1 run> scripts/stage2_recipe.sh long, then that run trained on (a fresh schedule):
+# RUNS=runs/more LONG_GPUS=0 ACCUM=4 BATCH=16 NOCOMPRESS=0 LONG_MINUTES=17 SEED=1 INIT=<its last checkpoint>
+# RECIPE="--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs_curriculum 0" scripts/stage2_recipe.sh long
 RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs_curriculum 0.25"}
 common="--stage keft --data data/qa-multidoc --dev_data data/qa-multidoc --max_docs 5 --rate_weights 1 4 3 2
-  --batch_size ${BATCH:-8} --grad_accum ${ACCUM:-8} --lr 5e-4 --warmup_steps 20 --seed 0 --log_every 5
+  --batch_size ${BATCH:-8} --grad_accum ${ACCUM:-8} --lr 5e-4 --warmup_steps 20 --seed ${SEED:-0} --log_every 5
   --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --eval_gold_only true --save_dtype bfloat16"
 
 # name: flags beside the common ones (decoder: LoRA r=16 on W_Q/W_K/W_V, on for soft-token prompts only;
