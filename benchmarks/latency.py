@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-fast", action="store_true", help="skip the static-cache engine (the fast path)")
     p.add_argument("--fast", action="store_true",
                    help="time the static-cache engine even where the engine's auto choice is HF generate")
+    p.add_argument("--prefill", default="prompt", choices=["prompt", "bucket", "graph"],
+                   help="the static-cache engine's prefill mode (gmsa_rag.engine.StaticCacheDecoder; default prompt)")
     args = p.parse_args(argv)
     unknown = set(args.methods) - set(METHODS)
     if unknown:
@@ -165,7 +167,7 @@ def main(argv=None) -> dict[str, Any]:
     hf = GenerationEngine(decoder, "hf")
     fast = None
     if not args.no_fast and (args.fast or select_engine(device) == "static"):
-        fast = GenerationEngine(decoder, "static")
+        fast = GenerationEngine(decoder, "static", prefill=args.prefill)
     elif not args.no_fast:
         notes.append(f"The engine's auto choice on {device.type} is HF generate, so only it is timed (--fast adds "
                      "the static-cache engine).")
@@ -194,6 +196,7 @@ def main(argv=None) -> dict[str, Any]:
                 "doc_tokens": args.doc_tokens, "new_tokens": n, "repeats": args.repeats, "warmup": args.warmup,
                 "fast_path": fast is not None,
                 "fast_compiled": bool(fast is not None and fast.static.compiled),
+                "fast_prefill": fast.static.prefill if fast is not None else None,
                 "model_load_s": round(load_s, 1), "run_s": round(time.perf_counter() - t0, 1),
                 "load_average_at_end": bc.load_average()}
         all_notes = notes + _definitions(args, device, fast)
@@ -366,7 +369,9 @@ def _definitions(args, device, fast) -> list[str]:
     if fast:
         step = ("under torch.compile(mode='reduce-overhead') (CUDA graphs)" if fast.static.compiled else "eager")
         notes.append(f"fast = the engine's static path: static KV cache (powers of two, >= 256 positions) + decode "
-                     f"step {step}; prefill eager; compile time excluded (warm-up). "
+                     f"step {step}; prefill mode '{fast.static.prefill}' (prompt: eager over the prompt's own "
+                     "length, then copied in; bucket: eager, straight into the static cache; graph: left-padded to a "
+                     "multiple of 64 positions, straight in, compiled with the step); compile time excluded (warm-up). "
                      "fast_token_agreement in the JSON = share of tokens equal to HF greedy's; with random weights the logits "
                      "are near-ties in bf16, so it is low there (the two paths agree exactly in an fp32 test).")
     if device.type == "cuda":

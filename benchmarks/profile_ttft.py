@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rate", type=int, default=8, help="compression rate (default 8)")
     p.add_argument("--encoder-layers", type=int, default=8, help="encoder layers of the untrained compressor")
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "static"], help="generation engine")
+    p.add_argument("--prefill", default="prompt", choices=["prompt", "bucket", "graph"],
+                   help="the static engine's prefill mode (gmsa_rag.engine.StaticCacheDecoder; default prompt)")
     p.add_argument("--repeats", type=int, default=20, help="timed runs per phase (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed product calls first (compiles; default 5)")
     p.add_argument("--profile-steps", type=int, default=5, help="product calls under the profiler (default 5)")
@@ -110,7 +112,7 @@ def main(argv=None) -> dict[str, Any]:
                         rates=rates)
     t0 = time.perf_counter()
     model = GMSAModel.from_base(config, device=device, dtype=dtype).eval()
-    model.generation_engine = args.engine
+    model.generation_engine, model.generation_prefill = args.engine, args.prefill
     load_s = time.perf_counter() - t0
     passages, source = bc.load_passages(args.data)
     docs = make_context(tokenizer, bc.token_stream(tokenizer, passages, args.context), args.context, args.doc_tokens)
@@ -119,6 +121,7 @@ def main(argv=None) -> dict[str, Any]:
     contexts = {"cached": soft, "host": [s.cpu() for s in soft], "uncompressed": docs}
     engine = engine_for(model)
     decoder = model.decoder
+    stem = f"{NAME}-{args.shape}" + ("" if args.prefill == "prompt" else f"-{args.prefill}")
 
     rows: list[dict[str, Any]] = []
     for case, ctx in contexts.items():
@@ -174,7 +177,7 @@ def main(argv=None) -> dict[str, Any]:
             bc.sync(device)
     out_dir = Path(args.out or bc.default_out_dir(device))
     out_dir.mkdir(parents=True, exist_ok=True)
-    trace = out_dir / f"{NAME}-{args.shape}.trace.json"
+    trace = out_dir / f"{stem}.trace.json"
     prof.export_chrome_trace(str(trace))
     gpu = device.type == "cuda"
     key = "self_device_time_total" if gpu else "self_cpu_time_total"
@@ -186,9 +189,10 @@ def main(argv=None) -> dict[str, Any]:
                     "device_total_ms": getattr(e, "device_time_total", 0) / 1e3 / args.profile_steps,
                     "self_device_ms": getattr(e, "self_device_time_total", 0) / 1e3 / args.profile_steps})
     table_txt = prof.key_averages().table(sort_by=key, row_limit=args.rows)
-    (out_dir / f"{NAME}-{args.shape}.table.txt").write_text(table_txt)
+    (out_dir / f"{stem}.table.txt").write_text(table_txt)
 
     meta = {**env, "shape": args.shape, "base_model": config.base_model, "engine": engine.kind,
+            "prefill": engine.static.prefill if engine.static is not None else None,
             "static_compiled": bool(engine.static is not None and engine.static.compiled),
             "context": args.context, "rate": args.rate, "doc_tokens": args.doc_tokens, "docs": len(docs),
             "repeats": args.repeats, "warmup": args.warmup, "profile_steps": args.profile_steps,
@@ -203,7 +207,7 @@ def main(argv=None) -> dict[str, Any]:
         "decoder forward, no cache, logits of the last position only; overhead = product - bare prefill.",
         "host = soft tokens on the host, as the disk cache returns them; cached = already on the device.",
         f"Operators: the profiler over {args.profile_steps} product calls of the 'cached' case, all threads, sorted "
-        f"by self {'device' if gpu else 'CPU'} time, per call (ms); full table in {NAME}-{args.shape}.table.txt, "
+        f"by self {'device' if gpu else 'CPU'} time, per call (ms); full table in {stem}.table.txt, "
         f"Chrome trace in {trace.name} (open in chrome://tracing or Perfetto).",
     ]
     C = bc.Column
@@ -226,7 +230,7 @@ def main(argv=None) -> dict[str, Any]:
     ax.set_xlabel("ms")
     ax.set_title(f"TTFT parts, {args.shape} shape, {meta['machine']}")
     ax.legend(fontsize=8)
-    paths = bc.write_outputs(out_dir, f"{NAME}-{args.shape}", f"TTFT profile ({args.shape} shape, {meta['machine']})",
+    paths = bc.write_outputs(out_dir, stem, f"TTFT profile ({args.shape} shape, {meta['machine']})",
                              meta, [("Phases", phase_cols, rows), ("Top operators (cached case, per TTFT)", op_cols, ops)],
                              fig, notes, {"rows": rows, "operators": ops})
     print(f"wrote {', '.join(str(p) for p in paths.values())}, {trace}")

@@ -4,9 +4,9 @@ One interface (:class:`GenerationEngine`), two paths:
 
 * ``static``: a transformers ``StaticCache`` (one per batch size and length bucket, kept and reused) filled by a
   prefill, then a one-token decode step. On CUDA the step is compiled with ``torch.compile(mode="reduce-overhead")``,
-  which records it as CUDA graphs; elsewhere it runs eagerly. The prefill runs eagerly over the prompt's own length,
-  or, as an option (``prefill_multiple``), over the prompt left-padded to a multiple of positions, compiled with the
-  step (not yet the default: see :data:`PREFILL_MULTIPLE`).
+  which records it as CUDA graphs; elsewhere it runs eagerly. The prefill is one of :data:`PREFILL_MODES`: eagerly
+  over the prompt's own length (the default), eagerly straight into the static cache, or left-padded to a multiple
+  of positions and compiled with the step (see :class:`StaticCacheDecoder`).
   Greedy only: stop tokens per row, ``BaseStreamer`` streaming, no logits processors.
 * ``hf``: Hugging Face ``generate`` (dynamic cache): everything else (sampling, beams, logits processors).
 
@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 EngineChoice = Literal["auto", "hf", "static"]
 EngineKind = Literal["hf", "static"]
 ENGINE_CHOICES: tuple[str, ...] = ("auto", "hf", "static")
+PrefillMode = Literal["prompt", "bucket", "graph"]
+PREFILL_MODES: tuple[str, ...] = ("prompt", "bucket", "graph")
 
 #: What ``auto`` picks on CPU: HF ``generate``, which decoded SmolLM2-135M ~2% faster than the eager static-cache
 #: path on the project's 2-core machine (benchmarks/results/cpu-2core/decode-engine-choice.md).
@@ -38,11 +40,8 @@ CPU_ENGINE: EngineKind = "hf"
 #: Smallest static-cache length; longer prompts round up to the next power of two (few buckets, few recompiles).
 MIN_BUCKET = 256
 
-#: A compiled prefill's padding: prompts left-padded to a multiple of this many positions, one CUDA graph per
+#: The ``graph`` prefill's padding: prompts left-padded to a multiple of this many positions, one CUDA graph per
 #: (batch size, padded length, cache bucket), at most this many - 1 masked positions of extra prefill work.
-#: ``GenerationEngine(prefill_multiple=PREFILL_MULTIPLE)`` turns it on. Not the default yet: its first GPU run
-#: (2026-11-27, H200) failed because the static cache was first filled inside the recorded graph (fixed since:
-#: ``_cache_for`` then allocates every new cache eagerly; not yet re-run on a GPU).
 PREFILL_MULTIPLE = 64
 
 # Generation kwargs the static path honours (or that change nothing in greedy decoding); anything else -> HF.
@@ -122,16 +121,24 @@ class StaticCacheDecoder:
         mode: ``torch.compile`` mode; ``reduce-overhead`` records CUDA graphs.
         min_bucket: smallest cache length (see :func:`cache_bucket`).
         max_caches: static caches kept (least recently used dropped first).
-        prefill_multiple: left-pad prompts to a multiple of this many positions and prefill them in one call
-            straight into the static cache, compiled with the step (a CUDA graph per shape: no per-layer launch
-            overhead, which is most of a short prompt's prefill on a large model); 0: prefill over the prompt's own
-            length, eagerly (see :meth:`_prefill`).
+        prefill: how the prompt fills the cache. ``prompt``: eagerly over the prompt's own length, its keys and
+            values then copied in (fused causal attention over the prompt only; models with sliding-window layers
+            use ``bucket``). ``bucket``: eagerly straight into the static cache, attending over the whole bucket
+            through an explicit mask. ``graph``: the prompt left-padded to a multiple of ``prefill_multiple``
+            positions, then as ``bucket`` but compiled with the step (a CUDA graph per shape: no per-layer launch
+            overhead, most of a short prompt's prefill on a large model). Not yet measured against each other on a
+            GPU; ``graph``'s first GPU run (2026-11-27, H200) failed because the static cache was first allocated
+            inside the recorded graph, which new caches now are not (not yet re-run on a GPU).
+        prefill_multiple: the ``graph`` prefill's padding multiple.
     """
 
     def __init__(self, decoder: Any, compile_step: bool = False, mode: str = "reduce-overhead",
-                 min_bucket: int = MIN_BUCKET, max_caches: int = 4, prefill_multiple: int = 0) -> None:
-        if prefill_multiple < 0:
-            raise ValueError(f"prefill_multiple must be >= 0, got {prefill_multiple}")
+                 min_bucket: int = MIN_BUCKET, max_caches: int = 4, prefill: str = "prompt",
+                 prefill_multiple: int = PREFILL_MULTIPLE) -> None:
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
+        if prefill_multiple < 1:
+            raise ValueError(f"prefill_multiple must be >= 1, got {prefill_multiple}")
         self.decoder = decoder
         self.min_bucket = min_bucket
         self.max_caches = max_caches
@@ -141,7 +148,9 @@ class StaticCacheDecoder:
         params = inspect.signature(decoder.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         layer_types = getattr(decoder.config.get_text_config(decoder=True), "layer_types", None) or ()
-        self._copy_prefill = all(kind == "full_attention" for kind in layer_types)
+        if prefill == "prompt" and not all(kind == "full_attention" for kind in layer_types):
+            prefill = "bucket"  # copying a prompt's keys and values in assumes every layer keeps all positions
+        self.prefill: PrefillMode = prefill  # type: ignore[assignment]
         if compile_step:
             import torch._dynamo
 
@@ -150,7 +159,8 @@ class StaticCacheDecoder:
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
             self.step = torch.compile(self._step, mode=mode, dynamic=False)
-            self.prefill_step = torch.compile(self._prefill_direct, mode=mode, dynamic=False)
+            self.prefill_step = (torch.compile(self._prefill_direct, mode=mode, dynamic=False)
+                                 if prefill == "graph" else self._prefill_direct)
         else:
             self.step = self._step
             self.prefill_step = self._prefill_direct
@@ -173,7 +183,7 @@ class StaticCacheDecoder:
         else:
             config = self.decoder.config.get_text_config(decoder=True)
             cache = StaticCache(config=config, max_cache_len=size)
-            if self.prefill_multiple:  # the compiled prefill may be the first to fill it
+            if self.prefill == "graph":  # the compiled prefill may be the first to fill it
                 _allocate(cache, config, batch, dtype, device)
             mask = torch.ones(batch, size, dtype=torch.bool, device=device)
             if self.compiled:
@@ -191,7 +201,7 @@ class StaticCacheDecoder:
         the same as Hugging Face greedy ``generate`` with ``eos_token_id=stop_token_ids``."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if self.prefill_multiple:
+        if self.prefill == "graph":
             inputs_embeds, attention_mask = left_pad(inputs_embeds, attention_mask, self.prefill_multiple)
         batch, length, _ = inputs_embeds.shape
         device = inputs_embeds.device
@@ -236,14 +246,14 @@ class StaticCacheDecoder:
 
     def _prefill(self, inputs_embeds: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor, cache: Any,
                  bucket_mask: torch.Tensor) -> torch.Tensor:
-        """The first new token. The prompt runs over its own length with a dynamic cache (a causal mask of
-        [length, length], SDPA's fused kernels when no row is padded) and its keys and values are then copied into
-        the static cache. Prefilling into the static cache directly attends over the whole bucket through an
-        explicit [length, bucket] mask: twice the attention work at 4k tokens in an 8k bucket, and no fused
-        kernel. Models with sliding-window layers keep that direct prefill, and so does a compiled prefill
-        (``prefill_multiple``), where one static shape matters more than the attention work."""
-        if self.prefill_multiple or not self._copy_prefill:
-            if self.compiled:
+        """The first new token. ``prompt``: the prompt runs over its own length with a dynamic cache (a causal mask
+        of [length, length], SDPA's fused kernels when no row is padded) and its keys and values are then copied
+        into the static cache; on the 2-core CPU 2,100 positions in a 4,096 bucket took 0.50 s against 0.92 s
+        straight into the cache. ``bucket`` / ``graph``: straight into the static cache, attending over the whole
+        bucket through an explicit [length, bucket] mask (twice the attention work at 4k tokens in an 8k bucket,
+        no fused kernel), in one static shape that a CUDA graph can replay."""
+        if self.prefill != "prompt":
+            if self.prefill == "graph" and self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             return self.prefill_step(inputs_embeds, bucket_mask, positions, cache).clone()
         from transformers import DynamicCache
@@ -313,7 +323,7 @@ class GenerationEngine:
     """
 
     def __init__(self, decoder: Any, choice: str = "auto", compile_step: bool | None = None,
-                 min_bucket: int = MIN_BUCKET, prefill_multiple: int = 0) -> None:
+                 min_bucket: int = MIN_BUCKET, prefill: str = "prompt") -> None:
         self.decoder = decoder
         self.choice = choice
         self.device = torch.device(decoder.device)
@@ -329,9 +339,10 @@ class GenerationEngine:
                 if self.device.type == "cuda" and not compile_step:
                     logger.warning("triton is missing: the static decode step runs eagerly, without CUDA graphs")
             self.static = StaticCacheDecoder(decoder, compile_step=compile_step, min_bucket=min_bucket,
-                                             prefill_multiple=prefill_multiple)
+                                             prefill=prefill)
             if compile_step and self.device.type == "cuda":
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="gmsa-decode")
+        self.prefill = prefill
         self._lock = threading.Lock()
 
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
@@ -369,9 +380,11 @@ class GenerationEngine:
                                          max_new_tokens=max_new_tokens, eos_token_id=stop or None,
                                          pad_token_id=pad_token_id, streamer=streamer, **generate_kwargs)
 
-    def matches(self, decoder: Any, choice: str) -> bool:
-        """Whether this engine serves ``decoder`` as it is now (same object and device) with ``choice``."""
-        return decoder is self.decoder and choice == self.choice and torch.device(decoder.device) == self.device
+    def matches(self, decoder: Any, choice: str, prefill: str = "prompt") -> bool:
+        """Whether this engine serves ``decoder`` as it is now (same object and device) with ``choice`` and
+        ``prefill``."""
+        return (decoder is self.decoder and choice == self.choice and prefill == self.prefill
+                and torch.device(decoder.device) == self.device)
 
 
 def _has_triton() -> bool:
@@ -384,11 +397,13 @@ def _has_triton() -> bool:
 
 
 def engine_for(model: Any) -> GenerationEngine:
-    """The engine of a ``GMSAModel`` for its ``generation_engine`` choice, built once and kept on the model (its
-    static caches and compiled step are reused), rebuilt when the choice or the decoder's device changes."""
+    """The engine of a ``GMSAModel`` for its ``generation_engine`` choice and ``generation_prefill`` mode, built once
+    and kept on the model (its static caches and compiled step are reused), rebuilt when either or the decoder's
+    device changes."""
     choice = getattr(model, "generation_engine", "auto")
+    prefill = getattr(model, "generation_prefill", "prompt")
     engine = model.__dict__.get("_generation_engine")
-    if engine is None or not engine.matches(model.decoder, choice):
-        engine = GenerationEngine(model.decoder, choice)
+    if engine is None or not engine.matches(model.decoder, choice, prefill):
+        engine = GenerationEngine(model.decoder, choice, prefill=prefill)
         model.__dict__["_generation_engine"] = engine
     return engine

@@ -430,6 +430,9 @@ class GMSAModel(nn.Module):
     generation_engine: str = "auto"
     """Decoding path of :meth:`generate_from_segments` (see :mod:`gmsa_rag.engine`): ``auto`` (static KV cache,
     CUDA graphs on CUDA; on CPU the faster path measured there), ``static`` or ``hf`` (Hugging Face generate)."""
+    generation_prefill: str = "prompt"
+    """How the static path's prefill fills its cache: ``prompt``, ``bucket`` or ``graph`` (see
+    :class:`gmsa_rag.engine.StaticCacheDecoder`)."""
 
     @torch.no_grad()
     def generate_from_segments(

@@ -90,9 +90,11 @@ def test_latency_runs_end_to_end(qa_file, tmp_path):
     out = tmp_path / "lat"
     result = _bench("latency").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
                                      "--lengths", "48,96", "--doc-tokens", "32", "--rates", "4,8",
-                                     "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--fast", "--out", str(out)])
+                                     "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--fast", "--prefill", "graph",
+                                     "--out", str(out)])
     data = _check_outputs(out, "latency")
     assert data["meta"]["fast_path"] and not data["meta"]["fast_compiled"]  # the engine's static path, eager on CPU
+    assert data["meta"]["fast_prefill"] == "graph"  # padded prefill, run eagerly here: still HF's tokens (below)
     rows = result["rows"]
     assert len(rows) == 2 * (1 + 2 * 4)  # per length: uncompressed + 2 rates x (gmsa, tcp) x (cached, online)
     by = {(r["length"], r["method"], r["rate"]): r for r in rows}
@@ -179,13 +181,14 @@ def test_profile_ttft_runs_on_a_tiny_shape(qa_file, tmp_path):
     result = _bench("profile_ttft").main(["--shape", "tiny", "--device", "cpu", "--data", str(qa_file),
                                           "--context", "96", "--doc-tokens", "32", "--encoder-layers", "2",
                                           "--repeats", "1", "--warmup", "0", "--profile-steps", "1", "--engine", "static",
-                                          "--config-dir", str(tmp_path / "cfg"), "--out", str(out)])
-    data = _check_outputs(out, "profile_ttft-tiny")
+                                          "--prefill", "bucket", "--config-dir", str(tmp_path / "cfg"), "--out", str(out)])
+    data = _check_outputs(out, "profile_ttft-tiny-bucket")
+    assert data["meta"]["prefill"] == "bucket"
     cases = {r["case"]: r for r in result["rows"]}
     assert set(cases) == {"cached", "host", "uncompressed"}
     assert cases["cached"]["positions"] < cases["uncompressed"]["positions"]
     assert any(op["op"] == "gmsa.prefill" for op in data["operators"])  # the engine's own label is in the trace
-    assert (out / "profile_ttft-tiny.trace.json").stat().st_size > 0
+    assert (out / "profile_ttft-tiny-bucket.trace.json").stat().st_size > 0
 
 
 def _corpus(tmp_path: Path) -> Path:

@@ -81,15 +81,17 @@ def test_static_cache_greedy_equals_hf_generate_with_left_padding(model, batch):
     assert len(decoder._caches) == 2
 
 
-@pytest.mark.parametrize("multiple", [16, 7])
-def test_prefill_padded_to_a_multiple_equals_hf_generate(model, batch, multiple):
-    """The compiled path's prefill (run eagerly here): prompts left-padded further to a multiple of positions and
-    prefilled straight into the static cache give HF's greedy tokens, with and without stop tokens."""
-    decoder = StaticCacheDecoder(model.decoder, min_bucket=16, prefill_multiple=multiple)
-    assert batch.inputs_embeds.shape[1] % multiple  # really padded further
+@pytest.mark.parametrize("prefill,multiple", [("bucket", 1), ("graph", 16), ("graph", 7)])
+def test_every_prefill_mode_equals_hf_generate(model, batch, prefill, multiple):
+    """Straight into the static cache, and (the compiled path's prefill, run eagerly here) left-padded further to a
+    multiple of positions: HF's greedy tokens, with and without stop tokens."""
+    decoder = StaticCacheDecoder(model.decoder, min_bucket=16, prefill=prefill, prefill_multiple=multiple)
+    assert prefill == "bucket" or batch.inputs_embeds.shape[1] % multiple  # really padded further
     assert torch.equal(static(model, batch, 12, decoder=decoder), hf(model, batch, 12))
     stop = [int(hf(model, batch, 12)[0, 3])]
     assert torch.equal(static(model, batch, 12, stop=stop, decoder=decoder), hf(model, batch, 12, stop=stop))
+    if prefill == "bucket":
+        return
     embeds, mask = eng.left_pad(batch.inputs_embeds, batch.attention_mask, multiple)
     extra = embeds.shape[1] - batch.inputs_embeds.shape[1]
     assert embeds.shape[1] % multiple == 0 and 0 < extra < multiple
@@ -98,13 +100,15 @@ def test_prefill_padded_to_a_multiple_equals_hf_generate(model, batch, multiple)
 
 def test_with_a_padded_prefill_a_new_static_cache_is_allocated_before_it(model):
     """Its tensors exist (zeroed, nothing cached) before the first prefill, which may then run inside a CUDA graph."""
-    decoder = StaticCacheDecoder(model.decoder, min_bucket=16, prefill_multiple=8)
+    decoder = StaticCacheDecoder(model.decoder, min_bucket=16, prefill="graph", prefill_multiple=8)
     cache, _ = decoder._cache_for(2, 20, torch.float32, torch.device("cpu"))
     assert all(layer.is_initialized and layer.keys.shape[0] == 2 and not layer.keys.any() for layer in cache.layers)
     assert cache.get_seq_length() == 0
-    assert GenerationEngine(model.decoder, "static").static.prefill_multiple == 0  # the default: eager prefill
-    with pytest.raises(ValueError, match="prefill_multiple must be >= 0"):
-        StaticCacheDecoder(model.decoder, prefill_multiple=-1)
+    assert GenerationEngine(model.decoder, "static").static.prefill == "prompt"  # the default
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        StaticCacheDecoder(model.decoder, prefill="padded")
+    with pytest.raises(ValueError, match="prefill_multiple must be >= 1"):
+        StaticCacheDecoder(model.decoder, prefill="graph", prefill_multiple=0)
 
 
 def test_stop_tokens_end_each_row_as_hf_does(model, batch):
@@ -206,6 +210,10 @@ def test_model_generation_goes_through_the_engine(tokenizer, monkeypatch):
     model.generation_engine = "auto"
     assert engine_for(model).kind == select_engine("cpu")
     assert engine_for(model) is engine_for(model)  # kept: its caches (and compiled step) are reused
+    model.generation_engine, model.generation_prefill = "static", "graph"
+    assert engine_for(model).static.prefill == "graph"  # another prefill mode: another engine
+    assert llm.complete(prompt).text == answers["static"][0]
+    model.generation_engine, model.generation_prefill = "auto", "prompt"
     model.generate("Who?", soft, max_new_tokens=2, do_sample=True)  # sampling: HF generate, whatever the choice
     assert engine_for(model).last_path == "hf"
 
@@ -270,8 +278,8 @@ def test_compiled_engine_on_cuda_equals_hf_generate(tokenizer):
     """On a GPU: the compiled step and compiled, padded prefill (CUDA graphs) give HF's greedy tokens (fp32), twice
     (the second call replays the recorded graphs) and for another prompt length (another padded shape)."""
     model = lively(tiny_gmsa(tokenizer)).to("cuda")
-    engine = GenerationEngine(model.decoder, "auto", prefill_multiple=eng.PREFILL_MULTIPLE)
-    assert engine.static is not None and engine.static.compiled and engine.static.prefill_multiple
+    engine = GenerationEngine(model.decoder, "auto", prefill="graph")
+    assert engine.static is not None and engine.static.compiled and engine.static.prefill == "graph"
     prompts = [qa_segments(tokenizer, "Who designed the tower?", [SAMPLE_TEXT]),
                qa_segments(tokenizer, "Where is Paris?", ["Paris is the capital of France."])]
     for prompt in prompts:
