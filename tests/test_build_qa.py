@@ -200,3 +200,24 @@ def test_bundled_qa_multidoc() -> None:
         meta["stats"]["questions_with_fewer_distractors"]
     total = sum(f.stat().st_size for f in DEFAULT_OUT_DIR.iterdir())
     assert total <= 12 * 2**20
+
+
+def test_extra_train_questions_join_train_and_leave_dev_as_it_was() -> None:
+    """--extra-train: its questions are train only, deduplicated and kept off the NQ dev set, and dev (questions,
+    gold passages, distractors) is the same as without them."""
+    qa, nq_train, nq_dev, chunks = _inputs()
+    extra = [{"question": "which river flows past the extra town", "answers": ["Extrariver"], "source": "extra",
+              "id": "e1", "ctxs": [_gold("Extra town", "The river number 0 flows past the extra town: Extrariver.")]},
+             {"question": "Who painted the dev mural", "answers": ["Dev Painter"], "source": "extra", "id": "e2",
+              "ctxs": [_gold("Mural copy", "Somebody painted it.")]}]  # an NQ dev question: dropped
+    passages, train, dev, stats = build_qa_pool(qa, nq_train, nq_dev, chunks, _bow_embed, CONFIG, extra_train=extra)
+    _check_pooled(passages, train, dev, CONFIG.num_distractors, nq_dev)
+    assert [r["id"] for r in train if r["source"] == "extra"] == ["e1"] and stats.extra_train_questions_in == 2
+    base_passages, base_train, base_dev, _ = _build()
+
+    def resolved(records, pool):
+        text = {p["id"]: p["text"] for p in pool}
+        return [(r["question"], text[r["gold"]], [text[j] for j in r["distractors"]]) for r in records]
+
+    assert resolved(dev, passages) == resolved(base_dev, base_passages)
+    assert len(train) == len(base_train) + 1

@@ -16,8 +16,10 @@ contains a normalised answer (:func:`gmsa_rag.data.build_nq.contains_answer`). T
 ``build_nq`` (:func:`~gmsa_rag.data.build_nq.pick_distractors`).
 
 Split: ``dev_size`` questions of the QA file go to dev, grouped by gold passage and normalised question
-(:func:`~gmsa_rag.data.build_nq.split_train_dev`); NQ questions are train only (one that shares a gold
-passage or question with dev is dropped). Train distractors never include a dev gold passage.
+(:func:`~gmsa_rag.data.build_nq.split_train_dev`); NQ questions and ``--extra-train`` files (e.g. EfficientQA
+questions with retrieved gold passages, :mod:`gmsa_rag.data.build_retrieved`) are train only (one that shares a
+gold passage or question with dev is dropped). Train distractors never include a dev gold passage; dev distractors
+are drawn only from the passages the build has without the extra files, so adding them leaves dev as it was.
 
 Output (``--out-dir``, default ``data/qa-multidoc``), each passage stored once:
 
@@ -106,6 +108,7 @@ class QABuildStats:
 
     qa_questions_in: int = 0
     nq_train_questions_in: int = 0
+    extra_train_questions_in: int = 0
     dropped_same_question_as_nq_dev: int = 0
     dropped_gold_is_nq_dev_gold: int = 0
     dropped_duplicate: int = 0
@@ -209,10 +212,10 @@ def _passage_key(title: str | None, text: str) -> tuple[str, str]:
 
 def _select_questions(
     qa: Sequence[dict[str, Any]], nq_train: Sequence[dict[str, Any]], dev_questions: set[str], dev_golds: set[str],
-    stats: QABuildStats,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    stats: QABuildStats, extra_train: Sequence[dict[str, Any]] = (),
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Drop exact duplicates and questions whose normalised text is in ``dev_questions`` or whose gold text is
-    in ``dev_golds`` (the NQ dev set); return ``(qa_kept, nq_kept)`` records."""
+    in ``dev_golds`` (the NQ dev set); return ``(qa_kept, nq_kept, extra_kept)`` records."""
     seen: set[tuple[str, tuple[str, str], tuple[str, ...]]] = set()
 
     def keep(record: dict[str, Any]) -> bool:
@@ -234,7 +237,7 @@ def _select_questions(
     nq_records = [{"question": r["question"], "answers": r["answers"], "ctxs": [{**_gold(r), "isgold": True}],
                    "source": NQ_SOURCE, "id": f"nq-multidoc-train-{r.get('source_index', i)}"}
                   for i, r in enumerate(nq_train)]
-    return [r for r in qa if keep(r)], [r for r in nq_records if keep(r)]
+    return [r for r in qa if keep(r)], [r for r in nq_records if keep(r)], [r for r in extra_train if keep(r)]
 
 
 @dataclass
@@ -296,17 +299,20 @@ def build_qa_pool(
     embed: Embedder,
     config: QABuildConfig,
     progress: bool = False,
+    extra_train: Sequence[dict[str, Any]] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], QABuildStats]:
     """Build ``(passages, train, dev, stats)`` (the records of the three output files).
 
-    ``qa`` / ``nq_train`` / ``nq_dev`` are oracle-style records (``question``, ``answers``, ``ctxs`` with an
-    ``isgold`` passage); ``chunks`` are ``{title, text}`` Wikipedia chunks, of which ``config.wiki_chunks``
-    are sampled (seeded) into the pool.
+    ``qa`` / ``nq_train`` / ``nq_dev`` / ``extra_train`` are oracle-style records (``question``, ``answers``,
+    ``ctxs`` with an ``isgold`` passage); ``chunks`` are ``{title, text}`` Wikipedia chunks, of which
+    ``config.wiki_chunks`` are sampled (seeded) into the pool. ``extra_train`` joins train only.
     """
-    stats = QABuildStats(qa_questions_in=len(qa), nq_train_questions_in=len(nq_train), wiki_chunks_cut=len(chunks))
+    stats = QABuildStats(qa_questions_in=len(qa), nq_train_questions_in=len(nq_train),
+                         extra_train_questions_in=len(extra_train), wiki_chunks_cut=len(chunks))
     nq_dev_questions = {normalize_answer(r["question"]) for r in nq_dev}
     nq_dev_golds = {_text_key(_gold(r)["text"]) for r in nq_dev}
-    qa_kept, nq_kept = _select_questions(qa, nq_train, nq_dev_questions, nq_dev_golds, stats)
+    qa_kept, nq_kept, extra_kept = _select_questions(qa, nq_train, nq_dev_questions, nq_dev_golds, stats,
+                                                     extra_train)
     allowed_chunks = [i for i, c in enumerate(chunks) if _text_key(c["text"]) not in nq_dev_golds]
     stats.wiki_chunks_dropped_nq_dev_gold = len(chunks) - len(allowed_chunks)
 
@@ -322,19 +328,23 @@ def build_qa_pool(
     train = [qa_kept[i] for i in train_idx]
     if any(clashes(r) for r in train):  # split_train_dev groups by title+text; also by text alone
         raise ValueError("a train question shares a gold passage text or a question with dev")
-    stats.dropped_nq_overlaps_qa_dev = sum(clashes(r) for r in nq_kept)
+    stats.dropped_nq_overlaps_qa_dev = sum(clashes(r) for r in nq_kept + extra_kept)
     train += [r for r in nq_kept if not clashes(r)]
+    core = len(train)  # train without the extra files
+    train += [r for r in extra_kept if not clashes(r)]
 
     sample = sorted(random.Random(config.seed).sample(allowed_chunks, min(config.wiki_chunks, len(allowed_chunks))))
     golds = [(_gold(r).get("title", ""), _gold(r)["text"]) for r in train + dev]
-    pool = _make_pool(golds, [(chunks[i]["title"], chunks[i]["text"]) for i in sample], embed)
+    sampled = [(chunks[i]["title"], chunks[i]["text"]) for i in sample]
+    pool = _make_pool(golds, sampled, embed)
+    without_extra = {_passage_key(*g) for g in golds[:core] + golds[len(train):] + sampled}
     q_emb = np.asarray(embed([r["question"] for r in train + dev]), dtype=np.float32)
     stats.pool_size, stats.pool_gold_passages = len(pool.passages), pool.n_gold
     stats.pool_wiki_chunks = stats.pool_size - pool.n_gold
 
     dev_gold_ids = {i for r in dev for i in pool.text_ids[_text_key(_gold(r)["text"])]}
     train_cands = np.array([i for i in range(len(pool.passages)) if i not in dev_gold_ids], dtype=np.int64)
-    all_cands = np.arange(len(pool.passages), dtype=np.int64)
+    all_cands = np.array([i for i, key in enumerate(pool.passages) if key in without_extra], dtype=np.int64)
     sims: dict[str, list[float]] = {"gold": [], "distractor": []}
     k = config.num_distractors
     train_d = _distractors(train, q_emb[:len(train)], pool, train_cands, k, stats, sims, "train distractors", progress)
@@ -375,6 +385,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nq-dir", type=Path, default=DEFAULT_QA_DIR, help="multi-doc NQ folder (train.jsonl.gz used, "
                    "dev.jsonl.gz only excluded)")
     p.add_argument("--wiki", type=Path, default=DEFAULT_WIKI, help="one Wikipedia part (not wiki-14/15)")
+    p.add_argument("--extra-train", type=Path, nargs="*", default=[],
+                   help="oracle-format files whose questions join train only (e.g. build_retrieved's output)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     d = QABuildConfig()
     p.add_argument("--num-distractors", type=int, default=d.num_distractors)
@@ -400,17 +412,20 @@ def main(argv: list[str] | None = None) -> int:
     qa = read_records(args.qa)
     nq_train = read_records(args.nq_dir / "train.jsonl.gz")
     nq_dev = read_records(args.nq_dir / "dev.jsonl.gz")
+    extra = [r for path in args.extra_train for r in read_records(path)]
     chunks, articles = wiki_chunks(args.wiki, config.min_words, config.max_words)
     progress = not args.no_progress
     cache = args.cache or cache_root() / "embeddings" / f"minilm-{config.max_seq_length}.npz"
     embed = cached_embedder(minilm_embedder(batch_size=args.batch_size, show_progress=False,
                                             max_seq_length=config.max_seq_length), cache, progress=progress)
-    passages, train, dev, stats = build_qa_pool(qa, nq_train, nq_dev, chunks, embed, config, progress=progress)
+    passages, train, dev, stats = build_qa_pool(qa, nq_train, nq_dev, chunks, embed, config, progress=progress,
+                                                extra_train=extra)
     stats.wiki_articles = articles
     write_jsonl_gz(passages, args.out_dir / "passages.jsonl.gz")
     write_jsonl_gz(train, args.out_dir / "train.jsonl.gz")
     write_jsonl_gz(dev, args.out_dir / "dev.jsonl.gz")
-    meta = {"inputs": {"qa": args.qa.name, "nq_train": "nq-multidoc/train.jsonl.gz", "wiki": args.wiki.name},
+    meta = {"inputs": {"qa": args.qa.name, "nq_train": "nq-multidoc/train.jsonl.gz", "wiki": args.wiki.name,
+                       **({"extra_train": [p.name for p in args.extra_train]} if args.extra_train else {})},
             "config": asdict(config), "embedding_model": "all-MiniLM-L6-v2", "stats": asdict(stats)}
     (args.out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(meta, indent=2), file=sys.stderr)
