@@ -362,3 +362,29 @@ def test_answer_position_buckets_accuracy_by_where_the_answer_sits(qa_file, chec
     assert len(data["offsets"]) == 3
     # that checkpoint's adapter serves soft tokens only: reading text it is the base model
     assert by_name["fine-tune text"]["all"] == by_name["text-gold"]["all"]
+
+
+def test_answer_errors_sorts_answers_by_what_they_are(tmp_path):
+    """Right / a wrong span of the gold passage / a distractor's span / partial copies / words from nowhere."""
+    from gmsa_rag.data.qa import QAExample, save_qa_jsonl
+
+    kind = _bench("answer_errors").error_kind
+    gold, others = "The Eiffel Tower was designed by Gustave Eiffel's company in Paris.", ["Big Ben is in London."]
+    assert kind("Gustave Eiffel", ["Gustave Eiffel"], gold, others) == "right"
+    assert kind("in Paris", ["Gustave Eiffel"], gold, others) == "wrong span of the gold"
+    assert kind("London", ["Gustave Eiffel"], gold, others) == "span of a distractor"
+    assert kind("Paris tower company", ["Gustave Eiffel"], gold, others) == "mostly gold words"
+    assert kind("Napoleon Bonaparte", ["Gustave Eiffel"], gold, others) == "not in the documents"
+    assert kind(" ", ["Gustave Eiffel"], gold, others) == "empty"
+    data = tmp_path / "dev.jsonl"
+    save_qa_jsonl([QAExample("who designed it?", ["Gustave Eiffel"], [others[0], gold], gold_index=1)], data)
+    results = tmp_path / "qa.json"
+    results.write_text(json.dumps({"outputs": [{"question": "who designed it?", "answers": ["Gustave Eiffel"],
+                                                "GMSA r=4": "London", "base": "Gustave Eiffel did"}]}))
+    rows = {r["system"]: r for r in _bench("answer_errors").main(
+        ["--results", str(results), "--data", str(data), "--out", str(tmp_path / "out")])["rows"]}
+    assert rows["GMSA r=4"]["span of a distractor"] == 100.0 and rows["base"]["right"] == 100.0
+    assert (tmp_path / "out" / "answer-errors.md").is_file()
+    results.write_text(json.dumps({"outputs": [{"question": "another?", "answers": ["x"], "base": "x"}]}))
+    with pytest.raises(ValueError, match="do not follow the data file"):
+        _bench("answer_errors").main(["--results", str(results), "--data", str(data), "--out", str(tmp_path / "o")])

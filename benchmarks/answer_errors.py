@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""What kind of wrong answer each system gives: a wrong document, a wrong place in the right one, or garble.
+
+Reads the outputs that ``benchmarks/qa.py`` saved (its JSON: question, gold answers and every system's answer)
+and the QA file they answered, and sorts every answer by what it is, after SQuAD normalisation:
+
+  right                    a gold answer is in it (qa.py's accuracy)
+  wrong span of the gold   wrong, and the whole answer is a span of the gold passage
+  span of a distractor     wrong, and a span of another document shown
+  mostly gold words        neither, but at least half its words are in the gold passage (more than in any other)
+  mostly distractor words  the same for another document
+  not in the documents     anything else: words the documents do not hold (garbled or made up)
+  empty                    nothing
+
+Picking the wrong document shows up as distractor spans; reading the right one badly, as gold spans, partial copies
+and words from nowhere. No model is run: the command takes seconds on any machine.
+
+    python benchmarks/answer_errors.py --results benchmarks/results/cpu-2core/qa-stage2-continued.json \\
+        --data data/nq-multidoc/dev.jsonl.gz --name answer-errors-stage2-continued
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as bc  # noqa: E402
+
+NAME = "answer-errors"
+KINDS = ("right", "wrong span of the gold", "span of a distractor", "mostly gold words", "mostly distractor words",
+         "not in the documents", "empty")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, nargs="+", required=True,
+                   help="qa.py JSON files (their 'outputs'); with several, each system is named '<file stem>: <system>'")
+    p.add_argument("--data", type=Path, required=True, help="the QA file those outputs answered (same order)")
+    p.add_argument("--gold-only", action="store_true", help="the outputs were made from the gold passage alone")
+    p.add_argument("--name", default=NAME)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<machine>/)")
+    return p.parse_args(argv)
+
+
+def error_kind(answer: str, answers: Sequence[str], gold: str | None, others: Sequence[str]) -> str:
+    """One of :data:`KINDS` for ``answer`` given the gold ``answers``, the gold passage and the other documents."""
+    from gmsa_rag.metrics import normalize_answer
+
+    said = normalize_answer(answer)
+    if not said:
+        return "empty"
+    if any(normalize_answer(a) and normalize_answer(a) in said for a in answers):
+        return "right"
+    padded = lambda text: f" {normalize_answer(text)} "  # noqa: E731 (whole-token matching, as contains_answer)
+    gold_text = padded(gold) if gold is not None else None
+    other_texts = [padded(o) for o in others]
+    if gold_text is not None and f" {said} " in gold_text:
+        return "wrong span of the gold"
+    if any(f" {said} " in o for o in other_texts):
+        return "span of a distractor"
+    words = set(said.split())
+    share = lambda text: len(words & set(text.split())) / len(words)  # noqa: E731
+    in_gold = share(gold_text) if gold_text is not None else 0.0
+    in_other = max((share(o) for o in other_texts), default=0.0)
+    if max(in_gold, in_other) >= 0.5:
+        return "mostly gold words" if in_gold >= in_other else "mostly distractor words"
+    return "not in the documents"
+
+
+def classify(outputs: Sequence[dict[str, Any]], examples: Sequence[Any], gold_only: bool) -> dict[str, Counter]:
+    """Counts of each kind per system of ``outputs`` (qa.py's records) against their ``examples``."""
+    if len(outputs) > len(examples):
+        raise ValueError(f"{len(outputs)} outputs but only {len(examples)} questions in the data file")
+    systems = [k for k in outputs[0] if k not in ("question", "answers")] if outputs else []
+    counts: dict[str, Counter] = {s: Counter() for s in systems}
+    for record, example in zip(outputs, examples):
+        if record["question"] != example.question:
+            raise ValueError(f"the outputs do not follow the data file: {record['question']!r} against "
+                             f"{example.question!r}")
+        gold = example.contexts[example.gold_index] if example.gold_index is not None else None
+        others = [] if gold_only else [c for i, c in enumerate(example.contexts) if i != example.gold_index]
+        for system in systems:
+            counts[system][error_kind(record[system], example.answers, gold, others)] += 1
+    return counts
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    for path in [*args.results, args.data]:
+        if not path.is_file():
+            raise SystemExit(f"no such file: {path}")
+    from gmsa_rag.data.qa import load_qa
+
+    examples = load_qa(args.data, split="dev")
+    counts: dict[str, Counter] = {}
+    for path in args.results:
+        outputs = json.loads(path.read_text())["outputs"]
+        for system, c in classify(outputs, examples, args.gold_only).items():
+            counts[system if len(args.results) == 1 else f"{path.stem}: {system}"] = c
+    rows = [{"system": s, "n": sum(c.values()), **{k: 100 * c[k] / max(sum(c.values()), 1) for k in KINDS}}
+            for s, c in counts.items()]
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+    left = [0.0] * len(rows)
+    for kind in KINDS:
+        values = [r[kind] for r in rows]
+        ax.barh([r["system"] for r in rows], values, left=left, label=kind)
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set_xlabel("% of questions")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    meta = {"results": ", ".join(str(p) for p in args.results), "data": str(args.data),
+            "documents": "gold passage only" if args.gold_only else "as in the file (gold among distractors)",
+            "command": "answer_errors.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    notes = ["Kinds, in this order of precedence, after SQuAD normalisation: right = a gold answer is in the answer; "
+             "wrong span of the gold / span of a distractor = the whole answer occurs (as whole tokens) in the gold "
+             "passage / another document shown; mostly gold / distractor words = at least half of the answer's words "
+             "are in that passage (the gold when tied); not in the documents = the rest; empty = no answer."]
+    columns = [bc.Column("system", "system"), bc.Column("n", "n", 0)] + [bc.Column(k, f"{k} %", 1) for k in KINDS]
+    out = args.out or bc.default_out_dir(bc.resolve_device("cpu"))
+    paths = bc.write_outputs(out, args.name, "Kinds of answers (from qa.py outputs)", meta,
+                             [("Share of questions", columns, rows)], fig, notes, data={"rows": rows})
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
