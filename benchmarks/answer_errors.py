@@ -48,19 +48,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def error_kind(answer: str, answers: Sequence[str], gold: str | None, others: Sequence[str]) -> str:
     """One of :data:`KINDS` for ``answer`` given the gold ``answers``, the gold passage and the other documents."""
-    from gmsa_rag.metrics import normalize_answer
+    from gmsa_rag.data.build_nq import contains_answer
+    from gmsa_rag.metrics import answer_in_output, normalize_answer
 
     said = normalize_answer(answer)
     if not said:
         return "empty"
-    if any(normalize_answer(a) and normalize_answer(a) in said for a in answers):
+    if answer_in_output(answer, answers):  # qa.py's accuracy
         return "right"
-    padded = lambda text: f" {normalize_answer(text)} "  # noqa: E731 (whole-token matching, as contains_answer)
-    gold_text = padded(gold) if gold is not None else None
-    other_texts = [padded(o) for o in others]
-    if gold_text is not None and f" {said} " in gold_text:
+    gold_text = normalize_answer(gold) if gold is not None else None
+    other_texts = [normalize_answer(o) for o in others]
+    if gold_text is not None and contains_answer(gold_text, [said]):
         return "wrong span of the gold"
-    if any(f" {said} " in o for o in other_texts):
+    if any(contains_answer(o, [said]) for o in other_texts):
         return "span of a distractor"
     words = set(said.split())
     share = lambda text: len(words & set(text.split())) / len(words)  # noqa: E731

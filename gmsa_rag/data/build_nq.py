@@ -127,8 +127,8 @@ def gold_positions(mode: GoldPosition, n_examples: int, num_docs: int, rng: rand
 # ------------------------------------------------------------------- records
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Read oracle records; each needs a question, answers and an ``isgold`` context."""
+def read_records(path: Path, need_gold: bool = True) -> list[dict[str, Any]]:
+    """Read oracle records; each needs a question, answers and (unless ``need_gold`` is off) an ``isgold`` context."""
     records = []
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as fh:
@@ -137,8 +137,8 @@ def read_records(path: Path) -> list[dict[str, Any]]:
                 continue
             record = json.loads(line)
             golds = [c for c in record.get("ctxs", []) if c.get("isgold")]
-            if not isinstance(record.get("question"), str) or not record.get("answers") or not golds:
-                raise ValueError(f"{path}:{line_no}: need 'question', 'answers' and a gold context")
+            if not isinstance(record.get("question"), str) or not record.get("answers") or (need_gold and not golds):
+                raise ValueError(f"{path}:{line_no}: need 'question', 'answers'{' and a gold context' * need_gold}")
             records.append(record)
     return records
 

@@ -30,7 +30,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import gzip
 import heapq
 import json
 import math
@@ -48,7 +47,7 @@ from tqdm.auto import tqdm
 from gmsa_rag.backbone import cache_root
 from gmsa_rag.data import DEFAULT_QA_DIR
 from gmsa_rag.data.build_nq import Embedder, minilm_embedder, read_records, write_jsonl_gz
-from gmsa_rag.data.build_qa import _SHARED, cached_embedder, wiki_chunks
+from gmsa_rag.data.build_qa import _SHARED, _check_wiki_part, cached_embedder, wiki_chunks
 from gmsa_rag.metrics import normalize_answer
 
 __all__ = ["RetrievalConfig", "RetrievalStats", "AnswerIndex", "retrieve_gold", "main"]
@@ -149,7 +148,7 @@ def retrieve_gold(
     document_frequency: Counter[str] = Counter()
     candidates: list[list[int]] = [[] for _ in kept]  # chunk ids per question
     stored: dict[int, tuple[str, dict[str, str], frozenset[str]]] = {}  # chunk id -> (part, chunk, its words)
-    for cid, (part, chunk) in enumerate(tqdm(chunks, desc="chunks", unit=" chunk", disable=not progress)):
+    for cid, (part, chunk) in enumerate(tqdm(chunks, desc="chunks", unit=" chunk", disable=not progress), start=1):
         tokens = _tokens(f"{chunk['title']} {chunk['text']}")
         words = frozenset(tokens)
         document_frequency.update(words & vocabulary)
@@ -158,7 +157,7 @@ def retrieve_gold(
             stored[cid] = (part, chunk, words & vocabulary)
             for qi in hits:
                 candidates[qi].append(cid)
-        stats.chunks_streamed = cid + 1
+        stats.chunks_streamed = cid
 
     n = max(stats.chunks_streamed, 1)
     idf = {w: math.log(n / (1 + document_frequency[w])) for w in vocabulary}
@@ -169,15 +168,15 @@ def retrieve_gold(
     stats.questions_with_candidates = sum(bool(c) for c in candidates)
     stats.mean_candidates = float(np.mean([len(c) for c in candidates])) if candidates else 0.0
 
-    texts = [f"{stored[c][1]['title']}. {stored[c][1]['text']}" for c in sorted({c for s in shortlists for c in s})]
-    text_vectors = dict(zip(texts, np.asarray(embed(texts), dtype=np.float32))) if texts else {}
+    shortlisted = sorted({c for s in shortlists for c in s})
+    texts = [f"{stored[c][1]['title']}. {stored[c][1]['text']}" for c in shortlisted]
+    vectors = dict(zip(shortlisted, np.asarray(embed(texts), dtype=np.float32))) if texts else {}
     question_vectors = np.asarray(embed([q["question"] for q in kept]), dtype=np.float32) if kept else None
     records, similarities = [], []
     for qi, shortlist in enumerate(shortlists):
         if not shortlist:
             continue
-        scored = [(float(text_vectors[f"{stored[c][1]['title']}. {stored[c][1]['text']}"] @ question_vectors[qi]), c)
-                  for c in shortlist]
+        scored = [(float(vectors[c] @ question_vectors[qi]), c) for c in shortlist]
         similarity, best = max(scored)
         if similarity < config.min_similarity:
             stats.dropped_below_similarity += 1
@@ -194,20 +193,6 @@ def retrieve_gold(
     stats.mean_gold_similarity = float(np.mean(similarities)) if similarities else 0.0
     stats.by_part = dict(sorted(stats.by_part.items()))
     return records, stats
-
-
-def _read_questions(path: Path) -> list[dict[str, Any]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    out = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record.get("question"), str) or not record.get("answers"):
-                raise ValueError(f"{path}:{line_no}: each line needs a 'question' and non-empty 'answers'")
-            out.append(record)
-    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -229,15 +214,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if any(p.name.startswith(("wiki-14", "wiki-15")) for p in args.wiki):
-        raise SystemExit("wiki-14 and wiki-15 are held out (stage-1 dev / test); search other parts")
+    for part in args.wiki:
+        try:
+            _check_wiki_part(part)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     missing = [str(p) for p in [args.questions, *args.wiki] if not p.is_file()]
     if missing:
         raise SystemExit(f"missing input file(s): {', '.join(missing)}")
     config = RetrievalConfig(min_words=args.min_words, max_words=args.max_words, lexical_top=args.lexical_top,
                              min_similarity=args.min_similarity)
     started = time.perf_counter()
-    questions = _read_questions(args.questions)[: args.limit or None]
+    questions = read_records(args.questions, need_gold=False)[: args.limit or None]
     dev = read_records(args.nq_dir / "dev.jsonl.gz")
     cache = cache_root() / "embeddings" / f"minilm-{config.max_seq_length}.npz"
     embed = cached_embedder(minilm_embedder(show_progress=False, max_seq_length=config.max_seq_length), cache,
