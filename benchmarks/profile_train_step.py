@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> str:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.enable_cudnn_sdp(not args.cudnn_sdp_off)  # what gmsa_rag.train does: off
     model = build_model(cfg, device)
+    if cfg.compile:  # as the trainer does (the warm-up step below compiles)
+        model.compile_blocks()
     data = load_data(cfg, model.tokenizer)
     model.train()
     rates = list(model.config.rates)

@@ -6,6 +6,10 @@ the dev corpus for stage 1, EM/F1/accuracy for stage 2), the tokens seen and the
 
     python benchmarks/training_runs.py --runs runs/abl-* --baseline default --name stage1-ablations --out benchmarks/results/h100-x4
     python benchmarks/training_runs.py --runs runs/long runs/abl-tcp --name stage1-curves --curves --out ...
+    python benchmarks/training_runs.py --throughput --runs runs/sweep/* --baseline eager16x4 --name stage1-throughput ...
+
+``--throughput`` compares training speed instead: the median of the tokens/s windows the trainer logged after the first
+few (compile and warm-up), per run, against the baseline run, with each run's micro-batch, accumulation and --compile.
 """
 from __future__ import annotations
 
@@ -62,11 +66,15 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--offset", action="append", default=[], metavar="RUN=MILLIONS",
                    help="tokens (millions) a run had seen before its log starts, e.g. one trained further with --init "
                         "(repeatable; shifts its curves and its tokens column)")
+    p.add_argument("--throughput", action="store_true", help="tabulate and plot training speed (tokens/s) instead")
+    p.add_argument("--skip", type=int, default=3, help="--throughput: logged windows left out at the start (default 3)")
     args = p.parse_args(argv)
 
     runs = [read_run(r) for r in args.runs if (r / "metrics.jsonl").is_file()]
     if not runs:
         raise SystemExit("no run folder with a metrics.jsonl among --runs")
+    if args.throughput:
+        return throughput(runs, args)
     for spec in args.offset:  # a run that continued another (--init): count the tokens that came before it
         name, _, millions = spec.partition("=")
         run = next((r for r in runs if r["name"] == name), None)
@@ -106,6 +114,43 @@ def main(argv=None) -> dict[str, Any]:
         print(bc.markdown_table(columns, rows))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return {"rows": tables[0][1], "tables": [rows for _, rows in tables], "paths": paths}
+
+
+def throughput(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Median logged tokens/s per run after ``args.skip`` windows, against the baseline run; tokens/s per window."""
+    import statistics
+
+    rows = []
+    for run in runs:
+        rates = [r["tokens_per_s"] for r in run["train"]][args.skip :]
+        config = run["config"]
+        rows.append({"run": run["name"], "micro_batch": config.get("batch_size"), "accum": config.get("grad_accum"),
+                     "compile": bool(config.get("compile")), "windows": len(rates),
+                     "steps": run["train"][-1]["step"] if run["train"] else 0,
+                     "tok_s": statistics.median(rates) if rates else None,
+                     "spread": f"{min(rates) / 1e3:.0f}-{max(rates) / 1e3:.0f}k" if rates else ""})
+    base = next((row for row in rows if row["run"] == args.baseline and row["tok_s"]), None)
+    for row in rows:
+        row["speedup"] = row["tok_s"] / base["tok_s"] if base and row["tok_s"] else None
+    C = bc.Column
+    columns = [C("run", "run"), C("micro_batch", "micro-batch", 0), C("accum", "accumulation", 0),
+               C("compile", "compiled blocks"), C("steps", "steps", 0), C("windows", "windows timed", 0),
+               C("tok_s", "tokens/s (median)", 0), C("spread", "range"), C("speedup", f"x vs {args.baseline}", 2)]
+    fig, axes = bc.new_figure(ncols=1, width=7.0, height=4.2)
+    ax = axes[0][0]
+    for i, run in enumerate(runs):
+        ax.plot([r["step"] for r in run["train"]], [r["tokens_per_s"] / 1e3 for r in run["train"]], marker=".",
+                label=run["name"], color=f"C{i % 10}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("encoder tokens/s (thousands), per logged window")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    meta = {"machine": args.machine, "runs": [str(r) for r in args.runs], "windows_skipped": args.skip}
+    paths = bc.write_outputs(args.out, args.name, args.title, meta, [("Results", columns, rows)], fig, args.note,
+                             {"rows": rows, "runs": runs})
+    print(bc.markdown_table(columns, rows))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return {"rows": rows, "paths": paths}
 
 
 def metric_table(runs: list[dict[str, Any]], metric: str, baseline: str | None) -> tuple[list, list[dict[str, Any]]]:

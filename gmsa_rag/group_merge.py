@@ -4,13 +4,15 @@ from __future__ import annotations
 import torch
 
 
-def group_merge(hidden: torch.Tensor, mask: torch.Tensor, rates: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_merge(hidden: torch.Tensor, mask: torch.Tensor, rates: torch.Tensor | int,
+                num_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked mean over consecutive groups of ``rate`` real tokens, per sample.
 
     Args:
         hidden: [B, T, H] encoder hidden states.
         mask: [B, T] 1 for real tokens, 0 for padding (padding may sit anywhere; it is never averaged in).
         rates: one rate for the batch or a [B] tensor of per-sample rates.
+        num_groups: G below, when the caller knows it (else it is read back from the device, a wait on a GPU).
 
     Returns:
         merged [B, G, H] with G = max_b ceil(n_b / r_b) (the last group of a sample may be short), and
@@ -21,7 +23,7 @@ def group_merge(hidden: torch.Tensor, mask: torch.Tensor, rates: torch.Tensor | 
     rates = torch.as_tensor(rates, device=hidden.device).long().expand(batch)
     lengths = mask.sum(1)
     n_groups = (lengths + rates - 1) // rates
-    num_groups = max(int(n_groups.max()), 1)
+    num_groups = max(int(n_groups.max()) if num_groups is None else num_groups, 1)
     position = mask.long().cumsum(1) - 1  # index among the sample's real tokens
     group = torch.where(mask, position // rates[:, None], num_groups)  # padding goes to an overflow slot
     index = group.unsqueeze(-1).expand(batch, length, width)

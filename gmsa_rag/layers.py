@@ -69,9 +69,10 @@ def run_stack(stack: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> tor
     so the mask changes nothing a caller reads and is not passed: SDPA may then use its fused causal kernels
     (flash attention) rather than a masked path. The gain of this alone was not measured; the slow training
     steps of 2026-11-26 came from cuDNN attention's per-call host cost (see gmsa_rag.train). Rows padded on the
-    left are refused.
+    left are refused where the mask is on the host (checking a mask on a GPU would wait for it every call; the
+    package's own callers pad on the right by construction).
     """
-    if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+    if mask is not None and mask.device.type == "cpu" and bool((mask[:, 1:] > mask[:, :-1]).any()):
         raise ValueError("run_stack needs rows padded on the right (a padding position precedes a real one)")
     return stack(inputs_embeds=embeds, use_cache=False).last_hidden_state
 

@@ -22,7 +22,7 @@ from .config import GMSAConfig
 from .fingerprint import weights_fingerprint
 from .group_merge import group_merge
 from .layers import EmbeddingScaleNorm, copy_of_lowest_layers, inner_model, own_parameters, run_stack
-from .prompt import Context, DecoderBatch, Segment, assemble, qa_segments
+from .prompt import Context, DecoderBatch, Segment, assemble, qa_segments, to_device
 from .samples import Sample, build_prompts
 
 Stage = Literal["ae", "keft", "frozen"]
@@ -183,6 +183,21 @@ class GMSAModel(nn.Module):
         salt = f"{self.base_fingerprint}|{self.config.architecture_key}"
         return weights_fingerprint(self.compressor_parameters().items(), salt=salt)
 
+    def compile_blocks(self, backend: str = "inductor") -> int:
+        """Compile every Transformer block of the encoder, LSA and decoder with ``torch.compile`` (regional
+        compilation: the copies of a block share one compiled graph, sequence length and batch size stay dynamic);
+        returns how many blocks. Small models train host-bound, launching one kernel per norm, rotary, LoRA and
+        activation step; compiled blocks launch a few fused ones. Run under
+        ``torch.compiler.set_stance("force_eager")`` where shapes change every call (generation)."""
+        stacks = [self.encoder, self.decoder.get_decoder(), *([self.lsa] if self.lsa is not None else [])]
+        blocks = [layer for stack in stacks for layer in stack.layers]
+        # a graph per kind of block and input (encoder, LSA, decoder; adapter on/off; input needing grad or not):
+        # more than dynamo's default of 8 per function, past which it would silently run blocks eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for block in blocks:
+            block.compile(backend=backend, dynamic=True)
+        return len(blocks)
+
     # ------------------------------------------------------------------ documents -> soft tokens
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text (no special tokens); rejects non-strings and empty text."""
@@ -221,21 +236,23 @@ class GMSAModel(nn.Module):
 
     def _soft_tokens(self, windows: Sequence[Sequence[int]], rates: Sequence[int]) -> list[torch.Tensor]:
         ids, mask = self.encoder_inputs(windows)
-        soft, soft_mask = self.soft_tokens_padded(ids, mask, torch.tensor(list(rates), device=self.device))
-        return [soft[b, :n] for b, n in enumerate(soft_mask.sum(1).tolist())]
+        counts = [-(-len(w) // r) for w, r in zip(windows, rates)]  # known on the host: no wait for the GPU
+        soft, _ = self.soft_tokens_padded(ids, mask, to_device(torch.tensor(list(rates)), self.device), max(counts))
+        return [soft[b, :n] for b, n in enumerate(counts)]
 
     def encoder_inputs(self, windows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded encoder input ids (prefix + window) and their mask, on the model's device."""
         return self._pad([self.prefix_ids + list(w) for w in windows])
 
     def soft_tokens_padded(
-        self, ids: torch.Tensor, mask: torch.Tensor, rate: torch.Tensor
+        self, ids: torch.Tensor, mask: torch.Tensor, rate: torch.Tensor, num_groups: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The compressor's device work on :meth:`encoder_inputs`: [B, G, H] soft tokens and their [B, G] mask."""
+        """The compressor's device work on :meth:`encoder_inputs`: [B, G, H] soft tokens and their [B, G] mask.
+        ``num_groups``, if the caller knows it (the most soft tokens of a row), saves reading it back from the GPU."""
         skip = len(self.prefix_ids)  # the prefix (and the attention sink on it) never enters a soft token
         if self.config.method == "gmsa":
             hidden = run_stack(self.encoder, self.embed_tokens(ids), mask)
-            summary, summary_mask = group_merge(hidden[:, skip:], mask[:, skip:], rate)
+            summary, summary_mask = group_merge(hidden[:, skip:], mask[:, skip:], rate, num_groups)
         else:
             summary, summary_mask = self._memory_summary(ids, mask, rate, skip)
         soft = run_stack(self.lsa, summary, summary_mask) if self.lsa is not None else summary
@@ -294,7 +311,7 @@ class GMSAModel(nn.Module):
         for b, seq in enumerate(sequences):
             ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, : len(seq)] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return to_device(ids, self.device), to_device(mask, self.device)
 
     @torch.no_grad()
     def compress(self, texts: Sequence[str], rate: int, batch_size: int = 16) -> list[torch.Tensor]:
@@ -359,10 +376,9 @@ class GMSAModel(nn.Module):
         batch = self.build_batch(prompts)  # padded on the right: causal attention needs no mask (see run_stack)
         with self.decoder_adapter(self.adapter_wanted(prompts)):
             hidden = run_stack(self.decoder.get_decoder(), batch.inputs_embeds, batch.attention_mask)
-            labels = batch.labels[:, 1:]
-            picked = labels != -100
-            logits = self.decoder.get_output_embeddings()(hidden[:, :-1][picked])
-        return logits, labels[picked]
+            # the predicting positions were found on the host: no boolean mask, so no wait for the GPU
+            logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[batch.predictors])
+        return logits, batch.target_ids
 
     @torch.no_grad()
     def answer_losses(self, prompts: Sequence[Sequence[Segment]]) -> torch.Tensor:

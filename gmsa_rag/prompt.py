@@ -114,6 +114,8 @@ class DecoderBatch:
     inputs_embeds: torch.Tensor  # [B, T, H]
     attention_mask: torch.Tensor  # [B, T]
     labels: torch.Tensor  # [B, T], -100 where no loss is taken
+    target_ids: torch.Tensor | None = None  # [N]: the target tokens of the batch, row by row (what labels hold)
+    predictors: torch.Tensor | None = None  # [N]: flat (row * T + position) index of the place predicting each
 
 
 def assemble(
@@ -155,10 +157,12 @@ def assemble(
                 soft[away].append(seg.embeds)
                 soft_slots[away].extend(span)
             pos += len(seg)
-    parts = [ids, id_slots, soft_slots[0], soft_slots[1], target_ids, target_slots, lengths]
-    plan = torch.tensor([x for part in parts for x in part], dtype=torch.long).to(device)
-    ids_t, id_slots_t, near_slots, away_slots, target_ids_t, target_slots_t, lengths_t = plan.split(
-        [len(p) for p in parts])
+    predicted = [(t, s) for t, s in zip(target_ids, target_slots) if s % longest]  # a row's first place has none
+    predicted_ids, predictors = [t for t, _ in predicted], [s - 1 for _, s in predicted]
+    parts = [ids, id_slots, soft_slots[0], soft_slots[1], target_ids, target_slots, lengths, predicted_ids, predictors]
+    plan = to_device(torch.tensor([x for part in parts for x in part], dtype=torch.long), device)
+    (ids_t, id_slots_t, near_slots, away_slots, target_ids_t, target_slots_t, lengths_t, predicted_ids_t,
+     predictors_t) = plan.split([len(p) for p in parts])
 
     flat = torch.zeros(batch * longest, embed.embedding_dim, dtype=dtype, device=device)
     if ids:
@@ -174,7 +178,16 @@ def assemble(
         mask = columns[None, :] < lengths_t[:, None]
     else:
         mask = columns[None, :] >= (longest - lengths_t)[:, None]
-    return DecoderBatch(flat.view(batch, longest, -1), mask.long(), labels.view(batch, longest))
+    return DecoderBatch(flat.view(batch, longest, -1), mask.long(), labels.view(batch, longest), predicted_ids_t,
+                        predictors_t)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory without waiting for the work queued there (a plain
+    copy from pageable memory would stall the host until the GPU has caught up)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _gather(spans: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

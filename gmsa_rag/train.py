@@ -111,6 +111,7 @@ class TrainConfig:
     max_tokens: float = field(default=0, metadata={"help": "stop after this many encoder (ae) / prompt (keft) tokens; 0 = no limit"})
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = False
+    compile: bool = field(default=False, metadata={"help": "compile the Transformer blocks (torch.compile, dynamic shapes; generation for dev scores stays eager): fewer, fused kernels for host-bound small models. Costs compile time at the start"})
     # bookkeeping
     eval_every: int = 200
     eval_samples: int = 64
@@ -530,11 +531,14 @@ def train(cfg: TrainConfig) -> Path:
     trainable = tuned + rest
     for g in groups:
         g["base_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=accelerator.device.type == "cuda")  # one kernel for all parameters
     progress = resume(model, optimizer, cfg)
     if progress.step == 0 and needs_calibration(model, cfg):
         with accelerator.autocast():
             calibrate(model, data, cfg, rates)
+    if cfg.compile:
+        print(f"compiling {model.compile_blocks()} Transformer blocks (on first use)", flush=True)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     log_file = Path(cfg.out_dir) / "metrics.jsonl"
@@ -578,6 +582,8 @@ def train(cfg: TrainConfig) -> Path:
             rate = step_tokens / (time.perf_counter() - clock)
             metrics = {"step": done, "tokens": progress.tokens, "loss": accelerator.reduce(loss.detach(), "mean").item(),
                        "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate, "grad_norm": float(grad_norm)}
+            if accelerator.device.type == "cuda":  # peak so far on this process's GPU (what a batch size needs)
+                metrics["peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             bar.set_postfix(step=done, loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(int(100 * progress.fraction(cfg)) - bar.n)
             _log(accelerator, log_file, metrics)
@@ -586,7 +592,7 @@ def train(cfg: TrainConfig) -> Path:
         pause = cfg.stop_after_minutes > 0 and time.perf_counter() - invocation_start > 60 * cfg.stop_after_minutes
         pause = accelerator.reduce(torch.tensor(float(pause), device=accelerator.device), "sum").item() > 0
         if data.dev and (done % cfg.eval_every == 0 or last or pause):  # every process generates a share
-            with accelerator.autocast():  # fp32 trainable weights beside bf16 frozen ones
+            with accelerator.autocast(), torch.compiler.set_stance("force_eager"):  # (bf16 beside fp32 weights)
                 scores = evaluate(model, data.dev, cfg, data.dev_among,
                                   shard=(accelerator.process_index, accelerator.num_processes), gather=gather_object)
             metrics = {"step": done, "tokens": progress.tokens, **scores}

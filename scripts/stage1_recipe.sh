@@ -19,7 +19,9 @@ ABL_MINUTES=${ABL_MINUTES:-6.5}      # safety stop per ablation run (the budget 
 LONG_TOKENS=${LONG_TOKENS:-300e6}
 LONG_MINUTES=${LONG_MINUTES:-6.5}    # budget in training minutes: the schedule ends at tokens or minutes
 STOP_AFTER=${STOP_AFTER:-0}          # pause this invocation after N minutes (resume with the same command)
-RECIPE=${RECIPE:-"--rate_weights 1 2 2 1 --warmup_steps 100"}  # the long run's flags beyond the defaults
+RECIPE=${RECIPE:-"--rate_weights 1 2 2 1 --warmup_steps 50 --multi_doc_fraction 0.75 --multi_doc_distractors same_article"}
+# (the long run's flags beyond the defaults.) Micro-batches of 128 with compiled blocks: 95k encoder tokens/s per H200
+# against 29k for 16 x 4 eager (benchmarks/results/h200-x2/stage1-throughput.md); on an 80 GB card try BATCH=64 ACCUM=4
 INIT=${INIT:-}                       # long: train this stage-1 checkpoint further (fresh optimizer and schedule)
 LONG_LR=${LONG_LR:-5e-4}
 common="--stage ae --base_model smollm2 --rates 2 4 8 16 --seed 0 --log_every 20 --save_dtype bfloat16
@@ -68,11 +70,11 @@ tok = load_tokenizer('smollm2'); tokenize_corpus('$DATA'.split(), tok, '$TOKENS'
 long)
   on_gpus "$LONG_GPUS" 29533 -m gmsa_rag.train $common $RECIPE \
     --data $DATA --out_dir "$RUNS/long" --steps 1000000 --max_tokens "$LONG_TOKENS" \
-    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size "${BATCH:-16}" \
-    --grad_accum "${ACCUM:-4}" --lr "$LONG_LR" ${INIT:+--init "$INIT"} \
-    --eval_every 300 --save_every 300 ;;
+    --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size "${BATCH:-128}" \
+    --grad_accum "${ACCUM:-2}" --compile "${COMPILE:-true}" --lr "$LONG_LR" ${INIT:+--init "$INIT"} \
+    --eval_every "${EVAL_EVERY:-150}" --save_every "${EVAL_EVERY:-150}" ;;
 profile)
   python3 benchmarks/profile_train_step.py --out "$RUNS/profile" -- $common $RECIPE --data $DATA \
-    --batch_size "${BATCH:-16}" --grad_accum "${ACCUM:-4}" ;;
+    --batch_size "${BATCH:-128}" --grad_accum "${ACCUM:-2}" --compile "${COMPILE:-true}" ;;
 *) echo "unknown mode $1" >&2; exit 2 ;;
 esac

@@ -346,6 +346,23 @@ def test_training_runs_tabulates_each_metric_against_the_baseline(tmp_path):
     assert (tmp_path / "out" / "t.png").is_file()
 
 
+def test_training_runs_compares_throughput_after_the_warm_up_windows(tmp_path):
+    for name, batch, compiled, speeds in (("eager", 16, False, [1.0, 50.0, 50.0, 60.0]),
+                                          ("compiled", 64, True, [0.5, 150.0, 140.0, 160.0])):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "train_config.json").write_text(json.dumps({"batch_size": batch, "grad_accum": 2, "compile": compiled}))
+        (run / "metrics.jsonl").write_text("\n".join(
+            json.dumps({"step": 2 * i, "tokens": 100 * i, "loss": 1.0, "tokens_per_s": v}) for i, v in enumerate(speeds)))
+    result = _bench("training_runs").main([
+        "--throughput", "--skip", "1", "--runs", str(tmp_path / "runs" / "eager"), str(tmp_path / "runs" / "compiled"),
+        "--baseline", "eager", "--name", "speed", "--out", str(tmp_path / "out")])
+    eager, compiled = result["rows"]
+    assert (eager["tok_s"], compiled["tok_s"]) == (50.0, 150.0)  # medians without the first (compile) window
+    assert compiled["speedup"] == 3.0 and compiled["compile"] and compiled["micro_batch"] == 64
+    assert (tmp_path / "out" / "speed.png").is_file() and "x vs eager" in (tmp_path / "out" / "speed.md").read_text()
+
+
 def test_answer_position_buckets_accuracy_by_where_the_answer_sits(qa_file, checkpoints, tmp_path, tokenizer):
     bench = _bench("answer_position")
     assert bench.answer_offset(tokenizer, "Paris is big.", ["Rome"]) is None

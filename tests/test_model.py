@@ -253,3 +253,31 @@ def test_soft_token_center_needs_the_option_and_some_windows(tokenizer):
         make_tiny(tokenizer).calibrate_soft_center([[1, 2, 3]])
     with pytest.raises(ValueError, match="at least one window"):
         make_tiny(tokenizer, soft_token_center=True).calibrate_soft_center([])
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients(tokenizer):
+    """Regional compilation (``compile_blocks``) changes how blocks run, not what they compute, for batches of
+    varied shape (dynamic shapes: no recompile per length); generation under force_eager still works."""
+    from gmsa_rag.samples import Sample
+
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    batches = [[Sample([ids[:30]], ids[:30], rate=2), Sample([ids[5:20], ids[:9]], ids[5:20], rate=4, target_doc=0)],
+               [Sample([ids[3:28]], ids[3:28], rate=4)]]
+    eager = make_tiny(tokenizer, decoder_tuning="qkv_lora")
+    compiled = make_tiny(tokenizer, decoder_tuning="qkv_lora")
+    assert compiled.compile_blocks(backend="aot_eager") == 2 + 4 + 1  # encoder, decoder, LSA blocks
+    for model in (eager, compiled):
+        model.set_stage("ae")
+    for samples in batches:
+        losses = [model(samples) for model in (eager, compiled)]
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+        for loss in losses:
+            loss.backward()
+    grads = [{n: p.grad for n, p in m.compressor_parameters().items()} for m in (eager, compiled)]
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[1].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-5)
+    soft = compiled.compress([TEXT], 4)
+    with torch.compiler.set_stance("force_eager"):
+        assert compiled.generate("Where is it?", soft, max_new_tokens=3) == eager.generate("Where is it?", soft,
+                                                                                          max_new_tokens=3)

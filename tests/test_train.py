@@ -361,3 +361,18 @@ def test_ae_soft_token_center_is_calibrated_at_the_start_and_trained(base_dir, c
     assert float(state["soft_center"].float().pow(2).mean().sqrt()) > 0.01  # calibrated, then trained on
     fresh = train(ae_config(base_dir, corpus, tmp_path / "c", steps=1, lr=1e-12, soft_token_center=True))
     assert float(read_weights(fresh)["soft_center"].float().abs().max()) > 0  # a fresh model is calibrated too
+
+
+def test_compiled_training_matches_eager_and_still_scores_dev(base_dir, corpus, tmp_path, monkeypatch):
+    """--compile runs the same training (blocks compiled, here with a backend that needs no C compiler); the dev
+    evaluation generates eagerly beside it."""
+    flags = dict(steps=2, grad_accum=2, eval_every=2, eval_samples=2, dev_data=str(corpus))
+    eager = trained_state(train(ae_config(base_dir, corpus, tmp_path / "eager", **flags)))
+    original = GMSAModel.compile_blocks
+    monkeypatch.setattr(GMSAModel, "compile_blocks", lambda self, backend="aot_eager": original(self, backend))
+    out = tmp_path / "compiled"
+    compiled = trained_state(train(ae_config(base_dir, corpus, out, compile=True, **flags)))
+    assert compiled.keys() == eager.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)
+    assert any("bleu@2x" in line for line in (out / "metrics.jsonl").read_text().splitlines())
