@@ -363,9 +363,9 @@ def test_ae_soft_token_center_is_calibrated_at_the_start_and_trained(base_dir, c
     assert float(read_weights(fresh)["soft_center"].float().abs().max()) > 0  # a fresh model is calibrated too
 
 
-def test_compiled_training_matches_eager_and_still_scores_dev(base_dir, corpus, tmp_path, monkeypatch):
-    """--compile runs the same training (blocks compiled, here with a backend that needs no C compiler); the dev
-    evaluation generates eagerly beside it."""
+def test_compiled_training_matches_eager_and_still_scores_dev(base_dir, corpus, qa_file, tmp_path, monkeypatch):
+    """--compile runs the same training in both stages (blocks compiled, here with a backend that needs no C
+    compiler); the dev evaluation generates eagerly beside it."""
     flags = dict(steps=2, grad_accum=2, eval_every=2, eval_samples=2, dev_data=str(corpus))
     eager = trained_state(train(ae_config(base_dir, corpus, tmp_path / "eager", **flags)))
     original = GMSAModel.compile_blocks
@@ -376,3 +376,10 @@ def test_compiled_training_matches_eager_and_still_scores_dev(base_dir, corpus, 
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)
     assert any("bleu@2x" in line for line in (out / "metrics.jsonl").read_text().splitlines())
+    keft = dict(stage="keft", init=str(out / "checkpoints" / (out / "latest").read_text()), data=[str(qa_file)],
+                dev_data=str(qa_file), steps=2, batch_size=2, lr=1e-2, warmup_steps=0, schedule="constant",
+                eval_every=2, eval_samples=2, save_every=1000, log_every=1, compressor_lr=1e-3)
+    plain = trained_state(train(TrainConfig(out_dir=str(tmp_path / "keft-eager"), **keft)))
+    compiled = trained_state(train(TrainConfig(out_dir=str(tmp_path / "keft-compiled"), compile=True, **keft)))
+    for name in plain:  # stage 2 too: the decoder adapter and, with --compressor_lr, the compressor
+        torch.testing.assert_close(compiled[name], plain[name], rtol=1e-4, atol=1e-5)
