@@ -21,7 +21,10 @@ STOP_AFTER=${STOP_AFTER:-0}                   # pause this invocation after N mi
 RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs_curriculum 0.25"}
 common="--stage keft --data data/qa-multidoc --dev_data data/qa-multidoc --max_docs 5 --rate_weights 1 4 3 2
   --batch_size ${BATCH:-8} --grad_accum ${ACCUM:-8} --lr 5e-4 --warmup_steps 20 --seed ${SEED:-0} --log_every 5
-  --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --eval_gold_only true --save_dtype bfloat16"
+  --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --eval_gold_only true --save_dtype bfloat16
+  --compile ${COMPILE:-false}"
+# COMPILE=true compiles the Transformer blocks (3.3x stage-1 throughput with larger micro-batches on an H200,
+# benchmarks/results/h200-x2/stage1-throughput.md; not yet measured in stage 2)
 
 # name: flags beside the common ones (decoder: LoRA r=16 on W_Q/W_K/W_V, on for soft-token prompts only;
 # compressor frozen, as in the paper)
