@@ -48,6 +48,16 @@ PREFILL_MULTIPLE = 64
 _IGNORED_IN_GREEDY = ("temperature", "top_p", "top_k", "typical_p", "min_p")
 
 
+def allow_recompiles(at_least: int) -> None:
+    """Let torch.compile keep at least this many graphs per compiled function (past its limit, 8 by default, it
+    silently runs the function eagerly)."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):  # (names across versions)
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), at_least))
+
+
 def select_engine(device: torch.device | str, choice: str = "auto") -> EngineKind:
     """The decoding path for a decoder on ``device``: ``choice`` itself, or for ``auto`` the static path on CUDA,
     :data:`CPU_ENGINE` on CPU and HF ``generate`` elsewhere."""
@@ -155,12 +165,7 @@ class StaticCacheDecoder:
             prefill = "bucket"  # copying a prompt's keys and values in assumes every layer keeps all positions
         self.prefill: PrefillMode = prefill  # type: ignore[assignment]
         if compile_step:
-            import torch._dynamo
-
-            # every (batch size, bucket) compiles once; keep them all
-            for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+            allow_recompiles(256)  # every (batch size, bucket) compiles once; keep them all
             self.step = torch.compile(self._step, mode=mode, dynamic=False)
             self.prefill_step = (torch.compile(self._prefill_direct, mode=mode, dynamic=False)
                                  if prefill == "graph" else self._prefill_direct)

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .backbone import load_backbone
 from .config import GMSAConfig
+from .engine import allow_recompiles
 from .fingerprint import weights_fingerprint
 from .group_merge import group_merge
 from .layers import EmbeddingScaleNorm, copy_of_lowest_layers, inner_model, own_parameters, run_stack
@@ -191,9 +192,7 @@ class GMSAModel(nn.Module):
         ``torch.compiler.set_stance("force_eager")`` where shapes change every call (generation)."""
         stacks = [self.encoder, self.decoder.get_decoder(), *([self.lsa] if self.lsa is not None else [])]
         blocks = [layer for stack in stacks for layer in stack.layers]
-        # a graph per kind of block and input (encoder, LSA, decoder; adapter on/off; input needing grad or not):
-        # more than dynamo's default of 8 per function, past which it would silently run blocks eagerly
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        allow_recompiles(64)  # a graph per kind of block and input (encoder, LSA, decoder; adapter on/off; grad)
         for block in blocks:
             block.compile(backend=backend, dynamic=True)
         return len(blocks)

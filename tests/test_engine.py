@@ -262,6 +262,9 @@ def test_assembly_in_one_pass_equals_per_segment(model, tokenizer, padding_side)
     assert torch.equal(got.attention_mask, mask) and torch.equal(got.labels, labels)
     assert (got.labels != -100).sum() == len(tokenizer.encode("Gustave Eiffel" + tokenizer.eos_token,
                                                               add_special_tokens=False)) + 3
+    # the host-planned targets (what the training loss reads) are the labels, at the positions one before them
+    assert torch.equal(got.target_ids, got.labels.flatten()[got.predictors + 1])
+    assert torch.equal(got.labels.flatten()[got.labels.flatten() != -100], got.target_ids)
 
 
 def test_assembly_is_differentiable_in_the_soft_tokens(model, tokenizer):
