@@ -66,6 +66,8 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--offset", action="append", default=[], metavar="RUN=MILLIONS",
                    help="tokens (millions) a run had seen before its log starts, e.g. one trained further with --init "
                         "(repeatable; shifts its curves and its tokens column)")
+    p.add_argument("--x_axis", default="tokens", choices=["tokens", "steps"],
+                   help="what the curves are drawn against (steps: runs whose steps saw different token counts)")
     p.add_argument("--throughput", action="store_true", help="tabulate and plot training speed (tokens/s) instead")
     p.add_argument("--skip", type=int, default=3, help="--throughput: logged windows left out at the start (default 3)")
     args = p.parse_args(argv)
@@ -84,22 +86,28 @@ def main(argv=None) -> dict[str, Any]:
             record["tokens"] = record.get("tokens", 0) + float(millions) * 1e6
     tables = [metric_table(runs, metric, args.baseline) for metric in args.metric]
 
+    def x_of(record: dict[str, Any]) -> float:
+        return record.get("step", 0) if args.x_axis == "steps" else record.get("tokens", 0) / 1e6
+
+    x_label = "optimizer steps" if args.x_axis == "steps" else "tokens seen (M)"
     fig, axes = bc.new_figure(ncols=1 + len(args.metric), width=6.0, height=4.2)
     ax_loss = axes[0][0]
     colors = {run["name"]: f"C{i % 10}" for i, run in enumerate(runs)}  # one colour per run in every panel
     for run in runs:
-        ax_loss.plot([r["tokens"] / 1e6 for r in run["train"]], [r["loss"] for r in run["train"]], label=run["name"], lw=1,
+        ax_loss.plot([x_of(r) for r in run["train"]], [r["loss"] for r in run["train"]], label=run["name"], lw=1,
                      color=colors[run["name"]])
-    ax_loss.set_xlabel("tokens seen (M)")
+    ax_loss.set_xlabel(x_label)
     ax_loss.set_ylabel("training loss")
     ax_loss.set_yscale("log")
+    curves: dict[str, dict[str, list]] = {}  # metric -> run -> the (x, value@4x) points drawn
     for metric, ax_eval in zip(args.metric, axes[0][1:]):
         key = f"{metric}@4x"
         for run in runs:
-            points = [(e.get("tokens", 0) / 1e6, e.get(key, e.get(metric))) for e in run["evals"] if key in e or metric in e]
+            points = [(x_of(e), e.get(key, e.get(metric))) for e in run["evals"] if key in e or metric in e]
+            curves.setdefault(metric, {})[run["name"]] = points
             if points:
                 ax_eval.plot(*zip(*points), marker="o", label=run["name"], color=colors[run["name"]])
-        ax_eval.set_xlabel("tokens seen (M)")
+        ax_eval.set_xlabel(x_label)
         ax_eval.set_ylabel(f"dev {metric} @4x")
     for ax in axes[0]:
         ax.grid(True, alpha=0.3)
@@ -113,7 +121,7 @@ def main(argv=None) -> dict[str, Any]:
     for _, columns, rows in sections:
         print(bc.markdown_table(columns, rows))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return {"rows": tables[0][1], "tables": [rows for _, rows in tables], "paths": paths}
+    return {"rows": tables[0][1], "tables": [rows for _, rows in tables], "curves": curves, "paths": paths}
 
 
 def throughput(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:

@@ -19,12 +19,21 @@ STOP_AFTER=${STOP_AFTER:-0}                   # pause this invocation after N mi
 # RUNS=runs/more LONG_GPUS=0 ACCUM=4 BATCH=16 NOCOMPRESS=0 LONG_MINUTES=17 SEED=1 INIT=<its last checkpoint>
 # RECIPE="--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs_curriculum 0" scripts/stage2_recipe.sh long
 RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs_curriculum 0.25"}
+BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
+# the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
+# NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
+# samples per step
+NOCOMPRESS_BATCH=${NOCOMPRESS_BATCH:-$(( BATCH < 8 ? BATCH : 8 ))}
+(( BATCH * ACCUM % NOCOMPRESS_BATCH == 0 )) || { echo "BATCH x ACCUM must be a multiple of NOCOMPRESS_BATCH" >&2; exit 2; }
+nocompress_batch="--batch_size $NOCOMPRESS_BATCH --grad_accum $(( BATCH * ACCUM / NOCOMPRESS_BATCH ))"
 common="--stage keft --data data/qa-multidoc --dev_data data/qa-multidoc --max_docs 5 --rate_weights 1 4 3 2
-  --batch_size ${BATCH:-8} --grad_accum ${ACCUM:-8} --lr 5e-4 --warmup_steps 20 --seed ${SEED:-0} --log_every 5
+  --lr 5e-4 --warmup_steps 20 --seed ${SEED:-0} --log_every 5
   --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --eval_gold_only true --save_dtype bfloat16
   --compile ${COMPILE:-false}"
 # COMPILE=true compiles the Transformer blocks (3.3x stage-1 throughput with larger micro-batches on an H200,
-# benchmarks/results/h200-x2/stage1-throughput.md; not yet measured in stage 2)
+# benchmarks/results/h200-x2/stage1-throughput.md). Stage 2 with BATCH=32 ACCUM=2 compiled on one H200: 920 64-sample
+# steps in 17 training minutes, 1.1 s a step (benchmarks/results/h200/stage2-from-148m.md), where round 8's eager
+# 16 x 4 run on one H200 took 1.9 s (545 steps in 17 minutes; another machine and day, no run side by side)
 
 # name: flags beside the common ones (decoder: LoRA r=16 on W_Q/W_K/W_V, on for soft-token prompts only;
 # compressor frozen, as in the paper)
@@ -41,7 +50,8 @@ ablations)
   for entry in "${ablations[@]}"; do
     name=${entry%%:*}; flags=${entry#*:}
     [ -n "${ABL_ONLY:-}" ] && [[ " $ABL_ONLY " != *" $name "* ]] && continue
-    python3 -m gmsa_rag.train $common $flags --out_dir "$RUNS/s2-$name" --steps 100000 \
+    batch="--batch_size $BATCH --grad_accum $ACCUM"; [ "$name" = nocompress ] && batch=$nocompress_batch
+    python3 -m gmsa_rag.train $common $batch $flags --out_dir "$RUNS/s2-$name" --steps 100000 \
       --time_limit_minutes "$ABL_MINUTES" --eval_every 100000 --save_every 100000 > "$RUNS/s2-$name.log" 2>&1 &
   done
   wait
@@ -53,15 +63,15 @@ long)
   # so that both run exactly LONG_STEPS); NOCOMPRESS=0 skips it.
   gpus=${LONG_GPUS:-${CUDA_VISIBLE_DEVICES:-0}}
   budget="--steps $LONG_STEPS --time_limit_minutes $LONG_MINUTES --stop_after_minutes $STOP_AFTER --eval_every 200 --save_every 100"
-  on_gpus "$gpus" 29534 -m gmsa_rag.train $common --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" $budget \
+  on_gpus "$gpus" 29534 -m gmsa_rag.train $common --batch_size "$BATCH" --grad_accum "$ACCUM" --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" $budget \
     > "$RUNS/s2-long.log" 2>&1 &
   if [ "${NOCOMPRESS:-1}" = 1 ]; then
-    on_gpus "${NOCOMPRESS_GPUS:-${NOCOMPRESS_GPU:-${gpus%%,*}}}" 29535 -m gmsa_rag.train $common --no_compress true \
+    on_gpus "${NOCOMPRESS_GPUS:-${NOCOMPRESS_GPU:-${gpus%%,*}}}" 29535 -m gmsa_rag.train $common $nocompress_batch --no_compress true \
       --out_dir "$RUNS/s2-long-nocompress" $budget > "$RUNS/s2-long-nocompress.log" 2>&1 &
   fi
   wait
   tail -n 3 "$RUNS"/s2-long*.log ;;
 profile)
-  python3 benchmarks/profile_train_step.py --out "$RUNS/s2-profile" -- $common --init "$INIT" $RECIPE ;;
+  python3 benchmarks/profile_train_step.py --out "$RUNS/s2-profile" -- $common --batch_size "$BATCH" --grad_accum "$ACCUM" --init "$INIT" $RECIPE ;;
 *) echo "unknown mode $1" >&2; exit 2 ;;
 esac

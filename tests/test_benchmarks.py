@@ -344,6 +344,12 @@ def test_training_runs_tabulates_each_metric_against_the_baseline(tmp_path):
     markdown = (tmp_path / "out" / "t.md").read_text()
     assert "Results: accuracy" in markdown and "Results: gold_accuracy" in markdown
     assert (tmp_path / "out" / "t.png").is_file()
+    assert result["curves"]["accuracy"]["lever"] == [(2000 / 1e6, 6.0)]  # against tokens seen, in millions
+
+    by_step = _bench("training_runs").main([
+        "--runs", str(tmp_path / "runs" / "base"), "--metric", "accuracy", "--x_axis", "steps", "--name", "s",
+        "--out", str(tmp_path / "out")])
+    assert by_step["curves"]["accuracy"]["base"] == [(10, 4.0)]
 
 
 def test_training_runs_compares_throughput_after_the_warm_up_windows(tmp_path):
