@@ -40,6 +40,7 @@ from .checkpoint import CheckpointError, attach_checkpoint, load_checkpoint, rea
 from .config import GMSAConfig
 from .backbone import cache_root
 from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
+from .data.cloze import cloze_example
 from .data.passages import Passage, PassageCorpus
 from .data.qa import QAExample, load_qa
 from .metrics import qa_metrics, reconstruction_metrics
@@ -90,6 +91,7 @@ class TrainConfig:
     max_docs: int = field(default=5, metadata={"help": "ae: most documents per sample; keft: gold + distractors shown at most"})
     docs_curriculum: float = field(default=0.0, metadata={"help": "keft: share of the budget over which the number of documents ramps from gold-only to max_docs"})
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
+    cloze_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose question is a fill-in-the-blank cut from the gold passage (a sentence with a number or name blanked, gmsa_rag.data.cloze) over the same documents: unlimited extra questions that need finding a sentence by content and copying from the middle of a document"})
     distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
     eval_chunk_tokens: int = 128
     eval_among: bool = field(default=False, metadata={"help": "ae: also restore each dev passage among 3 other passages of its article, each compressed on its own, at place i mod 4 (among_bleu@r ...): telling documents apart, as a retrieved prompt needs"})
@@ -138,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
     if cfg.continuation_fraction + cfg.span_fraction > 1:
         parser.error("--continuation_fraction + --span_fraction must be at most 1")
+    if not 0 <= cfg.cloze_fraction <= 1 or (cfg.cloze_fraction and cfg.stage != "keft"):
+        parser.error(f"--cloze_fraction is a share of stage-2 (keft) samples, between 0 and 1; got {cfg.cloze_fraction}")
     if cfg.span_tokens < 8:
         parser.error(f"--span_tokens must be at least 8, got {cfg.span_tokens}")
     if not 1 <= cfg.min_docs <= cfg.max_docs:
@@ -285,6 +289,8 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
             samples.append(stage1_sample(data.corpus, cfg, rate, rng))
         else:
             example = data.qa[rng.randrange(len(data.qa))]
+            if cfg.cloze_fraction and rng.random() < cfg.cloze_fraction:  # (no draw when off: the same batches)
+                example = cloze_example(example, rng) or example
             samples.append(qa_sample(example, rate, docs_cap(cfg, progress), rng, cfg.min_docs,
                                      cfg.distractors == "hardest"))
     if cfg.grad_accum > 1:

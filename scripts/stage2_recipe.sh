@@ -19,6 +19,8 @@ STOP_AFTER=${STOP_AFTER:-0}                   # pause this invocation after N mi
 # RUNS=runs/more LONG_GPUS=0 ACCUM=4 BATCH=16 NOCOMPRESS=0 LONG_MINUTES=17 SEED=1 INIT=<its last checkpoint>
 # RECIPE="--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs_curriculum 0" scripts/stage2_recipe.sh long
 RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs_curriculum 0.25"}
+# the next lever, at the long run's budget (short ablations could not tell stage-2 recipes apart, benchmarks/results
+# round 7): RUNS=runs/cloze NOCOMPRESS=0 RECIPE="<the RECIPE above> --cloze_fraction 0.5" scripts/stage2_recipe.sh long
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
@@ -43,6 +45,7 @@ ablations=(
   "joint-distill:--init $INIT --compressor_lr 2e-4 --distill_weight 0.5"
   "full-decoder:--init $INIT --decoder_tuning full --lr 5e-5"  # a decoder adapter in INIT is folded into the weights first
   "nocompress:--no_compress true"
+  "cloze:--init $INIT --compressor_lr 2e-4 --cloze_fraction 0.5"  # half the questions cut from the gold passage (new, unmeasured)
 )
 
 case "${1:?mode: ablations, long or profile}" in
