@@ -56,3 +56,21 @@ def test_stage2_batches_mix_cloze_questions_over_the_same_documents():
 def test_cloze_fraction_is_validated(argv):
     with pytest.raises(SystemExit):
         parse_args(argv)
+
+
+def test_module_writes_cloze_questions_over_the_dev_prompt_documents(tmp_path):
+    from gmsa_rag.data.cloze import main
+    from gmsa_rag.data.qa import load_qa_jsonl, save_qa_jsonl
+
+    examples = [QAExample(f"q{i}", ["a"], [f"distractor {j} of {i}" for j in range(6)] + [PASSAGE], gold_index=6)
+                for i in range(3)]
+    save_qa_jsonl(examples + [QAExample("no gold", ["a"], ["x"])], tmp_path / "qa.jsonl")
+    assert main([str(tmp_path / "qa.jsonl"), "--out", str(tmp_path / "cloze.jsonl.gz"), "--max_docs", "3"]) == 0
+    written = load_qa_jsonl(tmp_path / "cloze.jsonl.gz")
+    assert len(written) == 3  # the example without a gold passage gives none
+    for i, example in enumerate(written):
+        assert example.question.startswith(CLOZE_PROMPT) and example.answers[0] in PASSAGE
+        assert example.gold_index == i % 3 and example.contexts[example.gold_index] == PASSAGE
+        assert [c for c in example.contexts if c != PASSAGE] == [f"distractor {j} of {i}" for j in range(2)]
+    with pytest.raises(SystemExit, match="no QA data"):
+        main([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.jsonl")])

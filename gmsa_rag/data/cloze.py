@@ -5,14 +5,21 @@ the sentence) becomes the question and the span its answer. Answering needs what
 does not teach: find the sentence among the documents by its content, then copy the missing words from the middle
 of a document. Stage 2 (``--cloze_fraction``) turns a share of its samples into such questions over the same
 documents, so the prompt, the distractors and the number of documents stay the product's.
+
+Run as a module it writes such questions for a QA set, as a probe of that skill apart from the training mix::
+
+    python -m gmsa_rag.data.cloze data/qa-multidoc --split dev --limit 200 --out runs/cloze-dev.jsonl.gz
+    python benchmarks/qa.py --data runs/cloze-dev.jsonl.gz --gmsa-checkpoint checkpoints/smollm2-gmsa --base
 """
 from __future__ import annotations
 
+import argparse
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from gmsa_rag.data.qa import QAExample, split_context
+from gmsa_rag.data.qa import QAExample, load_qa, save_qa_jsonl, split_context
 
 #: What the question says before the blanked sentence; the blank itself.
 CLOZE_PROMPT = "Fill in the blank: "
@@ -79,3 +86,40 @@ def cloze_example(example: QAExample, rng: random.Random) -> QAExample | None:
     if cloze is None:
         return None
     return QAExample(cloze.question, [cloze.answer], list(example.contexts), example.gold_index)
+
+
+def as_dev_prompt(example: QAExample, max_docs: int, index: int) -> QAExample:
+    """The example with the dev prompt's documents: its gold passage among its first ``max_docs - 1`` distractors
+    (the hardest, in stored order) at place ``index mod count``, as the trainer's dev evaluation shows them."""
+    if example.gold_index is None:
+        return example
+    others = [c for i, c in enumerate(example.contexts) if i != example.gold_index][: max_docs - 1]
+    place = index % (len(others) + 1)
+    return QAExample(example.question, example.answers, [*others[:place], example.gold_context, *others[place:]],
+                     place)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Write cloze questions cut from the gold passages of a QA set, over the "
+                                            "same documents (gold among the hardest distractors, as dev shows them).")
+    p.add_argument("data", type=Path, help="QA jsonl(.gz) with gold passages marked, or a pooled QA folder")
+    p.add_argument("--split", default="dev", help="split of a pooled folder (default dev)")
+    p.add_argument("--out", type=Path, required=True, help="jsonl(.gz) to write (the QA format benchmarks/qa.py reads)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples")
+    p.add_argument("--max_docs", type=int, default=5, help="documents per question (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.data.exists():
+        raise SystemExit(f"no QA data at {args.data}")
+    if args.max_docs < 1:
+        raise SystemExit(f"--max_docs must be at least 1, got {args.max_docs}")
+    examples = load_qa(args.data, args.split, args.limit)
+    rng = random.Random(args.seed)
+    made = [c for i, e in enumerate(examples) if (c := cloze_example(as_dev_prompt(e, args.max_docs, i), rng))]
+    count = save_qa_jsonl(made, args.out)
+    print(f"{count} cloze questions from {len(examples)} examples -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
