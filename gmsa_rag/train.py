@@ -42,7 +42,7 @@ from .backbone import cache_root
 from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
 from .data.cloze import cloze_example
 from .data.passages import Passage, PassageCorpus
-from .data.qa import QAExample, load_qa
+from .data.qa import QAExample, dev_layout, load_qa
 from .metrics import qa_metrics, reconstruction_metrics
 from .model import GMSAModel
 from .samples import Sample, build_prompts, sample_rate, token_ids
@@ -260,11 +260,7 @@ def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.R
 def dev_qa_sample(example: QAExample, rate: int | None, max_docs: int, index: int) -> Sample:
     """A fixed dev prompt: the gold passage among the example's first ``max_docs - 1`` distractors (the hardest,
     in stored order), gold at place ``index mod count`` so every place is scored equally often."""
-    documents = list(example.contexts)
-    if example.gold_index is not None:
-        gold = documents.pop(example.gold_index)
-        documents = documents[: max_docs - 1]
-        documents.insert(index % (len(documents) + 1), gold)
+    documents = list(dev_layout(example, max_docs, index).contexts)
     return Sample(documents=documents, target=None, question=example.question, rate=rate)
 
 

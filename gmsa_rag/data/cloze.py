@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gmsa_rag.data.qa import QAExample, load_qa, save_qa_jsonl, split_context
+from gmsa_rag.data.qa import QAExample, dev_layout, load_qa, save_qa_jsonl, split_context
 
 #: What the question says before the blanked sentence; the blank itself.
 CLOZE_PROMPT = "Fill in the blank: "
@@ -88,17 +88,6 @@ def cloze_example(example: QAExample, rng: random.Random) -> QAExample | None:
     return QAExample(cloze.question, [cloze.answer], list(example.contexts), example.gold_index)
 
 
-def as_dev_prompt(example: QAExample, max_docs: int, index: int) -> QAExample:
-    """The example with the dev prompt's documents: its gold passage among its first ``max_docs - 1`` distractors
-    (the hardest, in stored order) at place ``index mod count``, as the trainer's dev evaluation shows them."""
-    if example.gold_index is None:
-        return example
-    others = [c for i, c in enumerate(example.contexts) if i != example.gold_index][: max_docs - 1]
-    place = index % (len(others) + 1)
-    return QAExample(example.question, example.answers, [*others[:place], example.gold_context, *others[place:]],
-                     place)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write cloze questions cut from the gold passages of a QA set, over the "
                                             "same documents (gold among the hardest distractors, as dev shows them).")
@@ -115,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--max_docs must be at least 1, got {args.max_docs}")
     examples = load_qa(args.data, args.split, args.limit)
     rng = random.Random(args.seed)
-    made = [c for i, e in enumerate(examples) if (c := cloze_example(as_dev_prompt(e, args.max_docs, i), rng))]
+    made = [c for i, e in enumerate(examples) if (c := cloze_example(dev_layout(e, args.max_docs, i), rng))]
     count = save_qa_jsonl(made, args.out)
     print(f"{count} cloze questions from {len(examples)} examples -> {args.out}")
     return 0

@@ -62,6 +62,18 @@ class QAExample:
         return None if self.gold_index is None else self.contexts[self.gold_index]
 
 
+def dev_layout(example: QAExample, max_docs: int, index: int) -> QAExample:
+    """The example as a dev prompt shows it: its gold passage among its first ``max_docs - 1`` distractors (the
+    hardest, in stored order) at place ``index mod count``, so that every place is scored equally often (examples
+    without a marked gold passage are returned as they are)."""
+    if example.gold_index is None:
+        return example
+    others = [c for i, c in enumerate(example.contexts) if i != example.gold_index][: max_docs - 1]
+    place = index % (len(others) + 1)
+    return QAExample(example.question, example.answers, [*others[:place], example.gold_context, *others[place:]],
+                     place)
+
+
 def format_context(title: str | None, text: str) -> str:
     """Render a passage as ``"Title: {title}\\n{text}"`` (just ``text`` without a title)."""
     title = (title or "").strip()
