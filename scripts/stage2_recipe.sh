@@ -27,6 +27,7 @@ BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # samples per step
 NOCOMPRESS_BATCH=${NOCOMPRESS_BATCH:-$(( BATCH < 8 ? BATCH : 8 ))}
 (( BATCH * ACCUM % NOCOMPRESS_BATCH == 0 )) || { echo "BATCH x ACCUM must be a multiple of NOCOMPRESS_BATCH" >&2; exit 2; }
+gmsa_batch="--batch_size $BATCH --grad_accum $ACCUM"
 nocompress_batch="--batch_size $NOCOMPRESS_BATCH --grad_accum $(( BATCH * ACCUM / NOCOMPRESS_BATCH ))"
 common="--stage keft --data data/qa-multidoc --dev_data data/qa-multidoc --max_docs 5 --rate_weights 1 4 3 2
   --lr 5e-4 --warmup_steps 20 --seed ${SEED:-0} --log_every 5
@@ -53,7 +54,7 @@ ablations)
   for entry in "${ablations[@]}"; do
     name=${entry%%:*}; flags=${entry#*:}
     [ -n "${ABL_ONLY:-}" ] && [[ " $ABL_ONLY " != *" $name "* ]] && continue
-    batch="--batch_size $BATCH --grad_accum $ACCUM"; [ "$name" = nocompress ] && batch=$nocompress_batch
+    batch=$gmsa_batch; [ "$name" = nocompress ] && batch=$nocompress_batch
     python3 -m gmsa_rag.train $common $batch $flags --out_dir "$RUNS/s2-$name" --steps 100000 \
       --time_limit_minutes "$ABL_MINUTES" --eval_every 100000 --save_every 100000 > "$RUNS/s2-$name.log" 2>&1 &
   done
@@ -66,7 +67,7 @@ long)
   # so that both run exactly LONG_STEPS); NOCOMPRESS=0 skips it.
   gpus=${LONG_GPUS:-${CUDA_VISIBLE_DEVICES:-0}}
   budget="--steps $LONG_STEPS --time_limit_minutes $LONG_MINUTES --stop_after_minutes $STOP_AFTER --eval_every 200 --save_every 100"
-  on_gpus "$gpus" 29534 -m gmsa_rag.train $common --batch_size "$BATCH" --grad_accum "$ACCUM" --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" $budget \
+  on_gpus "$gpus" 29534 -m gmsa_rag.train $common $gmsa_batch --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" $budget \
     > "$RUNS/s2-long.log" 2>&1 &
   if [ "${NOCOMPRESS:-1}" = 1 ]; then
     on_gpus "${NOCOMPRESS_GPUS:-${NOCOMPRESS_GPU:-${gpus%%,*}}}" 29535 -m gmsa_rag.train $common $nocompress_batch --no_compress true \
@@ -75,6 +76,6 @@ long)
   wait
   tail -n 3 "$RUNS"/s2-long*.log ;;
 profile)
-  python3 benchmarks/profile_train_step.py --out "$RUNS/s2-profile" -- $common --batch_size "$BATCH" --grad_accum "$ACCUM" --init "$INIT" $RECIPE ;;
+  python3 benchmarks/profile_train_step.py --out "$RUNS/s2-profile" -- $common $gmsa_batch --init "$INIT" $RECIPE ;;
 *) echo "unknown mode $1" >&2; exit 2 ;;
 esac
