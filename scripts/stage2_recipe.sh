@@ -19,8 +19,13 @@ STOP_AFTER=${STOP_AFTER:-0}                   # pause this invocation after N mi
 # RUNS=runs/more LONG_GPUS=0 ACCUM=4 BATCH=16 NOCOMPRESS=0 LONG_MINUTES=17 SEED=1 INIT=<its last checkpoint>
 # RECIPE="--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs_curriculum 0" scripts/stage2_recipe.sh long
 RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs_curriculum 0.25"}
-# the next lever, at the long run's budget (short ablations could not tell stage-2 recipes apart, benchmarks/results
-# round 7): RUNS=runs/cloze NOCOMPRESS=0 RECIPE="<the RECIPE above> --cloze_fraction 0.5" scripts/stage2_recipe.sh long
+# round 11 (cloze questions learned, real questions not helped; benchmarks/results/h200/stage2-cloze.md):
+# COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 NOCOMPRESS=0 RUNS=runs/cloze \
+#   RECIPE="<the RECIPE above> --cloze_fraction 0.5" scripts/stage2_recipe.sh long
+# next: the no-compress fine-tune alone on the same steps, then GMSA distilled from it (token-level KL on its logits):
+# GMSA=0 COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 RUNS=runs/nc scripts/stage2_recipe.sh long
+# NOCOMPRESS=0 COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 RUNS=runs/distill RECIPE="<the RECIPE above>
+#   --distill_weight 0.5 --distill_teacher runs/nc/s2-long-nocompress/checkpoints/step-0000800" scripts/stage2_recipe.sh long
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
@@ -46,7 +51,7 @@ ablations=(
   "joint-distill:--init $INIT --compressor_lr 2e-4 --distill_weight 0.5"
   "full-decoder:--init $INIT --decoder_tuning full --lr 5e-5"  # a decoder adapter in INIT is folded into the weights first
   "nocompress:--no_compress true"
-  "cloze:--init $INIT --compressor_lr 2e-4 --cloze_fraction 0.5"  # half the questions cut from the gold passage (new, unmeasured)
+  "cloze:--init $INIT --compressor_lr 2e-4 --cloze_fraction 0.5"  # half the questions cut from the gold passage (round 11: no gain at 800 steps)
 )
 
 case "${1:?mode: ablations, long or profile}" in
@@ -64,11 +69,13 @@ long)
   # LONG_GPUS=0,1,2,3: the GMSA run on those GPUs through accelerate (DDP; the global batch is BATCH x ACCUM x
   # processes, so ACCUM=2 on 2 GPUs keeps 64 samples a step); NOCOMPRESS_GPUS: where the no-compress run goes, the
   # same way (default: beside the GMSA run's first GPU; e.g. LONG_GPUS=0,1 NOCOMPRESS_GPUS=2,3, with LONG_MINUTES=0
-  # so that both run exactly LONG_STEPS); NOCOMPRESS=0 skips it.
+  # so that both run exactly LONG_STEPS); NOCOMPRESS=0 skips it, GMSA=0 the GMSA run (the no-compress run alone).
   gpus=${LONG_GPUS:-${CUDA_VISIBLE_DEVICES:-0}}
   budget="--steps $LONG_STEPS --time_limit_minutes $LONG_MINUTES --stop_after_minutes $STOP_AFTER --eval_every 200 --save_every 100"
-  on_gpus "$gpus" 29534 -m gmsa_rag.train $common $gmsa_batch --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" $budget \
-    > "$RUNS/s2-long.log" 2>&1 &
+  if [ "${GMSA:-1}" = 1 ]; then
+    on_gpus "$gpus" 29534 -m gmsa_rag.train $common $gmsa_batch --init "$INIT" $RECIPE --out_dir "$RUNS/s2-long" $budget \
+      > "$RUNS/s2-long.log" 2>&1 &
+  fi
   if [ "${NOCOMPRESS:-1}" = 1 ]; then
     on_gpus "${NOCOMPRESS_GPUS:-${NOCOMPRESS_GPU:-${gpus%%,*}}}" 29535 -m gmsa_rag.train $common $nocompress_batch --no_compress true \
       --out_dir "$RUNS/s2-long-nocompress" $budget > "$RUNS/s2-long-nocompress.log" 2>&1 &
