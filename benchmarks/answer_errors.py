@@ -21,7 +21,6 @@ and words from nowhere. No model is run: the command takes seconds on any machin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -39,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, nargs="+", required=True,
                    help="qa.py JSON files (their 'outputs'); with several, each system is named '<file stem>: <system>'")
-    p.add_argument("--data", type=Path, required=True, help="the QA file those outputs answered (same order)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="the QA file (or pooled QA folder, its dev split) those outputs answered (same order)")
     p.add_argument("--gold-only", action="store_true", help="the outputs were made from the gold passage alone")
     p.add_argument("--name", default=NAME)
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<machine>/)")
@@ -71,16 +71,11 @@ def error_kind(answer: str, answers: Sequence[str], gold: str | None, others: Se
     return "not in the documents"
 
 
-def classify(outputs: Sequence[dict[str, Any]], examples: Sequence[Any], gold_only: bool) -> dict[str, Counter]:
-    """Counts of each kind per system of ``outputs`` (qa.py's records) against their ``examples``."""
-    if len(outputs) > len(examples):
-        raise ValueError(f"{len(outputs)} outputs but only {len(examples)} questions in the data file")
-    systems = [k for k in outputs[0] if k not in ("question", "answers")] if outputs else []
+def classify(results: Path, examples: Sequence[Any], gold_only: bool) -> dict[str, Counter]:
+    """Counts of each kind per system of a qa.py JSON (``results``) against their ``examples``."""
+    systems, pairs = bc.qa_outputs(results, examples)
     counts: dict[str, Counter] = {s: Counter() for s in systems}
-    for record, example in zip(outputs, examples):
-        if record["question"] != example.question:
-            raise ValueError(f"the outputs do not follow the data file: {record['question']!r} against "
-                             f"{example.question!r}")
+    for record, example in pairs:
         gold = example.contexts[example.gold_index] if example.gold_index is not None else None
         others = [] if gold_only else [c for i, c in enumerate(example.contexts) if i != example.gold_index]
         for system in systems:
@@ -90,16 +85,17 @@ def classify(outputs: Sequence[dict[str, Any]], examples: Sequence[Any], gold_on
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
-    for path in [*args.results, args.data]:
+    for path in args.results:
         if not path.is_file():
             raise SystemExit(f"no such file: {path}")
-    from gmsa_rag.data.qa import load_qa
+    if not args.data.exists():
+        raise SystemExit(f"no QA data at {args.data}")
+    from gmsa_rag.data.qa import load_as_shown
 
-    examples = load_qa(args.data, split="dev")
+    examples = load_as_shown(args.data)
     counts: dict[str, Counter] = {}
     for path in args.results:
-        outputs = json.loads(path.read_text())["outputs"]
-        for system, c in classify(outputs, examples, args.gold_only).items():
+        for system, c in classify(path, examples, args.gold_only).items():
             counts[system if len(args.results) == 1 else f"{path.stem}: {system}"] = c
     rows = [{"system": s, "n": sum(c.values()), **{k: 100 * c[k] / max(sum(c.values()), 1) for k in KINDS}}
             for s, c in counts.items()]

@@ -392,6 +392,20 @@ def _get(obj: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def qa_outputs(results: Path, examples: Sequence[Any]) -> tuple[list[str], list[tuple[dict[str, Any], Any]]]:
+    """The systems of a ``benchmarks/qa.py`` JSON and its saved outputs paired with the QA ``examples`` they answered
+    (same order; a question that differs raises ``ValueError``)."""
+    outputs = json.loads(Path(results).read_text())["outputs"]
+    if len(outputs) > len(examples):
+        raise ValueError(f"{len(outputs)} outputs but only {len(examples)} questions in the data file")
+    for record, example in zip(outputs, examples):
+        if record["question"] != example.question:
+            raise ValueError(f"the outputs do not follow the data file: {record['question']!r} against "
+                             f"{example.question!r}")
+    systems = [k for k in outputs[0] if k not in ("question", "answers")] if outputs else []
+    return systems, list(zip(outputs, examples))
+
+
 def document_texts(example: Any) -> list[str]:
     """Plain text of each document of a QA example (dict or object; ``text`` of each document, else the item)."""
     docs = _get(example, *_DOC_KEYS, default=[]) or []

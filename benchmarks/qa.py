@@ -38,7 +38,11 @@ NAME = "qa"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bc.add_common_args(p)
-    p.add_argument("--data", default=None, help="QA jsonl(.gz) (default: the bundled dev split)")
+    p.add_argument("--data", default=None, help="QA jsonl(.gz), or a pooled QA folder such as data/qa-multidoc "
+                   "(its --split laid out as the trainer's dev shows it: gold among the --max-docs - 1 hardest "
+                   "distractors) (default: the bundled dev split)")
+    p.add_argument("--split", default="dev", help="split of a pooled QA folder (default dev)")
+    p.add_argument("--max-docs", type=int, default=5, help="documents per question from a pooled QA folder (default 5)")
     p.add_argument("--limit", type=int, default=None, help="first N questions (default 200; --quick 8)")
     p.add_argument("--batch-size", type=int, default=None, help="questions per batch (default 8 on CPU, 16 on GPU)")
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -147,9 +151,11 @@ def gold_only(examples: list) -> list:
 
 
 def main(argv=None) -> dict[str, Any]:
-    from gmsa_rag.data.qa import load_qa_jsonl
+    from gmsa_rag.data.qa import load_as_shown
 
     args = parse_args(argv)
+    if args.max_docs < 1:
+        raise SystemExit(f"--max-docs must be at least 1, got {args.max_docs}")
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     args.limit = args.limit or (8 if args.quick else 200)
@@ -160,7 +166,12 @@ def main(argv=None) -> dict[str, Any]:
     if data is None:
         raise SystemExit("no QA data: pass --data FILE.jsonl(.gz) or build the bundled dev split "
                          "(python -m gmsa_rag.data.build_nq)")
-    examples = load_qa_jsonl(data, limit=args.limit)
+    if not data.exists():
+        raise SystemExit(f"no QA data at {data}")
+    try:
+        examples = load_as_shown(data, args.split, args.limit, args.max_docs)
+    except FileNotFoundError as err:
+        raise SystemExit(f"{data}: {err}") from err
     if not examples:
         raise SystemExit(f"{data} holds no examples")
     if args.gold_only:

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts: each main() runs end to end on tiny random models and writes its files."""
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
 import sys
@@ -122,6 +123,26 @@ def test_qa_runs_end_to_end(qa_file, checkpoints, tmp_path):
     gold = _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--gold-only",
                               "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "gold")])
     assert gold["meta"]["documents_per_question"] == 1 and gold["rows"][0]["n"] == 3
+    # a pooled QA folder: its dev split as the trainer's dev shows it (gold among the hardest distractors)
+    from gmsa_rag.data.qa import load_qa_jsonl
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    examples = load_qa_jsonl(qa_file)
+    texts = sorted({c for e in examples for c in e.contexts})
+    ids = {t: i for i, t in enumerate(texts)}
+    with gzip.open(pool / "passages.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps({"id": i, "title": "", "text": t}) + "\n" for t, i in ids.items())
+    with gzip.open(pool / "dev.jsonl.gz", "wt") as fh:
+        for e in examples:
+            others = [ids[c] for j, c in enumerate(e.contexts) if j != e.gold_index]
+            fh.write(json.dumps({"question": e.question, "answers": e.answers, "gold": ids[e.contexts[e.gold_index]],
+                                 "distractors": others}) + "\n")
+    pooled = _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(pool), "--max-docs", "1", "--base",
+                                "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "pooled")])
+    assert pooled["meta"]["documents_per_question"] == 1 and pooled["rows"][0]["n"] == 3
+    with pytest.raises(SystemExit, match="no QA data at"):
+        _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(tmp_path / "nowhere"), "--base"])
 
 
 def test_reconstruction_runs_end_to_end(qa_file, checkpoints, tmp_path):
@@ -385,6 +406,36 @@ def test_answer_position_buckets_accuracy_by_where_the_answer_sits(qa_file, chec
     assert len(data["offsets"]) == 3
     # that checkpoint's adapter serves soft tokens only: reading text it is the base model
     assert by_name["fine-tune text"]["all"] == by_name["text-gold"]["all"]
+
+
+def test_answer_overlap_splits_accuracy_by_the_questions_word_overlap(tmp_path):
+    """Overlap counts the question's content words in the answer's sentence; accuracy is split into thirds by it."""
+    from gmsa_rag.data.qa import QAExample, save_qa_jsonl
+
+    bench = _bench("answer_overlap")
+    passage = "Paris is large. The Eiffel Tower was designed by Gustave Eiffel's company. It opened in 1889."
+    assert bench.answer_sentence(passage, ["1889"]) == "It opened in 1889."
+    assert bench.answer_sentence(passage, ["Rome"]) == passage
+    # content words: designed, famous, tower (who/the: function words; eiffel: the answer's own) -> 2 of 3 in it
+    assert bench.question_overlap("Who designed the famous Eiffel Tower?", passage, ["Gustave Eiffel"]) == \
+        pytest.approx(2 / 3)
+    assert bench.question_overlap("Who designed the tower?", passage, ["Gustave Eiffel"]) == 1.0
+    assert bench.question_overlap("When was it opened to visitors?", passage, ["1889"]) == pytest.approx(1 / 2)
+    assert bench.question_overlap("Who?", passage, ["x"]) == 0.0
+    rows, bounds = bench.accuracy_by_third([0.9, 0.1, 0.5, 0.2, 0.8, 0.6], {"s": [1, 0, 0, 0, 1, 1]})
+    assert rows[0]["low"] == 0.0 and rows[0]["middle"] == 50.0 and rows[0]["high"] == 100.0 and rows[0]["all"] == 50.0
+    assert bounds == [0.2, 0.6, 0.9]
+    questions = ["Who designed the tower?", "When was it opened to visitors?", "Who?"]
+    answers = [["Gustave Eiffel"], ["1889"], ["x"]]
+    data = tmp_path / "dev.jsonl"
+    save_qa_jsonl([QAExample(q, a, ["Big Ben is in London.", passage], gold_index=1) for q, a in zip(questions, answers)],
+                  data)
+    results = tmp_path / "qa.json"
+    results.write_text(json.dumps({"outputs": [{"question": q, "answers": a, "base": o} for q, a, o in
+                                               zip(questions, answers, ["Gustave Eiffel", "in 1900", "no"])]}))
+    out = bench.main(["--results", str(results), "--data", str(data), "--out", str(tmp_path / "out")])
+    assert out["overlaps"] == [1.0, 0.5, 0.0] and out["rows"][0]["high"] == 100.0 and out["rows"][0]["low"] == 0.0
+    assert (tmp_path / "out" / "answer-overlap.md").is_file()
 
 
 def test_answer_errors_sorts_answers_by_what_they_are(tmp_path):

@@ -132,6 +132,24 @@ def test_load_qa_pool_and_qa_sample(tmp_path: Path) -> None:
     assert len(data.qa) == len(train) and len(data.dev) == len(dev)
 
 
+def test_load_as_shown_lays_a_pool_out_as_the_trainer_dev_does(tmp_path: Path) -> None:
+    """Benchmarks score the trainer's dev prompts: gold among the hardest distractors at place index mod count."""
+    from gmsa_rag.data.qa import load_as_shown, save_qa_jsonl
+    from gmsa_rag.train import dev_qa_sample
+
+    _write(tmp_path)
+    pooled = load_qa_pool(tmp_path, "dev")
+    shown = load_as_shown(tmp_path, "dev", max_docs=3)
+    assert len(shown) == len(pooled)
+    for i, (example, as_shown) in enumerate(zip(pooled, shown)):
+        assert as_shown.contexts == dev_qa_sample(example, 4, 3, i).documents
+        assert as_shown.contexts[as_shown.gold_index] == example.contexts[0]
+        assert len(as_shown.contexts) == min(3, len(example.contexts))
+    assert len(load_as_shown(tmp_path, "dev", limit=1)) == 1
+    save_qa_jsonl(shown, tmp_path / "shown.jsonl")  # a file comes back as stored
+    assert load_as_shown(tmp_path / "shown.jsonl") == shown
+
+
 def test_load_qa_pool_errors(tmp_path: Path) -> None:
     _write(tmp_path)
     write_jsonl_gz([{"question": "q", "answers": ["a"], "gold": 10_000, "distractors": []}], tmp_path / "bad.jsonl.gz")

@@ -215,3 +215,12 @@ def load_qa_pool(folder: PathLike, split: str, limit: int | None = None) -> list
 def load_qa(path: PathLike, split: str = "train", limit: int | None = None) -> list[QAExample]:
     """Examples of a QA jsonl(.gz) file, or of split ``split`` of a pooled QA folder."""
     return load_qa_pool(path, split, limit) if is_qa_pool(path) else load_qa_jsonl(path, limit)
+
+
+def load_as_shown(path: PathLike, split: str = "dev", limit: int | None = None, max_docs: int = 5) -> list[QAExample]:
+    """Examples as an evaluation prompt shows them: a QA file's as stored; a pooled folder's split laid out as the
+    trainer's dev evaluation lays it out (:func:`dev_layout`: the gold passage among the ``max_docs - 1`` hardest
+    distractors, at place ``index mod count``), so benchmarks score the same prompts the trainer's dev does."""
+    if not is_qa_pool(path):
+        return load_qa_jsonl(path, limit)
+    return [dev_layout(e, max_docs, i) for i, e in enumerate(load_qa_pool(path, split, limit))]
