@@ -36,13 +36,8 @@ KINDS = ("right", "wrong span of the gold", "span of a distractor", "mostly gold
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, nargs="+", required=True,
-                   help="qa.py JSON files (their 'outputs'); with several, each system is named '<file stem>: <system>'")
-    p.add_argument("--data", type=Path, required=True,
-                   help="the QA file (or pooled QA folder, its dev split) those outputs answered (same order)")
+    bc.add_qa_outputs_args(p, NAME)
     p.add_argument("--gold-only", action="store_true", help="the outputs were made from the gold passage alone")
-    p.add_argument("--name", default=NAME)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<machine>/)")
     return p.parse_args(argv)
 
 
@@ -85,14 +80,7 @@ def classify(results: Path, examples: Sequence[Any], gold_only: bool) -> dict[st
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
-    for path in args.results:
-        if not path.is_file():
-            raise SystemExit(f"no such file: {path}")
-    if not args.data.exists():
-        raise SystemExit(f"no QA data at {args.data}")
-    from gmsa_rag.data.qa import load_as_shown
-
-    examples = load_as_shown(args.data)
+    examples = bc.qa_outputs_examples(args)
     counts: dict[str, Counter] = {}
     for path in args.results:
         for system, c in classify(path, examples, args.gold_only).items():

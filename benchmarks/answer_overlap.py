@@ -76,26 +76,15 @@ def accuracy_by_third(overlaps: Sequence[float], correct: dict[str, Sequence[flo
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", type=Path, nargs="+", required=True,
-                   help="qa.py JSON files over the same data; with several, each system is named '<file stem>: <system>'")
-    p.add_argument("--data", type=Path, required=True,
-                   help="the QA file (or pooled QA folder, its dev split) those outputs answered (same order)")
-    p.add_argument("--name", default=NAME)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<machine>/)")
+    bc.add_qa_outputs_args(p, NAME)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
-    for path in args.results:
-        if not path.is_file():
-            raise SystemExit(f"no such file: {path}")
-    if not args.data.exists():
-        raise SystemExit(f"no QA data at {args.data}")
-    from gmsa_rag.data.qa import load_as_shown
     from gmsa_rag.metrics import answer_in_output
 
-    examples = load_as_shown(args.data)
+    examples = bc.qa_outputs_examples(args)
     if any(e.gold_index is None for e in examples):
         raise SystemExit(f"{args.data}: every question needs a marked gold passage (isgold)")
     correct: dict[str, list[float]] = {}

@@ -392,6 +392,29 @@ def _get(obj: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def add_qa_outputs_args(parser: argparse.ArgumentParser, name: str) -> None:
+    """Arguments of the scripts that read ``benchmarks/qa.py``'s saved outputs (no model run)."""
+    parser.add_argument("--results", type=Path, nargs="+", required=True,
+                        help="qa.py JSON files (their 'outputs'); with several, each system is named "
+                             "'<file stem>: <system>'")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="the QA file (or pooled QA folder, its dev split) those outputs answered (same order)")
+    parser.add_argument("--name", default=name)
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<machine>/)")
+
+
+def qa_outputs_examples(args: argparse.Namespace) -> list:
+    """The QA examples behind ``--results``, as the prompts showed them; a missing file is a one-line exit."""
+    from gmsa_rag.data.qa import load_as_shown
+
+    for path in args.results:
+        if not path.is_file():
+            raise SystemExit(f"no such file: {path}")
+    if not args.data.exists():
+        raise SystemExit(f"no QA data at {args.data}")
+    return load_as_shown(args.data)
+
+
 def qa_outputs(results: Path, examples: Sequence[Any]) -> tuple[list[str], list[tuple[dict[str, Any], Any]]]:
     """The systems of a ``benchmarks/qa.py`` JSON and its saved outputs paired with the QA ``examples`` they answered
     (same order; a question that differs raises ``ValueError``)."""
