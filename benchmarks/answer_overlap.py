@@ -88,17 +88,17 @@ def main(argv=None) -> dict[str, Any]:
     if any(e.gold_index is None for e in examples):
         raise SystemExit(f"{args.data}: every question needs a marked gold passage (isgold)")
     correct: dict[str, list[float]] = {}
-    overlaps: list[float] | None = None
+    answered: int | None = None  # every file follows the data file (qa_outputs), so equal counts: the same questions
     for path in args.results:
         systems, pairs = bc.qa_outputs(path, examples)
-        these = [question_overlap(e.question, e.contexts[e.gold_index], e.answers) for _, e in pairs]
-        if overlaps is not None and these != overlaps:
+        if answered is not None and len(pairs) != answered:
             raise SystemExit(f"{path}: answers other questions than {args.results[0]}")
-        overlaps = these
+        answered = len(pairs)
         for system in systems:
             name = system if len(args.results) == 1 else f"{path.stem}: {system}"
             correct[name] = [answer_in_output(r[system], e.answers) for r, e in pairs]
-    rows, bounds = accuracy_by_third(overlaps or [], correct)
+    overlaps = [question_overlap(e.question, e.gold_context, e.answers) for e in examples[:answered]]
+    rows, bounds = accuracy_by_third(overlaps, correct)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5 + 0.15 * len(rows)))
@@ -111,7 +111,7 @@ def main(argv=None) -> dict[str, Any]:
     ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.tight_layout()
     meta = {"results": ", ".join(str(p) for p in args.results), "data": str(args.data),
-            "questions": len(overlaps or []), "thirds_upper_overlap": [round(b, 3) for b in bounds],
+            "questions": len(overlaps), "thirds_upper_overlap": [round(b, 3) for b in bounds],
             "command": "answer_overlap.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     notes = ["Overlap: the share of the question's content words (SQuAD-normalised; function words and the answer's "
              "own words left out) found in the answer's sentence, the first sentence of the gold passage holding a "
