@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> str:
     model.train()
     rates = list(model.config.rates)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    distill, teacher = distillation(cfg, model)
+    distill = distillation(cfg, model)
     seconds: dict[str, float] = defaultdict(float)
 
     def timed(name: str, fn):
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> str:
     def step(index: int) -> None:
         for samples in step_batches(index, data, cfg, rates, 0):
             with autocast:
-                if distill:
-                    loss = timed("loss (prompts, encoder, decoder, teacher)", lambda: model(samples, distill, teacher))
+                if distill.distill_weight or distill.hidden_weight:
+                    loss = timed("loss (prompts, encoder, decoder, teacher)", lambda: model(
+                        samples, distill.distill_weight, distill.teacher, distill.hidden_weight))
                 else:
                     prompts = timed("prompts + encoder", lambda: build_prompts(model, samples))
                     loss = timed("decoder loss", lambda: model.loss(prompts))

@@ -61,9 +61,11 @@ class EmbeddingScaleNorm(nn.Module):
         return (normed * self.weight.float()).to(x.dtype)
 
 
-def run_stack(stack: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def run_stack(stack: nn.Module, embeds: torch.Tensor, mask: torch.Tensor,
+              every_layer: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Run a causal layer stack over [B, T, H] embeddings whose rows are padded on the right ([B, T] ``mask``);
-    return its last hidden states.
+    return its last hidden states (``every_layer``: the output of each layer, the last one after the final norm,
+    as Hugging Face's ``hidden_states`` give them without the input embeddings).
 
     Under causal attention a real position only sees earlier positions, all real when padding is on the right,
     so the mask changes nothing a caller reads and is not passed: SDPA may then use its fused causal kernels
@@ -74,6 +76,8 @@ def run_stack(stack: nn.Module, embeds: torch.Tensor, mask: torch.Tensor) -> tor
     """
     if mask is not None and mask.device.type == "cpu" and bool((mask[:, 1:] > mask[:, :-1]).any()):
         raise ValueError("run_stack needs rows padded on the right (a padding position precedes a real one)")
+    if every_layer:
+        return stack(inputs_embeds=embeds, use_cache=False, output_hidden_states=True).hidden_states[1:]
     return stack(inputs_embeds=embeds, use_cache=False).last_hidden_state
 
 

@@ -5,7 +5,7 @@ The TCP-AE baseline (ICAE-style learnable memory tokens) lives behind the same i
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
@@ -23,7 +23,7 @@ from .engine import allow_recompiles
 from .fingerprint import weights_fingerprint
 from .group_merge import group_merge
 from .layers import EmbeddingScaleNorm, copy_of_lowest_layers, inner_model, own_parameters, run_stack
-from .prompt import Context, DecoderBatch, Segment, assemble, qa_segments, to_device
+from .prompt import Context, DecoderBatch, Segment, assemble, qa_segments, shared_tail, tail_index, to_device
 from .samples import Sample, build_prompts
 
 Stage = Literal["ae", "keft", "frozen"]
@@ -339,28 +339,32 @@ class GMSAModel(nn.Module):
         return assemble(prompts, self.embed_tokens, padding_side=padding_side)
 
     def forward(self, samples: Sequence[Sample], distill_weight: float = 0.0,
-                teacher: "GMSAModel | None" = None) -> torch.Tensor:
+                teacher: "GMSAModel | None" = None, hidden_weight: float = 0.0) -> torch.Tensor:
         """Training loss of a batch of stage-1 / QA samples (what the trainer and DDP call).
 
-        With ``distill_weight`` w > 0: (1 - w) * cross-entropy on the targets + w * KL(teacher || student), the
-        teacher reading the documents as text: ``teacher`` (e.g. a no-compress fine-tune, same base model and
-        tokenizer) or, by default, this decoder with its adapter off (the base model).
+        Distillation from a teacher reading the documents as text: ``teacher`` (e.g. a no-compress fine-tune, same
+        base model and tokenizer) or, by default, this decoder with its adapter off (the base model).
+        ``distill_weight`` w > 0: (1 - w) * cross-entropy on the targets + w * KL(teacher || student) on them.
+        ``hidden_weight`` h > 0: + h * (1 - cosine) between the student's and the teacher's hidden states, every
+        layer, at the positions after the documents (question, chat turn, answer), which both prompts share.
         """
         prompts = build_prompts(self, samples)
-        if not distill_weight:
+        if not distill_weight and not hidden_weight:
             return self.loss(prompts)
-        text_samples = [replace(s, rate=None) for s in samples]
-        with torch.no_grad():
-            if teacher is None:
-                with self.decoder_adapter(False):
-                    teacher_logits, _ = self.target_logits(build_prompts(self, text_samples))
-            else:
-                teacher_logits, _ = teacher.target_logits(build_prompts(teacher, text_samples))
-        logits, labels = self.target_logits(prompts)
-        ce = F.cross_entropy(logits.float(), labels)
-        kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1), log_target=True,
-                      reduction="batchmean")
-        return (1 - distill_weight) * ce + distill_weight * kl
+        reader = self if teacher is None else teacher
+        text_prompts = build_prompts(reader, [replace(s, rate=None) for s in samples])
+        tails = [shared_tail(p, t) for p, t in zip(prompts, text_prompts)] if hidden_weight else None
+        with torch.no_grad(), self.decoder_adapter(False) if teacher is None else nullcontext():
+            teacher_logits, _, teacher_states = reader.decode(text_prompts, tails)
+        logits, labels, states = self.decode(prompts, tails)
+        loss = F.cross_entropy(logits.float(), labels)
+        if distill_weight:
+            kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
+                          log_target=True, reduction="batchmean")
+            loss = (1 - distill_weight) * loss + distill_weight * kl
+        if hidden_weight:
+            loss = loss + hidden_weight * hidden_state_distance(states, teacher_states)
+        return loss
 
     def loss(self, prompts: Sequence[Sequence[Segment]]) -> torch.Tensor:
         """Teacher-forced cross-entropy on the target segments of each prompt (mean over all target tokens)."""
@@ -372,12 +376,25 @@ class GMSAModel(nn.Module):
 
         The LM head runs on the target positions only (a long prompt's full [B, T, V] logits would be gigabytes).
         """
+        logits, labels, _ = self.decode(prompts)
+        return logits, labels
+
+    def decode(self, prompts: Sequence[Sequence[Segment]], tails: Sequence[int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``target_logits`` and, with ``tails``, the hidden states of every decoder layer at the last ``tails[i]``
+        positions of each prompt ([layers, sum(tails), H]; None without)."""
         batch = self.build_batch(prompts)  # padded on the right: causal attention needs no mask (see run_stack)
         with self.decoder_adapter(self.adapter_wanted(prompts)):
-            hidden = run_stack(self.decoder.get_decoder(), batch.inputs_embeds, batch.attention_mask)
+            stack = self.decoder.get_decoder()
+            if tails is None:
+                hidden, states = run_stack(stack, batch.inputs_embeds, batch.attention_mask), None
+            else:
+                layers = run_stack(stack, batch.inputs_embeds, batch.attention_mask, every_layer=True)
+                hidden, index = layers[-1], tail_index(prompts, tails, batch.inputs_embeds.device)
+                states = torch.stack([h.flatten(0, 1)[index] for h in layers])
             # the predicting positions were found on the host: no boolean mask, so no wait for the GPU
             logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[batch.predictors])
-        return logits, batch.target_ids
+        return logits, batch.target_ids, states
 
     @torch.no_grad()
     def answer_losses(self, prompts: Sequence[Sequence[Segment]]) -> torch.Tensor:
@@ -524,3 +541,11 @@ def length_groups(lengths: Sequence[int], tokens_per_pass: int) -> list[list[int
         else:
             groups.append([i])
     return groups
+
+
+def hidden_state_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean 1 - cosine between matching hidden states ([layers, N, H] each; 0 for N = 0). Direction only: the scale
+    of the states grows through the layers and the last ones come after the final norm."""
+    if not student.shape[1]:
+        return student.sum() * 0.0
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()

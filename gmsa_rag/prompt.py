@@ -109,6 +109,31 @@ def ae_segments(
     return chat_segments(tokenizer, parts, text)
 
 
+def shared_tail(soft_prompt: Sequence[Segment], text_prompt: Sequence[Segment]) -> int:
+    """How many final positions a soft-token prompt and the text prompt of the same sample share token for token:
+    what follows the last document (question, chat turn, answer), where the two decoders' states can be compared."""
+    if any(seg.token_ids is None for seg in text_prompt):
+        raise ValueError("shared_tail: the second prompt must be all text (the documents as tokens)")
+    tail: list[int] = []
+    for seg in reversed(soft_prompt):
+        if seg.token_ids is None:
+            break
+        tail = seg.token_ids + tail
+    text = [t for seg in text_prompt for t in seg.token_ids]
+    shared = 0
+    while shared < min(len(tail), len(text)) and tail[-1 - shared] == text[-1 - shared]:
+        shared += 1
+    return shared
+
+
+def tail_index(prompts: Sequence[Sequence[Segment]], tails: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Flat (row * T + position) index of the last ``tails[i]`` positions of each prompt in a right-padded batch."""
+    lengths = [sum(len(seg) for seg in segments) for segments in prompts]
+    longest = max(lengths)
+    index = [row * longest + pos for row, (n, k) in enumerate(zip(lengths, tails)) for pos in range(n - k, n)]
+    return to_device(torch.tensor(index, dtype=torch.long), device)
+
+
 @dataclass
 class DecoderBatch:
     inputs_embeds: torch.Tensor  # [B, T, H]

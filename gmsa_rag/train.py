@@ -7,8 +7,9 @@ Passages are cut from a tokenized corpus like RAG chunks; some samples hold seve
 documents of which one is restored (``--multi_doc_fraction``). Stage ``keft``: compressor frozen (loaded from a
 stage-1 checkpoint); a LoRA adapter on the decoder's W_Q/W_K/W_V (on only for prompts with soft tokens; the
 stage-1 one, if the checkpoint has it) learns to answer questions from the soft tokens of the retrieved
-documents, optionally distilled from the base model reading the same documents as text (``--distill_weight``;
-``--distill_teacher``: a no-compress fine-tune instead). ``--no-compress`` fine-tunes the same decoder
+documents, optionally distilled from the base model reading the same documents as text (``--distill_weight``: its
+answer-token logits; ``--distill_hidden_weight``: its hidden states after the documents; ``--distill_teacher``: a
+no-compress fine-tune instead). ``--no-compress`` fine-tunes the same decoder
 parameters on the uncompressed prompt (the fair baseline). Rates are drawn per sample (``--rate_weights``).
 
 The learning-rate schedule runs on the fraction of the budget spent: the largest of steps, tokens
@@ -99,6 +100,7 @@ class TrainConfig:
     eval_gold_only: bool = field(default=False, metadata={"help": "keft: also score the dev questions with the gold passage alone (gold_accuracy@r ...): reading an answer, apart from finding its document"})
     # stage 2 options
     distill_weight: float = field(default=0.0, metadata={"help": "keft: weight of token-level KL to the base model reading the documents as text"})
+    distill_hidden_weight: float = field(default=0.0, metadata={"help": "keft: weight of 1 - cosine between the decoder's hidden states reading soft tokens and the teacher's reading the text, every layer, at the question and answer positions after the documents (dense supervision beyond the few answer tokens)"})
     distill_teacher: str = field(default="", metadata={"help": "keft: a no-compress checkpoint (--no_compress run on the same base model) whose fine-tuned decoder reading the text is the distillation teacher; default: the base model"})
     compressor_lr: float = field(default=0.0, metadata={"help": "keft: also train encoder LoRA + LSA at this lr (0: frozen, as in the paper)"})
     # optimisation
@@ -158,8 +160,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def check_teacher(cfg: TrainConfig, error) -> None:
     """Refuse a distillation teacher that cannot serve, before any model is loaded."""
-    if cfg.stage != "keft" or cfg.no_compress or cfg.distill_weight <= 0:
-        error("--distill_teacher needs --stage keft with soft tokens and --distill_weight > 0")
+    if cfg.stage != "keft" or cfg.no_compress or (cfg.distill_weight <= 0 and cfg.distill_hidden_weight <= 0):
+        error("--distill_teacher needs --stage keft with soft tokens and --distill_weight or --distill_hidden_weight > 0")
     try:
         config = read_record(cfg.distill_teacher)["config"]
     except CheckpointError as err:
@@ -379,18 +381,28 @@ def calibrate(model: GMSAModel, data: Data, cfg: TrainConfig, rates: list[int], 
           flush=True)
 
 
-def distillation(cfg: TrainConfig, model: GMSAModel) -> tuple[float, GMSAModel | None]:
-    """The distillation weight this run uses (0 outside stage 2 with soft tokens) and its teacher: the
+@dataclass
+class Distillation:
+    """What stage 2 distils from the teacher reading the documents as text (``GMSAModel.forward``'s options)."""
+
+    distill_weight: float = 0.0  # KL on the answer tokens
+    hidden_weight: float = 0.0  # hidden states after the documents
+    teacher: GMSAModel | None = None  # None: the model's own decoder with its adapter off (the base model)
+
+
+def distillation(cfg: TrainConfig, model: GMSAModel) -> Distillation:
+    """The distillation this run uses (none outside stage 2 with soft tokens) and its teacher: the
     ``--distill_teacher`` fine-tune, frozen, on the model's device (outside DDP, one per process), or None for
     the default teacher, the model's own decoder with its adapter off."""
-    weight = cfg.distill_weight if cfg.stage == "keft" and not cfg.no_compress else 0.0
-    if not weight or not cfg.distill_teacher:
-        return weight, None
-    teacher = load_checkpoint(cfg.distill_teacher, base_model=model.config.base_model, device=model.device,
-                              dtype=model.dtype)
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return weight, teacher
+    if cfg.stage != "keft" or cfg.no_compress or not (cfg.distill_weight or cfg.distill_hidden_weight):
+        return Distillation()
+    teacher = None
+    if cfg.distill_teacher:
+        teacher = load_checkpoint(cfg.distill_teacher, base_model=model.config.base_model, device=model.device,
+                                  dtype=model.dtype)
+        teacher.requires_grad_(False)
+        teacher.eval()
+    return Distillation(cfg.distill_weight, cfg.distill_hidden_weight, teacher)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -557,7 +569,7 @@ def train(cfg: TrainConfig) -> Path:
     window_tokens, clock = 0, time.perf_counter()
     bar = tqdm(total=100, initial=int(100 * progress.fraction(cfg)), unit="%", disable=not accelerator.is_main_process,
                bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]")
-    distill, teacher = distillation(cfg, model)
+    distill = distillation(cfg, model)
     invocation_start = time.perf_counter()
     grad_norm = torch.tensor(float("nan"))
     while progress.fraction(cfg) < 1.0:
@@ -567,7 +579,7 @@ def train(cfg: TrainConfig) -> Path:
             g["lr"] = g["base_lr"] * lr_factor(cfg, fraction, progress.step)
         for samples in step_batches(progress.step, data, cfg, rates, accelerator.process_index, fraction):
             with accelerator.accumulate(wrapped):
-                loss = wrapped(samples, distill_weight=distill, teacher=teacher)
+                loss = wrapped(samples, distill.distill_weight, distill.teacher, distill.hidden_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)  # before clipping

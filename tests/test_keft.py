@@ -7,7 +7,8 @@ import torch
 
 from gmsa_rag.checkpoint import CONFIG_FILE, load_checkpoint
 from gmsa_rag.data.qa import QAExample
-from gmsa_rag.prompt import qa_segments
+from gmsa_rag.model import hidden_state_distance
+from gmsa_rag.prompt import qa_segments, shared_tail
 from gmsa_rag.samples import Sample
 from gmsa_rag.testing import tiny_gmsa
 from gmsa_rag.train import TrainConfig, dev_qa_sample, docs_cap, parse_args, qa_sample
@@ -81,6 +82,38 @@ def test_a_given_distillation_teacher_replaces_the_base_model(tokenizer, tmp_pat
     for bad in (tmp_path / "soft", tmp_path / "missing"):  # not a no-compress fine-tune; not a checkpoint
         with pytest.raises(SystemExit):
             parse_args(flags + [str(bad)])
+
+
+def test_hidden_state_distillation_compares_the_positions_both_prompts_share(tokenizer, tmp_path):
+    """The states after the documents (question, chat turn, answer) line up token for token between a soft-token
+    prompt and its text twin; the hidden term is 0 against itself and trains only the soft-token adapter."""
+    model = with_trained_adapter(tokenizer)
+    soft_prompt = qa_segments(tokenizer, "who wrote hamlet?", model.compress(DOCS, 4), "Shakespeare")
+    text_prompt = qa_segments(tokenizer, "who wrote hamlet?", DOCS, "Shakespeare")
+    after_docs = soft_prompt[-2].token_ids + soft_prompt[-1].token_ids  # "\n\nQuestion: ..." turn + the answer
+    tail = shared_tail(soft_prompt, text_prompt)
+    assert tail == len(after_docs)
+    assert [t for seg in text_prompt for t in seg.token_ids][-tail:] == after_docs
+    with pytest.raises(ValueError):
+        shared_tail(text_prompt, soft_prompt)
+
+    _, _, states = model.decode([text_prompt, text_prompt[:-1]], [tail, 3])
+    assert states.shape == (model.decoder.config.num_hidden_layers, tail + 3, model.decoder.config.hidden_size)
+    assert hidden_state_distance(states, states).item() == pytest.approx(0.0, abs=1e-6)
+    assert hidden_state_distance(states, states.flip(1)).item() > 0.01
+
+    model.set_stage("keft")
+    samples = [Sample(DOCS, "Shakespeare", question="who wrote hamlet?", rate=4)]
+    plain, with_hidden = model(samples), model(samples, hidden_weight=1.0)
+    assert with_hidden.item() > plain.item()
+    with_hidden.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in n and n.startswith("decoder.") for n in grads)
+    teacher = with_trained_adapter(tokenizer, decoder_adapter="always").save_pretrained(tmp_path / "teacher")
+    flags = ["--stage", "keft", "--init", str(model.save_pretrained(tmp_path / "soft")), "--distill_teacher", str(teacher)]
+    assert parse_args(flags + ["--distill_hidden_weight", "0.5"]).distill_hidden_weight == 0.5
+    with pytest.raises(SystemExit):  # a teacher with nothing to distil
+        parse_args(flags)
 
 
 def test_answer_losses_are_per_prompt_means_of_the_target_tokens(tokenizer):

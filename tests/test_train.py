@@ -248,7 +248,8 @@ def test_keft_distills_from_a_no_compress_teacher(base_dir, corpus, qa_file, tmp
     teacher = train(TrainConfig(stage="keft", no_compress=True, base_model=str(base_dir), encoder_layers=2, window=32,
                                 out_dir=str(tmp_path / "teacher"), steps=1, **common))
     ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=1))
-    final = train(TrainConfig(stage="keft", init=str(ae), distill_weight=0.5, distill_teacher=str(teacher),
+    final = train(TrainConfig(stage="keft", init=str(ae), distill_weight=0.5, distill_hidden_weight=0.5,
+                              distill_teacher=str(teacher),
                               out_dir=str(tmp_path / "keft"), steps=2, **common))
     assert final is not None and all(torch.isfinite(torch.tensor(losses(tmp_path / "keft"))))
 
