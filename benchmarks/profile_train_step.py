@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> str:
     def step(index: int) -> None:
         for samples in step_batches(index, data, cfg, rates, 0):
             with autocast:
-                if distill.distill_weight or distill.hidden_weight:
+                if distill.distill_weight or distill.hidden_weight or distill.soft_weight:
                     loss = timed("loss (prompts, encoder, decoder, teacher)", lambda: model(
-                        samples, distill.distill_weight, distill.teacher, distill.hidden_weight))
+                        samples, distill.distill_weight, distill.teacher, distill.hidden_weight, distill.soft_weight))
                 else:
                     prompts = timed("prompts + encoder", lambda: build_prompts(model, samples))
                     loss = timed("decoder loss", lambda: model.loss(prompts))

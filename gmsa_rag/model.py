@@ -23,8 +23,9 @@ from .engine import allow_recompiles
 from .fingerprint import weights_fingerprint
 from .group_merge import group_merge
 from .layers import EmbeddingScaleNorm, copy_of_lowest_layers, inner_model, own_parameters, run_stack
-from .prompt import Context, DecoderBatch, Segment, assemble, qa_segments, shared_tail, tail_index, to_device
-from .samples import Sample, build_prompts
+from .prompt import (Context, DecoderBatch, Segment, assemble, flat_index, qa_segments, shared_tail,
+                     soft_token_groups, to_device)
+from .samples import Sample, build_prompts, token_ids
 
 Stage = Literal["ae", "keft", "frozen"]
 ENCODER_ADAPTER = "gmsa_encoder"
@@ -338,8 +339,8 @@ class GMSAModel(nn.Module):
         """Embed and pad segment lists into one decoder batch."""
         return assemble(prompts, self.embed_tokens, padding_side=padding_side)
 
-    def forward(self, samples: Sequence[Sample], distill_weight: float = 0.0,
-                teacher: "GMSAModel | None" = None, hidden_weight: float = 0.0) -> torch.Tensor:
+    def forward(self, samples: Sequence[Sample], distill_weight: float = 0.0, teacher: "GMSAModel | None" = None,
+                hidden_weight: float = 0.0, soft_weight: float = 0.0) -> torch.Tensor:
         """Training loss of a batch of stage-1 / QA samples (what the trainer and DDP call).
 
         Distillation from a teacher reading the documents as text: ``teacher`` (e.g. a no-compress fine-tune, same
@@ -347,24 +348,64 @@ class GMSAModel(nn.Module):
         ``distill_weight`` w > 0: (1 - w) * cross-entropy on the targets + w * KL(teacher || student) on them.
         ``hidden_weight`` h > 0: + h * (1 - cosine) between the student's and the teacher's hidden states, every
         layer, at the positions after the documents (question, chat turn, answer), which both prompts share.
+        ``soft_weight`` s > 0: + s * (1 - cosine) between each soft token's states and the teacher's mean state over
+        the text tokens it stands for, every layer (the teacher then reads each document as the encoder tokenized it).
         """
-        prompts = build_prompts(self, samples)
-        if not distill_weight and not hidden_weight:
-            return self.loss(prompts)
-        reader = self if teacher is None else teacher
-        text_prompts = build_prompts(reader, [replace(s, rate=None) for s in samples])
-        tails = [shared_tail(p, t) for p, t in zip(prompts, text_prompts)] if hidden_weight else None
-        with torch.no_grad(), self.decoder_adapter(False) if teacher is None else nullcontext():
-            teacher_logits, _, teacher_states = reader.decode(text_prompts, tails)
-        logits, labels, states = self.decode(prompts, tails)
-        loss = F.cross_entropy(logits.float(), labels)
+        if not (distill_weight or hidden_weight or soft_weight):
+            return self.loss(build_prompts(self, samples))
+        terms = self.distillation_terms(samples, teacher, hidden=bool(hidden_weight), soft=bool(soft_weight))
+        loss = terms["ce"]
         if distill_weight:
-            kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
-                          log_target=True, reduction="batchmean")
-            loss = (1 - distill_weight) * loss + distill_weight * kl
+            loss = (1 - distill_weight) * loss + distill_weight * terms["kl"]
         if hidden_weight:
-            loss = loss + hidden_weight * hidden_state_distance(states, teacher_states)
+            loss = loss + hidden_weight * terms["hidden"]
+        if soft_weight:
+            loss = loss + soft_weight * terms["soft"]
         return loss
+
+    def distillation_terms(self, samples: Sequence[Sample], teacher: "GMSAModel | None" = None, hidden: bool = False,
+                           soft: bool = False, text_samples: Sequence[Sample] | None = None) -> dict[str, torch.Tensor]:
+        """The terms ``forward`` mixes: ``ce`` (answer cross-entropy), ``kl`` (KL(teacher || student) on the answer
+        tokens); with ``hidden``, ``hidden`` (mean 1 - cosine over layers and the positions after the documents) and
+        ``hidden_per_layer`` ([layers]); with ``soft``, ``soft`` and ``soft_per_layer`` (the same between each soft
+        token and the teacher's mean state over its group of text tokens). The teacher reads ``text_samples``
+        (default: ``samples``) as text; with ``soft``, each document as the encoder tokenized it."""
+        prompts = build_prompts(self, samples)
+        reader = self if teacher is None else teacher
+        text_samples = list(samples if text_samples is None else text_samples)
+        if soft:
+            text_prompts = [qa_segments(reader.tokenizer, s.question, token_ids(self, s.documents), s.target)
+                            for s in text_samples]
+        else:
+            text_prompts = build_prompts(reader, [replace(s, rate=None) for s in text_samples])
+        gather: dict[str, tuple[list, list]] = {}
+        if hidden:
+            tails = [shared_tail(p, t) for p, t in zip(prompts, text_prompts)]
+            gather["hidden"] = ([range(length(p) - k, length(p)) for p, k in zip(prompts, tails)],
+                                [range(length(t) - k, length(t)) for t, k in zip(text_prompts, tails)])
+        if soft:
+            found = [soft_token_groups(p, t, self.config.window, s.rate)
+                     for p, t, s in zip(prompts, text_prompts, samples)]
+            groups = [g for _, row_groups in found for g in row_groups]
+            gather["soft"] = ([positions for positions, _ in found],
+                              [[pos for g in row_groups for pos in g] for _, row_groups in found])
+        with torch.no_grad(), self.decoder_adapter(False) if teacher is None else nullcontext():
+            teacher_logits, _, teacher_states = reader.decode(text_prompts, {k: v[1] for k, v in gather.items()})
+        logits, labels, states = self.decode(prompts, {k: v[0] for k, v in gather.items()})
+        terms = {"ce": F.cross_entropy(logits.float(), labels),
+                 "kl": F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
+                                log_target=True, reduction="batchmean")}
+        if soft:  # the teacher's mean state over each soft token's group of text tokens
+            owner = to_device(torch.tensor([i for i, g in enumerate(groups) for _ in g]), teacher_states["soft"].device)
+            sums = teacher_states["soft"].float().new_zeros(teacher_states["soft"].shape[0], len(groups),
+                                                            teacher_states["soft"].shape[-1])
+            sums.index_add_(1, owner, teacher_states["soft"].float())
+            sizes = torch.tensor([len(g) for g in groups], dtype=torch.float32).to(sums.device)
+            teacher_states["soft"] = sums / sizes[None, :, None]
+        for name in gather:
+            terms[f"{name}_per_layer"] = hidden_state_distance(states[name], teacher_states[name], per_layer=True)
+            terms[name] = terms[f"{name}_per_layer"].mean()
+        return terms
 
     def loss(self, prompts: Sequence[Sequence[Segment]]) -> torch.Tensor:
         """Teacher-forced cross-entropy on the target segments of each prompt (mean over all target tokens)."""
@@ -379,19 +420,22 @@ class GMSAModel(nn.Module):
         logits, labels, _ = self.decode(prompts)
         return logits, labels
 
-    def decode(self, prompts: Sequence[Sequence[Segment]], tails: Sequence[int] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``target_logits`` and, with ``tails``, the hidden states of every decoder layer at the last ``tails[i]``
-        positions of each prompt ([layers, sum(tails), H]; None without)."""
+    def decode(self, prompts: Sequence[Sequence[Segment]], gather: dict[str, Sequence[Sequence[int]]] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``target_logits`` and, for each entry of ``gather`` (positions per prompt), the hidden states of every
+        decoder layer at those positions ([layers, n, H], prompt by prompt, in the order given)."""
         batch = self.build_batch(prompts)  # padded on the right: causal attention needs no mask (see run_stack)
+        states: dict[str, torch.Tensor] = {}
         with self.decoder_adapter(self.adapter_wanted(prompts)):
             stack = self.decoder.get_decoder()
-            if tails is None:
-                hidden, states = run_stack(stack, batch.inputs_embeds, batch.attention_mask), None
+            if not gather:
+                hidden = run_stack(stack, batch.inputs_embeds, batch.attention_mask)
             else:
                 layers = run_stack(stack, batch.inputs_embeds, batch.attention_mask, every_layer=True)
-                hidden, index = layers[-1], tail_index(prompts, tails, batch.inputs_embeds.device)
-                states = torch.stack([h.flatten(0, 1)[index] for h in layers])
+                hidden, device = layers[-1], batch.inputs_embeds.device
+                for name, positions in gather.items():
+                    index = flat_index(prompts, positions, device)
+                    states[name] = torch.stack([h.flatten(0, 1)[index] for h in layers])
             # the predicting positions were found on the host: no boolean mask, so no wait for the GPU
             logits = self.decoder.get_output_embeddings()(hidden.flatten(0, 1)[batch.predictors])
         return logits, batch.target_ids, states
@@ -543,9 +587,16 @@ def length_groups(lengths: Sequence[int], tokens_per_pass: int) -> list[list[int
     return groups
 
 
-def hidden_state_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean 1 - cosine between matching hidden states ([layers, N, H] each; 0 for N = 0). Direction only: the scale
-    of the states grows through the layers and the last ones come after the final norm."""
+def hidden_state_distance(student: torch.Tensor, teacher: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
+    """Mean 1 - cosine between matching hidden states ([layers, N, H] each; 0 for N = 0), or its [layers] means.
+    Direction only: the scale of the states grows through the layers and the last ones come after the final norm."""
     if not student.shape[1]:
-        return student.sum() * 0.0
-    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+        zero = student.sum((1, 2)) * 0.0
+        return zero if per_layer else zero.sum()
+    distance = (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean(1)
+    return distance if per_layer else distance.mean()
+
+
+def length(prompt: Sequence[Segment]) -> int:
+    """Decoder positions of a prompt."""
+    return sum(len(seg) for seg in prompt)

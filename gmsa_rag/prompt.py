@@ -39,14 +39,15 @@ class Segment:
 
 def chat_segments(
     tokenizer: PreTrainedTokenizerBase,
-    parts: Sequence[Context],
+    parts: Sequence[Context | list[int]],
     answer: str | Sequence[int] | None = None,
 ) -> list[Segment]:
     """Render ``parts`` (text and soft-token spans, in order) as the user turn of the chat template.
 
-    With ``answer`` (text or token ids) the assistant's reply (+ end of turn) is appended as the training target.
+    A part given as token ids (a list) becomes a span of exactly those tokens (a document as the encoder tokenized
+    it). With ``answer`` (text or token ids) the assistant's reply (+ end of turn) is appended as the training target.
     """
-    spans: list[torch.Tensor] = []
+    spans: list[torch.Tensor | list[int]] = []
     text: list[str] = []
     for part in parts:
         if isinstance(part, str):
@@ -60,7 +61,8 @@ def chat_segments(
     segments: list[Segment] = []
     for i, piece in enumerate(_MARK_RE.split(rendered)):
         if i % 2 == 1:
-            segments.append(Segment(embeds=spans[int(piece)]))
+            span = spans[int(piece)]
+            segments.append(Segment(token_ids=list(span)) if isinstance(span, list) else Segment(embeds=span))
         elif piece:
             segments.append(Segment(token_ids=tokenizer.encode(piece, add_special_tokens=False)))
     if answer is not None:
@@ -70,7 +72,7 @@ def chat_segments(
     return segments
 
 
-def document_parts(contexts: Sequence[Context]) -> list[Context]:
+def document_parts(contexts: Sequence[Context | list[int]]) -> list[Context | list[int]]:
     """One labelled span per document, in order: ``Document [i]: <span>`` (the layout of every prompt)."""
     parts: list[Context] = []
     for i, ctx in enumerate(contexts, 1):
@@ -81,7 +83,7 @@ def document_parts(contexts: Sequence[Context]) -> list[Context]:
 def qa_segments(
     tokenizer: PreTrainedTokenizerBase,
     question: str,
-    contexts: Sequence[Context],
+    contexts: Sequence[Context | list[int]],
     answer: str | None = None,
     instruction: str = QA_INSTRUCTION,
 ) -> list[Segment]:
@@ -109,28 +111,57 @@ def ae_segments(
     return chat_segments(tokenizer, parts, text)
 
 
-def shared_tail(soft_prompt: Sequence[Segment], text_prompt: Sequence[Segment]) -> int:
-    """How many final positions a soft-token prompt and the text prompt of the same sample share token for token:
-    what follows the last document (question, chat turn, answer), where the two decoders' states can be compared."""
-    if any(seg.token_ids is None for seg in text_prompt):
-        raise ValueError("shared_tail: the second prompt must be all text (the documents as tokens)")
-    tail: list[int] = []
-    for seg in reversed(soft_prompt):
-        if seg.token_ids is None:
-            break
-        tail = seg.token_ids + tail
-    text = [t for seg in text_prompt for t in seg.token_ids]
+def shared_tail(prompt: Sequence[Segment], twin: Sequence[Segment]) -> int:
+    """How many final positions two prompts of the same sample share token for token (e.g. one with soft tokens and
+    one with the documents as text): what follows the last soft-token span (question, chat turn, answer), where the
+    two decoders' states can be compared."""
+    def tail(segments: Sequence[Segment]) -> list[int]:
+        ids: list[int] = []
+        for seg in reversed(segments):
+            if seg.token_ids is None:
+                break
+            ids = seg.token_ids + ids
+        return ids
+
+    a, b = tail(prompt), tail(twin)
     shared = 0
-    while shared < min(len(tail), len(text)) and tail[-1 - shared] == text[-1 - shared]:
+    while shared < min(len(a), len(b)) and a[-1 - shared] == b[-1 - shared]:
         shared += 1
     return shared
 
 
-def tail_index(prompts: Sequence[Sequence[Segment]], tails: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Flat (row * T + position) index of the last ``tails[i]`` positions of each prompt in a right-padded batch."""
-    lengths = [sum(len(seg) for seg in segments) for segments in prompts]
-    longest = max(lengths)
-    index = [row * longest + pos for row, (n, k) in enumerate(zip(lengths, tails)) for pos in range(n - k, n)]
+def soft_token_groups(soft_prompt: Sequence[Segment], text_prompt: Sequence[Segment], window: int,
+                      rate: int) -> tuple[list[int], list[list[int]]]:
+    """Where each soft token of ``soft_prompt`` sits and the positions in ``text_prompt`` of the tokens it stands for.
+
+    The two prompts must have the same layout with each soft-token span of the first a token span in the second (the
+    document as the encoder tokenized it, compressed in windows of ``window`` tokens at ``rate``, as group merging
+    does)."""
+    if len(soft_prompt) != len(text_prompt):
+        raise ValueError("soft_token_groups: the prompts do not have the same layout")
+    soft_positions: list[int] = []
+    groups: list[list[int]] = []
+    soft_at = text_at = 0
+    for soft, text in zip(soft_prompt, text_prompt):
+        if soft.embeds is not None:
+            n = len(text)
+            starts = [(start, min(start + window, n)) for start in range(0, n, window)]
+            spans = [(g, min(g + rate, end)) for start, end in starts for g in range(start, end, rate)]
+            if len(spans) != len(soft) or text.token_ids is None:
+                raise ValueError(f"soft_token_groups: a span of {len(soft)} soft tokens against {n} tokens at {rate}x")
+            soft_positions += range(soft_at, soft_at + len(soft))
+            groups += [list(range(text_at + a, text_at + b)) for a, b in spans]
+        elif len(soft) != len(text):
+            raise ValueError("soft_token_groups: the prompts do not have the same layout")
+        soft_at, text_at = soft_at + len(soft), text_at + len(text)
+    return soft_positions, groups
+
+
+def flat_index(prompts: Sequence[Sequence[Segment]], positions: Sequence[Sequence[int]],
+               device: torch.device) -> torch.Tensor:
+    """Flat (row * T + position) index of the given positions of each prompt in a batch of them, in order."""
+    longest = max(sum(len(seg) for seg in segments) for segments in prompts)
+    index = [row * longest + pos for row, row_positions in enumerate(positions) for pos in row_positions]
     return to_device(torch.tensor(index, dtype=torch.long), device)
 
 

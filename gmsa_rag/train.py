@@ -8,8 +8,8 @@ documents of which one is restored (``--multi_doc_fraction``). Stage ``keft``: c
 stage-1 checkpoint); a LoRA adapter on the decoder's W_Q/W_K/W_V (on only for prompts with soft tokens; the
 stage-1 one, if the checkpoint has it) learns to answer questions from the soft tokens of the retrieved
 documents, optionally distilled from the base model reading the same documents as text (``--distill_weight``: its
-answer-token logits; ``--distill_hidden_weight``: its hidden states after the documents; ``--distill_teacher``: a
-no-compress fine-tune instead). ``--no-compress`` fine-tunes the same decoder
+answer-token logits; ``--distill_hidden_weight``: its hidden states after the documents; ``--distill_soft_weight``:
+its states over the text each soft token stands for; ``--distill_teacher``: a no-compress fine-tune instead). ``--no-compress`` fine-tunes the same decoder
 parameters on the uncompressed prompt (the fair baseline). Rates are drawn per sample (``--rate_weights``).
 
 The learning-rate schedule runs on the fraction of the budget spent: the largest of steps, tokens
@@ -101,6 +101,7 @@ class TrainConfig:
     # stage 2 options
     distill_weight: float = field(default=0.0, metadata={"help": "keft: weight of token-level KL to the base model reading the documents as text"})
     distill_hidden_weight: float = field(default=0.0, metadata={"help": "keft: weight of 1 - cosine between the decoder's hidden states reading soft tokens and the teacher's reading the text, every layer, at the question and answer positions after the documents (dense supervision beyond the few answer tokens)"})
+    distill_soft_weight: float = field(default=0.0, metadata={"help": "keft: weight of 1 - cosine between each soft token's decoder states and the teacher's mean state over the text tokens it stands for, every layer (the decoder learns to process soft tokens as it processes the text they replace)"})
     distill_teacher: str = field(default="", metadata={"help": "keft: a no-compress checkpoint (--no_compress run on the same base model) whose fine-tuned decoder reading the text is the distillation teacher; default: the base model"})
     compressor_lr: float = field(default=0.0, metadata={"help": "keft: also train encoder LoRA + LSA at this lr (0: frozen, as in the paper)"})
     # optimisation
@@ -160,8 +161,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def check_teacher(cfg: TrainConfig, error) -> None:
     """Refuse a distillation teacher that cannot serve, before any model is loaded."""
-    if cfg.stage != "keft" or cfg.no_compress or (cfg.distill_weight <= 0 and cfg.distill_hidden_weight <= 0):
-        error("--distill_teacher needs --stage keft with soft tokens and --distill_weight or --distill_hidden_weight > 0")
+    if cfg.stage != "keft" or cfg.no_compress or not distills(cfg):
+        error("--distill_teacher needs --stage keft with soft tokens and a --distill_*weight > 0")
     try:
         config = read_record(cfg.distill_teacher)["config"]
     except CheckpointError as err:
@@ -381,12 +382,18 @@ def calibrate(model: GMSAModel, data: Data, cfg: TrainConfig, rates: list[int], 
           flush=True)
 
 
+def distills(cfg: TrainConfig) -> bool:
+    """Whether any distillation term is on."""
+    return max(cfg.distill_weight, cfg.distill_hidden_weight, cfg.distill_soft_weight) > 0
+
+
 @dataclass
 class Distillation:
     """What stage 2 distils from the teacher reading the documents as text (``GMSAModel.forward``'s options)."""
 
     distill_weight: float = 0.0  # KL on the answer tokens
     hidden_weight: float = 0.0  # hidden states after the documents
+    soft_weight: float = 0.0  # hidden states of the soft tokens against those of the text they stand for
     teacher: GMSAModel | None = None  # None: the model's own decoder with its adapter off (the base model)
 
 
@@ -394,7 +401,7 @@ def distillation(cfg: TrainConfig, model: GMSAModel) -> Distillation:
     """The distillation this run uses (none outside stage 2 with soft tokens) and its teacher: the
     ``--distill_teacher`` fine-tune, frozen, on the model's device (outside DDP, one per process), or None for
     the default teacher, the model's own decoder with its adapter off."""
-    if cfg.stage != "keft" or cfg.no_compress or not (cfg.distill_weight or cfg.distill_hidden_weight):
+    if cfg.stage != "keft" or cfg.no_compress or not distills(cfg):
         return Distillation()
     teacher = None
     if cfg.distill_teacher:
@@ -402,7 +409,7 @@ def distillation(cfg: TrainConfig, model: GMSAModel) -> Distillation:
                                   dtype=model.dtype)
         teacher.requires_grad_(False)
         teacher.eval()
-    return Distillation(cfg.distill_weight, cfg.distill_hidden_weight, teacher)
+    return Distillation(cfg.distill_weight, cfg.distill_hidden_weight, cfg.distill_soft_weight, teacher)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -579,7 +586,8 @@ def train(cfg: TrainConfig) -> Path:
             g["lr"] = g["base_lr"] * lr_factor(cfg, fraction, progress.step)
         for samples in step_batches(progress.step, data, cfg, rates, accelerator.process_index, fraction):
             with accelerator.accumulate(wrapped):
-                loss = wrapped(samples, distill.distill_weight, distill.teacher, distill.hidden_weight)
+                loss = wrapped(samples, distill.distill_weight, distill.teacher, distill.hidden_weight,
+                               distill.soft_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)  # before clipping

@@ -22,10 +22,13 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # round 11 (cloze questions learned, real questions not helped; benchmarks/results/h200/stage2-cloze.md):
 # COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 NOCOMPRESS=0 RUNS=runs/cloze \
 #   RECIPE="<the RECIPE above> --cloze_fraction 0.5" scripts/stage2_recipe.sh long
-# next: the no-compress fine-tune alone on the same steps, then GMSA distilled from it (token-level KL on its logits):
+# round 12: the no-compress fine-tune alone on the same steps (benchmarks/results/h200/stage2-nocompress.md):
 # GMSA=0 COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 RUNS=runs/nc scripts/stage2_recipe.sh long
+# next: GMSA distilled from it, KL on its answer logits + its hidden states after the documents (weight 30: the two
+# terms' gradients are then of one size on the shipped checkpoint, docs/training.md):
 # NOCOMPRESS=0 COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 RUNS=runs/distill RECIPE="<the RECIPE above>
-#   --distill_weight 0.5 --distill_teacher runs/nc/s2-long-nocompress/checkpoints/step-0000800" scripts/stage2_recipe.sh long
+#   --distill_weight 0.5 --distill_hidden_weight 30 --distill_teacher runs/nc/s2-long-nocompress/checkpoints/step-0000800" \
+#   scripts/stage2_recipe.sh long
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same

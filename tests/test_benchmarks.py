@@ -341,6 +341,34 @@ def test_answer_probe_scores_every_condition(qa_file, checkpoints, tmp_path):
     assert by_name["none"]["vs_none"] == 0.0
 
 
+def test_distill_signal_scores_each_term_and_its_gradient(qa_file, checkpoints, tokenizer, tmp_path):
+    teacher = tiny_gmsa(tokenizer, window=64, decoder_tuning="qkv_lora", decoder_adapter="always")
+    with torch.no_grad():  # a teacher fine-tuned away from the base model
+        for name, p in teacher.decoder.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.2)
+    teacher_path = teacher.save_pretrained(tmp_path / "teacher")
+    student = tiny_gmsa(tokenizer, window=64, decoder_tuning="qkv_lora").save_pretrained(tmp_path / "student")
+    common = ["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--checkpoint", str(student),
+              "--limit", "3", "--batch-size", "2", "--out", str(tmp_path)]
+    result = _bench("distill_signal").main(common + ["--teacher", str(teacher_path)])
+    _check_outputs(tmp_path, "distill-signal")
+    rows = {row["term"]: row for row in result["rows"]}
+    assert set(rows) == {"ce", "kl", "hidden", "soft"} and result["trainable"] > 0
+    assert all(row["own"] > 0 and row["grad_norm"] > 0 for row in rows.values())
+    assert all(rows[t]["other"] > 0 for t in ("ce", "kl", "hidden")) and rows["soft"]["other"] is None
+    assert rows["ce"]["weight_to_match_ce"] == pytest.approx(1.0)
+    assert len(result["terms"]["own:hidden_per_layer"]) == teacher.decoder.config.num_hidden_layers
+    # the base model as teacher: the same student, another teacher, other KL and hidden terms
+    base = _bench("distill_signal").main(common + ["--name", "base-teacher"])
+    assert base["terms"]["own:ce"] == pytest.approx(result["terms"]["own:ce"], rel=1e-5)
+    assert base["terms"]["own:kl"] != pytest.approx(result["terms"]["own:kl"], rel=1e-3)
+    with pytest.raises(SystemExit):
+        _bench("distill_signal").main(common + ["--teacher", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="no decoder adapter"):
+        _bench("distill_signal").main(common + ["--checkpoint", str(checkpoints["gmsa"])])
+
+
 def test_answer_probe_places_the_gold_document_among_hard_or_unrelated_ones():
     from gmsa_rag.data.qa import QAExample
 

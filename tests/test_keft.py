@@ -8,7 +8,7 @@ import torch
 from gmsa_rag.checkpoint import CONFIG_FILE, load_checkpoint
 from gmsa_rag.data.qa import QAExample
 from gmsa_rag.model import hidden_state_distance
-from gmsa_rag.prompt import qa_segments, shared_tail
+from gmsa_rag.prompt import qa_segments, shared_tail, soft_token_groups
 from gmsa_rag.samples import Sample
 from gmsa_rag.testing import tiny_gmsa
 from gmsa_rag.train import TrainConfig, dev_qa_sample, docs_cap, parse_args, qa_sample
@@ -94,10 +94,11 @@ def test_hidden_state_distillation_compares_the_positions_both_prompts_share(tok
     tail = shared_tail(soft_prompt, text_prompt)
     assert tail == len(after_docs)
     assert [t for seg in text_prompt for t in seg.token_ids][-tail:] == after_docs
-    with pytest.raises(ValueError):
-        shared_tail(text_prompt, soft_prompt)
+    assert shared_tail(text_prompt, soft_prompt) == tail
 
-    _, _, states = model.decode([text_prompt, text_prompt[:-1]], [tail, 3])
+    n = sum(len(seg) for seg in text_prompt)
+    _, _, states = model.decode([text_prompt, text_prompt[:-1]], {"tail": [range(n - tail, n), [0, 1, 2]]})
+    states = states["tail"]
     assert states.shape == (model.decoder.config.num_hidden_layers, tail + 3, model.decoder.config.hidden_size)
     assert hidden_state_distance(states, states).item() == pytest.approx(0.0, abs=1e-6)
     assert hidden_state_distance(states, states.flip(1)).item() > 0.01
@@ -114,6 +115,43 @@ def test_hidden_state_distillation_compares_the_positions_both_prompts_share(tok
     assert parse_args(flags + ["--distill_hidden_weight", "0.5"]).distill_hidden_weight == 0.5
     with pytest.raises(SystemExit):  # a teacher with nothing to distil
         parse_args(flags)
+
+
+def test_each_soft_token_is_compared_with_the_text_tokens_it_stands_for(tokenizer):
+    """--distill_soft_weight: soft token j of a window stands for tokens [j r, (j+1) r) of it; the teacher reads
+    the document as the encoder tokenized it, so the groups are exact positions of the text prompt."""
+    model = with_trained_adapter(tokenizer, window=8, rates=[2, 4, 8])
+    long_doc = "Hamlet is a tragedy written by William Shakespeare sometime between 1599 and 1601."
+    ids = model.tokenize([long_doc, DOCS[1]])
+    soft_prompt = qa_segments(tokenizer, "q?", [model.compress([long_doc], 4)[0], model.compress([DOCS[1]], 4)[0]], "a")
+    text_prompt = qa_segments(tokenizer, "q?", ids, "a")
+    positions, groups = soft_token_groups(soft_prompt, text_prompt, window=8, rate=4)
+    assert len(positions) == len(groups) == sum(len(seg) for seg in soft_prompt if seg.embeds is not None)
+    flat = [t for seg in text_prompt for t in seg.token_ids]
+    first = next(i for i, seg in enumerate(text_prompt) if seg.token_ids == ids[0])
+    start = sum(len(seg) for seg in text_prompt[:first])
+    windows = [ids[0][i:i + 8] for i in range(0, len(ids[0]), 8)]
+    expected = [w[j:j + 4] for w in windows for j in range(0, len(w), 4)]
+    assert [[flat[p] for p in g] for g in groups[:len(expected)]] == expected  # window-wise, the last group short
+    assert groups[0][0] == start
+    slots, at = [], 0
+    for seg in soft_prompt:
+        slots += range(at, at + len(seg)) if seg.embeds is not None else []
+        at += len(seg)
+    assert positions == slots
+    with pytest.raises(ValueError):
+        soft_token_groups(soft_prompt, text_prompt, window=8, rate=2)  # not how these soft tokens were made
+
+    model.set_stage("keft")
+    samples = [Sample([long_doc, DOCS[1]], "Shakespeare", question="who wrote hamlet?", rate=4)]
+    terms = model.distillation_terms(samples, hidden=True, soft=True)
+    assert terms["soft_per_layer"].shape == (model.decoder.config.num_hidden_layers,)
+    assert 0 < terms["soft"].item() < 2 and 0 < terms["hidden"].item() < 2
+    loss = model(samples, soft_weight=1.0)
+    assert loss.item() > model(samples).item()
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in n and n.startswith("decoder.") for n in grads)
 
 
 def test_answer_losses_are_per_prompt_means_of_the_target_tokens(tokenizer):
