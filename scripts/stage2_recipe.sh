@@ -11,6 +11,8 @@ set -euo pipefail
 RUNS=${RUNS:-runs}
 INIT=${INIT:-checkpoints/smollm2-gmsa-ae}     # the stage-1 checkpoint
 ABL_MINUTES=${ABL_MINUTES:-4.5}
+ABL_STEPS=${ABL_STEPS:-100000}                 # with ABL_MINUTES=0: the ablations' budget in steps instead
+TEACHER=${TEACHER:-runs/nc/s2-long-nocompress/checkpoints/step-0000800}  # the no-compress fine-tune (GMSA=0 ... long)
 LONG_STEPS=${LONG_STEPS:-2000}
 LONG_MINUTES=${LONG_MINUTES:-11}              # training-time cap of the long runs (0: steps only; the shipped run: 11 on 2 H200s, 748 steps, then 17 on 1, 545 more)
 STOP_AFTER=${STOP_AFTER:-0}                   # pause this invocation after N minutes (resume with the same command)
@@ -24,11 +26,12 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 #   RECIPE="<the RECIPE above> --cloze_fraction 0.5" scripts/stage2_recipe.sh long
 # round 12: the no-compress fine-tune alone on the same steps (benchmarks/results/h200/stage2-nocompress.md):
 # GMSA=0 COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 RUNS=runs/nc scripts/stage2_recipe.sh long
-# next: GMSA distilled from it, KL on its answer logits + its hidden states after the documents (weight 30: the two
-# terms' gradients are then of one size on the shipped checkpoint, docs/training.md):
-# NOCOMPRESS=0 COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 RUNS=runs/distill RECIPE="<the RECIPE above>
-#   --distill_weight 0.5 --distill_hidden_weight 30 --distill_teacher runs/nc/s2-long-nocompress/checkpoints/step-0000800" \
-#   scripts/stage2_recipe.sh long
+# next: GMSA distilled from it: KL on its answer logits, + its hidden states after the documents, + its states over the
+# text each soft token stands for (weights 30: each term's gradient then of the answer loss's size on the shipped
+# checkpoint, benchmarks/results/cpu-2core/distill-signal-shipped.md), side by side on one GPU at an equal step budget
+# (a compiled 32 x 2 GMSA step peaks at ~50 GB: three runs need BATCH=16 ACCUM=4; time a few steps first):
+# COMPILE=true BATCH=16 ACCUM=4 ABL_MINUTES=0 ABL_STEPS=800 ABL_EVAL_EVERY=200 ABL_SAVE_EVERY=100 \
+#   ABL_ONLY="distill-kl distill-hidden distill-soft" RUNS=runs/distill scripts/stage2_recipe.sh ablations
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
@@ -55,6 +58,10 @@ ablations=(
   "full-decoder:--init $INIT --decoder_tuning full --lr 5e-5"  # a decoder adapter in INIT is folded into the weights first
   "nocompress:--no_compress true"
   "cloze:--init $INIT --compressor_lr 2e-4 --cloze_fraction 0.5"  # half the questions cut from the gold passage (round 11: no gain at 800 steps)
+  # distillation from the no-compress fine-tune TEACHER, with the long run's recipe
+  "distill-kl:--init $INIT $RECIPE --distill_weight 0.5 --distill_teacher $TEACHER"
+  "distill-hidden:--init $INIT $RECIPE --distill_weight 0.5 --distill_hidden_weight 30 --distill_teacher $TEACHER"
+  "distill-soft:--init $INIT $RECIPE --distill_weight 0.5 --distill_hidden_weight 30 --distill_soft_weight 30 --distill_teacher $TEACHER"
 )
 
 case "${1:?mode: ablations, long or profile}" in
@@ -63,8 +70,9 @@ ablations)
     name=${entry%%:*}; flags=${entry#*:}
     [ -n "${ABL_ONLY:-}" ] && [[ " $ABL_ONLY " != *" $name "* ]] && continue
     batch=$gmsa_batch; [ "$name" = nocompress ] && batch=$nocompress_batch
-    python3 -m gmsa_rag.train $common $batch $flags --out_dir "$RUNS/s2-$name" --steps 100000 \
-      --time_limit_minutes "$ABL_MINUTES" --eval_every 100000 --save_every 100000 > "$RUNS/s2-$name.log" 2>&1 &
+    python3 -m gmsa_rag.train $common $batch $flags --out_dir "$RUNS/s2-$name" --steps "$ABL_STEPS" \
+      --time_limit_minutes "$ABL_MINUTES" --eval_every "${ABL_EVAL_EVERY:-100000}" --save_every "${ABL_SAVE_EVERY:-100000}" \
+      > "$RUNS/s2-$name.log" 2>&1 &
   done
   wait
   tail -n 3 "$RUNS"/s2-*.log ;;
