@@ -29,7 +29,8 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # next: GMSA distilled from it: KL on its answer logits, + its hidden states after the documents, + its states over the
 # text each soft token stands for (weights 30: each term's gradient then of the answer loss's size on the shipped
 # checkpoint, benchmarks/results/cpu-2core/distill-signal-shipped.md), side by side on one GPU at an equal step budget
-# (a compiled 32 x 2 GMSA step peaks at ~50 GB: three runs need BATCH=16 ACCUM=4; time a few steps first):
+# (a compiled 32 x 2 GMSA step peaks at ~50 GB, so three runs take BATCH=16 ACCUM=4; measured on one H200: the first
+# step after ~2.7 minutes of loading and compiling, then ~1.3 s a step each, GPU 99% busy, 51 GB in all):
 # COMPILE=true BATCH=16 ACCUM=4 ABL_MINUTES=0 ABL_STEPS=800 ABL_EVAL_EVERY=200 ABL_SAVE_EVERY=100 \
 #   ABL_ONLY="distill-kl distill-hidden distill-soft" RUNS=runs/distill scripts/stage2_recipe.sh ablations
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
