@@ -395,13 +395,8 @@ class GMSAModel(nn.Module):
         terms = {"ce": F.cross_entropy(logits.float(), labels),
                  "kl": F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher_logits.float(), -1),
                                 log_target=True, reduction="batchmean")}
-        if soft:  # the teacher's mean state over each soft token's group of text tokens
-            owner = to_device(torch.tensor([i for i, g in enumerate(groups) for _ in g]), teacher_states["soft"].device)
-            sums = teacher_states["soft"].float().new_zeros(teacher_states["soft"].shape[0], len(groups),
-                                                            teacher_states["soft"].shape[-1])
-            sums.index_add_(1, owner, teacher_states["soft"].float())
-            sizes = torch.tensor([len(g) for g in groups], dtype=torch.float32).to(sums.device)
-            teacher_states["soft"] = sums / sizes[None, :, None]
+        if soft:
+            teacher_states["soft"] = group_means(teacher_states["soft"], [len(g) for g in groups])
         for name in gather:
             terms[f"{name}_per_layer"] = hidden_state_distance(states[name], teacher_states[name], per_layer=True)
             terms[name] = terms[f"{name}_per_layer"].mean()
@@ -595,6 +590,14 @@ def hidden_state_distance(student: torch.Tensor, teacher: torch.Tensor, per_laye
         return zero if per_layer else zero.sum()
     distance = (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean(1)
     return distance if per_layer else distance.mean()
+
+
+def group_means(states: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """[layers, N, H] states of consecutive groups of ``sizes`` positions -> [layers, len(sizes), H] fp32 means."""
+    owner = to_device(torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)), states.device)
+    sums = states.new_zeros(states.shape[0], len(sizes), states.shape[-1], dtype=torch.float32)
+    sums.index_add_(1, owner, states.float())
+    return sums / to_device(torch.tensor(sizes, dtype=torch.float32), states.device)[None, :, None]
 
 
 def length(prompt: Sequence[Segment]) -> int:

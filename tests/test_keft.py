@@ -7,7 +7,7 @@ import torch
 
 from gmsa_rag.checkpoint import CONFIG_FILE, load_checkpoint
 from gmsa_rag.data.qa import QAExample
-from gmsa_rag.model import hidden_state_distance
+from gmsa_rag.model import group_means, hidden_state_distance
 from gmsa_rag.prompt import qa_segments, shared_tail, soft_token_groups
 from gmsa_rag.samples import Sample
 from gmsa_rag.testing import tiny_gmsa
@@ -141,6 +141,9 @@ def test_each_soft_token_is_compared_with_the_text_tokens_it_stands_for(tokenize
     assert positions == slots
     with pytest.raises(ValueError):
         soft_token_groups(soft_prompt, text_prompt, window=8, rate=2)  # not how these soft tokens were made
+
+    states = torch.arange(10.0).view(1, 5, 2)  # 1 layer, 5 positions, width 2: groups of 2 and 3 positions
+    assert group_means(states, [2, 3]).tolist() == [[[1.0, 2.0], [6.0, 7.0]]]
 
     model.set_stage("keft")
     samples = [Sample([long_doc, DOCS[1]], "Shakespeare", question="who wrote hamlet?", rate=4)]
