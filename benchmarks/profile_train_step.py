@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> str:
     def step(index: int) -> None:
         for samples in step_batches(index, data, cfg, rates, 0):
             with autocast:
-                if distill.distill_weight or distill.hidden_weight or distill.soft_weight:
+                if distill.active:
                     loss = timed("loss (prompts, encoder, decoder, teacher)", lambda: model(
                         samples, distill.distill_weight, distill.teacher, distill.hidden_weight, distill.soft_weight))
                 else:

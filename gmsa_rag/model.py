@@ -23,8 +23,8 @@ from .engine import allow_recompiles
 from .fingerprint import weights_fingerprint
 from .group_merge import group_merge
 from .layers import EmbeddingScaleNorm, copy_of_lowest_layers, inner_model, own_parameters, run_stack
-from .prompt import (Context, DecoderBatch, Segment, assemble, flat_index, qa_segments, shared_tail,
-                     soft_token_groups, to_device)
+from .prompt import (Context, DecoderBatch, Segment, assemble, flat_index, prompt_length, qa_segments,
+                     shared_tail, soft_token_groups, to_device)
 from .samples import Sample, build_prompts, token_ids
 
 Stage = Literal["ae", "keft", "frozen"]
@@ -381,8 +381,8 @@ class GMSAModel(nn.Module):
         gather: dict[str, tuple[list, list]] = {}
         if hidden:
             tails = [shared_tail(p, t) for p, t in zip(prompts, text_prompts)]
-            gather["hidden"] = ([range(length(p) - k, length(p)) for p, k in zip(prompts, tails)],
-                                [range(length(t) - k, length(t)) for t, k in zip(text_prompts, tails)])
+            gather["hidden"] = ([range(prompt_length(p) - k, prompt_length(p)) for p, k in zip(prompts, tails)],
+                                [range(prompt_length(t) - k, prompt_length(t)) for t, k in zip(text_prompts, tails)])
         if soft:
             found = [soft_token_groups(p, t, self.config.window, s.rate)
                      for p, t, s in zip(prompts, text_prompts, samples)]
@@ -598,8 +598,3 @@ def group_means(states: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     sums = states.new_zeros(states.shape[0], len(sizes), states.shape[-1], dtype=torch.float32)
     sums.index_add_(1, owner, states.float())
     return sums / to_device(torch.tensor(sizes, dtype=torch.float32), states.device)[None, :, None]
-
-
-def length(prompt: Sequence[Segment]) -> int:
-    """Decoder positions of a prompt."""
-    return sum(len(seg) for seg in prompt)

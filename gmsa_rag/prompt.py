@@ -111,6 +111,11 @@ def ae_segments(
     return chat_segments(tokenizer, parts, text)
 
 
+def prompt_length(segments: Sequence[Segment]) -> int:
+    """Decoder positions of a prompt."""
+    return sum(len(seg) for seg in segments)
+
+
 def shared_tail(prompt: Sequence[Segment], twin: Sequence[Segment]) -> int:
     """How many final positions two prompts of the same sample share token for token (e.g. one with soft tokens and
     one with the documents as text): what follows the last soft-token span (question, chat turn, answer), where the
@@ -145,8 +150,8 @@ def soft_token_groups(soft_prompt: Sequence[Segment], text_prompt: Sequence[Segm
     for soft, text in zip(soft_prompt, text_prompt):
         if soft.embeds is not None:
             n = len(text)
-            starts = [(start, min(start + window, n)) for start in range(0, n, window)]
-            spans = [(g, min(g + rate, end)) for start, end in starts for g in range(start, end, rate)]
+            windows = [(start, min(start + window, n)) for start in range(0, n, window)]
+            spans = [(g, min(g + rate, end)) for start, end in windows for g in range(start, end, rate)]
             if len(spans) != len(soft) or text.token_ids is None:
                 raise ValueError(f"soft_token_groups: a span of {len(soft)} soft tokens against {n} tokens at {rate}x")
             soft_positions += range(soft_at, soft_at + len(soft))
@@ -160,7 +165,7 @@ def soft_token_groups(soft_prompt: Sequence[Segment], text_prompt: Sequence[Segm
 def flat_index(prompts: Sequence[Sequence[Segment]], positions: Sequence[Sequence[int]],
                device: torch.device) -> torch.Tensor:
     """Flat (row * T + position) index of the given positions of each prompt in a batch of them, in order."""
-    longest = max(sum(len(seg) for seg in segments) for segments in prompts)
+    longest = max(prompt_length(segments) for segments in prompts)
     index = [row * longest + pos for row, row_positions in enumerate(positions) for pos in row_positions]
     return to_device(torch.tensor(index, dtype=torch.long), device)
 
@@ -188,7 +193,7 @@ def assemble(
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     device, dtype = embed.weight.device, embed.weight.dtype
-    lengths = [sum(len(seg) for seg in segments) for segments in prompts]
+    lengths = [prompt_length(segments) for segments in prompts]
     batch, longest = len(lengths), max(lengths)
     # Flat destinations (row * longest + position) of every text token, soft token and target token.
     ids: list[int] = []

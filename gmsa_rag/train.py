@@ -396,6 +396,11 @@ class Distillation:
     soft_weight: float = 0.0  # hidden states of the soft tokens against those of the text they stand for
     teacher: GMSAModel | None = None  # None: the model's own decoder with its adapter off (the base model)
 
+    @property
+    def active(self) -> bool:
+        """Whether any term is on (else the loss is the answer cross-entropy alone)."""
+        return bool(self.distill_weight or self.hidden_weight or self.soft_weight)
+
 
 def distillation(cfg: TrainConfig, model: GMSAModel) -> Distillation:
     """The distillation this run uses (none outside stage 2 with soft tokens) and its teacher: the
