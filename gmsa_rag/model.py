@@ -87,6 +87,7 @@ class GMSAModel(nn.Module):
         self._decoder_lora_layers = [m for m in self.decoder.modules() if isinstance(m, BaseTunerLayer)]
         self.set_stage("frozen")
         self.hidden_size = hidden
+        self.loss_terms: dict[str, torch.Tensor] = {}  # the last distilled batch's terms, detached (for the logs)
 
     # ------------------------------------------------------------------ construction / persistence
     @classmethod
@@ -354,6 +355,7 @@ class GMSAModel(nn.Module):
         if not (distill_weight or hidden_weight or soft_weight):
             return self.loss(build_prompts(self, samples))
         terms = self.distillation_terms(samples, teacher, hidden=bool(hidden_weight), soft=bool(soft_weight))
+        self.loss_terms = {k: v.detach() for k, v in terms.items() if v.dim() == 0}
         loss = terms["ce"]
         if distill_weight:
             loss = (1 - distill_weight) * loss + distill_weight * terms["kl"]

@@ -609,6 +609,9 @@ def train(cfg: TrainConfig) -> Path:
             rate = step_tokens / (time.perf_counter() - clock)
             metrics = {"step": done, "tokens": progress.tokens, "loss": accelerator.reduce(loss.detach(), "mean").item(),
                        "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate, "grad_norm": float(grad_norm)}
+            if distill.active:  # each term of the last micro-batch, unweighted: is the distillation being learned?
+                metrics.update({f"loss_{name}": accelerator.reduce(term, "mean").item()
+                                for name, term in model.loss_terms.items()})
             if accelerator.device.type == "cuda":  # peak so far on this process's GPU (what a batch size needs)
                 metrics["peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             bar.set_postfix(step=done, loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")

@@ -490,3 +490,35 @@ def test_answer_errors_sorts_answers_by_what_they_are(tmp_path):
     results.write_text(json.dumps({"outputs": [{"question": "another?", "answers": ["x"], "base": "x"}]}))
     with pytest.raises(ValueError, match="do not follow the data file"):
         _bench("answer_errors").main(["--results", str(results), "--data", str(data), "--out", str(tmp_path / "o")])
+
+
+def test_document_attention_splits_the_answer_positions_attention_over_the_documents(qa_file, tokenizer, tmp_path):
+    from gmsa_rag.prompt import Segment
+
+    bench = _bench("document_attention")
+    prompt = [Segment(token_ids=[1, 2, 3]), Segment(embeds=torch.zeros(4, 8)), Segment(token_ids=[4, 5]),
+              Segment(embeds=torch.zeros(5, 8)), Segment(token_ids=[6]), Segment(token_ids=[7, 8, 9], is_target=True)]
+    doc_spans, readers = bench.spans(prompt, [1, 3])
+    assert doc_spans == [(3, 7), (9, 14)] and list(readers) == [14, 15, 16]  # the places predicting 7, 8, 9
+    with pytest.raises(ValueError, match="target"):
+        bench.spans(prompt[:-1], [1, 3])
+
+    student = tiny_gmsa(tokenizer, window=64, decoder_tuning="qkv_lora").save_pretrained(tmp_path / "student")
+    teacher = tiny_gmsa(tokenizer, window=64, decoder_tuning="qkv_lora", decoder_adapter="always")
+    teacher_path = teacher.save_pretrained(tmp_path / "teacher")
+    result = bench.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--checkpoint",
+                         str(student), "--teacher", str(teacher_path), "--limit", "3", "--out", str(tmp_path)])
+    data = _check_outputs(tmp_path, "document-attention")
+    assert data["meta"]["chance"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)  # two, two and one documents
+    rows = result["rows"]
+    assert [r["system"] for r in rows] == ["GMSA 4x soft tokens", "base model, text", "no-compress fine-tune, text"]
+    layers = teacher.decoder.config.num_hidden_layers
+    for row in rows:
+        assert len(row["gold_share_per_layer"]) == layers
+        assert 0 < row["gold_share"] < 1 and 0 <= row["gold_first"] <= 1 and 0 < row["on_documents"] < 1
+        # the third question shows one document: it holds all of the document attention
+        assert row["gold_share"] >= 1 / 3
+    assert rows[0]["gold_share"] != pytest.approx(rows[1]["gold_share"])  # soft tokens and text are read differently
+    with pytest.raises(SystemExit, match="no decoder adapter"):
+        bench.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--out", str(tmp_path),
+                    "--checkpoint", str(tiny_gmsa(tokenizer, window=64).save_pretrained(tmp_path / "plain"))])

@@ -252,6 +252,11 @@ def test_keft_distills_from_a_no_compress_teacher(base_dir, corpus, qa_file, tmp
                               distill_teacher=str(teacher),
                               out_dir=str(tmp_path / "keft"), steps=2, **common))
     assert final is not None and all(torch.isfinite(torch.tensor(losses(tmp_path / "keft"))))
+    logged = [json.loads(line) for line in (tmp_path / "keft" / "metrics.jsonl").read_text().splitlines()]
+    terms = [row for row in logged if "loss" in row]
+    assert terms and all({"loss_ce", "loss_kl", "loss_hidden"} <= set(row) and "loss_soft" not in row for row in terms)
+    # the logged loss is the weighted mix of the logged terms (each unweighted)
+    assert all(abs(r["loss"] - (0.5 * r["loss_ce"] + 0.5 * r["loss_kl"] + 0.5 * r["loss_hidden"])) < 1e-4 for r in terms)
 
 
 def test_rate_sampling_covers_the_configured_set():
