@@ -518,7 +518,23 @@ def test_document_attention_splits_the_answer_positions_attention_over_the_docum
         assert 0 < row["gold_share"] < 1 and 0 <= row["gold_first"] <= 1 and 0 < row["on_documents"] < 1
         # the third question shows one document: it holds all of the document attention
         assert row["gold_share"] >= 1 / 3
+        assert row["answer_questions"] == 3 and 0 < row["answer_share"] < 1 and 0 < row["answer_chance"] < 1
+        assert len(row["answer_share_per_layer"]) == layers
     assert rows[0]["gold_share"] != pytest.approx(rows[1]["gold_share"])  # soft tokens and text are read differently
     with pytest.raises(SystemExit, match="no decoder adapter"):
         bench.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--out", str(tmp_path),
                     "--checkpoint", str(tiny_gmsa(tokenizer, window=64).save_pretrained(tmp_path / "plain"))])
+
+
+def test_document_attention_finds_the_answer_tokens_and_the_soft_tokens_that_hold_them(tokenizer):
+    bench = _bench("document_attention")
+    document = "Title: Eiffel Tower\nThe tower was designed by Gustave Eiffel's company in 1887."
+    tokens = bench.answer_tokens(tokenizer, document, ["nobody", "gustave eiffel"])
+    ids = tokenizer.encode(document, add_special_tokens=False)
+    assert tokens and "Gustave Eiffel" in tokenizer.decode([ids[t] for t in tokens])
+    assert "designed" not in tokenizer.decode([ids[t] for t in tokens])
+    assert bench.answer_tokens(tokenizer, document, ["Paris"]) == []
+    # 10 tokens in windows of 6 at 4x: groups [0,4) [4,6) | [6,10)
+    assert bench.soft_answer_positions(4, 6, 10, [5]) == [1]
+    assert bench.soft_answer_positions(4, 6, 10, [3, 4, 7]) == [0, 1, 2]
+    assert bench.soft_answer_positions(4, 6, 10, []) == []
