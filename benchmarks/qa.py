@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoding path (gmsa_rag.engine); greedy output is the same, only speed differs")
     p.add_argument("--gold-only", action="store_true",
                    help="show each question its gold passage alone (the one-document variant; needs gold flags)")
+    p.add_argument("--extractive", action="store_true",
+                   help="hold every answer to a span of its question's documents (gmsa_rag.extractive; HF generate)")
     p.add_argument("--rates", type=int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
     p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
     p.add_argument("--nocompress-checkpoint", default=None)
@@ -117,7 +119,8 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
             contexts = [list(e.contexts) for e in batch]
         bc.sync(device)
         t1 = time.perf_counter()
-        outputs = model.generate(questions, contexts, max_new_tokens=args.max_new_tokens)
+        extract_from = [list(e.contexts) for e in batch] if args.extractive else None  # answers: spans of these
+        outputs = model.generate(questions, contexts, max_new_tokens=args.max_new_tokens, extract_from=extract_from)
         bc.sync(device)
         positions = [sum(len(s) for s in qa_segments(model.tokenizer, q, c)) for q, c in zip(questions, contexts)]
         return outputs, t1 - t0, time.perf_counter() - t1, positions

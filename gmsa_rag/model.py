@@ -488,15 +488,28 @@ class GMSAModel(nn.Module):
         questions: str | Sequence[str],
         contexts: Sequence[Context] | Sequence[Sequence[Context]],
         max_new_tokens: int = 32,
+        extract_from: Sequence[str] | Sequence[Sequence[str]] | None = None,
         **generate_kwargs,
     ) -> str | list[str]:
         """Answer question(s) from their documents (soft-token tensors, or text for the uncompressed baseline).
 
         The decoder reads chat template + instruction + one span per document + question and decodes through
         :meth:`generate_from_segments` (the generation engine; ``generate_kwargs`` pass through, e.g. ``streamer``).
+        ``extract_from``: each question's documents as text (those its soft tokens were made from): every answer
+        is then a span of one of them (:mod:`gmsa_rag.extractive`; decodes through Hugging Face ``generate``).
         """
         single = isinstance(questions, str)
-        prompts = [qa_segments(self.tokenizer, q, ctx) for q, ctx in zip(*self._as_batch(questions, contexts))]
+        questions, contexts = self._as_batch(questions, contexts)
+        if extract_from is not None:
+            from .extractive import extractive_processor
+
+            documents = [extract_from] if single else extract_from
+            if len(documents) != len(questions):
+                raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
+            generate_kwargs["logits_processor"] = extractive_processor(self, documents, generate_kwargs)
+        prompts = [qa_segments(self.tokenizer, q, ctx) for q, ctx in zip(questions, contexts)]
+        if extract_from is not None and len({self.adapter_wanted([p]) for p in prompts}) > 1:
+            raise ValueError("extract_from: give one batch soft-token documents only or text only")
         texts = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens, **generate_kwargs)
         return texts[0] if single else texts
 
