@@ -227,11 +227,13 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             "cache_readonly": readonly,
             "device": args.device,
             "engine": engine_for(model).kind,
+            "extractive": args.extractive,
             "threads": torch.get_num_threads(),
         }
         common = dict(top_k=args.top_k, response_mode=args.response_mode, streaming=True,
                       max_new_tokens=args.max_new_tokens)
-        engine, compressor, llm = make_query_engine(info.index, model, rate=args.rate, cache=cache, **common)
+        engine, compressor, llm = make_query_engine(info.index, model, rate=args.rate, cache=cache,
+                                                    extractive=args.extractive, **common)
         first = timed_query(engine, compressor, llm, args.question, "GMSA, first query")
         runs = [first]
         retrieved = [n for n in engine.retrieve(_bundle(args.question))]
@@ -330,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--embed", default="minilm", choices=["minilm", "hash"],
                    help="retrieval embedding: the offline all-MiniLM-L6-v2 (default) or a hashed bag of words "
                         "(instant, for smoke tests)")
+    a.add_argument("--extractive", action="store_true",
+                   help="answer with a span of the retrieved chunks (both the GMSA and the uncompressed runs)")
     a.add_argument("--no-compare", action="store_true", help="skip the cached and uncompressed timing runs")
     a.add_argument("--no-progress", action="store_true", help="hide the progress bars of an index build")
     a.add_argument("--json", action="store_true", help="print the report as JSON")

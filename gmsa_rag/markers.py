@@ -110,6 +110,7 @@ class SoftTokenStore:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = int(max_entries)
         self._data: OrderedDict[str, Context] = OrderedDict()
+        self._sources: dict[str, str] = {}  # key -> the text its soft tokens were made from (extractive answers)
         self._lock = threading.Lock()
 
     def put(self, key: str, value: Context) -> None:
@@ -121,7 +122,23 @@ class SoftTokenStore:
             self._data[key] = value
             self._data.move_to_end(key)
             while len(self._data) > self.max_entries:
-                self._data.popitem(last=False)
+                evicted, _ = self._data.popitem(last=False)
+                self._sources.pop(evicted, None)
+
+    def put_source(self, key: str, text: str) -> None:
+        """Keep the text that the document under ``key`` was made from (for answers held to its spans); only for a
+        key the store holds, and dropped with it."""
+        if not isinstance(text, str):
+            raise TypeError(f"a source is text, got {type(text).__name__}")
+        with self._lock:
+            if key in self._data:
+                self._sources[key] = text
+
+    def source(self, key: str) -> str | None:
+        """The text the document under ``key`` was made from (the document itself if it is text), or None."""
+        with self._lock:
+            value = self._data.get(key)
+            return value if isinstance(value, str) else self._sources.get(key)
 
     def put_many(self, items: Mapping[str, Context] | Iterable[tuple[str, Context]]) -> None:
         for key, value in (items.items() if isinstance(items, Mapping) else items):
@@ -157,6 +174,7 @@ class SoftTokenStore:
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._sources.clear()
 
     def __repr__(self) -> str:
         return f"SoftTokenStore({len(self)}/{self.max_entries} entries)"
@@ -198,18 +216,24 @@ def split_context(text: str, store: SoftTokenStore) -> list[Context]:
     """Documents of a context block, in order: each marker resolves to its stored document; each run of
     other text between markers is one text document, unless it holds no word character at all (then it
     is only a separator, e.g. the blank lines LlamaIndex joins chunks with)."""
+    return [doc for doc, _ in context_documents(text, store)]
+
+
+def context_documents(text: str, store: SoftTokenStore) -> list[tuple[Context, str | None]]:
+    """:func:`split_context`'s documents, each with its source text (a marker's from ``store.source``; None if
+    the store does not hold it)."""
     text = _unwrap_list_repr(text)
-    docs: list[Context] = []
+    docs: list[tuple[Context, str | None]] = []
     pos = 0
     for match in MARKER_RE.finditer(text):
         before = text[pos : match.start()].strip()
         if _WORD_RE.search(before):
-            docs.append(before)
-        docs.append(store.resolve(match.group(1)))
+            docs.append((before, before))
+        docs.append((store.resolve(match.group(1)), store.source(match.group(1))))
         pos = match.end()
     rest = text[pos:].strip()
     if _WORD_RE.search(rest):
-        docs.append(rest)
+        docs.append((rest, rest))
     return docs
 
 
@@ -240,6 +264,8 @@ class ParsedPrompt:
     """Text around the tagged sections (e.g. an LLM ``system_prompt``), stripped."""
     parts: list[Context] = field(default_factory=list)
     """For ``plain``: the whole prompt as text and resolved documents, in order."""
+    sources: list[str | None] = field(default_factory=list)
+    """The text each of ``contexts`` was made from (None where the store does not keep it)."""
 
     @property
     def num_soft_documents(self) -> int:
@@ -260,10 +286,12 @@ def parse_prompt(prompt: str, store: SoftTokenStore) -> ParsedPrompt:
             store.resolve(m.group(1))  # unknown -> clear error
         raise GMSAPromptError("markers outside the <gmsa:context> section are not supported")
     existing = match.group("existing")
+    documents = context_documents(match.group("context"), store)
     return ParsedPrompt(
         kind=match.group("kind"),
         question=match.group("question").strip(),
-        contexts=split_context(match.group("context"), store),
+        contexts=[doc for doc, _ in documents],
+        sources=[source for _, source in documents],
         existing_answer=existing.strip() if existing is not None else ("" if match.group("kind") == "refine" else None),
         preamble=preamble,
     )

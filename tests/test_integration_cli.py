@@ -80,6 +80,18 @@ def test_ask_json_report(tiny_model, small_docs, tmp_path, capsys):
     assert again["runs"][0]["disk_hits"] == 2 and again["runs"][0]["computed"] == 0
 
 
+def test_ask_extractive_answers_quote_the_retrieved_chunks(tiny_model, small_docs, tmp_path, capsys):
+    argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
+            str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2",
+            "--max-new-tokens", "4", "--json", "--extractive"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    documents = [p.read_text() for p in small_docs.rglob("*.txt")]
+    assert report["extractive"] is True and len(report["runs"]) == 3
+    for run in report["runs"]:  # GMSA (fresh, cached) and the uncompressed text: each a span of a chunk
+        assert run["answer"] and any(run["answer"] in d for d in documents), run["answer"]
+
+
 def test_ask_engine_choice(tiny_model, small_docs, tmp_path, capsys):
     from gmsa_rag.engine import select_engine
 

@@ -197,3 +197,45 @@ def test_system_prompt_joins_the_instruction(tiny_model, texts, monkeypatch):
     llm.predict(PromptTemplate(QA_TEMPLATE), context_str=marker(keys[0]), query_str="q")
     want = qa_segments(tiny_model.tokenizer, "q", [soft[0]], instruction=f"Answer in French.\n\n{llm.instruction}")
     same_segments(calls[0][0][0], want)
+
+
+def test_extractive_answers_quote_the_retrieved_texts(tiny_model, texts):
+    from gmsa_rag.markers import GMSAPromptError
+
+    with torch.no_grad():  # lively random weights: unconstrained, the tiny decoder writes varied garbage
+        generator = torch.Generator().manual_seed(0)
+        saved = {n: p.clone() for n, p in tiny_model.decoder.named_parameters()}
+        for p in tiny_model.decoder.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    try:
+        store = SoftTokenStore()
+        keys, _ = put(store, texts, tiny_model)
+        prompt = QA_TEMPLATE.format(context_str="\n\n".join(marker(k) for k in keys), query_str="Where?")
+        with pytest.raises(GMSAPromptError, match="text of every retrieved document"):
+            GMSALLM(tiny_model, store=store, max_new_tokens=6, extractive=True).complete(prompt)
+        for k, t in zip(keys, texts):
+            store.put_source(k, t)
+        free = GMSALLM(tiny_model, store=store, max_new_tokens=6).complete(prompt).text
+        llm = GMSALLM(tiny_model, store=store, max_new_tokens=6, extractive=True)
+        held = llm.complete(prompt).text
+        assert not any(free in t for t in texts)  # the check below can fail
+        assert held and any(held in t for t in texts), held
+        assert list(llm.stream_complete(prompt))[-1].text.strip() == held
+    finally:
+        with torch.no_grad():
+            for n, p in tiny_model.decoder.named_parameters():
+                p.copy_(saved[n])
+
+
+def test_the_store_keeps_a_source_only_beside_its_document(tiny_model, texts):
+    store = SoftTokenStore(max_entries=1)
+    store.put_source("a", "text a")  # not held: nothing to quote it for
+    assert store.source("a") is None
+    store.put("a", torch.zeros(2, 4))
+    store.put_source("a", "text a")
+    assert store.source("a") == "text a"
+    store.put("b", "plain text b")  # evicts a, and its source with it
+    assert store.source("a") is None and store.source("b") == "plain text b"
+    with pytest.raises(TypeError):
+        store.put_source("b", torch.zeros(1))

@@ -69,6 +69,7 @@ def test_store_holds_the_compressed_tensors(tiny_model, nodes, texts):
         got = comp.store.get(key)
         assert got.shape == want.shape
         assert torch.allclose(got, want, atol=1e-5)
+        assert comp.store.source(key) == texts[out.index(node)]  # the text they were made from, for quoting
 
 
 def test_batches_dedups_and_reuses_memory(tiny_model, nodes, texts, monkeypatch):

@@ -120,6 +120,9 @@ class GMSALLM(CustomLLM):
         max_new_tokens: answer budget (also ``metadata.num_output``).
         generate_kwargs: passed to Hugging Face ``generate`` (greedy by default).
         instruction: the task instruction placed before the documents.
+        extractive: hold every question's answer to a span of its retrieved documents' text (which
+            ``GMSACompressor`` keeps in the shared store beside their soft tokens; :mod:`gmsa_rag.extractive`).
+            For short factual answers; decodes through Hugging Face ``generate``. Summaries stay free.
         refine_mode: how a ``refine`` call (one new document + the existing answer) is answered:
             ``new_or_keep`` (default): answer from the new document(s) alone; keep the existing answer if
             that answer comes out empty. ``with_previous``: the existing answer is given to the decoder as
@@ -134,6 +137,7 @@ class GMSALLM(CustomLLM):
     generate_kwargs: Dict[str, Any] = Field(default_factory=dict, description="extra HF generate kwargs")
     instruction: str = Field(default=QA_INSTRUCTION, description="instruction before the documents")
     refine_mode: RefineMode = Field(default="new_or_keep", description="how refine calls are answered")
+    extractive: bool = Field(default=False, description="answers are spans of the retrieved documents' text")
     model_name: str = Field(default="gmsa", description="name reported in metadata")
 
     _last_stats: GenerationStats = PrivateAttr(default_factory=GenerationStats)
@@ -198,6 +202,19 @@ class GMSALLM(CustomLLM):
         stats = self._check_length(segments, parsed, budget)
         return segments, parsed, stats
 
+    def _extract_from(self, parsed: ParsedPrompt, gen_kwargs: Dict[str, Any]) -> None:
+        """With ``extractive``, hold a question's answer to spans of its documents' text (in ``gen_kwargs``)."""
+        if not self.extractive or parsed.kind not in ("qa", "refine") or not parsed.contexts:
+            return
+        if any(source is None for source in parsed.sources):
+            raise GMSAPromptError(
+                "extractive=True needs the text of every retrieved document, but the soft-token store holds "
+                "soft tokens without it: give GMSALLM and GMSACompressor the same store (or model)"
+            )
+        from gmsa_rag.extractive import extractive_processor
+
+        gen_kwargs["logits_processor"] = extractive_processor(self.model, [parsed.sources], gen_kwargs)
+
     def _check_length(self, segments: Sequence[Segment], parsed: ParsedPrompt, budget: int) -> GenerationStats:
         soft = sum(len(s) for s in segments if s.embeds is not None)
         text = sum(len(s) for s in segments if s.token_ids is not None)
@@ -238,6 +255,7 @@ class GMSALLM(CustomLLM):
         start = time.perf_counter()
         budget, gen_kwargs = self._generate_kwargs(kwargs)
         segments, parsed, stats = self._prepare(prompt, budget)
+        self._extract_from(parsed, gen_kwargs)
         counter = _counting_streamer(gen_kwargs.pop("streamer", None))
         with self._lock:  # one decoder, one generation at a time
             raw = self.model.generate_from_segments(
@@ -257,6 +275,7 @@ class GMSALLM(CustomLLM):
         budget, gen_kwargs = self._generate_kwargs(kwargs)
         gen_kwargs.pop("streamer", None)  # this method streams itself
         segments, parsed, stats = self._prepare(prompt, budget)  # errors surface before streaming starts
+        self._extract_from(parsed, gen_kwargs)
 
         def gen() -> CompletionResponseGen:
             streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)

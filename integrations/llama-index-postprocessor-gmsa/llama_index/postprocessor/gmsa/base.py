@@ -145,6 +145,8 @@ class GMSACompressor(BaseNodePostprocessor):
                 tensors = self.model.compress(miss_texts, self.rate, batch_size=self.batch_size)
                 stats.computed = len(miss_keys)
             self.store.put_many(zip(miss_keys, tensors))
+        for k, t in zip(keys, texts):  # what each was made from: GMSALLM(extractive=True) quotes it
+            self.store.put_source(k, t)
         return keys
 
     def _postprocess_nodes(
