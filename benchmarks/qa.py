@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="show each question its gold passage alone (the one-document variant; needs gold flags)")
     p.add_argument("--extractive", action="store_true",
                    help="hold every answer to a span of its question's documents (gmsa_rag.extractive; HF generate)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search over the answers (default 1: greedy); with --extractive, over spans")
     p.add_argument("--rates", type=int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
     p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
     p.add_argument("--nocompress-checkpoint", default=None)
@@ -120,7 +122,9 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         bc.sync(device)
         t1 = time.perf_counter()
         extract_from = [list(e.contexts) for e in batch] if args.extractive else None  # answers: spans of these
-        outputs = model.generate(questions, contexts, max_new_tokens=args.max_new_tokens, extract_from=extract_from)
+        beams = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
+        outputs = model.generate(questions, contexts, max_new_tokens=args.max_new_tokens, extract_from=extract_from,
+                                 **beams)
         bc.sync(device)
         positions = [sum(len(s) for s in qa_segments(model.tokenizer, q, c)) for q, c in zip(questions, contexts)]
         return outputs, t1 - t0, time.perf_counter() - t1, positions
@@ -203,7 +207,9 @@ def main(argv=None) -> dict[str, Any]:
     meta = {**bc.env_info(device, dtype), "data": str(data), "questions": len(examples),
             "documents_per_question": ctx_counts if len(ctx_counts) > 1 else ctx_counts[0],
             "documents": "gold passage only" if args.gold_only else "as in the file (gold among distractors)",
-            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "engine": args.engine, "decoding": "greedy"}
+            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "engine": args.engine,
+            "decoding": ("greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams")
+                        + (", extractive (answers held to spans of the documents)" if args.extractive else "")}
     notes += [
         "EM / F1: SQuAD normalisation, best over gold answers; accuracy: a gold answer appears in the output "
         "(Lost in the Middle). All in percent.",

@@ -96,10 +96,13 @@ class ExtractiveProcessor(LogitsProcessor):
         self.stop = set(int(t) for t in stop_ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[0] != len(self.spans):
-            raise ValueError(f"extractive decoding: {input_ids.shape[0]} rows against {len(self.spans)} document sets")
+        rows = input_ids.shape[0]
+        if rows % len(self.spans):
+            raise ValueError(f"extractive decoding: {rows} rows against {len(self.spans)} document sets")
+        beams = rows // len(self.spans)  # beam search: each question's beams are consecutive rows
         mask = torch.full_like(scores, float("-inf"))
-        for row, (ids, spans) in enumerate(zip(input_ids.tolist(), self.spans)):
+        for row, ids in enumerate(input_ids.tolist()):
+            spans = self.spans[row // beams]
             if any(t in self.stop for t in ids):  # finished: the engine pads it
                 mask[row] = 0
                 continue

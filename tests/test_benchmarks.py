@@ -109,6 +109,8 @@ def test_latency_runs_end_to_end(qa_file, tmp_path):
 
 
 def test_qa_runs_end_to_end(qa_file, checkpoints, tmp_path):
+    from gmsa_rag.data.qa import load_qa_jsonl
+
     out = tmp_path / "qa"
     result = _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base",
                                 "--gmsa-checkpoint", str(checkpoints["gmsa"]), "--rates", "4", "8",
@@ -123,9 +125,17 @@ def test_qa_runs_end_to_end(qa_file, checkpoints, tmp_path):
     gold = _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--gold-only",
                               "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "gold")])
     assert gold["meta"]["documents_per_question"] == 1 and gold["rows"][0]["n"] == 3
+    # --extractive (and beams): every answer is a span of its question's documents
+    held = _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--gmsa-checkpoint",
+                              str(checkpoints["gmsa"]), "--rates", "4", "--extractive", "--num-beams", "2",
+                              "--max-new-tokens", "3", "--batch-size", "2", "--out", str(tmp_path / "held")])
+    assert "extractive" in held["meta"]["decoding"] and "2 beams" in held["meta"]["decoding"]
+    outputs = json.loads((tmp_path / "held" / "qa.json").read_text())["outputs"]
+    by_question = {e.question: e.contexts for e in load_qa_jsonl(qa_file)}
+    for row in outputs:
+        answer = row["GMSA r=4"]
+        assert answer and any(answer in c for c in by_question[row["question"]]), answer
     # a pooled QA folder: its dev split as the trainer's dev shows it (gold among the hardest distractors)
-    from gmsa_rag.data.qa import load_qa_jsonl
-
     pool = tmp_path / "pool"
     pool.mkdir()
     examples = load_qa_jsonl(qa_file)

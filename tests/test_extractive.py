@@ -49,6 +49,11 @@ def test_the_processor_masks_all_but_the_continuations_and_stops(tokenizer):
     assert torch.isfinite(out[1]).all()  # a finished row is left alone
     with pytest.raises(ValueError, match="rows"):
         processor(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, len(tokenizer)))
+    # beam search: each question's beams are consecutive rows, held to that question's documents
+    other = DocumentSpans([DOCS[0]], tokenizer)
+    beams = ExtractiveProcessor([spans, other], stop)(torch.zeros(4, 0, dtype=torch.long), torch.zeros(4, len(tokenizer)))
+    allowed = [set(torch.isfinite(row).nonzero().flatten().tolist()) for row in beams]
+    assert allowed[0] == allowed[1] == spans.allowed([]) and allowed[2] == allowed[3] == other.allowed([])
 
 
 def test_extractive_answers_are_spans_of_their_own_documents(tokenizer):
@@ -67,6 +72,8 @@ def test_extractive_answers_are_spans_of_their_own_documents(tokenizer):
     for answer, docs in zip(held, documents):
         assert answer and any(answer in d for d in docs), answer
     assert model.generate(questions[1], contexts[1], max_new_tokens=8, extract_from=documents[1]) == held[1]
+    beamed = model.generate(questions, contexts, max_new_tokens=8, extract_from=documents, num_beams=3)
+    assert all(answer and any(answer in d for d in docs) for answer, docs in zip(beamed, documents)), beamed
     with pytest.raises(ValueError, match="document lists"):
         model.generate(questions, contexts, extract_from=documents[:1])
     with pytest.raises(TypeError):
