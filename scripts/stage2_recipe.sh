@@ -26,11 +26,12 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 #   RECIPE="<the RECIPE above> --cloze_fraction 0.5" scripts/stage2_recipe.sh long
 # round 12: the no-compress fine-tune alone on the same steps (benchmarks/results/h200/stage2-nocompress.md):
 # GMSA=0 COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 RUNS=runs/nc scripts/stage2_recipe.sh long
-# next: GMSA distilled from it: KL on its answer logits, + its hidden states after the documents, + its states over the
+# round 13 (benchmarks/results/h200/stage2-distill.md: no gain at steps 200-500): GMSA distilled from it: KL on its answer logits, + its hidden states after the documents, + its states over the
 # text each soft token stands for (weights 30: each term's gradient then of the answer loss's size on the shipped
 # checkpoint, benchmarks/results/cpu-2core/distill-signal-shipped.md), side by side on one GPU at an equal step budget
 # (a compiled 32 x 2 GMSA step peaks at ~50 GB, so three runs take BATCH=16 ACCUM=4; measured on one H200: the first
-# step after ~2.7 minutes of loading and compiling, then ~1.3 s a step each, GPU 99% busy, 51 GB in all):
+# step after ~2.7 minutes of loading and compiling, then ~1.3 s a step each, GPU 99% busy, 51 GB in all; ~2.4 s a step
+# each once the prompts hold five documents, up to 132 GB: the round's 700-step runs stopped at 545-570):
 # COMPILE=true BATCH=16 ACCUM=4 ABL_MINUTES=0 ABL_STEPS=800 ABL_EVAL_EVERY=200 ABL_SAVE_EVERY=100 \
 #   ABL_ONLY="distill-kl distill-hidden distill-soft" RUNS=runs/distill scripts/stage2_recipe.sh ablations
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
