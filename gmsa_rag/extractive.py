@@ -1,7 +1,7 @@
 """Extractive decoding: answers that are spans of the retrieved documents.
 
-A reader of soft tokens finds the right document but often garbles its words (``benchmarks/answer_errors.py``,
-``benchmarks/document_attention.py``). The documents' text is at hand wherever their soft tokens are (they were
+A reader of soft tokens finds the right document but often garbles its words (``benchmarks/attention_probe.py``,
+``benchmarks/answer_errors.py``). The documents' text is at hand wherever their soft tokens are (they were
 made from it), so decoding can be held to spans of it: at each step only the tokens whose text continues some
 occurrence of the answer so far in one of the documents (or that end the answer) may be chosen. The decoder still
 reads the soft tokens and picks among what is allowed; nothing of the documents' text enters the prompt.

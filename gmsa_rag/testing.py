@@ -28,3 +28,14 @@ def tiny_gmsa(tokenizer: PreTrainedTokenizerBase, family: str = "llama", seed: i
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
     return model
+
+
+def lively(model: GMSAModel) -> GMSAModel:
+    """Larger random decoder weights (in place): the tiny model's greedy tokens then vary from step to step and row
+    to row (with the default init it repeats one token), so that equal or constrained outputs mean something."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model

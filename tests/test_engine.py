@@ -9,7 +9,7 @@ from transformers.generation.streamers import BaseStreamer
 from gmsa_rag import engine as eng
 from gmsa_rag.engine import GenerationEngine, StaticCacheDecoder, cache_bucket, engine_for, is_greedy, select_engine
 from gmsa_rag.prompt import DecoderBatch, Segment, assemble, qa_segments
-from gmsa_rag.testing import SAMPLE_TEXT, tiny_gmsa
+from gmsa_rag.testing import SAMPLE_TEXT, lively, tiny_gmsa
 
 
 class Recorder(BaseStreamer):
@@ -24,17 +24,6 @@ class Recorder(BaseStreamer):
 
     def end(self) -> None:
         self.ended += 1
-
-
-def lively(model):
-    """Larger random decoder weights: the tiny model's greedy tokens then vary from step to step and row to row
-    (with the default init it repeats one token), so that equal outputs mean something."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.decoder.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-    return model
 
 
 @pytest.fixture(scope="module")

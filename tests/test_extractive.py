@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gmsa_rag.extractive import DocumentSpans, ExtractiveProcessor, word_starts
-from gmsa_rag.testing import SAMPLE_TEXT, tiny_gmsa
+from gmsa_rag.testing import SAMPLE_TEXT, lively, tiny_gmsa
 
 DOCS = ["The tower was designed by Gustave Eiffel's company.", "Mount Everest is Earth's highest mountain."]
 
@@ -57,12 +57,7 @@ def test_the_processor_masks_all_but_the_continuations_and_stops(tokenizer):
 
 
 def test_extractive_answers_are_spans_of_their_own_documents(tokenizer):
-    model = tiny_gmsa(tokenizer, window=64)
-    with torch.no_grad():  # lively random weights: unconstrained, the tiny decoder writes varied garbage
-        generator = torch.Generator().manual_seed(0)
-        for p in model.decoder.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    model = lively(tiny_gmsa(tokenizer, window=64))  # unconstrained, the tiny decoder writes varied garbage
     documents = [[SAMPLE_TEXT, DOCS[1]], [DOCS[0]]]
     contexts = [model.compress(docs, 4) for docs in documents]
     questions = ["Who designed it?", "What is it?"]

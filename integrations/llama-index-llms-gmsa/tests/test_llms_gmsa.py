@@ -7,6 +7,7 @@ from llama_index.core.base.llms.types import ChatMessage
 
 from gmsa_rag.markers import QA_TEMPLATE, REFINE_TEMPLATE, SoftTokenStore, UnknownMarkerError, marker, store_for
 from gmsa_rag.prompt import qa_segments
+from gmsa_rag.testing import lively
 from llama_index.llms.gmsa import GMSALLM, ContextWindowError, gmsa_query_engine_kwargs
 
 
@@ -202,12 +203,8 @@ def test_system_prompt_joins_the_instruction(tiny_model, texts, monkeypatch):
 def test_extractive_answers_quote_the_retrieved_texts(tiny_model, texts):
     from gmsa_rag.markers import GMSAPromptError
 
-    with torch.no_grad():  # lively random weights: unconstrained, the tiny decoder writes varied garbage
-        generator = torch.Generator().manual_seed(0)
-        saved = {n: p.clone() for n, p in tiny_model.decoder.named_parameters()}
-        for p in tiny_model.decoder.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    saved = {n: p.detach().clone() for n, p in tiny_model.decoder.named_parameters()}
+    lively(tiny_model)  # unconstrained, the tiny decoder then writes varied garbage (restored below: a shared fixture)
     try:
         store = SoftTokenStore()
         keys, _ = put(store, texts, tiny_model)
