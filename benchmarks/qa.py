@@ -54,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="hold every answer to a span of its question's documents (gmsa_rag.extractive; HF generate)")
     p.add_argument("--num-beams", type=int, default=1,
                    help="beam search over the answers (default 1: greedy); with --extractive, over spans")
+    p.add_argument("--per-document", action="store_true",
+                   help="answer from each document alone, keep the answer the decoder scores best (gmsa_rag.per_document)")
+    p.add_argument("--document-score", default="mean", choices=["mean", "sum"],
+                   help="with --per-document: the answer's mean or summed log-probability (default mean)")
     p.add_argument("--rates", type=int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
     p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
     p.add_argument("--nocompress-checkpoint", default=None)
@@ -122,11 +126,16 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         bc.sync(device)
         t1 = time.perf_counter()
         extract_from = [list(e.contexts) for e in batch] if args.extractive else None  # answers: spans of these
-        beams = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
+        options: dict[str, Any] = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
+        if args.per_document:
+            options.update(per_document=True, score=args.document_score)
         outputs = model.generate(questions, contexts, max_new_tokens=args.max_new_tokens, extract_from=extract_from,
-                                 **beams)
+                                 **options)
         bc.sync(device)
-        positions = [sum(len(s) for s in qa_segments(model.tokenizer, q, c)) for q, c in zip(questions, contexts)]
+        prompts = ([[[d] for d in c] for c in contexts] if args.per_document  # one prompt per document
+                   else [[c] for c in contexts])
+        positions = [sum(len(s) for docs in ps for s in qa_segments(model.tokenizer, q, docs))
+                     for q, ps in zip(questions, prompts)]
         return outputs, t1 - t0, time.perf_counter() - t1, positions
 
     run(examples[:1])  # warm-up (kernels, allocator), untimed
@@ -209,13 +218,15 @@ def main(argv=None) -> dict[str, Any]:
             "documents": "gold passage only" if args.gold_only else "as in the file (gold among distractors)",
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "engine": args.engine,
             "decoding": ("greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams")
-                        + (", extractive (answers held to spans of the documents)" if args.extractive else "")}
+                        + (", extractive (answers held to spans of the documents)" if args.extractive else "")
+                        + (f", per document (each document answered alone, the answer of best {args.document_score} "
+                           "log-probability kept)" if args.per_document else "")}
     notes += [
         "EM / F1: SQuAD normalisation, best over gold answers; accuracy: a gold answer appears in the output "
         "(Lost in the Middle). All in percent.",
         f"Latency: wall time of compression (documents one by one, batched) + greedy generation (HF generate, "
         f"max {args.max_new_tokens} new tokens, batches of {args.batch_size}) divided by the questions; one warm-up "
-        "question untimed. Positions: mean decoder input length.",
+        "question untimed. Positions: mean decoder input length (with --per-document: of a question's prompts together).",
     ]
     C = bc.Column
     columns = [C("system", "system"), C("n", "n"), C("exact_match", "EM", 1), C("f1", "F1", 1),

@@ -489,6 +489,7 @@ class GMSAModel(nn.Module):
         contexts: Sequence[Context] | Sequence[Sequence[Context]],
         max_new_tokens: int = 32,
         extract_from: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        per_document: bool = False,
         **generate_kwargs,
     ) -> str | list[str]:
         """Answer question(s) from their documents (soft-token tensors, or text for the uncompressed baseline).
@@ -497,9 +498,17 @@ class GMSAModel(nn.Module):
         :meth:`generate_from_segments` (the generation engine; ``generate_kwargs`` pass through, e.g. ``streamer``).
         ``extract_from``: each question's documents as text (those its soft tokens were made from): every answer
         is then a span of one of them (:mod:`gmsa_rag.extractive`; decodes through Hugging Face ``generate``).
+        ``per_document``: answer from each document alone and keep the answer the decoder scores best
+        (:mod:`gmsa_rag.per_document`).
         """
         single = isinstance(questions, str)
         questions, contexts = self._as_batch(questions, contexts)
+        if per_document:
+            from .per_document import answer_per_document
+
+            documents = None if extract_from is None else ([extract_from] if single else extract_from)
+            texts = answer_per_document(self, questions, contexts, max_new_tokens, documents, **generate_kwargs)
+            return texts[0] if single else texts
         if extract_from is not None:
             from .extractive import extractive_processor
 
