@@ -66,6 +66,9 @@ class GMSAConfig:
     """Rank of the soft-token adapter's LoRA on the decoder's MLP (gate/up/down projections) beside W_Q/W_K/W_V;
     0: attention only (the paper's KEFT targets). Attention LoRA can only change what a soft-token position is read
     as; MLP LoRA can also change what the decoder writes at it. Only with ``decoder_tuning="qkv_lora"``."""
+    answer_cites: bool = False
+    """Stage 2 trained the decoder to open each answer with the number of the document that holds it ("[3] Sun
+    Tzu", ``--cite_document``): prompts then ask for it and generation strips it (:mod:`gmsa_rag.citation`)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata (training command, data description, metrics) saved with checkpoints."""
 

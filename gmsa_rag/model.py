@@ -23,8 +23,8 @@ from .engine import allow_recompiles
 from .fingerprint import weights_fingerprint
 from .group_merge import group_merge
 from .layers import EmbeddingScaleNorm, copy_of_lowest_layers, inner_model, own_parameters, run_stack
-from .prompt import (Context, DecoderBatch, Segment, assemble, flat_index, prompt_length, qa_segments,
-                     shared_tail, soft_token_groups, to_device)
+from .prompt import (Context, DecoderBatch, Segment, assemble, flat_index, prompt_length, qa_instruction,
+                     qa_segments, shared_tail, soft_token_groups, to_device)
 from .samples import Sample, build_prompts, token_ids
 
 Stage = Literal["ae", "keft", "frozen"]
@@ -503,22 +503,28 @@ class GMSAModel(nn.Module):
         """
         single = isinstance(questions, str)
         questions, contexts = self._as_batch(questions, contexts)
+        documents = None if extract_from is None else ([extract_from] if single else extract_from)
         if per_document:
             from .per_document import answer_per_document
 
-            documents = None if extract_from is None else ([extract_from] if single else extract_from)
             texts = answer_per_document(self, questions, contexts, max_new_tokens, documents, **generate_kwargs)
             return texts[0] if single else texts
-        if extract_from is not None:
+        if documents is not None and len(documents) != len(questions):
+            raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
+        instruction = qa_instruction(self.config.answer_cites)
+        prompts = [qa_segments(self.tokenizer, q, ctx, instruction=instruction) for q, ctx in zip(questions, contexts)]
+        if documents is not None and len({self.adapter_wanted([p]) for p in prompts}) > 1:
+            raise ValueError("extract_from: give one batch soft-token documents only or text only")
+        if self.config.answer_cites:
+            from .citation import generate_cited
+
+            texts = generate_cited(self, prompts, [len(c) for c in contexts], documents, max_new_tokens,
+                                   **generate_kwargs)
+            return texts[0] if single else texts
+        if documents is not None:
             from .extractive import extractive_processor
 
-            documents = [extract_from] if single else extract_from
-            if len(documents) != len(questions):
-                raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
             generate_kwargs["logits_processor"] = extractive_processor(self, documents, generate_kwargs)
-        prompts = [qa_segments(self.tokenizer, q, ctx) for q, ctx in zip(questions, contexts)]
-        if extract_from is not None and len({self.adapter_wanted([p]) for p in prompts}) > 1:
-            raise ValueError("extract_from: give one batch soft-token documents only or text only")
         texts = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens, **generate_kwargs)
         return texts[0] if single else texts
 

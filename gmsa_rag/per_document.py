@@ -39,6 +39,8 @@ def answer_per_document(
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if model.config.answer_cites:
+        raise ValueError("per-document answers need a model that answers without citing a document (answer_cites)")
     if extract_from is not None and [len(d) for d in extract_from] != [len(c) for c in contexts]:
         raise ValueError("extract_from: give each question the text of each of its documents")
     owner = [i for i, ctx in enumerate(contexts) for _ in ctx]

@@ -15,6 +15,10 @@ from transformers import PreTrainedTokenizerBase
 QA_INSTRUCTION = (
     "Answer the question using the documents below. Reply with a short answer only."
 )
+CITE_INSTRUCTION = (
+    "Answer the question using the documents below. Reply with the number of the document that holds the answer "
+    "in brackets, then a short answer."
+)
 RESTORE_INSTRUCTION = "Repeat Document [{}] exactly."
 CONTINUE_INSTRUCTION = "Continue the text of Document [{}]."
 SPAN_INSTRUCTION = 'Quote the words that follow "{}" in the documents.'
@@ -87,9 +91,15 @@ def qa_segments(
     answer: str | None = None,
     instruction: str = QA_INSTRUCTION,
 ) -> list[Segment]:
-    """Instruction, one labelled span per document (retrieval order), then the question."""
+    """Instruction, one labelled span per document (retrieval order), then the question (a model trained to cite
+    its documents takes ``instruction=CITE_INSTRUCTION``, see :func:`qa_instruction`)."""
     parts: list[Context] = [instruction + "\n\n", *document_parts(contexts), f"\nQuestion: {question}"]
     return chat_segments(tokenizer, parts, answer)
+
+
+def qa_instruction(cites: bool) -> str:
+    """The QA instruction of a model that answers plainly or opens its answers with a document number."""
+    return CITE_INSTRUCTION if cites else QA_INSTRUCTION
 
 
 def ae_segments(

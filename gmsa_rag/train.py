@@ -37,6 +37,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
+from .citation import cited, split_citation
 from .checkpoint import CheckpointError, attach_checkpoint, load_checkpoint, read_record, read_weights, save_checkpoint
 from .config import GMSAConfig
 from .backbone import cache_root
@@ -93,6 +94,7 @@ class TrainConfig:
     docs_curriculum: float = field(default=0.0, metadata={"help": "keft: share of the budget over which the number of documents ramps from gold-only to max_docs"})
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
     cloze_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose question is a fill-in-the-blank cut from the gold passage (a sentence with a number or name blanked, gmsa_rag.data.cloze) over the same documents: unlimited extra questions that need finding a sentence by content and copying from the middle of a document"})
+    cite_document: bool = field(default=False, metadata={"help": "keft: each answer opens with the number of the document that holds it (\"[3] Sun Tzu\"; the prompt asks for it, generation strips it, the checkpoint remembers it): choosing the document becomes a supervised first step (gmsa_rag.citation); the dev log adds cite_accuracy"})
     distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
     eval_chunk_tokens: int = 128
     eval_among: bool = field(default=False, metadata={"help": "ae: also restore each dev passage among 3 other passages of its article, each compressed on its own, at place i mod 4 (among_bleu@r ...): telling documents apart, as a retrieved prompt needs"})
@@ -143,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
     if cfg.continuation_fraction + cfg.span_fraction > 1:
         parser.error("--continuation_fraction + --span_fraction must be at most 1")
+    if cfg.cite_document and cfg.stage != "keft":
+        parser.error("--cite_document is a stage-2 (keft) option")
     if not 0 <= cfg.cloze_fraction <= 1 or (cfg.cloze_fraction and cfg.stage != "keft"):
         parser.error(f"--cloze_fraction is a share of stage-2 (keft) samples, between 0 and 1; got {cfg.cloze_fraction}")
     if cfg.span_tokens < 8:
@@ -242,11 +246,13 @@ def quote(token_ids: list[int], most: int, rng: random.Random) -> tuple[list[int
 
 
 def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random, min_docs: int = 1,
-              hardest: bool = False) -> Sample:
+              hardest: bool = False, cite: bool = False) -> Sample:
     """A QA sample: the gold passage among ``min_docs - 1`` to ``max_docs - 1`` of the example's distractors (random
     ones, or with ``hardest`` the first in stored order, as retrieval ranks them), gold at a random place (examples
-    without a marked gold passage keep their documents as they are)."""
+    without a marked gold passage keep their documents as they are). With ``cite`` the target opens with the gold
+    passage's number (examples without one answer plainly)."""
     documents = list(example.contexts)
+    answer = example.answers[0]
     if example.gold_index is not None:
         gold = documents[example.gold_index]
         others = [d for i, d in enumerate(documents) if i != example.gold_index]
@@ -255,9 +261,11 @@ def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.R
         keep = others[:count] if hardest else rng.sample(others, count)
         if hardest:
             rng.shuffle(keep)
-        keep.insert(rng.randint(0, len(keep)), gold)
+        place = rng.randint(0, len(keep))
+        keep.insert(place, gold)
         documents = keep
-    return Sample(documents=documents, target=example.answers[0], question=example.question, rate=rate)
+        answer = cited(answer, place) if cite else answer
+    return Sample(documents=documents, target=answer, question=example.question, rate=rate)
 
 
 def dev_qa_sample(example: QAExample, rate: int | None, max_docs: int, index: int) -> Sample:
@@ -265,6 +273,13 @@ def dev_qa_sample(example: QAExample, rate: int | None, max_docs: int, index: in
     in stored order), gold at place ``index mod count`` so every place is scored equally often."""
     documents = list(dev_layout(example, max_docs, index).contexts)
     return Sample(documents=documents, target=None, question=example.question, rate=rate)
+
+
+def dev_gold_place(example: QAExample, max_docs: int, index: int) -> int | None:
+    """Where the gold passage stands among a dev prompt's documents (:func:`dev_qa_sample`), or None."""
+    if example.gold_index is None:
+        return None
+    return dev_layout(example, max_docs, index).gold_index
 
 
 def docs_cap(cfg: TrainConfig, progress: float) -> int:
@@ -291,7 +306,7 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
             if cfg.cloze_fraction and rng.random() < cfg.cloze_fraction:  # (no draw when off: the same batches)
                 example = cloze_example(example, rng) or example
             samples.append(qa_sample(example, rate, docs_cap(cfg, progress), rng, cfg.min_docs,
-                                     cfg.distractors == "hardest"))
+                                     cfg.distractors == "hardest", cite=cfg.cite_document))
     if cfg.grad_accum > 1:
         samples.sort(key=decoder_positions)
     return [samples[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(cfg.grad_accum)]
@@ -348,6 +363,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
         )
         model = GMSAModel.from_base(config, device=device, dtype=dtype)
     model.set_stage(cfg.stage)
+    model.config.answer_cites = cfg.cite_document  # (saved with the checkpoint: generation then reads the citation)
     if cfg.stage == "keft" and cfg.compressor_lr > 0 and not cfg.no_compress:
         for p in model.compressor_parameters().values():
             p.requires_grad_(True)
@@ -455,8 +471,13 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
                 batches = sorted(gather(batches), key=lambda batch: batch[0])
             preds = [p for _, predictions, _ in batches for p in predictions]
             refs = [r for _, _, references in batches for r in references]
-            scores = qa_metrics(preds, refs) if task == "qa" else reconstruction_metrics(preds, refs)
             suffix = f"@{rate}x" if rate else ""
+            if task == "qa" and model.config.answer_cites:
+                places = [dev_gold_place(e, docs, j) for j, e in enumerate(items)]
+                cites, preds = zip(*(split_citation(p, docs) for p in preds)) if preds else ((), ())
+                marked = [(c, g) for c, g in zip(cites, places) if g is not None]
+                results[f"{prefix}cite_accuracy{suffix}"] = 100.0 * sum(c == g for c, g in marked) / max(len(marked), 1)
+            scores = qa_metrics(list(preds), refs) if task == "qa" else reconstruction_metrics(preds, refs)
             results.update({f"{prefix}{k}{suffix}": float(v) for k, v in scores.items()})
     model.train()
     return results

@@ -34,6 +34,10 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # each once the prompts hold five documents, up to 132 GB: the round's 700-step runs stopped at 545-570):
 # COMPILE=true BATCH=16 ACCUM=4 ABL_MINUTES=0 ABL_STEPS=800 ABL_EVAL_EVERY=200 ABL_SAVE_EVERY=100 \
 #   ABL_ONLY="distill-kl distill-hidden distill-soft" RUNS=runs/distill scripts/stage2_recipe.sh ablations
+# round 15 (built, not yet run): cited answers (--cite_document) on round 10's long recipe and steps, to set beside
+# round 10's run (h200/stage2-from-148m.md); then NQ dev through benchmarks/qa.py, free and --extractive:
+# COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 NOCOMPRESS=0 RUNS=runs/cite \
+#   RECIPE="<the RECIPE above> --cite_document true" scripts/stage2_recipe.sh long
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
@@ -64,6 +68,9 @@ ablations=(
   "distill-kl:--init $INIT $RECIPE --distill_weight 0.5 --distill_teacher $TEACHER"
   "distill-hidden:--init $INIT $RECIPE --distill_weight 0.5 --distill_hidden_weight 30 --distill_teacher $TEACHER"
   "distill-soft:--init $INIT $RECIPE --distill_weight 0.5 --distill_hidden_weight 30 --distill_soft_weight 30 --distill_teacher $TEACHER"
+  # answers open with the gold document's number (round 14: from the gold passage alone extractive answers reach 52%
+  # at 4x, among hard distractors 26%: choosing the document fails); judge by dev cite_accuracy and accuracy
+  "cite:--init $INIT $RECIPE --cite_document true"
 )
 
 case "${1:?mode: ablations, long or profile}" in

@@ -236,3 +236,9 @@ def test_the_store_keeps_a_source_only_beside_its_document(tiny_model, texts):
     assert store.source("a") is None and store.source("b") == "plain text b"
     with pytest.raises(TypeError):
         store.put_source("b", torch.zeros(1))
+
+
+def test_a_checkpoint_that_cites_its_documents_is_refused_clearly(tiny_model, monkeypatch):
+    monkeypatch.setattr(tiny_model.config, "answer_cites", True)
+    with pytest.raises(ValueError, match="cite"):
+        GMSALLM(model=tiny_model)

@@ -152,6 +152,9 @@ class GMSALLM(CustomLLM):
         model_name: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
+        if getattr(getattr(model, "config", None), "answer_cites", False):
+            raise ValueError("this checkpoint was trained to cite documents (--cite_document): GMSALLM does not read "
+                             "citations yet; answer with GMSAModel.generate, which strips them")
         if model_name is None:
             base = getattr(getattr(model, "config", None), "base_model", "model")
             model_name = f"gmsa:{base}"
