@@ -20,15 +20,15 @@ if TYPE_CHECKING:
 _CITATION = re.compile(r"^\s*\[(\d+)\]\s*")
 
 
-def cited(answer: str, place: int) -> str:
-    """The training target: the answer opened by its document's number (``place`` counts from 0)."""
-    return f"[{place + 1}] {answer}"
-
-
 def citation_prefix(place: int) -> str:
     """What a cited answer starts with, before the answer's words (``place`` counts from 0; the space belongs to
     the answer's first token, as the tokenizer splits :func:`cited` targets)."""
     return f"[{place + 1}]"
+
+
+def cited(answer: str, place: int) -> str:
+    """The training target: the answer opened by its document's number (``place`` counts from 0)."""
+    return f"{citation_prefix(place)} {answer}"
 
 
 def split_citation(text: str, documents: int | None = None) -> tuple[int | None, str]:

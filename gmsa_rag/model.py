@@ -520,12 +520,12 @@ class GMSAModel(nn.Module):
 
             texts = generate_cited(self, prompts, [len(c) for c in contexts], documents, max_new_tokens,
                                    **generate_kwargs)
-            return texts[0] if single else texts
-        if documents is not None:
-            from .extractive import extractive_processor
+        else:
+            if documents is not None:
+                from .extractive import extractive_processor
 
-            generate_kwargs["logits_processor"] = extractive_processor(self, documents, generate_kwargs)
-        texts = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens, **generate_kwargs)
+                generate_kwargs["logits_processor"] = extractive_processor(self, documents, generate_kwargs)
+            texts = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens, **generate_kwargs)
         return texts[0] if single else texts
 
     generation_engine: str = "auto"
