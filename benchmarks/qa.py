@@ -52,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="show each question its gold passage alone (the one-document variant; needs gold flags)")
     p.add_argument("--extractive", action="store_true",
                    help="hold every answer to a span of its question's documents (gmsa_rag.extractive; HF generate)")
+    p.add_argument("--extract-top", type=int, default=0, metavar="K",
+                   help="with --extractive: answers held to the K documents of best BM25 match to the question "
+                        "(gmsa_rag.lexical); the prompt keeps every document (default 0: all documents)")
+    p.add_argument("--keep-top", type=int, default=0, metavar="K",
+                   help="every system's prompt keeps only the K documents of best BM25 match to the question, in "
+                        "retrieval order (a lexical rerank before the reader; default 0: all documents)")
     p.add_argument("--num-beams", type=int, default=1,
                    help="beam search over the answers (default 1: greedy); with --extractive, over spans")
     p.add_argument("--per-document", action="store_true",
@@ -127,6 +133,8 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         t1 = time.perf_counter()
         extract_from = [list(e.contexts) for e in batch] if args.extractive else None  # answers: spans of these
         options: dict[str, Any] = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
+        if args.extract_top:
+            options["extract_top"] = args.extract_top
         if args.per_document:
             options.update(per_document=True, score=args.document_score)
         outputs = model.generate(questions, contexts, max_new_tokens=args.max_new_tokens, extract_from=extract_from,
@@ -166,12 +174,32 @@ def gold_only(examples: list) -> list:
     return [QAExample(e.question, e.answers, [e.gold_context], 0) for e in examples if e.gold_index is not None]
 
 
+def keep_best_matching(examples: list, top: int) -> list:
+    """Each example with only its ``top`` documents of best BM25 match to the question (retrieval order kept; the
+    gold place follows its passage, None when it is dropped)."""
+    from gmsa_rag.data.qa import QAExample
+    from gmsa_rag.lexical import best_matching
+
+    kept = []
+    for e in examples:
+        places = best_matching(e.question, e.contexts, top)
+        gold = places.index(e.gold_index) if e.gold_index in places else None
+        kept.append(QAExample(e.question, e.answers, [e.contexts[i] for i in places], gold))
+    return kept
+
+
 def main(argv=None) -> dict[str, Any]:
     from gmsa_rag.data.qa import load_as_shown
 
     args = parse_args(argv)
     if args.max_docs < 1:
         raise SystemExit(f"--max-docs must be at least 1, got {args.max_docs}")
+    if args.extract_top < 0 or args.keep_top < 0:
+        raise SystemExit("--extract-top and --keep-top must be 0 (all documents) or more")
+    if args.extract_top and not args.extractive:
+        raise SystemExit("--extract-top narrows extractive answers: add --extractive")
+    if args.extract_top and args.per_document:
+        raise SystemExit("--extract-top does not combine with --per-document")
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     args.limit = args.limit or (8 if args.quick else 200)
@@ -194,6 +222,8 @@ def main(argv=None) -> dict[str, Any]:
         examples = gold_only(examples)
         if not examples:
             raise SystemExit(f"{data}: no example marks a gold passage (isgold), so --gold-only has nothing to show")
+    if args.keep_top:
+        examples = keep_best_matching(examples, args.keep_top)
     specs, notes = systems_from_args(args)
 
     rows: list[dict[str, Any]] = []
@@ -215,10 +245,12 @@ def main(argv=None) -> dict[str, Any]:
     ctx_counts = sorted({len(e.contexts) for e in examples})
     meta = {**bc.env_info(device, dtype), "data": str(data), "questions": len(examples),
             "documents_per_question": ctx_counts if len(ctx_counts) > 1 else ctx_counts[0],
-            "documents": "gold passage only" if args.gold_only else "as in the file (gold among distractors)",
+            "documents": ("gold passage only" if args.gold_only else "as in the file (gold among distractors)")
+                         + (f", the {args.keep_top} of best BM25 match kept" if args.keep_top else ""),
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "engine": args.engine,
             "decoding": ("greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams")
                         + (", extractive (answers held to spans of the documents)" if args.extractive else "")
+                        + (f", held to the {args.extract_top} of best BM25 match" if args.extract_top else "")
                         + (f", per document (each document answered alone, the answer of best {args.document_score} "
                            "log-probability kept)" if args.per_document else "")}
     notes += [

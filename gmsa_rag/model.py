@@ -490,6 +490,7 @@ class GMSAModel(nn.Module):
         max_new_tokens: int = 32,
         extract_from: Sequence[str] | Sequence[Sequence[str]] | None = None,
         per_document: bool = False,
+        extract_top: int = 0,
         **generate_kwargs,
     ) -> str | list[str]:
         """Answer question(s) from their documents (soft-token tensors, or text for the uncompressed baseline).
@@ -498,12 +499,16 @@ class GMSAModel(nn.Module):
         :meth:`generate_from_segments` (the generation engine; ``generate_kwargs`` pass through, e.g. ``streamer``).
         ``extract_from``: each question's documents as text (those its soft tokens were made from): every answer
         is then a span of one of them (:mod:`gmsa_rag.extractive`; decodes through Hugging Face ``generate``).
+        ``extract_top``: with ``extract_from``, hold each answer to its question's ``extract_top`` documents of best
+        BM25 match (:mod:`gmsa_rag.lexical`) instead of all of them; the prompt still holds every document.
         ``per_document``: answer from each document alone and keep the answer the decoder scores best
         (:mod:`gmsa_rag.per_document`).
         """
         single = isinstance(questions, str)
         questions, contexts = self._as_batch(questions, contexts)
         documents = None if extract_from is None else ([extract_from] if single else extract_from)
+        if extract_top:
+            documents = self._best_matching(questions, documents, extract_top, per_document)
         if per_document:
             from .per_document import answer_per_document
 
@@ -527,6 +532,20 @@ class GMSAModel(nn.Module):
                 generate_kwargs["logits_processor"] = extractive_processor(self, documents, generate_kwargs)
             texts = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens, **generate_kwargs)
         return texts[0] if single else texts
+
+    def _best_matching(self, questions: Sequence[str], documents: Sequence[Sequence[str]] | None, top: int,
+                       per_document: bool) -> list[list[str]]:
+        """``generate(extract_top=top)``: each question's documents narrowed to the ``top`` of best BM25 match."""
+        if documents is None:
+            raise ValueError("extract_top: give the documents' text as extract_from")
+        if per_document or self.config.answer_cites:
+            raise ValueError("extract_top: not with per_document or a citing checkpoint (they pair answers with "
+                             "every document by place)")
+        if len(documents) != len(questions):
+            raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
+        from .lexical import best_documents
+
+        return [best_documents(q, docs, top) for q, docs in zip(questions, documents)]
 
     generation_engine: str = "auto"
     """Decoding path of :meth:`generate_from_segments` (see :mod:`gmsa_rag.engine`): ``auto`` (static KV cache,

@@ -501,3 +501,27 @@ def test_answer_errors_sorts_answers_by_what_they_are(tmp_path):
     with pytest.raises(ValueError, match="do not follow the data file"):
         _bench("answer_errors").main(["--results", str(results), "--data", str(data), "--out", str(tmp_path / "o")])
 
+
+
+def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoints, tmp_path):
+    from gmsa_rag.data.qa import load_qa_jsonl
+    from gmsa_rag.lexical import best_matching
+
+    qa = _bench("qa")
+    examples = load_qa_jsonl(qa_file)
+    kept = qa.keep_best_matching(examples, 1)
+    assert [len(e.contexts) for e in kept] == [1, 1, 1] and [e.gold_index for e in kept] == [0, 0, 0]
+    assert kept[1].contexts == [examples[1].contexts[1]]  # the reef passage, not the first retrieved
+    result = qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--keep-top", "1",
+                      "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "kept")])
+    assert result["meta"]["documents_per_question"] == 1 and "best BM25 match kept" in result["meta"]["documents"]
+    held = qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--gmsa-checkpoint",
+                    str(checkpoints["gmsa"]), "--rates", "4", "--extractive", "--extract-top", "1",
+                    "--max-new-tokens", "3", "--batch-size", "2", "--out", str(tmp_path / "held")])
+    assert held["meta"]["documents_per_question"] == [1, 2] and "held to the 1 of best" in held["meta"]["decoding"]
+    outputs = json.loads((tmp_path / "held" / "qa.json").read_text())["outputs"]
+    for row, e in zip(outputs, examples):
+        top = e.contexts[best_matching(e.question, e.contexts, 1)[0]]
+        assert row["GMSA r=4"] and row["GMSA r=4"] in top, (row, top)
+    with pytest.raises(SystemExit, match="add --extractive"):
+        qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extract-top", "1"])

@@ -1,0 +1,41 @@
+"""Lexical match of a question to its retrieved documents (BM25 through ``bm25s``).
+
+Dense retrieval ranks documents by meaning, so the documents it returns beside the one that holds the answer are
+about the same thing (the stage-2 data's distractors are exactly MiniLM's closest passages that lack the answer).
+Which of them shares the question's rarer words is a different, cheap signal: BM25 over one question's handful of
+documents, a millisecond a question. Extractive decoding can then hold the answer to the best-matching documents
+(``GMSAModel.generate(extract_top=...)``) while the decoder still reads all of them as soft tokens.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import bm25s
+import numpy as np
+
+
+def bm25_scores(question: str, documents: Sequence[str]) -> list[float]:
+    """BM25 (Lucene weighting, English stop words removed) of ``question`` against each document, the documents
+    themselves the collection."""
+    if not documents:
+        return []
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(documents), stopwords="en", show_progress=False), show_progress=False)
+    query = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)[0]
+    return [float(s) for s in retriever.get_scores(query)] if query else [0.0] * len(documents)
+
+
+def best_matching(question: str, documents: Sequence[str], top: int) -> list[int]:
+    """Places of the ``top`` documents that match ``question`` best (ties: retrieval order), in retrieval order."""
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    order = np.argsort(-np.asarray(bm25_scores(question, documents)), kind="stable")
+    return sorted(int(i) for i in order[:top])
+
+
+def best_documents(question: str, documents: Sequence[str], top: int) -> list[str]:
+    """The ``top`` documents of best match to ``question`` (all when ``top`` is 0), in retrieval order: the texts an
+    extractive answer may quote under ``extract_top``."""
+    if top == 0 or top >= len(documents):
+        return list(documents)
+    return [documents[i] for i in best_matching(question, documents, top)]

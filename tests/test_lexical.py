@@ -1,0 +1,41 @@
+"""Lexical match of a question to its documents (gmsa_rag.lexical) and extractive answers held to the best ones."""
+from __future__ import annotations
+
+import pytest
+
+from gmsa_rag.lexical import best_matching, bm25_scores
+from gmsa_rag.testing import lively, tiny_gmsa
+
+DOCS = [
+    "Clausewitz wrote On War, a treatise on military strategy and politics.",
+    "The Art of War is an ancient Chinese military treatise attributed to Sun Tzu.",
+    "Paris is the capital and most populous city of France.",
+]
+
+
+def test_bm25_ranks_the_document_sharing_the_questions_rare_words():
+    scores = bm25_scores("who was the author of the art of war", DOCS)
+    assert len(scores) == 3 and scores[1] > scores[0] > scores[2] == 0.0
+    assert best_matching("who was the author of the art of war", DOCS, 1) == [1]
+    assert best_matching("which city is the capital of france", DOCS, 2) == [0, 2]  # retrieval order, tie -> first
+    assert bm25_scores("who was the", DOCS) == [0.0, 0.0, 0.0]  # stop words only: no preference
+    assert best_matching("who was the", DOCS, 2) == [0, 1]
+    assert bm25_scores("anything", []) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        best_matching("war", DOCS, 0)
+
+
+def test_extract_top_holds_answers_to_the_best_matching_documents(tokenizer):
+    model = lively(tiny_gmsa(tokenizer, window=64))
+    questions = ["To whom is the Art of War attributed?", "What is the capital of France?"]
+    contexts = [model.compress(DOCS, 4) for _ in questions]
+    documents = [DOCS, DOCS]
+    held = model.generate(questions, contexts, max_new_tokens=6, extract_from=documents, extract_top=1)
+    assert held[0] and held[0] in DOCS[1], held  # the tiny decoder's spans, each from the one best-matching document
+    assert held[1] and held[1] in DOCS[2], held
+    both = model.generate(questions, contexts, max_new_tokens=6, extract_from=documents, extract_top=3)
+    assert both == model.generate(questions, contexts, max_new_tokens=6, extract_from=documents)  # top >= count: all
+    with pytest.raises(ValueError, match="extract_from"):
+        model.generate(questions, contexts, extract_top=1)
+    with pytest.raises(ValueError, match="per_document"):
+        model.generate(questions, contexts, extract_from=documents, extract_top=1, per_document=True)
