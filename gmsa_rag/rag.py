@@ -252,14 +252,16 @@ def make_query_engine(
     max_new_tokens: int = 32,
     llm: Any = None,
     extractive: bool = False,
+    extract_top: int = 0,
 ) -> tuple[Any, Any, Any]:
     """(query engine, GMSACompressor, GMSALLM) over ``index``; ``passthrough`` gives the uncompressed
     baseline (same retrieval, same LLM, same prompt builder, raw text instead of soft tokens); ``extractive``:
-    answers are spans of the retrieved chunks (``GMSALLM(extractive=True)``)."""
+    answers are spans of the retrieved chunks (``GMSALLM(extractive=True)``), with ``extract_top`` of only the chunks
+    of best BM25 match to the question."""
     from llama_index.llms.gmsa import GMSALLM, gmsa_query_engine_kwargs
     from llama_index.postprocessor.gmsa import GMSACompressor
 
-    llm = llm or GMSALLM(model, max_new_tokens=max_new_tokens, extractive=extractive)
+    llm = llm or GMSALLM(model, max_new_tokens=max_new_tokens, extractive=extractive, extract_top=extract_top)
     compressor = GMSACompressor(model, rate=rate, cache=cache, store=llm.store, passthrough=passthrough)
     engine = index.as_query_engine(
         llm=llm,

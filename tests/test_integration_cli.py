@@ -90,6 +90,15 @@ def test_ask_extractive_answers_quote_the_retrieved_chunks(tiny_model, small_doc
     assert report["extractive"] is True and len(report["runs"]) == 3
     for run in report["runs"]:  # GMSA (fresh, cached) and the uncompressed text: each a span of a chunk
         assert run["answer"] and any(run["answer"] in d for d in documents), run["answer"]
+    # --extract-top 1: every answer quotes the retrieved chunk that shares the question's rare words
+    assert cli.main(argv + ["--extract-top", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    art_of_war = next(p.read_text() for p in small_docs.rglob("*art-of-war*"))
+    assert report["extract_top"] == 1
+    for run in report["runs"]:
+        assert run["answer"] and run["answer"] in art_of_war, run["answer"]
+    assert cli.main(argv[:-1] + ["--extract-top", "1"]) == 2  # without --extractive: refused before any model loads
+    assert "add --extractive" in capsys.readouterr().err
 
 
 def test_ask_engine_choice(tiny_model, small_docs, tmp_path, capsys):

@@ -219,6 +219,17 @@ def test_extractive_answers_quote_the_retrieved_texts(tiny_model, texts):
         assert not any(free in t for t in texts)  # the check below can fail
         assert held and any(held in t for t in texts), held
         assert list(llm.stream_complete(prompt))[-1].text.strip() == held
+        # extract_top=1: the answer quotes only the text that matches the question best (BM25)
+        from gmsa_rag.lexical import best_documents
+
+        question = "Which river flows into the Mediterranean Sea?"
+        prompt = QA_TEMPLATE.format(context_str="\n\n".join(marker(k) for k in keys), query_str=question)
+        (best,) = best_documents(question, texts, 1)
+        assert best == texts[2]  # not the first retrieved
+        top = GMSALLM(tiny_model, store=store, max_new_tokens=6, extractive=True, extract_top=1).complete(prompt).text
+        assert top and top in best, (top, best)
+        with pytest.raises(ValueError, match="extractive=True"):
+            GMSALLM(tiny_model, store=store, extract_top=1)
     finally:
         with torch.no_grad():
             for n, p in tiny_model.decoder.named_parameters():

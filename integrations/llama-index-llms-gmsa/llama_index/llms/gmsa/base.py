@@ -123,6 +123,8 @@ class GMSALLM(CustomLLM):
         extractive: hold every question's answer to a span of its retrieved documents' text (which
             ``GMSACompressor`` keeps in the shared store beside their soft tokens; :mod:`gmsa_rag.extractive`).
             For short factual answers; decodes through Hugging Face ``generate``. Summaries stay free.
+        extract_top: with ``extractive``, quote only the ``extract_top`` retrieved documents that match the question
+            best (BM25, :mod:`gmsa_rag.lexical`); the decoder still reads all of them. 0 (default): any of them.
         refine_mode: how a ``refine`` call (one new document + the existing answer) is answered:
             ``new_or_keep`` (default): answer from the new document(s) alone; keep the existing answer if
             that answer comes out empty. ``with_previous``: the existing answer is given to the decoder as
@@ -138,6 +140,7 @@ class GMSALLM(CustomLLM):
     instruction: str = Field(default=QA_INSTRUCTION, description="instruction before the documents")
     refine_mode: RefineMode = Field(default="new_or_keep", description="how refine calls are answered")
     extractive: bool = Field(default=False, description="answers are spans of the retrieved documents' text")
+    extract_top: int = Field(default=0, ge=0, description="extractive: quote only the K documents of best BM25 match")
     model_name: str = Field(default="gmsa", description="name reported in metadata")
 
     _last_stats: GenerationStats = PrivateAttr(default_factory=GenerationStats)
@@ -155,6 +158,8 @@ class GMSALLM(CustomLLM):
         if getattr(getattr(model, "config", None), "answer_cites", False):
             raise ValueError("this checkpoint was trained to cite documents (--cite_document): GMSALLM does not read "
                              "citations yet; answer with GMSAModel.generate, which strips them")
+        if kwargs.get("extract_top") and not kwargs.get("extractive"):
+            raise ValueError("extract_top narrows extractive answers: set extractive=True too")
         if model_name is None:
             base = getattr(getattr(model, "config", None), "base_model", "model")
             model_name = f"gmsa:{base}"
@@ -215,8 +220,10 @@ class GMSALLM(CustomLLM):
                 "soft tokens without it: give GMSALLM and GMSACompressor the same store (or model)"
             )
         from gmsa_rag.extractive import extractive_processor
+        from gmsa_rag.lexical import best_documents
 
-        gen_kwargs["logits_processor"] = extractive_processor(self.model, [parsed.sources], gen_kwargs)
+        sources = best_documents(parsed.question, list(parsed.sources), self.extract_top)
+        gen_kwargs["logits_processor"] = extractive_processor(self.model, [sources], gen_kwargs)
 
     def _check_length(self, segments: Sequence[Segment], parsed: ParsedPrompt, budget: int) -> GenerationStats:
         soft = sum(len(s) for s in segments if s.embeds is not None)
