@@ -525,3 +525,23 @@ def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoi
         assert row["GMSA r=4"] and row["GMSA r=4"] in top, (row, top)
     with pytest.raises(SystemExit, match="add --extractive"):
         qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extract-top", "1"])
+
+
+def test_qa_compare_tabulates_rows_of_several_runs(qa_file, checkpoints, tmp_path):
+    qa = _bench("qa")
+    base = qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--max-new-tokens", "2",
+                    "--batch-size", "2", "--out", str(tmp_path), "--name", "base"])
+    qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--gmsa-checkpoint",
+             str(checkpoints["gmsa"]), "--rates", "4", "8", "--max-new-tokens", "2", "--batch-size", "2",
+             "--out", str(tmp_path), "--name", "gmsa"])
+    compare = _bench("qa_compare")
+    result = compare.main(["--run", f"text={tmp_path / 'base.json'}", "--run", f"8x={tmp_path / 'gmsa.json'}:GMSA r=8",
+                           "--out", str(tmp_path / "cmp"), "--name", "cmp"])
+    _check_outputs(tmp_path / "cmp", "cmp")
+    rows = result["rows"]
+    assert [r["label"] for r in rows] == ["text", "8x"] and rows[1]["system"] == "GMSA r=8"
+    assert rows[0]["accuracy"] == base["rows"][0]["accuracy"] and rows[0]["n"] == 3
+    with pytest.raises(SystemExit, match="name one"):
+        compare.main(["--run", f"x={tmp_path / 'gmsa.json'}", "--out", str(tmp_path / "cmp")])
+    with pytest.raises(SystemExit, match="no system"):
+        compare.main(["--run", f"x={tmp_path / 'gmsa.json'}:GMSA r=16", "--out", str(tmp_path / "cmp")])

@@ -1,0 +1,88 @@
+"""Several ``benchmarks/qa.py`` runs side by side: one table and one chart of accuracy and EM (with each row's
+decoder positions, data, documents, decoding and machine). Reads the runs' JSON files; runs no model.
+
+    python benchmarks/qa_compare.py --run "base, 5 docs=results/qa-base.json" \\
+        --run "GMSA 4x=results/qa-gmsa.json:GMSA r=4" --name qa-compare --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import common as bc
+
+
+def parse_run(text: str) -> tuple[str, Path, str | None]:
+    """``LABEL=FILE.json[:SYSTEM]`` -> (label, file, system or None: the file's only system)."""
+    label, sep, rest = text.partition("=")
+    if not sep or not label or not rest:
+        raise argparse.ArgumentTypeError(f"expected LABEL=FILE.json[:SYSTEM], got {text!r}")
+    path, _, system = rest.partition(".json")
+    return label, Path(path + ".json"), system.removeprefix(":") or None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=parse_run, action="append", required=True, metavar="LABEL=FILE.json[:SYSTEM]",
+                   help="a row: a qa.py JSON and one of its systems (may be left out when the file has one)")
+    p.add_argument("--name", default="qa-compare", help="output file stem (default qa-compare)")
+    p.add_argument("--title", default="QA runs compared")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    return p.parse_args(argv)
+
+
+def load_row(label: str, path: Path, system: str | None) -> dict[str, Any]:
+    """The row of ``system`` in a qa.py JSON, labelled, with the run's settings beside it."""
+    if not path.is_file():
+        raise SystemExit(f"no such file: {path}")
+    payload = json.loads(path.read_text())
+    rows = {r["system"]: r for r in payload["rows"]}
+    if system is None and len(rows) != 1:
+        raise SystemExit(f"{path} holds {len(rows)} systems ({', '.join(rows)}): name one as {path}:SYSTEM")
+    row = rows.get(system) if system else next(iter(rows.values()))
+    if row is None:
+        raise SystemExit(f"{path} has no system {system!r} (it has {', '.join(rows)})")
+    meta = payload["meta"]
+    return {"label": label, "file": path.name, "system": row["system"], "n": row["n"], "accuracy": row["accuracy"],
+            "exact_match": row["exact_match"], "f1": row["f1"], "positions": row["mean_decoder_positions"],
+            "data": Path(meta.get("data", "")).name or meta.get("data"), "documents": meta.get("documents"),
+            "decoding": meta.get("decoding"), "machine": meta.get("machine")}
+
+
+def plot(rows: list[dict[str, Any]]):
+    fig, axes = bc.new_figure(width=7.5, height=0.45 * len(rows) + 1.5)
+    ax = axes[0][0]
+    y = list(range(len(rows)))[::-1]
+    ax.barh([v + 0.2 for v in y], [r["accuracy"] for r in rows], 0.4, label="accuracy (a gold answer in the output)")
+    ax.barh([v - 0.2 for v in y], [r["exact_match"] for r in rows], 0.4, label="exact match")
+    for v, r in zip(y, rows):
+        ax.text(r["accuracy"] + 0.5, v + 0.2, f"{r['accuracy']:.1f}", va="center", fontsize=7)
+    ax.set_yticks(y)
+    ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
+    ax.set_xlabel("%")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, axis="x", alpha=0.3)
+    return fig
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    rows = [load_row(*run) for run in args.run]
+    C = bc.Column
+    columns = [C("label", "run"), C("n", "n"), C("accuracy", "accuracy", 1), C("exact_match", "EM", 1),
+               C("f1", "F1", 1), C("positions", "decoder positions", 0), C("documents", "documents"),
+               C("decoding", "decoding"), C("machine", "machine"), C("file", "file")]
+    meta = {"runs": len(rows), "machine": ", ".join(sorted({str(r["machine"]) for r in rows})),
+            "data": ", ".join(sorted({str(r["data"]) for r in rows}))}
+    paths = bc.write_outputs(args.out, args.name, args.title, meta, [("Results", columns, rows)], plot(rows),
+                             ["Rows read from benchmarks/qa.py JSON files (no model run here); accuracy: a gold "
+                              "answer appears in the output; EM / F1: SQuAD normalisation. All in percent."],
+                             {"rows": rows})
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return {"rows": rows, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()
