@@ -52,7 +52,7 @@ def load_row(label: str, path: Path, system: str | None) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]]):
-    fig, axes = bc.new_figure(width=7.5, height=0.45 * len(rows) + 1.5)
+    fig, axes = bc.new_figure(width=8.0, height=0.5 * len(rows) + 2.5)
     ax = axes[0][0]
     y = list(range(len(rows)))[::-1]
     ax.barh([v + 0.2 for v in y], [r["accuracy"] for r in rows], 0.4, label="accuracy (a gold answer in the output)")
@@ -61,6 +61,7 @@ def plot(rows: list[dict[str, Any]]):
         ax.text(r["accuracy"] + 0.5, v + 0.2, f"{r['accuracy']:.1f}", va="center", fontsize=7)
     ax.set_yticks(y)
     ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
+    ax.set_xlim(0, min(100.0, max(max(r["accuracy"], r["exact_match"]) for r in rows) + 12))
     ax.set_xlabel("%")
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(True, axis="x", alpha=0.3)
