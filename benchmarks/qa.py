@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --extractive: answers held to the K documents of best BM25 match to the question "
                         "(gmsa_rag.lexical); the prompt keeps every document (default 0: all documents)")
     p.add_argument("--keep-top", type=int, default=0, metavar="K",
-                   help="every system's prompt keeps only the K documents of best BM25 match to the question, in "
-                        "retrieval order (a lexical rerank before the reader; default 0: all documents)")
+                   help="every system's prompt keeps only the K documents of best BM25 match to the question, best "
+                        "first (a lexical rerank before the reader; default 0: all documents)")
     p.add_argument("--num-beams", type=int, default=1,
                    help="beam search over the answers (default 1: greedy); with --extractive, over spans")
     p.add_argument("--per-document", action="store_true",
@@ -175,14 +175,14 @@ def gold_only(examples: list) -> list:
 
 
 def keep_best_matching(examples: list, top: int) -> list:
-    """Each example with only its ``top`` documents of best BM25 match to the question (retrieval order kept; the
-    gold place follows its passage, None when it is dropped)."""
+    """Each example with only its ``top`` documents of best BM25 match to the question, best first (a reranker's
+    order, as ``BM25Rerank`` gives them; the gold place follows its passage, None when it is dropped)."""
     from gmsa_rag.data.qa import QAExample
-    from gmsa_rag.lexical import best_matching
+    from gmsa_rag.lexical import ranked
 
     kept = []
     for e in examples:
-        places = best_matching(e.question, e.contexts, top)
+        places = ranked(e.question, e.contexts)[:top]
         gold = places.index(e.gold_index) if e.gold_index in places else None
         kept.append(QAExample(e.question, e.answers, [e.contexts[i] for i in places], gold))
     return kept

@@ -140,6 +140,8 @@ def check_ask(args: argparse.Namespace) -> AskInputs:
         raise UsageError('the question is empty: pass one, e.g. gmsa-rag ask "who wrote the art of war?"')
     if args.extract_top < 0 or (args.extract_top and not args.extractive):
         raise UsageError("--extract-top K (K >= 1) narrows extractive answers: add --extractive")
+    if args.rerank_top < 0:
+        raise UsageError(f"--rerank-top must be 0 (keep all) or more, got {args.rerank_top}")
     docs = Path(args.docs).expanduser() if args.docs else bundled_docs_dir()
     if docs is None:
         raise UsageError("no --docs given and no bundled examples/docs (not a source checkout): pass --docs DIR")
@@ -231,10 +233,11 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             "engine": engine_for(model).kind,
             "extractive": args.extractive,
             "extract_top": args.extract_top,
+            "rerank_top": args.rerank_top,
             "threads": torch.get_num_threads(),
         }
         common = dict(top_k=args.top_k, response_mode=args.response_mode, streaming=True,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens, rerank_top=args.rerank_top)
         engine, compressor, llm = make_query_engine(info.index, model, rate=args.rate, cache=cache,
                                                     extractive=args.extractive, extract_top=args.extract_top,
                                                     **common)
@@ -341,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--extract-top", type=int, default=0, metavar="K",
                    help="with --extractive: quote only the K retrieved chunks of best BM25 match to the question "
                         "(default 0: any of them)")
+    a.add_argument("--rerank-top", type=int, default=0, metavar="K",
+                   help="keep only the K retrieved chunks of best BM25 match to the question (BM25Rerank) before "
+                        "compressing; both runs (default 0: all --top-k chunks)")
     a.add_argument("--no-compare", action="store_true", help="skip the cached and uncompressed timing runs")
     a.add_argument("--no-progress", action="store_true", help="hide the progress bars of an index build")
     a.add_argument("--json", action="store_true", help="print the report as JSON")

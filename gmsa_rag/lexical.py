@@ -25,12 +25,16 @@ def bm25_scores(question: str, documents: Sequence[str]) -> list[float]:
     return [float(s) for s in retriever.get_scores(query)] if query else [0.0] * len(documents)
 
 
+def ranked(question: str, documents: Sequence[str]) -> list[int]:
+    """Places of ``documents``, best BM25 match to ``question`` first (ties: retrieval order)."""
+    return [int(i) for i in np.argsort(-np.asarray(bm25_scores(question, documents)), kind="stable")]
+
+
 def best_matching(question: str, documents: Sequence[str], top: int) -> list[int]:
     """Places of the ``top`` documents that match ``question`` best (ties: retrieval order), in retrieval order."""
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
-    order = np.argsort(-np.asarray(bm25_scores(question, documents)), kind="stable")
-    return sorted(int(i) for i in order[:top])
+    return sorted(ranked(question, documents)[:top])
 
 
 def best_documents(question: str, documents: Sequence[str], top: int) -> list[str]:

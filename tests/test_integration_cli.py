@@ -99,6 +99,14 @@ def test_ask_extractive_answers_quote_the_retrieved_chunks(tiny_model, small_doc
         assert run["answer"] and run["answer"] in art_of_war, run["answer"]
     assert cli.main(argv[:-1] + ["--extract-top", "1"]) == 2  # without --extractive: refused before any model loads
     assert "add --extractive" in capsys.readouterr().err
+    # --rerank-top 1: of the two retrieved chunks only the best BM25 match is compressed and read
+    assert cli.main(argv + ["--rerank-top", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rerank_top"] == 1
+    for run in report["runs"]:
+        assert len(run["sources"]) == 1 and "32-the-art-of-war.txt" in run["sources"][0], run["sources"]
+        assert run["answer"] and run["answer"] in art_of_war, run["answer"]
+    assert cli.main(argv + ["--rerank-top", "-1"]) == 2
 
 
 def test_ask_engine_choice(tiny_model, small_docs, tmp_path, capsys):

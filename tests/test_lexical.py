@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gmsa_rag.lexical import best_matching, bm25_scores
+from gmsa_rag.lexical import best_documents, best_matching, bm25_scores, ranked
 from gmsa_rag.testing import lively, tiny_gmsa
 
 DOCS = [
@@ -18,6 +18,9 @@ def test_bm25_ranks_the_document_sharing_the_questions_rare_words():
     assert len(scores) == 3 and scores[1] > scores[0] > scores[2] == 0.0
     assert best_matching("who was the author of the art of war", DOCS, 1) == [1]
     assert best_matching("which city is the capital of france", DOCS, 2) == [0, 2]  # retrieval order, tie -> first
+    assert ranked("which city is the capital of france", DOCS) == [2, 0, 1]  # best first
+    assert best_documents("which city is the capital of france", DOCS, 1) == [DOCS[2]]
+    assert best_documents("which city is the capital of france", DOCS, 0) == DOCS  # 0: all of them
     assert bm25_scores("who was the", DOCS) == [0.0, 0.0, 0.0]  # stop words only: no preference
     assert best_matching("who was the", DOCS, 2) == [0, 1]
     assert bm25_scores("anything", []) == []

@@ -121,3 +121,24 @@ def test_async_variant(tiny_model, nodes):
     out = asyncio.run(comp.apostprocess_nodes(nodes, query_str="q"))
     sync = GMSACompressor(tiny_model, rate=4).postprocess_nodes(nodes)
     assert [n.node.text for n in out] == [n.node.text for n in sync]
+
+
+def test_bm25_rerank_keeps_the_nodes_sharing_the_query_words(tiny_model, texts):
+    from llama_index.core.schema import QueryBundle
+
+    from llama_index.postprocessor.gmsa import BM25Rerank
+
+    nodes = [NodeWithScore(node=TextNode(text=t), score=1.0 - i / 10) for i, t in enumerate(texts)]
+    query = QueryBundle("Which river flows into the Mediterranean Sea?")
+    (kept,) = BM25Rerank().postprocess_nodes(nodes, query)
+    assert kept.node.text == texts[2] and kept.score > 0
+    two = BM25Rerank(top_n=2).postprocess_nodes(nodes, QueryBundle("capital of France"))
+    assert [n.node.text for n in two] == [texts[0], texts[1]]  # France first; then Berlin ("capital"), before the Nile
+    # after compression it reads the chunk text the node keeps in its metadata
+    compressed = GMSACompressor(tiny_model, rate=4).postprocess_nodes(nodes, query)
+    (kept,) = BM25Rerank().postprocess_nodes(compressed, query)
+    assert original_text(kept) == texts[2]
+    with pytest.raises(ValueError, match="query"):
+        BM25Rerank().postprocess_nodes(nodes)
+    with pytest.raises(ValueError):
+        BM25Rerank(top_n=0)
