@@ -8,10 +8,13 @@ documents, a millisecond a question. Extractive decoding can then hold the answe
 """
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import bm25s
 import numpy as np
+
+logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its logger to DEBUG: one line per index built
 
 
 def bm25_scores(question: str, documents: Sequence[str]) -> list[float]:
