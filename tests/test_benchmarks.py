@@ -545,3 +545,13 @@ def test_qa_compare_tabulates_rows_of_several_runs(qa_file, checkpoints, tmp_pat
         compare.main(["--run", f"x={tmp_path / 'gmsa.json'}", "--out", str(tmp_path / "cmp")])
     with pytest.raises(SystemExit, match="no system"):
         compare.main(["--run", f"x={tmp_path / 'gmsa.json'}:GMSA r=16", "--out", str(tmp_path / "cmp")])
+
+
+def test_lexical_rank_counts_the_gold_passage_among_the_best_matches(qa_file, tmp_path):
+    result = _bench("lexical_rank").main(["--data", str(qa_file), "--out", str(tmp_path), "--name", "lr"])
+    _check_outputs(tmp_path, "lr")
+    (row,) = result["rows"]
+    assert row["n"] == 2 and row["documents"] == 2  # the one-document question is left out
+    assert row["bm25@1"] == 100.0 and row["file@1"] == 50.0 and row["chance@1"] == 50.0 and row["bm25@2"] == 100.0
+    with pytest.raises(SystemExit, match="no QA data"):
+        _bench("lexical_rank").main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
