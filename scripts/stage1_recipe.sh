@@ -7,6 +7,8 @@
 #   scripts/stage1_recipe.sh profile     # where one step of the long run's recipe spends time and memory (one GPU)
 # DATA: training corpus files/folders (default ../shared/data/wiki parts 00-13; never wiki-15, the test set)
 # DEV: dev corpus (default a slice of wiki-14, kept out of training). RUNS: output root (default runs).
+# long: EVAL_EVERY (dev evaluation, default 150 steps, ~35 s each on an H200) and SAVE_EVERY (checkpoint, default
+# EVAL_EVERY): on a lent machine that may go at any time, save often and bring each checkpoint back as it comes.
 set -euo pipefail
 . "$(dirname "$0")/on_gpus.sh"
 RUNS=${RUNS:-runs}
@@ -72,7 +74,7 @@ long)
     --data $DATA --out_dir "$RUNS/long" --steps 1000000 --max_tokens "$LONG_TOKENS" \
     --time_limit_minutes "$LONG_MINUTES" --stop_after_minutes "$STOP_AFTER" --batch_size "${BATCH:-128}" \
     --grad_accum "${ACCUM:-2}" --compile "${COMPILE:-true}" --lr "$LONG_LR" ${INIT:+--init "$INIT"} \
-    --eval_every "${EVAL_EVERY:-150}" --save_every "${EVAL_EVERY:-150}" ;;
+    --eval_every "${EVAL_EVERY:-150}" --save_every "${SAVE_EVERY:-${EVAL_EVERY:-150}}" ;;
 profile)
   python3 benchmarks/profile_train_step.py --out "$RUNS/profile" -- $common $RECIPE --data $DATA \
     --batch_size "${BATCH:-128}" --grad_accum "${ACCUM:-2}" --compile "${COMPILE:-true}" ;;
