@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_row(label: str, path: Path, system: str | None) -> dict[str, Any]:
-    """The row of ``system`` in a qa.py JSON, labelled, with the run's settings beside it."""
+    """The row of ``system`` in a qa.py JSON, labelled, with the run's settings beside it (and, under
+    ``_answers``, its per-question outputs for :func:`paired`)."""
     if not path.is_file():
         raise SystemExit(f"no such file: {path}")
     payload = json.loads(path.read_text())
@@ -48,7 +50,27 @@ def load_row(label: str, path: Path, system: str | None) -> dict[str, Any]:
     return {"label": label, "file": path.name, "system": row["system"], "n": row["n"], "accuracy": row["accuracy"],
             "exact_match": row["exact_match"], "f1": row["f1"], "positions": row["mean_decoder_positions"],
             "data": Path(meta.get("data", "")).name or meta.get("data"), "documents": meta.get("documents"),
-            "decoding": meta.get("decoding"), "machine": meta.get("machine")}
+            "decoding": meta.get("decoding"), "machine": meta.get("machine"),
+            "_answers": [(o["question"], o["answers"], o[row["system"]]) for o in payload.get("outputs", [])]}
+
+
+def paired(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Questions ``row`` answers right that ``reference`` does not (gained) and the reverse (lost), with the two-sided
+    sign test's p on them; empty when the two did not answer the same questions in the same order."""
+    from gmsa_rag.metrics import answer_in_output
+
+    mine, theirs = row["_answers"], reference["_answers"]
+    if not mine or [q for q, _, _ in mine] != [q for q, _, _ in theirs]:
+        return {}
+    gained = sum(answer_in_output(a, g) > 0 and not answer_in_output(b, g) > 0 for (_, g, a), (_, _, b) in zip(mine, theirs))
+    lost = sum(answer_in_output(b, g) > 0 and not answer_in_output(a, g) > 0 for (_, g, a), (_, _, b) in zip(mine, theirs))
+    return {"gained": gained, "lost": lost, "sign_p": sign_test(gained, lost)}
+
+
+def sign_test(gained: int, lost: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven if either side were as likely."""
+    n, k = gained + lost, min(gained, lost)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
 
 
 def plot(rows: list[dict[str, Any]]):
@@ -63,7 +85,7 @@ def plot(rows: list[dict[str, Any]]):
     ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
     ax.set_xlim(0, min(100.0, max(max(r["accuracy"], r["exact_match"]) for r in rows) + 12))
     ax.set_xlabel("%")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
     ax.grid(True, axis="x", alpha=0.3)
     return fig
 
@@ -71,15 +93,22 @@ def plot(rows: list[dict[str, Any]]):
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     rows = [load_row(*run) for run in args.run]
+    for row in rows[1:]:
+        row.update(paired(row, rows[0]))
+    for row in rows:
+        del row["_answers"]
     C = bc.Column
     columns = [C("label", "run"), C("n", "n"), C("accuracy", "accuracy", 1), C("exact_match", "EM", 1),
-               C("f1", "F1", 1), C("positions", "decoder positions", 0), C("documents", "documents"),
+               C("f1", "F1", 1), C("gained", "gained vs row 1"), C("lost", "lost vs row 1"), C("sign_p", "sign test p", 3),
+               C("positions", "decoder positions", 0), C("documents", "documents"),
                C("decoding", "decoding"), C("machine", "machine"), C("file", "file")]
     meta = {"runs": len(rows), "machine": ", ".join(sorted({str(r["machine"]) for r in rows})),
             "data": ", ".join(sorted({str(r["data"]) for r in rows}))}
     paths = bc.write_outputs(args.out, args.name, args.title, meta, [("Results", columns, rows)], plot(rows),
                              ["Rows read from benchmarks/qa.py JSON files (no model run here); accuracy: a gold "
-                              "answer appears in the output; EM / F1: SQuAD normalisation. All in percent."],
+                              "answer appears in the output; EM / F1: SQuAD normalisation. All in percent.",
+                              "gained / lost: questions a row answers (accuracy) and the first row does not, and the "
+                              "reverse, where both answered the same questions; sign test p: two-sided, on those."],
                              {"rows": rows})
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return {"rows": rows, "paths": paths}

@@ -541,6 +541,8 @@ def test_qa_compare_tabulates_rows_of_several_runs(qa_file, checkpoints, tmp_pat
     rows = result["rows"]
     assert [r["label"] for r in rows] == ["text", "8x"] and rows[1]["system"] == "GMSA r=8"
     assert rows[0]["accuracy"] == base["rows"][0]["accuracy"] and rows[0]["n"] == 3
+    assert "gained" not in rows[0] and rows[1]["gained"] + rows[1]["lost"] <= 3 and 0 < rows[1]["sign_p"] <= 1
+    assert compare.sign_test(14, 4) == pytest.approx(0.0309, abs=1e-4) and compare.sign_test(0, 0) == 1.0
     with pytest.raises(SystemExit, match="name one"):
         compare.main(["--run", f"x={tmp_path / 'gmsa.json'}", "--out", str(tmp_path / "cmp")])
     with pytest.raises(SystemExit, match="no system"):
