@@ -228,6 +228,17 @@ def test_extractive_answers_quote_the_retrieved_texts(tiny_model, texts):
         assert best == texts[2]  # not the first retrieved
         top = GMSALLM(tiny_model, store=store, max_new_tokens=6, extractive=True, extract_top=1).complete(prompt).text
         assert top and top in best, (top, best)
+        beams = GMSALLM(tiny_model, store=store, max_new_tokens=6, extractive=True, extract_top=1,
+                        generate_kwargs={"num_beams": 2})
+        beamed = beams.complete(prompt).text  # beam search over the kept text's spans (no token stream)
+        assert beamed and beamed in best, (beamed, best)
+        assert beams.last_stats.new_tokens > 0
+        chunks = list(beams.stream_complete(prompt))  # streamed as one chunk: beams settle the answer at the end
+        assert len(chunks) == 1 and chunks[0].text == beamed and beams.last_stats.ttft_seconds > 0
+        from transformers import TextStreamer
+
+        with pytest.raises(ValueError, match="beam search"):
+            beams.complete(prompt, streamer=TextStreamer(tiny_model.tokenizer))
         with pytest.raises(ValueError, match="extractive=True"):
             GMSALLM(tiny_model, store=store, extract_top=1)
     finally:

@@ -84,6 +84,11 @@ def gmsa_query_engine_kwargs() -> Dict[str, PromptTemplate]:
     return gmsa_prompt_templates()
 
 
+def _beam_search(gen_kwargs: Dict[str, Any]) -> bool:
+    """Whether these generate kwargs ask for beam search (which Hugging Face cannot stream)."""
+    return int(gen_kwargs.get("num_beams", 1) or 1) > 1
+
+
 def _counting_streamer(base: Any = None) -> Any:
     """A streamer that counts generated tokens (exactly), optionally forwarding to ``base``."""
     from transformers.generation.streamers import BaseStreamer
@@ -266,13 +271,20 @@ class GMSALLM(CustomLLM):
         budget, gen_kwargs = self._generate_kwargs(kwargs)
         segments, parsed, stats = self._prepare(prompt, budget)
         self._extract_from(parsed, gen_kwargs)
-        counter = _counting_streamer(gen_kwargs.pop("streamer", None))
-        with self._lock:  # one decoder, one generation at a time
-            raw = self.model.generate_from_segments(
-                [segments], max_new_tokens=budget, streamer=counter, **gen_kwargs
-            )[0]
+        if _beam_search(gen_kwargs):  # beam search keeps no stream: the answer's tokens are counted after
+            if gen_kwargs.pop("streamer", None) is not None:
+                raise ValueError("a streamer cannot follow beam search (num_beams > 1): drop one of them")
+            with self._lock:
+                raw = self.model.generate_from_segments([segments], max_new_tokens=budget, **gen_kwargs)[0]
+            stats.new_tokens = len(self.model.tokenizer.encode(raw, add_special_tokens=False))
+        else:
+            counter = _counting_streamer(gen_kwargs.pop("streamer", None))
+            with self._lock:  # one decoder, one generation at a time
+                raw = self.model.generate_from_segments(
+                    [segments], max_new_tokens=budget, streamer=counter, **gen_kwargs
+                )[0]
+            stats.new_tokens = counter.tokens
         text = self._finish(parsed, raw)
-        stats.new_tokens = counter.tokens
         stats.seconds = time.perf_counter() - start
         self._last_stats = stats
         return CompletionResponse(text=text, raw={"gmsa": stats.as_dict(), "decoded": raw})
@@ -284,6 +296,14 @@ class GMSALLM(CustomLLM):
         start = time.perf_counter()
         budget, gen_kwargs = self._generate_kwargs(kwargs)
         gen_kwargs.pop("streamer", None)  # this method streams itself
+        if _beam_search(gen_kwargs):  # beams decide the answer only at the end: one chunk, the whole answer
+            response = self.complete(prompt, formatted=formatted, **kwargs)
+            self._last_stats.ttft_seconds = self._last_stats.seconds
+
+            def whole() -> CompletionResponseGen:
+                yield CompletionResponse(text=response.text, delta=response.text, raw=response.raw)
+
+            return whole()
         segments, parsed, stats = self._prepare(prompt, budget)  # errors surface before streaming starts
         self._extract_from(parsed, gen_kwargs)
 
