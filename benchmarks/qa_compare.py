@@ -62,8 +62,9 @@ def paired(row: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     mine, theirs = row["_answers"], reference["_answers"]
     if not mine or [q for q, _, _ in mine] != [q for q, _, _ in theirs]:
         return {}
-    gained = sum(answer_in_output(a, g) > 0 and not answer_in_output(b, g) > 0 for (_, g, a), (_, _, b) in zip(mine, theirs))
-    lost = sum(answer_in_output(b, g) > 0 and not answer_in_output(a, g) > 0 for (_, g, a), (_, _, b) in zip(mine, theirs))
+    right = [(answer_in_output(a, g) > 0, answer_in_output(b, g) > 0) for (_, g, a), (_, _, b) in zip(mine, theirs)]
+    gained = sum(row_right and not ref_right for row_right, ref_right in right)
+    lost = sum(ref_right and not row_right for row_right, ref_right in right)
     return {"gained": gained, "lost": lost, "sign_p": sign_test(gained, lost)}
 
 

@@ -28,9 +28,14 @@ def bm25_scores(question: str, documents: Sequence[str]) -> list[float]:
     return [float(s) for s in retriever.get_scores(query)] if query else [0.0] * len(documents)
 
 
+def best_first(scores: Sequence[float]) -> list[int]:
+    """Places ordered by score, highest first (ties: the given order)."""
+    return [int(i) for i in np.argsort(-np.asarray(scores, dtype=float), kind="stable")]
+
+
 def ranked(question: str, documents: Sequence[str]) -> list[int]:
     """Places of ``documents``, best BM25 match to ``question`` first (ties: retrieval order)."""
-    return [int(i) for i in np.argsort(-np.asarray(bm25_scores(question, documents)), kind="stable")]
+    return best_first(bm25_scores(question, documents))
 
 
 def best_matching(question: str, documents: Sequence[str], top: int) -> list[int]:

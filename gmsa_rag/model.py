@@ -507,6 +507,8 @@ class GMSAModel(nn.Module):
         single = isinstance(questions, str)
         questions, contexts = self._as_batch(questions, contexts)
         documents = None if extract_from is None else ([extract_from] if single else extract_from)
+        if documents is not None and not per_document and len(documents) != len(questions):
+            raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
         if extract_top:
             documents = self._best_matching(questions, documents, extract_top, per_document)
         if per_document:
@@ -514,8 +516,6 @@ class GMSAModel(nn.Module):
 
             texts = answer_per_document(self, questions, contexts, max_new_tokens, documents, **generate_kwargs)
             return texts[0] if single else texts
-        if documents is not None and len(documents) != len(questions):
-            raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
         instruction = qa_instruction(self.config.answer_cites)
         prompts = [qa_segments(self.tokenizer, q, ctx, instruction=instruction) for q, ctx in zip(questions, contexts)]
         if documents is not None and len({self.adapter_wanted([p]) for p in prompts}) > 1:
@@ -541,8 +541,6 @@ class GMSAModel(nn.Module):
         if per_document or self.config.answer_cites:
             raise ValueError("extract_top: not with per_document or a citing checkpoint (they pair answers with "
                              "every document by place)")
-        if len(documents) != len(questions):
-            raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
         from .lexical import best_documents
 
         return [best_documents(q, docs, top) for q, docs in zip(questions, documents)]

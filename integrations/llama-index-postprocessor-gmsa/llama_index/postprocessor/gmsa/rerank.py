@@ -13,7 +13,7 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from gmsa_rag.lexical import bm25_scores
+from gmsa_rag.lexical import best_first, bm25_scores
 
 from .base import original_text
 
@@ -37,5 +37,4 @@ class BM25Rerank(BaseNodePostprocessor):
             raise ValueError("BM25Rerank needs the query: call it with a query bundle (query engines do)")
         texts = [original_text(n) for n in nodes]
         scores = bm25_scores(query_bundle.query_str, texts)
-        best_first = sorted(range(len(nodes)), key=lambda i: -scores[i])  # (stable: ties keep retrieval order)
-        return [NodeWithScore(node=nodes[i].node, score=scores[i]) for i in best_first[: self.top_n]]
+        return [NodeWithScore(node=nodes[i].node, score=scores[i]) for i in best_first(scores)[: self.top_n]]
