@@ -59,7 +59,7 @@ class TrainConfig:
     method: Literal["gmsa", "tcp"] = "gmsa"
     out_dir: str = "runs/gmsa-ae"
     base_model: str = "smollm2"
-    init: str | None = field(default=None, metadata={"help": "keft: the stage-1 checkpoint it starts from; ae: a stage-1 checkpoint to train further (its weights and architecture; fresh optimizer and schedule, e.g. more tokens, new data or another objective mix)"})
+    init: str | None = field(default=None, metadata={"help": "keft: the stage-1 checkpoint it starts from (with --no_compress: a no-compress fine-tune to train further); ae: a stage-1 checkpoint to train further (its weights and architecture; fresh optimizer and schedule, e.g. more tokens, new data or another objective mix)"})
     no_compress: bool = field(default=False, metadata={"help": "keft on the uncompressed prompt (baseline)"})
     data: list[str] = field(default_factory=list, metadata={"help": "ae: jsonl(.gz)/text corpus files or folders; keft: QA jsonl or a pooled QA folder (data/qa-multidoc)"})
     dev_data: str | None = field(default=None, metadata={"help": "dev set (ae: corpus file kept out of training; keft: QA jsonl or pooled folder)"})
@@ -153,11 +153,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(f"--span_tokens must be at least 8, got {cfg.span_tokens}")
     if not 1 <= cfg.min_docs <= cfg.max_docs:
         parser.error(f"--min_docs must be between 1 and --max_docs ({cfg.max_docs}), got {cfg.min_docs}")
-    if cfg.init and not cfg.no_compress:
+    if cfg.init:
         try:
-            read_record(cfg.init)
+            adapter = read_record(cfg.init)["config"].get("decoder_adapter")
         except CheckpointError as err:
             parser.error(f"--init: {err}")
+        if cfg.no_compress and adapter != "always":
+            parser.error(f"--init {cfg.init} with --no_compress must be a no-compress fine-tune (trained with --no_compress)")
+        if not cfg.no_compress and adapter == "always":
+            parser.error(f"--init {cfg.init} is a no-compress fine-tune; train soft tokens from a GMSA checkpoint")
     if cfg.distill_teacher:
         check_teacher(cfg, parser.error)
     return cfg
@@ -346,7 +350,7 @@ def decoder_tuning(cfg: TrainConfig) -> str:
 
 def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
-    if cfg.init and not cfg.no_compress:  # architecture from the checkpoint; stage 1 may add the decoder adapter
+    if cfg.init:  # architecture from the checkpoint; stage 1 may add the decoder adapter (no-compress: trained further)
         tuning = decoder_tuning(cfg)
         model = load_checkpoint(cfg.init, device=device, dtype=dtype, decoder_tuning=None if tuning == "none" else tuning,
                                 decoder_lora_rank=cfg.decoder_lora_rank,

@@ -243,6 +243,24 @@ def test_no_compress_baseline_trains_the_same_parameters_on_text(base_dir, qa_fi
     assert all(s.rate is None and s.documents == ["d1", "d2"] for s in samples)
 
 
+def test_no_compress_fine_tune_trains_further_from_its_checkpoint(base_dir, corpus, qa_file, tmp_path):
+    common = dict(stage="keft", no_compress=True, data=[str(qa_file)], batch_size=2, warmup_steps=0, eval_every=1000,
+                  save_every=1000)
+    first = train(TrainConfig(base_model=str(base_dir), encoder_layers=2, window=32, out_dir=str(tmp_path / "a"),
+                              steps=2, lr=1e-2, **common))
+    again = train(TrainConfig(init=str(first), out_dir=str(tmp_path / "b"), steps=1, lr=0.0, **common))
+    before, after = read_weights(first), read_weights(again)
+    lora = [n for n in before if n.startswith("decoder.") and ".lora_B" in n]
+    assert lora and any(before[n].abs().sum() > 0 for n in lora)  # the first run moved its adapter from zero
+    assert all(torch.equal(before[n], after[n]) for n in lora)  # the second starts from it (lr 0: unchanged)
+    argv = ["--stage", "keft", "--data", str(qa_file)]
+    with pytest.raises(SystemExit):  # soft tokens cannot train on from a text-only fine-tune
+        parse_args([*argv, "--init", str(first)])
+    ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=1))
+    with pytest.raises(SystemExit):  # nor a no-compress run from a GMSA checkpoint
+        parse_args([*argv, "--no_compress", "true", "--init", str(ae)])
+
+
 def test_keft_distills_from_a_no_compress_teacher(base_dir, corpus, qa_file, tmp_path):
     common = dict(data=[str(qa_file)], batch_size=2, warmup_steps=0, eval_every=1000, save_every=1000, log_every=1)
     teacher = train(TrainConfig(stage="keft", no_compress=True, base_model=str(base_dir), encoder_layers=2, window=32,
