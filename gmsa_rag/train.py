@@ -26,6 +26,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -110,6 +111,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
+    micro_batch_tokens: int = field(default=0, metadata={"help": "split a step's samples (sorted by length) into micro-batches of at most this many padded decoder positions (and at most --batch_size samples), each weighted by its share of the samples (a step still draws --batch_size x --grad_accum samples); 0: --grad_accum micro-batches of --batch_size. Bounds memory when a few prompts are long (qa-multidoc passages reach ~9k tokens as text)"})
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
@@ -151,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(f"--cloze_fraction is a share of stage-2 (keft) samples, between 0 and 1; got {cfg.cloze_fraction}")
     if cfg.span_tokens < 8:
         parser.error(f"--span_tokens must be at least 8, got {cfg.span_tokens}")
+    if cfg.micro_batch_tokens < 0:
+        parser.error(f"--micro_batch_tokens must be 0 (off) or a number of decoder positions, got {cfg.micro_batch_tokens}")
     if not 1 <= cfg.min_docs <= cfg.max_docs:
         parser.error(f"--min_docs must be between 1 and --max_docs ({cfg.max_docs}), got {cfg.min_docs}")
     if cfg.init:
@@ -311,9 +315,25 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
                 example = cloze_example(example, rng) or example
             samples.append(qa_sample(example, rate, docs_cap(cfg, progress), rng, cfg.min_docs,
                                      cfg.distractors == "hardest", cite=cfg.cite_document))
-    if cfg.grad_accum > 1:
+    if cfg.grad_accum > 1 or cfg.micro_batch_tokens:
         samples.sort(key=decoder_positions)
+    if cfg.micro_batch_tokens:
+        return split_by_positions(samples, cfg.micro_batch_tokens, cfg.batch_size)
     return [samples[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(cfg.grad_accum)]
+
+
+def split_by_positions(samples: list[Sample], max_positions: int, max_samples: int) -> list[list[Sample]]:
+    """Consecutive micro-batches of ``samples`` (sorted by length) whose padded size, samples x the longest one's
+    :func:`decoder_positions`, stays within ``max_positions``; a sample longer than that goes alone."""
+    batches: list[list[Sample]] = []
+    for sample in samples:
+        batch = batches[-1] if batches else None
+        if (batch is not None and len(batch) < max_samples
+                and (len(batch) + 1) * max(map(decoder_positions, [*batch, sample])) <= max_positions):
+            batch.append(sample)
+        else:
+            batches.append([sample])
+    return batches
 
 
 def decoder_positions(sample: Sample) -> int:
@@ -557,9 +577,8 @@ def resume(model: GMSAModel, optimizer, cfg: TrainConfig) -> Progress:
 def train(cfg: TrainConfig) -> Path:
     """Run one stage until its budget (steps, tokens or time) is spent, resuming from ``cfg.out_dir`` if it holds a
     checkpoint; return the final checkpoint."""
-    accelerator = Accelerator(
-        mixed_precision="bf16" if use_bf16(cfg) else "no", gradient_accumulation_steps=cfg.grad_accum
-    )
+    # (accumulation is done here: the micro-batches of a step may differ in number and size)
+    accelerator = Accelerator(mixed_precision="bf16" if use_bf16(cfg) else "no")
     torch.manual_seed(cfg.seed)
     # cuDNN's SDPA builds an execution plan for every new shape, and training shapes vary every micro-batch: on an
     # H200 it spent 5.7 s of host time per 64-sample KEFT step against 0.7 s of GPU work
@@ -614,16 +633,17 @@ def train(cfg: TrainConfig) -> Path:
         fraction = progress.fraction(cfg)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(cfg, fraction, progress.step)
-        for samples in step_batches(progress.step, data, cfg, rates, accelerator.process_index, fraction):
-            with accelerator.accumulate(wrapped):
+        micro_batches = step_batches(progress.step, data, cfg, rates, accelerator.process_index, fraction)
+        step_samples = sum(map(len, micro_batches))
+        for index, samples in enumerate(micro_batches):  # gradients add up; synced across processes on the last
+            with accelerator.no_sync(wrapped) if index < len(micro_batches) - 1 else nullcontext():
                 loss = wrapped(samples, distill.distill_weight, distill.teacher, distill.hidden_weight,
                                distill.soft_weight)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)  # before clipping
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss * (len(samples) / step_samples))
             window_tokens += sum(_token_count(model, s) for s in samples)
+        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)  # (the norm before clipping)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         step_tokens = accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), "sum").item()
         progress.step += 1
         progress.seconds += accelerator.reduce(

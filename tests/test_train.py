@@ -13,8 +13,9 @@ from gmsa_rag.backbone import tiny_backbone
 from gmsa_rag.checkpoint import read_weights
 from gmsa_rag.data.qa import QAExample, save_qa_jsonl
 from gmsa_rag.model import GMSAModel
-from gmsa_rag.samples import sample_rate
-from gmsa_rag.train import Data, TrainConfig, dev_batch, evaluate, parse_args, step_batches, train
+from gmsa_rag.samples import Sample, sample_rate
+from gmsa_rag.train import (Data, TrainConfig, decoder_positions, dev_batch, evaluate, parse_args, split_by_positions,
+                             step_batches, train)
 
 CORPUS = (
     "The cat sat on the mat. It was a sunny day and the cat was happy to be outside in the garden.\n\n"
@@ -287,6 +288,39 @@ def test_rate_sampling_covers_the_configured_set():
     assert seen == {2, 4, 8, 16}
     weighted = collections.Counter(sample_rate([2, 4, 8, 16], rng, [0, 1, 3, 0]) for _ in range(4000))
     assert set(weighted) == {4, 8} and 2.5 < weighted[8] / weighted[4] < 3.5
+
+
+def test_micro_batches_by_positions_stay_within_the_budget():
+    samples = sorted((Sample(["x" * n], "answer", question="q", rate=None) for n in (40, 80, 120, 400, 4000)),
+                     key=decoder_positions)
+    sizes = [decoder_positions(s) for s in samples]
+    budget = 2 * sizes[2]
+    batches = split_by_positions(samples, budget, max_samples=8)
+    assert [s for b in batches for s in b] == samples  # every sample once, in order
+    assert all(len(b) == 1 or len(b) * max(map(decoder_positions, b)) <= budget for b in batches)
+    assert batches[-1] == [samples[-1]] and len(batches) >= 3  # the long one alone
+    assert [len(b) for b in split_by_positions(samples, 10**9, max_samples=2)] == [2, 2, 1]
+    with pytest.raises(SystemExit):
+        parse_args(["--micro_batch_tokens", "-1"])
+
+
+def test_micro_batch_tokens_weigh_micro_batches_by_their_samples(base_dir, tmp_path):
+    # four samples a step whose targets are equally long (so a token mean is a sample mean): as one micro-batch, and
+    # split by a tiny budget into 4 micro-batches of 1, each weighted 1/4
+    corpus = tmp_path / "long.txt"
+    corpus.write_text(" ".join(f"word{i % 97} and more" for i in range(2000)))
+    fixed = dict(steps=2, batch_size=4, min_chunk_tokens=24, max_chunk_tokens=24, multi_doc_fraction=0.0)
+    whole = train(ae_config(base_dir, corpus, tmp_path / "a", **fixed))
+    split = train(ae_config(base_dir, corpus, tmp_path / "b", micro_batch_tokens=1, **fixed))
+    assert whole and split
+    norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+              if "grad_norm" in line] for run in ("a", "b")]
+    # the same gradient norm at both steps (the weights themselves differ at float noise that Adam's first steps
+    # amplify where a gradient is near zero)
+    assert len(norms[0]) == 2 and norms[0] == pytest.approx(norms[1], rel=1e-4)
+    assert train(ae_config(base_dir, corpus, tmp_path / "c", steps=2, batch_size=4, micro_batch_tokens=150))
+    assert all(math.isfinite(x) for x in losses(tmp_path / "c"))  # micro-batches of unequal size train too
+    assert split_by_positions([Sample([[1] * 24], [2] * 24, rate=2)] * 4, 1, 4) == [[s] for s in [Sample([[1] * 24], [2] * 24, rate=2)] * 4]
 
 
 def test_resume_continues_from_the_saved_step_exactly(base_dir, corpus, tmp_path):
