@@ -323,14 +323,14 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
 
 
 def split_by_positions(samples: list[Sample], max_positions: int, max_samples: int) -> list[list[Sample]]:
-    """Consecutive micro-batches of ``samples`` (sorted by length) whose padded size, samples x the longest one's
-    :func:`decoder_positions`, stays within ``max_positions``; a sample longer than that goes alone."""
+    """Consecutive micro-batches of ``samples`` (sorted by length, so each sample is the longest of its micro-batch so
+    far) whose padded size, samples x the longest one's :func:`decoder_positions`, stays within ``max_positions``; a
+    sample longer than that goes alone."""
     batches: list[list[Sample]] = []
     for sample in samples:
-        batch = batches[-1] if batches else None
-        if (batch is not None and len(batch) < max_samples
-                and (len(batch) + 1) * max(map(decoder_positions, [*batch, sample])) <= max_positions):
-            batch.append(sample)
+        if batches and len(batches[-1]) < max_samples and \
+                (len(batches[-1]) + 1) * decoder_positions(sample) <= max_positions:
+            batches[-1].append(sample)
         else:
             batches.append([sample])
     return batches

@@ -320,7 +320,8 @@ def test_micro_batch_tokens_weigh_micro_batches_by_their_samples(base_dir, tmp_p
     assert len(norms[0]) == 2 and norms[0] == pytest.approx(norms[1], rel=1e-4)
     assert train(ae_config(base_dir, corpus, tmp_path / "c", steps=2, batch_size=4, micro_batch_tokens=150))
     assert all(math.isfinite(x) for x in losses(tmp_path / "c"))  # micro-batches of unequal size train too
-    assert split_by_positions([Sample([[1] * 24], [2] * 24, rate=2)] * 4, 1, 4) == [[s] for s in [Sample([[1] * 24], [2] * 24, rate=2)] * 4]
+    one = Sample([[1] * 24], [2] * 24, rate=2)
+    assert split_by_positions([one] * 4, 1, 4) == [[one]] * 4  # (run b's micro-batches: one sample each)
 
 
 def test_resume_continues_from_the_saved_step_exactly(base_dir, corpus, tmp_path):
