@@ -557,3 +557,28 @@ def test_lexical_rank_counts_the_gold_passage_among_the_best_matches(qa_file, tm
     assert row["bm25@1"] == 100.0 and row["file@1"] == 50.0 and row["chance@1"] == 50.0 and row["bm25@2"] == 100.0
     with pytest.raises(SystemExit, match="no QA data"):
         _bench("lexical_rank").main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
+
+
+def test_reconstruction_curve_puts_checkpoints_on_one_token_axis(tmp_path):
+    def run_file(name: str, scores: dict[str, float]) -> Path:  # a reconstruction.py JSON: system -> BLEU at 2x/128
+        rows = [{"system": system, "rate": rate, "length": length, "n": 24, "bleu": bleu / rate + length / 64}
+                for system, bleu in scores.items() for rate in (2, 4) for length in (64, 128)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"meta": {}, "rows": rows}))
+        return path
+
+    early, late = run_file("early", {"GMSA-AE": 80.0, "TCP-AE": 4.0}), run_file("late", {"GMSA-AE": 96.0})
+    curve = _bench("reconstruction_curve")
+    result = curve.main(["--point", f"148={late}", "--point", f"13.2={early}:GMSA-AE", "--point", f"9.6={early}:TCP-AE",
+                         "--out", str(tmp_path / "out"), "--name", "curve"])
+    _check_outputs(tmp_path / "out", "curve")
+    rows = result["rows"]
+    assert [(r["system"], r["tokens_m"]) for r in rows] == [("GMSA-AE", 13.2), ("GMSA-AE", 148.0), ("TCP-AE", 9.6)]
+    assert rows[1]["2x"] == 96.0 / 2 + 2 and rows[1]["4x"] == 96.0 / 4 + 2  # at 128 tokens
+    assert rows[1]["mean_2x"] == 96.0 / 2 + 1.5  # mean of 64 and 128 tokens
+    with pytest.raises(SystemExit, match="name one"):
+        curve.main(["--point", f"10={early}", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="no 256-token chunks"):
+        curve.main(["--point", f"10={late}", "--length", "256", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):  # argparse: tokens must be a positive number
+        curve.main(["--point", f"many={late}", "--out", str(tmp_path / "out")])

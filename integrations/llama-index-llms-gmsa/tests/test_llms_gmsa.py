@@ -226,7 +226,8 @@ def test_extractive_answers_quote_the_retrieved_texts(tiny_model, texts):
         prompt = QA_TEMPLATE.format(context_str="\n\n".join(marker(k) for k in keys), query_str=question)
         (best,) = best_documents(question, texts, 1)
         assert best == texts[2]  # not the first retrieved
-        top = GMSALLM(tiny_model, store=store, max_new_tokens=6, extractive=True, extract_top=1).complete(prompt).text
+        top_llm = GMSALLM(tiny_model, store=store, max_new_tokens=6, extractive=True, extract_top=1)
+        top = top_llm.complete(prompt).text
         assert top and top in best, (top, best)
         beams = GMSALLM(tiny_model, store=store, max_new_tokens=6, extractive=True, extract_top=1,
                         generate_kwargs={"num_beams": 2})
@@ -239,6 +240,10 @@ def test_extractive_answers_quote_the_retrieved_texts(tiny_model, texts):
 
         with pytest.raises(ValueError, match="beam search"):
             beams.complete(prompt, streamer=TextStreamer(tiny_model.tokenizer))
+        # stream_complete streams itself: a caller's streamer is set aside on the beam path as on the greedy one
+        (chunk,) = beams.stream_complete(prompt, streamer=TextStreamer(tiny_model.tokenizer))
+        assert chunk.text == beamed
+        assert list(top_llm.stream_complete(prompt, streamer=TextStreamer(tiny_model.tokenizer)))[-1].text == top
         with pytest.raises(ValueError, match="extractive=True"):
             GMSALLM(tiny_model, store=store, extract_top=1)
     finally:

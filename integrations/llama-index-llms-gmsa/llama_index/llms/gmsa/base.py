@@ -294,8 +294,9 @@ class GMSALLM(CustomLLM):
         from transformers import TextIteratorStreamer
 
         start = time.perf_counter()
+        kwargs = {k: v for k, v in kwargs.items() if k != "streamer"}  # this method streams itself, on both paths
         budget, gen_kwargs = self._generate_kwargs(kwargs)
-        gen_kwargs.pop("streamer", None)  # this method streams itself
+        gen_kwargs.pop("streamer", None)  # (one set in generate_kwargs too)
         if _beam_search(gen_kwargs):  # beams decide the answer only at the end: one chunk, the whole answer
             response = self.complete(prompt, formatted=formatted, **kwargs)
             self._last_stats.ttft_seconds = self._last_stats.seconds
