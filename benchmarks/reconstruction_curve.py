@@ -31,8 +31,8 @@ def parse_point(text: str) -> tuple[float, Path, str | None]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--point", type=parse_point, action="append", required=True, metavar="MILLIONS=FILE.json[:SYSTEM]",
-                   help="a checkpoint: the encoder tokens (millions) it had seen, and a reconstruction.py JSON with one "
-                        "of its systems (may be left out when the file has one); one curve per system name")
+                   help="a checkpoint: the encoder tokens (millions) it had seen, and a reconstruction.py JSON "
+                        "with one of its systems (may be left out when the file has one); one curve per system")
     p.add_argument("--length", type=int, default=128, help="chunk length of the table's per-rate columns (default 128)")
     p.add_argument("--metric", default="bleu", help="row key of reconstruction.py's JSON (default bleu)")
     p.add_argument("--name", default="reconstruction-curve", help="output file stem")
@@ -55,7 +55,8 @@ def load_point(tokens: float, path: Path, system: str | None, length: int, metri
     if not rows:
         raise SystemExit(f"{path} has no system {system!r} (it has {', '.join(systems)})")
     if not any(r["length"] == length for r in rows):
-        raise SystemExit(f"{path}: no {length}-token chunks for {system} (lengths {sorted({r['length'] for r in rows})})")
+        lengths = sorted({r["length"] for r in rows})
+        raise SystemExit(f"{path}: no {length}-token chunks for {system} (lengths {lengths})")
     point: dict[str, Any] = {"system": system, "tokens_m": tokens, "file": path.name,
                              "chunks": rows[0].get("n"), "lengths": sorted({r["length"] for r in rows})}
     for rate in sorted({r["rate"] for r in rows}):

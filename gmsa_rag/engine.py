@@ -24,6 +24,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 from torch.profiler import record_function
+from transformers import LogitsProcessorList
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,10 @@ def select_engine(device: torch.device | str, choice: str = "auto") -> EngineKin
 
 
 def is_greedy(generate_kwargs: dict[str, Any]) -> bool:
-    """Whether ``generate_kwargs`` ask for plain greedy decoding, all the static path does."""
+    """Whether ``generate_kwargs`` ask for greedy decoding, all the static path does: plain, or over scores that
+    ``logits_processor`` reshapes (such as extractive answers' spans)."""
     for key, value in generate_kwargs.items():
-        if key in _IGNORED_IN_GREEDY or (key == "do_sample" and not value):
+        if key in _IGNORED_IN_GREEDY or key == "logits_processor" or (key == "do_sample" and not value):
             continue
         if (key == "num_beams" and value in (None, 1)) or (key == "use_cache" and value in (None, True)):
             continue
@@ -167,16 +169,23 @@ class StaticCacheDecoder:
         if compile_step:
             allow_recompiles(256)  # every (batch size, bucket) compiles once; keep them all
             self.step = torch.compile(self._step, mode=mode, dynamic=False)
+            self.step_scores = torch.compile(self._step_scores, mode=mode, dynamic=False)  # compiled on first use
             self.prefill_step = (torch.compile(self._prefill_direct, mode=mode, dynamic=False)
                                  if prefill == "graph" else self._prefill_direct)
         else:
             self.step = self._step
+            self.step_scores = self._step_scores
             self.prefill_step = self._prefill_direct
 
     def _step(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        return self._step_scores(token, position, mask, cache).argmax(-1)
+
+    def _step_scores(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+        """The next-token logits [B, V] of one decode step (for logits processors; :meth:`_step` keeps argmax inside
+        the compiled graph)."""
         out = self.decoder(input_ids=token, position_ids=position, attention_mask=mask, use_cache=True,
                            **{self._cache_arg: cache})
-        return out.logits[:, -1].argmax(-1)
+        return out.logits[:, -1]
 
     def _cache_for(self, batch: int, positions: int, dtype: torch.dtype, device: torch.device) -> tuple[Any, torch.Tensor]:
         """A reset static cache of at least ``positions`` positions and its [batch, size] attention-mask buffer."""
@@ -204,9 +213,11 @@ class StaticCacheDecoder:
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  stop_token_ids: Sequence[int] = (), pad_token_id: int | None = None,
-                 streamer: Any = None) -> torch.Tensor:
+                 streamer: Any = None, logits_processor: Any = None) -> torch.Tensor:
         """New token ids [B, n] (n <= ``max_new_tokens``), rows padded with ``pad_token_id`` after their stop token;
-        the same as Hugging Face greedy ``generate`` with ``eos_token_id=stop_token_ids``."""
+        the same as Hugging Face greedy ``generate`` with ``eos_token_id=stop_token_ids``. ``logits_processor``
+        (Hugging Face's interface: the new ids so far and float32 scores) reshapes each step's scores before argmax,
+        as in ``generate``; the step then returns its logits and the host applies it, one step at a time."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if self.prefill == "graph":
@@ -226,17 +237,28 @@ class StaticCacheDecoder:
         if streamer is not None:
             streamer.put(torch.empty(batch, 0, dtype=torch.long))  # generate() puts the (empty) prompt ids first
 
-        with record_function("gmsa.prefill"):
-            token = self._prefill(inputs_embeds, prompt_mask, positions, cache, mask)
-        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        processor = LogitsProcessorList(logits_processor) if logits_processor else None  # (empty: plain greedy)
         tokens: list[torch.Tensor] = []
+
+        def choose(scores: torch.Tensor) -> torch.Tensor:  # the processed scores' argmax, as generate() takes it
+            ids = torch.stack(tokens, dim=1) if tokens else torch.empty(batch, 0, dtype=torch.long, device=device)
+            return processor(ids, scores.float()).argmax(-1)
+
+        with record_function("gmsa.prefill"):
+            token = self._prefill(inputs_embeds, prompt_mask, positions, cache, mask, scores=processor is not None)
+        if processor is not None:
+            token = choose(token)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         kept = None  # steps kept, once every row has stopped
         for step in range(max_new_tokens):
             if step > 0:
                 with record_function("gmsa.decode_step"):
                     if self.compiled:
                         torch.compiler.cudagraph_mark_step_begin()
-                    token = self.step(token[:, None], next_position + (step - 1), mask, cache).clone()
+                    step_fn = self.step if processor is None else self.step_scores
+                    token = step_fn(token[:, None], next_position + (step - 1), mask, cache).clone()
+                if processor is not None:
+                    token = choose(token)
             if stop is not None:
                 token = torch.where(unfinished, token, pad)
                 unfinished = unfinished & ~torch.isin(token, stop)
@@ -253,14 +275,17 @@ class StaticCacheDecoder:
         return torch.stack(tokens[:kept] if kept is not None else tokens, dim=1)
 
     def _prefill(self, inputs_embeds: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor, cache: Any,
-                 bucket_mask: torch.Tensor) -> torch.Tensor:
-        """The first new token. ``prompt``: the prompt runs over its own length with a dynamic cache (a causal mask
-        of [length, length], SDPA's fused kernels when no row is padded) and its keys and values are then copied
-        into the static cache; on the 2-core CPU 2,100 positions in a 4,096 bucket took 0.50 s against 0.92 s
-        straight into the cache. ``bucket`` / ``graph``: straight into the static cache, attending over the whole
-        bucket through an explicit [length, bucket] mask (twice the attention work at 4k tokens in an 8k bucket,
-        no fused kernel), in one static shape that a CUDA graph can replay."""
+                 bucket_mask: torch.Tensor, scores: bool = False) -> torch.Tensor:
+        """The first new token, or with ``scores`` its logits [B, V]. ``prompt``: the prompt runs over its own length
+        with a dynamic cache (a causal mask of [length, length], SDPA's fused kernels when no row is padded) and its
+        keys and values are then copied into the static cache; on the 2-core CPU 2,100 positions in a 4,096 bucket
+        took 0.50 s against 0.92 s straight into the cache. ``bucket`` / ``graph``: straight into the static cache,
+        attending over the whole bucket through an explicit [length, bucket] mask (twice the attention work at 4k
+        tokens in an 8k bucket, no fused kernel), in one static shape that a CUDA graph can replay (``graph``; with
+        ``scores``, eagerly)."""
         if self.prefill != "prompt":
+            if scores:
+                return self._prefill_scores(inputs_embeds, bucket_mask, positions, cache)
             if self.prefill == "graph" and self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
             return self.prefill_step(inputs_embeds, bucket_mask, positions, cache).clone()
@@ -272,14 +297,19 @@ class StaticCacheDecoder:
         where = {"cache_position": torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)}
         for index, layer in enumerate(prompt_cache.layers):
             cache.update(layer.keys, layer.values, index, where)
-        return logits[:, -1].argmax(-1)
+        return logits[:, -1] if scores else logits[:, -1].argmax(-1)
 
     def _prefill_direct(self, inputs_embeds: torch.Tensor, bucket_mask: torch.Tensor, positions: torch.Tensor,
                         cache: Any) -> torch.Tensor:
         """The first new token from a prefill straight into the static cache, attending over its whole bucket."""
+        return self._prefill_scores(inputs_embeds, bucket_mask, positions, cache).argmax(-1)
+
+    def _prefill_scores(self, inputs_embeds: torch.Tensor, bucket_mask: torch.Tensor, positions: torch.Tensor,
+                        cache: Any) -> torch.Tensor:
+        """The first new token's logits [B, V] from a prefill straight into the static cache."""
         logits = self.decoder(inputs_embeds=inputs_embeds, attention_mask=bucket_mask, position_ids=positions,
                               use_cache=True, logits_to_keep=1, **{self._cache_arg: cache}).logits
-        return logits[:, -1].argmax(-1)
+        return logits[:, -1]
 
     @staticmethod
     def _read(reader: _HostReader, streamer: Any, drain: bool) -> int | None:
@@ -321,7 +351,8 @@ def left_pad(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, multiple
 class GenerationEngine:
     """Decodes for a decoder through the path :func:`select_engine` picks for its device.
 
-    The static path is used for greedy requests (:func:`is_greedy`); others fall back to Hugging Face ``generate``.
+    The static path is used for greedy requests (:func:`is_greedy`, logits processors included); others fall back
+    to Hugging Face ``generate``.
     On CUDA with compilation, every call runs on one engine-owned thread: CUDA-graph trees belong to the thread
     that recorded them, and callers such as ``GMSALLM.stream_complete`` decode from a new thread each time.
 
@@ -369,7 +400,8 @@ class GenerationEngine:
             return self._hf(inputs_embeds, attention_mask, max_new_tokens, stop, pad_token_id, streamer,
                             **generate_kwargs)
         self.last_path = "static"
-        call = (self.static.generate, inputs_embeds, attention_mask, max_new_tokens, stop, pad_token_id, streamer)
+        call = (self.static.generate, inputs_embeds, attention_mask, max_new_tokens, stop, pad_token_id, streamer,
+                generate_kwargs.get("logits_processor"))
         with self._lock:
             if self._executor is None:
                 return call[0](*call[1:])

@@ -168,8 +168,42 @@ def test_auto_on_cuda_needs_a_compilable_architecture(model, monkeypatch):
     assert GenerationEngine(OnCuda(), "static").kind == "static"  # asked for: no second-guessing
 
 
+class Chained:
+    """A logits processor that reads the ids so far: the next token t must have (t + previous token) % 7 == 0."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(input_ids.shape))
+        assert scores.dtype == torch.float32
+        previous = input_ids[:, -1:] if input_ids.shape[1] else torch.zeros_like(scores[:, :1], dtype=torch.long)
+        allowed = (torch.arange(scores.shape[1], device=scores.device)[None] + previous) % 7 == 0
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+@pytest.mark.parametrize("prefill", ["prompt", "bucket"])
+def test_static_greedy_through_a_logits_processor_equals_hf_generate(model, batch, prefill):
+    expected = GenerationEngine(model.decoder, "hf").generate(batch.inputs_embeds, batch.attention_mask, 10,
+                                                              pad_token_id=0, logits_processor=[Chained()])
+    assert not torch.equal(expected, hf(model, batch, 10))  # the processor changes the answers
+    assert ((expected[:, 1:] + expected[:, :-1]) % 7 == 0).all()
+    engine = GenerationEngine(model.decoder, "static", min_bucket=16, prefill=prefill)
+    processor = Chained()
+    got = engine.generate(batch.inputs_embeds, batch.attention_mask, 10, pad_token_id=0, logits_processor=[processor])
+    assert engine.last_path == "static" and torch.equal(got, expected)
+    assert processor.calls == [(3, n) for n in range(10)]  # the new ids so far, as generate() passes them
+    stop = [int(expected[0, 3])]  # stop tokens too: rows end as HF ends them
+    hf_engine = GenerationEngine(model.decoder, "hf")
+    assert torch.equal(engine.generate(batch.inputs_embeds, batch.attention_mask, 10, stop_token_ids=stop,
+                                       pad_token_id=0, logits_processor=[Chained()]),
+                       hf_engine.generate(batch.inputs_embeds, batch.attention_mask, 10, stop_token_ids=stop,
+                                          pad_token_id=0, logits_processor=[Chained()]))
+
+
 def test_sampling_and_processors_fall_back_to_hf():
     assert is_greedy({}) and is_greedy({"do_sample": False, "temperature": None, "num_beams": 1})
+    assert is_greedy({"logits_processor": [Chained()]})  # greedy over reshaped scores: the static path
     assert not is_greedy({"do_sample": True})
     assert not is_greedy({"suppress_tokens": [1]}) and not is_greedy({"min_new_tokens": 4})
 
@@ -279,4 +313,9 @@ def test_compiled_engine_on_cuda_equals_hf_generate(tokenizer):
         expected = GenerationEngine(model.decoder, "hf").generate(one.inputs_embeds, one.attention_mask, 10)
         for _ in range(2):
             got = engine.generate(one.inputs_embeds, one.attention_mask, 10)
+            assert engine.last_path == "static" and torch.equal(got, expected)
+        expected = GenerationEngine(model.decoder, "hf").generate(one.inputs_embeds, one.attention_mask, 10,
+                                                                  logits_processor=[Chained()])
+        for _ in range(2):  # the compiled logits step, the processor applied on the host between replays
+            got = engine.generate(one.inputs_embeds, one.attention_mask, 10, logits_processor=[Chained()])
             assert engine.last_path == "static" and torch.equal(got, expected)

@@ -67,6 +67,12 @@ def test_extractive_answers_are_spans_of_their_own_documents(tokenizer):
     for answer, docs in zip(held, documents):
         assert answer and any(answer in d for d in docs), answer
     assert model.generate(questions[1], contexts[1], max_new_tokens=8, extract_from=documents[1]) == held[1]
+    from gmsa_rag.engine import engine_for
+
+    model.generation_engine = "static"  # the static-cache engine takes the span processor too: the same answers
+    assert model.generate(questions, contexts, max_new_tokens=8, extract_from=documents) == held
+    assert engine_for(model).last_path == "static"
+    model.generation_engine = "auto"
     beamed = model.generate(questions, contexts, max_new_tokens=8, extract_from=documents, num_beams=3)
     assert all(answer and any(answer in d for d in docs) for answer, docs in zip(beamed, documents)), beamed
     with pytest.raises(ValueError, match="document lists"):
