@@ -120,7 +120,7 @@ def test_qa_runs_end_to_end(qa_file, checkpoints, tmp_path):
     systems = [r["system"] for r in result["rows"]]
     assert systems == ["tcp8 r=8", "base (uncompressed)", "GMSA r=4", "GMSA r=8"]
     for r in result["rows"]:
-        assert r["n"] == 3 and 0 <= r["f1"] <= 100 and r["ms_per_query"] > 0
+        assert r["n"] == 3 and 0 <= r["f1"] <= 100 and r["ms_per_query"] > 0 and r["median_ms_per_query"] > 0
     assert len(data["outputs"]) == 3
     gold = _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--gold-only",
                               "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "gold")])
