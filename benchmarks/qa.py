@@ -52,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gold-only", action="store_true",
                    help="show each question its gold passage alone (the one-document variant; needs gold flags)")
     p.add_argument("--extractive", action="store_true",
-                   help="hold every answer to a span of its question's documents (gmsa_rag.extractive; HF generate)")
+                   help="hold every system's answers (text readers' too) to spans of the question's documents "
+                        "(gmsa_rag.extractive)")
     p.add_argument("--extract-top", type=int, default=0, metavar="K",
                    help="with --extractive: answers held to the K documents of best BM25 match to the question "
                         "(gmsa_rag.lexical); the prompt keeps every document (default 0: all documents)")
