@@ -54,11 +54,11 @@ def load_point(tokens: float, path: Path, system: str | None, length: int, metri
     rows = [r for r in payload["rows"] if r["system"] == system]
     if not rows:
         raise SystemExit(f"{path} has no system {system!r} (it has {', '.join(systems)})")
-    if not any(r["length"] == length for r in rows):
-        lengths = sorted({r["length"] for r in rows})
+    lengths = sorted({r["length"] for r in rows})
+    if length not in lengths:
         raise SystemExit(f"{path}: no {length}-token chunks for {system} (lengths {lengths})")
     point: dict[str, Any] = {"system": system, "tokens_m": tokens, "file": path.name,
-                             "chunks": rows[0].get("n"), "lengths": sorted({r["length"] for r in rows})}
+                             "chunks": rows[0].get("n"), "lengths": lengths}
     for rate in sorted({r["rate"] for r in rows}):
         at_rate = [r[metric] for r in rows if r["rate"] == rate]
         point[f"{rate}x"] = next(r[metric] for r in rows if r["rate"] == rate and r["length"] == length)

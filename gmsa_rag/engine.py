@@ -248,6 +248,7 @@ class StaticCacheDecoder:
             token = self._prefill(inputs_embeds, prompt_mask, positions, cache, mask, scores=processor is not None)
         if processor is not None:
             token = choose(token)
+        step_fn = self.step if processor is None else self.step_scores  # argmax in the graph, or logits out
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         kept = None  # steps kept, once every row has stopped
         for step in range(max_new_tokens):
@@ -255,7 +256,6 @@ class StaticCacheDecoder:
                 with record_function("gmsa.decode_step"):
                     if self.compiled:
                         torch.compiler.cudagraph_mark_step_begin()
-                    step_fn = self.step if processor is None else self.step_scores
                     token = step_fn(token[:, None], next_position + (step - 1), mask, cache).clone()
                 if processor is not None:
                     token = choose(token)
