@@ -49,6 +49,27 @@ PREFILL_MULTIPLE = 64
 _IGNORED_IN_GREEDY = ("temperature", "top_p", "top_k", "typical_p", "min_p")
 
 
+def prepare_cudagraph_thread() -> None:
+    """Give the calling thread the CUDA-graph-tree registry of torch.compile's ``reduce-overhead`` mode. Torch
+    releases without ``cudagraph_trees._initialize_tls`` set it up only in the thread that imported the module (and
+    in autograd's threads), so a graph recorded from any other thread failed with a bare ``AssertionError`` in
+    ``get_obj``; newer releases set it up on first use, and this then does nothing."""
+    from collections import defaultdict
+
+    from torch._inductor import cudagraph_trees as trees
+
+    key = "tree_manager_containers"
+    if hasattr(trees.local, key) or torch._C._is_key_in_tls(key):
+        return
+    if hasattr(trees, "_initialize_tls"):
+        trees._initialize_tls(trees.local)
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls(key, trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
+
+
 def allow_recompiles(at_least: int) -> None:
     """Let torch.compile keep at least this many graphs per compiled function (past its limit, 8 by default, it
     silently runs the function eagerly)."""
@@ -380,7 +401,8 @@ class GenerationEngine:
             self.static = StaticCacheDecoder(decoder, compile_step=compile_step, min_bucket=min_bucket,
                                              prefill=prefill)
             if compile_step and self.device.type == "cuda":
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix="gmsa-decode")
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="gmsa-decode",
+                                                    initializer=prepare_cudagraph_thread)
         self.prefill = prefill
         self._lock = threading.Lock()
 

@@ -8,7 +8,7 @@
 # data/qa-multidoc dev, 5 documents and (gold_* metrics) the gold passage alone. The reported evaluation (benchmarks/qa.py on data/nq-multidoc dev) is never used here.
 set -euo pipefail
 . "$(dirname "$0")/on_gpus.sh"
-RUNS=${RUNS:-runs}
+RUNS=${RUNS:-runs}; mkdir -p "$RUNS"
 INIT=${INIT:-checkpoints/smollm2-gmsa-ae}     # the stage-1 checkpoint
 ABL_MINUTES=${ABL_MINUTES:-4.5}
 ABL_STEPS=${ABL_STEPS:-100000}                 # with ABL_MINUTES=0: the ablations' budget in steps instead
@@ -46,10 +46,12 @@ NOCOMPRESS_BATCH=${NOCOMPRESS_BATCH:-$(( BATCH < 8 ? BATCH : 8 ))}
 (( BATCH * ACCUM % NOCOMPRESS_BATCH == 0 )) || { echo "BATCH x ACCUM must be a multiple of NOCOMPRESS_BATCH" >&2; exit 2; }
 gmsa_batch="--batch_size $BATCH --grad_accum $ACCUM"
 nocompress_batch="--batch_size $NOCOMPRESS_BATCH --grad_accum $(( BATCH * ACCUM / NOCOMPRESS_BATCH ))"
+# BOTH: flags for the GMSA and the no-compress run alike, e.g. the prompt shape (round 18, one document as behind a
+# BM25 rerank that keeps one: BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384")
 common="--stage keft --data data/qa-multidoc --dev_data data/qa-multidoc --max_docs 5 --rate_weights 1 4 3 2
   --lr 5e-4 --warmup_steps 20 --seed ${SEED:-0} --log_every 5
   --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --eval_gold_only true --save_dtype bfloat16
-  --compile ${COMPILE:-false}"
+  --compile ${COMPILE:-false} ${BOTH:-}"
 # COMPILE=true compiles the Transformer blocks (3.3x stage-1 throughput with larger micro-batches on an H200,
 # benchmarks/results/h200-x2/stage1-throughput.md). Stage 2 with BATCH=32 ACCUM=2 compiled on one H200: 920 64-sample
 # steps in 17 training minutes, 1.1 s a step (benchmarks/results/h200/stage2-from-148m.md), where round 8's eager

@@ -319,3 +319,27 @@ def test_compiled_engine_on_cuda_equals_hf_generate(tokenizer):
         for _ in range(2):  # the compiled logits step, the processor applied on the host between replays
             got = engine.generate(one.inputs_embeds, one.attention_mask, 10, logits_processor=[Chained()])
             assert engine.last_path == "static" and torch.equal(got, expected)
+
+
+def test_engine_thread_gets_the_cudagraph_registry(monkeypatch):
+    """The compiled decode runs on an engine-owned thread. Torch releases without ``_initialize_tls`` (2.11, the GPU
+    image's) set up the CUDA-graph-tree registry only in the importing thread and asserted it in any other, which
+    failed the first extractive answer on an H200; the thread's initializer sets it up, also on those releases."""
+    import threading
+
+    from torch._inductor import cudagraph_trees as trees
+
+    monkeypatch.delattr(trees, "_initialize_tls", raising=False)  # as on the older releases
+    seen: dict[str, bool] = {}
+
+    def fresh_thread() -> None:
+        seen["before"] = torch._C._is_key_in_tls("tree_manager_containers")
+        eng.prepare_cudagraph_thread()
+        seen["after"] = torch._C._is_key_in_tls("tree_manager_containers")
+        seen["usable"] = trees.get_obj(trees.local, "tree_manager_containers") == {}
+        eng.prepare_cudagraph_thread()  # a second call keeps what is there
+
+    worker = threading.Thread(target=fresh_thread)
+    worker.start()
+    worker.join()
+    assert seen == {"before": False, "after": True, "usable": True}
