@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extract-top", type=int, default=0, metavar="K",
                    help="with --extractive: answers held to the K documents of best BM25 match to the question "
                         "(gmsa_rag.lexical); the prompt keeps every document (default 0: all documents)")
+    p.add_argument("--extract-sentences", type=int, default=0, metavar="K",
+                   help="with --extractive: answers held to the K sentences of best BM25 match to the question among "
+                        "the documents answers may quote (gmsa_rag.lexical; default 0: whole documents)")
     p.add_argument("--keep-top", type=int, default=0, metavar="K",
                    help="every system's prompt keeps only the K documents of best BM25 match to the question, best "
                         "first (a lexical rerank before the reader; default 0: all documents)")
@@ -137,6 +140,8 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         options: dict[str, Any] = {"num_beams": args.num_beams} if args.num_beams > 1 else {}
         if args.extract_top:
             options["extract_top"] = args.extract_top
+        if args.extract_sentences:
+            options["extract_sentences"] = args.extract_sentences
         if args.per_document:
             options.update(per_document=True, score=args.document_score)
         outputs = model.generate(questions, contexts, max_new_tokens=args.max_new_tokens, extract_from=extract_from,
@@ -199,8 +204,10 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.max_docs < 1:
         raise SystemExit(f"--max-docs must be at least 1, got {args.max_docs}")
-    if args.extract_top < 0 or args.keep_top < 0:
-        raise SystemExit("--extract-top and --keep-top must be 0 (all documents) or more")
+    if args.extract_top < 0 or args.keep_top < 0 or args.extract_sentences < 0:
+        raise SystemExit("--extract-top, --extract-sentences and --keep-top must be 0 (all) or more")
+    if args.extract_sentences and (not args.extractive or args.per_document):
+        raise SystemExit("--extract-sentences narrows extractive answers: add --extractive (not with --per-document)")
     if args.extract_top and not args.extractive:
         raise SystemExit("--extract-top narrows extractive answers: add --extractive")
     if args.extract_top and args.per_document:
@@ -256,6 +263,8 @@ def main(argv=None) -> dict[str, Any]:
             "decoding": ("greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams")
                         + (", extractive (answers held to spans of the documents)" if args.extractive else "")
                         + (f", held to the {args.extract_top} of best BM25 match" if args.extract_top else "")
+                        + (f", then to the {args.extract_sentences} sentence(s) of best BM25 match"
+                           if args.extract_sentences else "")
                         + (f", per document (each document answered alone, the answer of best {args.document_score} "
                            "log-probability kept)" if args.per_document else "")}
     notes += [

@@ -9,12 +9,18 @@ documents, a millisecond a question. Extractive decoding can then hold the answe
 from __future__ import annotations
 
 import logging
+import re
 from typing import Sequence
 
 import bm25s
 import numpy as np
 
 logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its logger to DEBUG: one line per index built
+
+# a sentence ends at . ! or ? followed by space and a capital, digit or opening quote/bracket, but not after an initial
+# or a short abbreviation ("U.S. Army", "J. K. Rowling", "Dr. Who"); each line is a sentence of its own (a document's
+# "Title: ..." line among them)
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b[A-Z]\.)(?<!\b[A-Z][a-z]\.)\s+(?=[\"'(\[]?[A-Z0-9])")
 
 
 def bm25_scores(question: str, documents: Sequence[str]) -> list[float]:
@@ -51,3 +57,17 @@ def best_documents(question: str, documents: Sequence[str], top: int) -> list[st
     if top == 0 or top >= len(documents):
         return list(documents)
     return [documents[i] for i in best_matching(question, documents, top)]
+
+
+def split_sentences(text: str) -> list[str]:
+    """The sentences of ``text`` (each line split at sentence ends), stripped, empty ones left out."""
+    return [s.strip() for line in text.splitlines() for s in _SENTENCE_END.split(line) if s.strip()]
+
+
+def best_sentences(question: str, documents: Sequence[str], top: int) -> list[str]:
+    """The ``top`` sentences of ``documents`` (all of them pooled) of best BM25 match to ``question``, in document
+    order: the texts an extractive answer may quote under ``extract_sentences``."""
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    sentences = [s for document in documents for s in split_sentences(document)]
+    return [sentences[i] for i in best_matching(question, sentences, top)] if sentences else list(documents)

@@ -491,6 +491,7 @@ class GMSAModel(nn.Module):
         extract_from: Sequence[str] | Sequence[Sequence[str]] | None = None,
         per_document: bool = False,
         extract_top: int = 0,
+        extract_sentences: int = 0,
         **generate_kwargs,
     ) -> str | list[str]:
         """Answer question(s) from their documents (soft-token tensors, or text for the uncompressed baseline).
@@ -501,6 +502,8 @@ class GMSAModel(nn.Module):
         is then a span of one of them (:mod:`gmsa_rag.extractive`; decodes through Hugging Face ``generate``).
         ``extract_top``: with ``extract_from``, hold each answer to its question's ``extract_top`` documents of best
         BM25 match (:mod:`gmsa_rag.lexical`) instead of all of them; the prompt still holds every document.
+        ``extract_sentences``: with ``extract_from``, hold each answer to the ``extract_sentences`` sentences of best BM25
+        match among those documents (after ``extract_top``).
         ``per_document``: answer from each document alone and keep the answer the decoder scores best
         (:mod:`gmsa_rag.per_document`).
         """
@@ -509,8 +512,8 @@ class GMSAModel(nn.Module):
         documents = None if extract_from is None else ([extract_from] if single else extract_from)
         if documents is not None and not per_document and len(documents) != len(questions):
             raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
-        if extract_top:
-            documents = self._best_matching(questions, documents, extract_top, per_document)
+        if extract_top or extract_sentences:
+            documents = self._best_matching(questions, documents, extract_top, extract_sentences, per_document)
         if per_document:
             from .per_document import answer_per_document
 
@@ -534,16 +537,21 @@ class GMSAModel(nn.Module):
         return texts[0] if single else texts
 
     def _best_matching(self, questions: Sequence[str], documents: Sequence[Sequence[str]] | None, top: int,
-                       per_document: bool) -> list[list[str]]:
-        """``generate(extract_top=top)``: each question's documents narrowed to the ``top`` of best BM25 match."""
+                       sentences: int, per_document: bool) -> list[list[str]]:
+        """``generate(extract_top=top, extract_sentences=sentences)``: each question's documents narrowed to the
+        ``top`` of best BM25 match (0: all), then to the ``sentences`` best-matching sentences among them (0: whole)."""
+        name = "extract_sentences" if sentences and not top else "extract_top"
         if documents is None:
-            raise ValueError("extract_top: give the documents' text as extract_from")
+            raise ValueError(f"{name}: give the documents' text as extract_from")
         if per_document or self.config.answer_cites:
-            raise ValueError("extract_top: not with per_document or a citing checkpoint (they pair answers with "
+            raise ValueError(f"{name}: not with per_document or a citing checkpoint (they pair answers with "
                              "every document by place)")
-        from .lexical import best_documents
+        if top < 0 or sentences < 0:
+            raise ValueError(f"extract_top and extract_sentences must be 0 (off) or more, got {top} and {sentences}")
+        from .lexical import best_documents, best_sentences
 
-        return [best_documents(q, docs, top) for q, docs in zip(questions, documents)]
+        narrowed = [best_documents(q, docs, top) for q, docs in zip(questions, documents)]
+        return [best_sentences(q, docs, sentences) for q, docs in zip(questions, narrowed)] if sentences else narrowed
 
     generation_engine: str = "auto"
     """Decoding path of :meth:`generate_from_segments` (see :mod:`gmsa_rag.engine`): ``auto`` (static KV cache,

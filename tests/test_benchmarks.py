@@ -505,7 +505,7 @@ def test_answer_errors_sorts_answers_by_what_they_are(tmp_path):
 
 def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoints, tmp_path):
     from gmsa_rag.data.qa import load_qa_jsonl
-    from gmsa_rag.lexical import best_matching
+    from gmsa_rag.lexical import best_matching, best_sentences
 
     qa = _bench("qa")
     examples = load_qa_jsonl(qa_file)
@@ -525,6 +525,16 @@ def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoi
         assert row["GMSA r=4"] and row["GMSA r=4"] in top, (row, top)
     with pytest.raises(SystemExit, match="add --extractive"):
         qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extract-top", "1"])
+    sentence = qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extractive",
+                        "--extract-sentences", "1", "--max-new-tokens", "3", "--batch-size", "2",
+                        "--out", str(tmp_path / "sentence")])
+    assert "then to the 1 sentence(s) of best BM25 match" in sentence["meta"]["decoding"]
+    outputs = json.loads((tmp_path / "sentence" / "qa.json").read_text())["outputs"]
+    for row, e in zip(outputs, examples):
+        (best,) = best_sentences(e.question, e.contexts, 1)
+        assert row["base (uncompressed)"] and row["base (uncompressed)"] in best, (row, best)
+    with pytest.raises(SystemExit, match="add --extractive"):
+        qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extract-sentences", "1"])
 
 
 def test_qa_compare_tabulates_rows_of_several_runs(qa_file, checkpoints, tmp_path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gmsa_rag.lexical import best_documents, best_matching, bm25_scores, ranked
+from gmsa_rag.lexical import best_documents, best_matching, best_sentences, bm25_scores, ranked, split_sentences
 from gmsa_rag.testing import lively, tiny_gmsa
 
 DOCS = [
@@ -42,3 +42,35 @@ def test_extract_top_holds_answers_to_the_best_matching_documents(tokenizer):
         model.generate(questions, contexts, extract_top=1)
     with pytest.raises(ValueError, match="per_document"):
         model.generate(questions, contexts, extract_from=documents, extract_top=1, per_document=True)
+
+
+def test_sentences_split_at_ends_not_at_initials_or_numbers():
+    text = ('Title: The Art of War\nThe Art of War is old. It dates from 5.5 centuries B.C. as the U.S. Army says. '
+            'J. K. Rowling did not write it! Did Dr. Who? "No," he said.')
+    assert split_sentences(text) == [
+        "Title: The Art of War", "The Art of War is old.", "It dates from 5.5 centuries B.C. as the U.S. Army says.",
+        "J. K. Rowling did not write it!", "Did Dr. Who?", '"No," he said.']
+    assert split_sentences(" \n\n ") == []
+
+
+def test_best_sentences_pools_the_documents_sentences_in_document_order():
+    documents = ["Paris is in France. The Art of War was written by Sun Tzu.", "Clausewitz wrote On War. It is long."]
+    question = "which general called sun tzu wrote the art of war"
+    assert best_sentences(question, documents, 1) == ["The Art of War was written by Sun Tzu."]
+    assert best_sentences(question, documents, 2) == ["The Art of War was written by Sun Tzu.", "Clausewitz wrote On War."]
+    assert best_sentences(question, documents, 9) == split_sentences(documents[0]) + split_sentences(documents[1])
+    with pytest.raises(ValueError, match="at least 1"):
+        best_sentences(question, documents, 0)
+
+
+def test_extract_sentences_holds_answers_to_the_best_matching_sentences(tokenizer):
+    model = lively(tiny_gmsa(tokenizer, window=64))
+    documents = ["Paris is the capital of France. The Art of War is attributed to Sun Tzu. Rome is old."]
+    question = "To whom is the Art of War attributed?"
+    contexts = [model.compress(documents, 4)]
+    held = model.generate([question], contexts, max_new_tokens=6, extract_from=[documents], extract_sentences=1)
+    assert held[0] and held[0] in "The Art of War is attributed to Sun Tzu.", held  # a span of that sentence only
+    with pytest.raises(ValueError, match="extract_sentences: give the documents"):
+        model.generate([question], contexts, extract_sentences=1)
+    with pytest.raises(ValueError, match="0 \\(off\\) or more"):
+        model.generate([question], contexts, extract_from=[documents], extract_sentences=-1)
