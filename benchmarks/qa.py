@@ -206,12 +206,11 @@ def main(argv=None) -> dict[str, Any]:
         raise SystemExit(f"--max-docs must be at least 1, got {args.max_docs}")
     if args.extract_top < 0 or args.keep_top < 0 or args.extract_sentences < 0:
         raise SystemExit("--extract-top, --extract-sentences and --keep-top must be 0 (all) or more")
-    if args.extract_sentences and (not args.extractive or args.per_document):
-        raise SystemExit("--extract-sentences narrows extractive answers: add --extractive (not with --per-document)")
-    if args.extract_top and not args.extractive:
-        raise SystemExit("--extract-top narrows extractive answers: add --extractive")
-    if args.extract_top and args.per_document:
-        raise SystemExit("--extract-top does not combine with --per-document")
+    for flag, value in (("--extract-top", args.extract_top), ("--extract-sentences", args.extract_sentences)):
+        if value and not args.extractive:
+            raise SystemExit(f"{flag} narrows extractive answers: add --extractive")
+        if value and args.per_document:
+            raise SystemExit(f"{flag} does not combine with --per-document")
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     args.limit = args.limit or (8 if args.quick else 200)

@@ -499,11 +499,11 @@ class GMSAModel(nn.Module):
         The decoder reads chat template + instruction + one span per document + question and decodes through
         :meth:`generate_from_segments` (the generation engine; ``generate_kwargs`` pass through, e.g. ``streamer``).
         ``extract_from``: each question's documents as text (those its soft tokens were made from): every answer
-        is then a span of one of them (:mod:`gmsa_rag.extractive`; decodes through Hugging Face ``generate``).
+        is then a span of one of them (:mod:`gmsa_rag.extractive`; greedy decoding keeps the generation engine's path).
         ``extract_top``: with ``extract_from``, hold each answer to its question's ``extract_top`` documents of best
         BM25 match (:mod:`gmsa_rag.lexical`) instead of all of them; the prompt still holds every document.
-        ``extract_sentences``: with ``extract_from``, hold each answer to the ``extract_sentences`` sentences of best BM25
-        match among those documents (after ``extract_top``).
+        ``extract_sentences``: with ``extract_from``, hold each answer to the ``extract_sentences`` sentences of best
+        BM25 match among those documents (after ``extract_top``).
         ``per_document``: answer from each document alone and keep the answer the decoder scores best
         (:mod:`gmsa_rag.per_document`).
         """
