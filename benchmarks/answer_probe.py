@@ -14,7 +14,7 @@ hard5 against random5 separates two ways extra documents can cost answers: docum
 (hard5 far above random5) or the mere presence of more documents (both far above gold alone).
 
 Soft tokens worth anything put soft-* well below ``none`` and soft-other; the gap to text-* is what compression
-still loses. Prompts are the product's own (``gmsa_rag.prompt.qa_segments``), each document compressed on its own;
+still loses. Prompts are the product's own (``GMSAModel.qa_prompt``), each document compressed on its own;
 a decoder adapter, if the checkpoint has one, is on exactly for the soft-token prompts. Use it to compare recipes
 before a long run; report it beside the QA results.
 
@@ -74,8 +74,6 @@ def conditions(example, other, rate: int | None, model, unrelated: list[str] = (
 @torch.no_grad()
 def probe(model, examples, rates: list[int], batch_size: int) -> dict[str, list[float]]:
     """Per-question answer losses for every condition."""
-    from gmsa_rag.prompt import qa_segments
-
     losses: dict[str, list[float]] = {}
     pending: dict[str, list] = {}
 
@@ -90,7 +88,7 @@ def probe(model, examples, rates: list[int], batch_size: int) -> dict[str, list[
                      if len(examples) >= 5 else [])  # (fewer questions: the 5-document layouts are skipped)
         for rate in [None, *rates]:
             for name, docs in conditions(example, other, rate, model, unrelated, place=i % 5).items():
-                pending.setdefault(name, []).append(qa_segments(model.tokenizer, example.question, docs, example.answers[0]))
+                pending.setdefault(name, []).append(model.qa_prompt(example.question, docs, example.answers[0]))
                 if len(pending[name]) >= batch_size:
                     flush(name)
     for name in list(pending):

@@ -118,8 +118,6 @@ def load_model(spec: bc.SystemSpec, args, device, dtype):
 
 def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, Any]:
     from gmsa_rag.metrics import qa_metrics
-    from gmsa_rag.prompt import qa_segments
-
     compressed = spec.kind in ("gmsa", "tcp")
 
     def run(batch):
@@ -149,7 +147,7 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         bc.sync(device)
         prompts = ([[[d] for d in c] for c in contexts] if args.per_document  # one prompt per document
                    else [[c] for c in contexts])
-        positions = [sum(len(s) for docs in ps for s in qa_segments(model.tokenizer, q, docs))
+        positions = [sum(len(s) for docs in ps for s in model.qa_prompt(q, docs))
                      for q, ps in zip(questions, prompts)]
         return outputs, t1 - t0, time.perf_counter() - t1, positions
 

@@ -69,6 +69,10 @@ class GMSAConfig:
     answer_cites: bool = False
     """Stage 2 trained the decoder to open each answer with the number of the document that holds it ("[3] Sun
     Tzu", ``--cite_document``): prompts then ask for it and generation strips it (:mod:`gmsa_rag.citation`)."""
+    question_first: bool = False
+    """Stage 2 trained on prompts that state the question before the documents as well as after them
+    (``--question_first``): the decoder then reads each soft token knowing what is asked. Every QA prompt of the
+    model follows it (:meth:`GMSAModel.qa_prompt`); the soft tokens and their cache do not change."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata (training command, data description, metrics) saved with checkpoints."""
 

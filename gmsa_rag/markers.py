@@ -5,7 +5,7 @@ LlamaIndex moves text between its components, never tensors. So the postprocesso
 :class:`SoftTokenStore` under its cache key and replaces the node's text by a short marker
 ``<gmsa:{key}>``; the LLM (``llama_index.llms.gmsa.GMSALLM``) finds the markers in the prompt it is
 given, in order, resolves them through the same store, and builds the decoder input itself with
-:func:`gmsa_rag.prompt.qa_segments`.
+:meth:`gmsa_rag.model.GMSAModel.qa_prompt`.
 
 To find the question and the documents reliably, the LLM owns the prompt templates
 (:data:`QA_TEMPLATE`, :data:`REFINE_TEMPLATE`, :data:`SUMMARY_TEMPLATE`): they only tag the parts

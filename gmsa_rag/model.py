@@ -376,7 +376,7 @@ class GMSAModel(nn.Module):
         reader = self if teacher is None else teacher
         text_samples = list(samples if text_samples is None else text_samples)
         if soft:
-            text_prompts = [qa_segments(reader.tokenizer, s.question, token_ids(self, s.documents), s.target)
+            text_prompts = [reader.qa_prompt(s.question, token_ids(self, s.documents), s.target)
                             for s in text_samples]
         else:
             text_prompts = build_prompts(reader, [replace(s, rate=None) for s in text_samples])
@@ -446,6 +446,17 @@ class GMSAModel(nn.Module):
         owner = torch.repeat_interleave(torch.arange(len(prompts), device=labels.device), counts)
         totals = torch.zeros(len(prompts), device=labels.device).index_add_(0, owner, token_loss)
         return totals / counts.clamp(min=1)
+
+    def qa_prompt(self, question: str, contexts: Sequence[Context | list[int]], answer: str | None = None,
+                  instruction: str | None = None) -> list[Segment]:
+        """The QA prompt in the layout this model was trained on: its instruction (a citing model's by default)
+        and, where its adapter serves the prompt, the question stated before the documents too
+        (``GMSAConfig.question_first``). Plain text read by the pristine base model keeps the base layout."""
+        instruction = qa_instruction(self.config.answer_cites) if instruction is None else instruction
+        trained_layout = self.config.question_first and (
+            self.config.decoder_adapter == "always" or any(isinstance(c, torch.Tensor) for c in contexts))
+        return qa_segments(self.tokenizer, question, contexts, answer, instruction=instruction,
+                           question_first=trained_layout)
 
     def adapter_wanted(self, prompts: Sequence[Sequence[Segment]]) -> bool:
         """Whether the decoder adapter serves these prompts (see ``GMSAConfig.decoder_adapter``)."""
@@ -519,8 +530,7 @@ class GMSAModel(nn.Module):
 
             texts = answer_per_document(self, questions, contexts, max_new_tokens, documents, **generate_kwargs)
             return texts[0] if single else texts
-        instruction = qa_instruction(self.config.answer_cites)
-        prompts = [qa_segments(self.tokenizer, q, ctx, instruction=instruction) for q, ctx in zip(questions, contexts)]
+        prompts = [self.qa_prompt(q, ctx) for q, ctx in zip(questions, contexts)]
         if documents is not None and len({self.adapter_wanted([p]) for p in prompts}) > 1:
             raise ValueError("extract_from: give one batch soft-token documents only or text only")
         if self.config.answer_cites:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 
-from .prompt import Context, qa_segments
+from .prompt import Context
 
 if TYPE_CHECKING:
     from .model import GMSAModel
@@ -64,7 +64,7 @@ def document_scores(model: "GMSAModel", questions: Sequence[str], contexts: Sequ
     """The decoder's log-probability of each answer (+ end of turn) given its prompt: per token or summed."""
     if not answers:
         return []
-    prompts = [qa_segments(model.tokenizer, q, c, answer=a) for q, c, a in zip(questions, contexts, answers)]
+    prompts = [model.qa_prompt(q, c, answer=a) for q, c, a in zip(questions, contexts, answers)]
     mean_loss = model.answer_losses(prompts).float().cpu()  # (the adapter follows the prompts, as in generation)
     if score == "sum":
         counts = torch.tensor([sum(len(seg) for seg in p if seg.is_target) for p in prompts], dtype=torch.float32)

@@ -90,10 +90,13 @@ def qa_segments(
     contexts: Sequence[Context | list[int]],
     answer: str | None = None,
     instruction: str = QA_INSTRUCTION,
+    question_first: bool = False,
 ) -> list[Segment]:
     """Instruction, one labelled span per document (retrieval order), then the question (a model trained to cite
-    its documents takes ``instruction=CITE_INSTRUCTION``, see :func:`qa_instruction`)."""
-    parts: list[Context] = [instruction + "\n\n", *document_parts(contexts), f"\nQuestion: {question}"]
+    its documents takes ``instruction=CITE_INSTRUCTION``, see :func:`qa_instruction`). ``question_first`` states
+    the question after the instruction too, so that the documents are read knowing it."""
+    lead = f"Question: {question}\n\n" if question_first else ""
+    parts: list[Context] = [instruction + "\n\n" + lead, *document_parts(contexts), f"\nQuestion: {question}"]
     return chat_segments(tokenizer, parts, answer)
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal, Sequence, Union
 
 import torch
 
-from .prompt import Context, Segment, ae_segments, qa_instruction, qa_segments
+from .prompt import Context, Segment, ae_segments
 
 if TYPE_CHECKING:
     from .model import GMSAModel
@@ -80,8 +80,7 @@ def build_prompts(model: "GMSAModel", samples: Sequence[Sample]) -> list[list[Se
             prompts.append(ae_segments(model.tokenizer, contexts, sample.target_doc, sample.target,
                                        continuation=sample.task == "continue", cue=cue))
         else:
-            prompts.append(qa_segments(model.tokenizer, sample.question, contexts, sample.target,
-                                       instruction=qa_instruction(model.config.answer_cites)))
+            prompts.append(model.qa_prompt(sample.question, contexts, sample.target))
     return prompts
 
 

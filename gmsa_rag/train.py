@@ -96,6 +96,7 @@ class TrainConfig:
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
     cloze_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose question is a fill-in-the-blank cut from the gold passage (a sentence with a number or name blanked, gmsa_rag.data.cloze) over the same documents: unlimited extra questions that need finding a sentence by content and copying from the middle of a document"})
     cite_document: bool = field(default=False, metadata={"help": "keft: each answer opens with the number of the document that holds it (\"[3] Sun Tzu\"; the prompt asks for it, generation strips it, the checkpoint remembers it): choosing the document becomes a supervised first step (gmsa_rag.citation); the dev log adds cite_accuracy"})
+    question_first: bool = field(default=False, metadata={"help": "keft: QA prompts state the question before the documents as well as after them, so the decoder reads the documents (soft tokens) knowing the question; the soft tokens and their cache do not change (the checkpoint remembers the layout; generation follows it)"})
     distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
     eval_chunk_tokens: int = 128
     eval_among: bool = field(default=False, metadata={"help": "ae: also restore each dev passage among 3 other passages of its article, each compressed on its own, at place i mod 4 (among_bleu@r ...): telling documents apart, as a retrieved prompt needs"})
@@ -147,8 +148,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
     if cfg.continuation_fraction + cfg.span_fraction > 1:
         parser.error("--continuation_fraction + --span_fraction must be at most 1")
-    if cfg.cite_document and cfg.stage != "keft":
-        parser.error("--cite_document is a stage-2 (keft) option")
+    for flag in ("cite_document", "question_first"):
+        if getattr(cfg, flag) and cfg.stage != "keft":
+            parser.error(f"--{flag} is a stage-2 (keft) option")
     if not 0 <= cfg.cloze_fraction <= 1 or (cfg.cloze_fraction and cfg.stage != "keft"):
         parser.error(f"--cloze_fraction is a share of stage-2 (keft) samples, between 0 and 1; got {cfg.cloze_fraction}")
     if cfg.span_tokens < 8:
@@ -388,6 +390,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
         model = GMSAModel.from_base(config, device=device, dtype=dtype)
     model.set_stage(cfg.stage)
     model.config.answer_cites = cfg.cite_document  # (saved with the checkpoint: generation then reads the citation)
+    model.config.question_first = cfg.question_first  # (saved with the checkpoint: generation keeps the layout)
     if cfg.stage == "keft" and cfg.compressor_lr > 0 and not cfg.no_compress:
         for p in model.compressor_parameters().values():
             p.requires_grad_(True)

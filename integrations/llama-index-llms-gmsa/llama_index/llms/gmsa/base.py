@@ -2,7 +2,7 @@
 
 It reads prompts built from its own templates (:func:`gmsa_query_engine_kwargs`), resolves the
 ``<gmsa:{key}>`` markers that ``GMSACompressor`` put in place of the retrieved chunks into their soft
-tokens, and builds the decoder input itself with :func:`gmsa_rag.prompt.qa_segments`:
+tokens, and builds the decoder input itself with :meth:`GMSAModel.qa_prompt <gmsa_rag.model.GMSAModel.qa_prompt>`:
 chat template + instruction + ``Document [i]: <soft tokens>`` per document, in prompt order + question.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from gmsa_rag.markers import (
     parse_prompt,
     store_for,
 )
-from gmsa_rag.prompt import QA_INSTRUCTION, Segment, chat_segments, qa_segments
+from gmsa_rag.prompt import QA_INSTRUCTION, Segment, chat_segments
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class GMSALLM(CustomLLM):
             contexts = list(parsed.contexts)
             if parsed.kind == "refine" and self.refine_mode == "with_previous" and parsed.existing_answer:
                 contexts.append(f"Earlier answer: {parsed.existing_answer}")
-            segments = qa_segments(tokenizer, parsed.question, contexts, instruction=instruction)
+            segments = self.model.qa_prompt(parsed.question, contexts, instruction=instruction)
         stats = self._check_length(segments, parsed, budget)
         return segments, parsed, stats
 
