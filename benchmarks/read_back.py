@@ -17,7 +17,10 @@ question reading that restoration as text. Conditions:
 
 Beside the answers' EM / F1 / accuracy, ``answer kept`` is the share of questions whose gold answer appears in the
 passage read (the original, or the restoration): what survives compression, whoever reads it. A restoration that
-keeps the answers while direct answering fails says stage 2 is the bottleneck, not stage 1.
+keeps the answers while direct answering fails says stage 2 is the bottleneck, not stage 1. A second table splits
+the questions by whether restored@r keeps the answer and gives each reader's accuracy on both parts: if the soft-token
+reader matches the text readers where the answer survives and fails where it does not, the soft tokens' fidelity on
+answers (stage 1) bounds it; if it falls short where the answer survives, reading them (stage 2) does.
 
     python benchmarks/read_back.py --checkpoint checkpoints/smollm2-gmsa-ae --data data/qa-multidoc/dev.jsonl.gz --limit 100
     python benchmarks/read_back.py --device cuda --checkpoint runs/s1/checkpoints/<step> --answer-checkpoint runs/s2/... --limit 500
@@ -97,6 +100,26 @@ def right_document_share(restored: list[str], documents: list[list[str]], asked:
     return 100.0 * hits / max(len(restored), 1)
 
 
+def split_by_kept(kept: dict[int, list[bool]], read: dict[str, list[str]],
+                  answers: list[list[str]]) -> list[dict[str, Any]]:
+    """For each rate, each reader's accuracy on the questions whose restoration at that rate keeps a gold answer and
+    on those whose restoration loses it (a reader that answers from soft tokens counts at its own rate only)."""
+    from gmsa_rag.metrics import qa_metrics
+
+    rows = []
+    for rate, mask in kept.items():
+        for part, wanted in (("kept", True), ("lost", False)):
+            picked = [i for i, k in enumerate(mask) if k == wanted]
+            row: dict[str, Any] = {"rate": rate, "part": part, "n": len(picked)}
+            for name, predictions in read.items():
+                if name.startswith("soft tokens") and not name.endswith(f"@{rate}x"):
+                    continue
+                row[name] = (qa_metrics([predictions[i] for i in picked], [answers[i] for i in picked])["accuracy"]
+                             if picked else None)
+            rows.append(row)
+    return rows
+
+
 def score(condition: str, predictions: list[str], passages: list[str] | None, answers: list[list[str]],
           rate: int | None = None, restoration_bleu: float | None = None) -> dict[str, Any]:
     """One table row: the answers' metrics and how often the passage read still holds a gold answer."""
@@ -109,7 +132,7 @@ def score(condition: str, predictions: list[str], passages: list[str] | None, an
 
 
 def main(argv=None) -> dict[str, Any]:
-    from gmsa_rag.metrics import reconstruction_metrics
+    from gmsa_rag.metrics import answer_in_output, reconstruction_metrics
     from gmsa_rag.train import dev_qa_sample
 
     args = parse_args(argv)
@@ -127,8 +150,11 @@ def main(argv=None) -> dict[str, Any]:
     questions = [e.question for e in examples]
     answers = [e.answers for e in examples]
     gold = [e.gold_context for e in examples]
+    read: dict[str, list[str]] = {"base model, text": answer(model, questions, [[g] for g in gold], batch_size,
+                                                             args.max_new_tokens)}  # gold-passage answers, by reader
+    kept: dict[int, list[bool]] = {}  # rate -> does restored@rate hold a gold answer, per question
     rows = [score("none", answer(model, questions, [[] for _ in examples], batch_size, args.max_new_tokens), None, answers),
-            score("text-gold", answer(model, questions, [[g] for g in gold], batch_size, args.max_new_tokens), gold, answers)]
+            score("text-gold", read["base model, text"], gold, answers)]
     full = [dev_qa_sample(e, None, args.max_docs, i).documents for i, e in enumerate(examples)]
     if args.max_docs > 1:
         rows.append(score("text-full", answer(model, questions, full, batch_size, args.max_new_tokens), None, answers))
@@ -139,6 +165,7 @@ def main(argv=None) -> dict[str, Any]:
         predictions = answer(model, questions, [[r] for r in restored], batch_size, args.max_new_tokens)
         rows.append(score(f"restored@{rate}", predictions, restored, answers, rate, bleu))
         samples[f"restored@{rate}"] = restored[:5]
+        kept[rate] = [bool(answer_in_output(r, a)) for r, a in zip(restored, answers)]
         print(f"rate {rate}: restoration BLEU {bleu:.1f}, answer kept {rows[-1]['answer_kept']:.1f}%, "
               f"accuracy reading it {rows[-1]['accuracy']:.1f}%", flush=True)
         if args.restore_among and args.max_docs > 1:
@@ -156,8 +183,8 @@ def main(argv=None) -> dict[str, Any]:
         model = bc.load_system(args.answer_checkpoint, device, dtype, backbone=args.backbone)
         for rate in [r for r in rates if r in model.config.rates]:
             soft = [[s] for s in model.compress(gold, rate)]
-            rows.append(score(f"soft-gold@{rate}", answer(model, questions, soft, batch_size, args.max_new_tokens),
-                              None, answers, rate))
+            read[f"soft tokens @{rate}x"] = answer(model, questions, soft, batch_size, args.max_new_tokens)
+            rows.append(score(f"soft-gold@{rate}", read[f"soft tokens @{rate}x"], None, answers, rate))
             if args.max_docs > 1:
                 soft = [model.compress(docs, rate) for docs in full]
                 rows.append(score(f"soft-full@{rate}", answer(model, questions, soft, batch_size, args.max_new_tokens),
@@ -165,12 +192,13 @@ def main(argv=None) -> dict[str, Any]:
     if args.text_checkpoint:
         bc.free(model)
         model = bc.load_system(args.text_checkpoint, device, dtype, backbone=args.backbone)
-        rows.append(score("fine-tune text-gold", answer(model, questions, [[g] for g in gold], batch_size,
-                                                        args.max_new_tokens), gold, answers))
+        read["fine-tune, text"] = answer(model, questions, [[g] for g in gold], batch_size, args.max_new_tokens)
+        rows.append(score("fine-tune text-gold", read["fine-tune, text"], gold, answers))
         if args.max_docs > 1:
             rows.append(score("fine-tune text-full", answer(model, questions, full, batch_size, args.max_new_tokens),
                               None, answers))
 
+    split = split_by_kept(kept, read, answers)
     C = bc.Column
     columns = [C("condition", "condition"), C("n", "n", 0), C("restoration_bleu", "restoration BLEU", 1),
                C("answer_kept", "answer kept in the passage read %", 1),
@@ -199,9 +227,17 @@ def main(argv=None) -> dict[str, Any]:
              f"*-full: the gold passage among the question's {args.max_docs - 1} hardest distractors (stored order), gold "
              f"at place i mod {args.max_docs} for question i, as the trainer's dev evaluation shows them."]
     out_dir = args.out or bc.default_out_dir(device)
+    split_columns = [C("rate", "restored at", 0), C("part", "answer in the restoration", 0), C("n", "n", 0),
+                     *[C(name, f"{name} accuracy", 1) for name in read]]
+    notes.append("Split: the questions by whether the rate's restoration (the --checkpoint's soft tokens) holds a gold "
+                 "answer; each reader's accuracy on each part. 'soft tokens @rx' is the --answer-checkpoint reading its "
+                 "own r-x soft tokens of the gold passage (its compressor may have trained on in stage 2).")
     paths = bc.write_outputs(out_dir, args.name, f"Read-back bound ({meta['machine']})", meta,
-                             [("Results", columns, rows)], fig, notes, {"rows": rows, "restored_samples": samples})
+                             [("Results", columns, rows), ("Answers where the restoration keeps the answer and where "
+                                                           "it loses it", split_columns, split)], fig, notes,
+                             {"rows": rows, "split": split, "restored_samples": samples})
     print(bc.markdown_table(columns, rows))
+    print(bc.markdown_table(split_columns, split))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return {"rows": rows, "paths": paths}
 

@@ -284,6 +284,14 @@ def test_read_back_restores_then_answers(qa_file, checkpoints, tmp_path):
                             "fine-tune text-gold", "fine-tune text-full"}
     assert by_name["restored-among@4"]["restoration_bleu"] is not None and len(data["restored_samples"]["restored-among@2"]) == 3
     assert 0 <= by_name["restored-among@2"]["right_document"] <= 100
+    assert [(r["rate"], r["part"]) for r in data["split"]] == [(2, "kept"), (2, "lost"), (4, "kept"), (4, "lost")]
+    assert sum(r["n"] for r in data["split"] if r["rate"] == 4) == 3
+    split = _bench("read_back").split_by_kept(
+        {4: [True, False, True]},
+        {"base model, text": ["Paris", "Paris", "no"], "soft tokens @4x": ["Paris", "x", "Rome"], "soft tokens @2x": ["Paris"] * 3},
+        [["Paris"], ["Paris"], ["Rome"]])
+    assert split == [{"rate": 4, "part": "kept", "n": 2, "base model, text": 50.0, "soft tokens @4x": 100.0},
+                     {"rate": 4, "part": "lost", "n": 1, "base model, text": 100.0, "soft tokens @4x": 0.0}]
     share = _bench("read_back").right_document_share
     assert share(["the cat sat", "a dog ran far"], [["a dog ran far", "the cat sat"], ["x y", "a dog ran far"]],
                  ["the cat sat", "x y"]) == 50.0

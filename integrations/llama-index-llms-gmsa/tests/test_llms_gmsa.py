@@ -269,3 +269,13 @@ def test_a_checkpoint_that_cites_its_documents_is_refused_clearly(tiny_model, mo
     monkeypatch.setattr(tiny_model.config, "answer_cites", True)
     with pytest.raises(ValueError, match="cite"):
         GMSALLM(model=tiny_model)
+
+
+def test_a_question_first_checkpoint_gets_its_prompt_layout(tiny_model, texts, monkeypatch):
+    tiny_model.config.question_first = True  # (stage 2 trained with --question_first)
+    llm = GMSALLM(tiny_model, max_new_tokens=2)
+    keys, soft = put(llm.store, texts, tiny_model)
+    calls = spy(tiny_model, monkeypatch, answer="Paris")
+    llm.complete(QA_TEMPLATE.format(context_str=marker(keys[0]), query_str="Where is Paris?"))
+    (prompts, _), = calls
+    same_segments(prompts[0], qa_segments(tiny_model.tokenizer, "Where is Paris?", [soft[0]], question_first=True))
