@@ -120,6 +120,22 @@ def split_by_kept(kept: dict[int, list[bool]], read: dict[str, list[str]],
     return rows
 
 
+def plot_split(ax, split: list[dict[str, Any]], readers: list[str]) -> None:
+    """Grouped bars: each reader's accuracy where each rate's restoration keeps the answer and where it loses it."""
+    groups = [f"{row['rate']}x {row['part']}\n(n={row['n']})" for row in split]
+    shown = ["soft tokens", *[r for r in readers if not r.startswith("soft tokens")]]
+    width = 0.8 / len(shown)
+    for k, reader in enumerate(shown):
+        values = [next((v for name, v in row.items() if name.startswith(reader) and v is not None), 0.0)
+                  if reader == "soft tokens" else (row.get(reader) or 0.0) for row in split]
+        ax.bar([i + (k - (len(shown) - 1) / 2) * width for i in range(len(split))], values, width=width, label=reader)
+    ax.set_xticks(range(len(split)))
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel("answer accuracy %")
+    ax.set_title("by whether the restoration keeps the answer", fontsize=9)
+    ax.legend(fontsize=8)
+
+
 def score(condition: str, predictions: list[str], passages: list[str] | None, answers: list[list[str]],
           rate: int | None = None, restoration_bleu: float | None = None) -> dict[str, Any]:
     """One table row: the answers' metrics and how often the passage read still holds a gold answer."""
@@ -204,7 +220,7 @@ def main(argv=None) -> dict[str, Any]:
                C("answer_kept", "answer kept in the passage read %", 1),
                C("right_document", "restoration closest to the asked document %", 1), C("exact_match", "EM", 1),
                C("f1", "F1", 1), C("accuracy", "accuracy", 1)]
-    fig, axes = bc.new_figure(width=7.5, height=4.0)
+    fig, axes = bc.new_figure(ncols=2 if split else 1, width=7.5, height=4.0)
     ax = axes[0][0]
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["accuracy"] for r in rows], width=0.4, label="answer accuracy")
@@ -213,6 +229,8 @@ def main(argv=None) -> dict[str, Any]:
     ax.set_xticklabels([r["condition"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("% of questions")
     ax.legend(fontsize=8)
+    if split:
+        plot_split(axes[0][1], split, list(read))
     meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "answer_checkpoint": args.answer_checkpoint,
             "text_checkpoint": args.text_checkpoint,
             "data": str(data), "questions": len(examples), "max_passage_tokens": cap, "max_docs": args.max_docs,
@@ -223,9 +241,11 @@ def main(argv=None) -> dict[str, Any]:
              "skipped); the gold passage is the only document. Greedy decoding; answers up to "
              f"{args.max_new_tokens} tokens; accuracy = a gold answer appears in the output (normalised).",
              "Restorations: the stage-1 prompt (one document, 'Repeat Document [1] exactly.'), up to the passage's "
-             "length + 8 tokens. The base model (decoder adapter off) reads them as plain text.",
-             f"*-full: the gold passage among the question's {args.max_docs - 1} hardest distractors (stored order), gold "
-             f"at place i mod {args.max_docs} for question i, as the trainer's dev evaluation shows them."]
+             "length + 8 tokens. The base model (decoder adapter off) reads them as plain text."]
+    if args.max_docs > 1:
+        notes.append(f"*-full: the gold passage among the question's {args.max_docs - 1} hardest distractors (stored "
+                     f"order), gold at place i mod {args.max_docs} for question i, as the trainer's dev evaluation "
+                     "shows them.")
     out_dir = args.out or bc.default_out_dir(device)
     split_columns = [C("rate", "restored at", 0), C("part", "answer in the restoration", 0), C("n", "n", 0),
                      *[C(name, f"{name} accuracy", 1) for name in read]]

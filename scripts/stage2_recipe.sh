@@ -38,6 +38,10 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # round 10's run (h200/stage2-from-148m.md); then NQ dev through benchmarks/qa.py, free and --extractive:
 # COMPILE=true BATCH=32 ACCUM=2 LONG_STEPS=800 LONG_MINUTES=0 NOCOMPRESS=0 RUNS=runs/cite \
 #   RECIPE="<the RECIPE above> --cite_document true" scripts/stage2_recipe.sh long
+# round 19 (benchmarks/results/h200/stage2-question-first.md: no gain, 4x 29.5 against round 18's 32.0 on the gold passage
+# alone): round 18's one-document command with the question stated before the documents too, both runs alike:
+# INIT=<the 302M stage 1> COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS_BATCH=32 LONG_STEPS=800 LONG_MINUTES=10 RUNS=runs/qfirst \
+#   RECIPE="--compressor_lr 2e-4" BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384 --question_first true"
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
