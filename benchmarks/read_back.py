@@ -123,11 +123,10 @@ def split_by_kept(kept: dict[int, list[bool]], read: dict[str, list[str]],
 def plot_split(ax, split: list[dict[str, Any]], readers: list[str]) -> None:
     """Grouped bars: each reader's accuracy where each rate's restoration keeps the answer and where it loses it."""
     groups = [f"{row['rate']}x {row['part']}\n(n={row['n']})" for row in split]
-    shown = ["soft tokens", *[r for r in readers if not r.startswith("soft tokens")]]
+    shown = ["soft tokens", *[r for r in readers if not r.startswith("soft tokens")]]  # (a row holds its rate's only)
     width = 0.8 / len(shown)
     for k, reader in enumerate(shown):
-        values = [next((v for name, v in row.items() if name.startswith(reader) and v is not None), 0.0)
-                  if reader == "soft tokens" else (row.get(reader) or 0.0) for row in split]
+        values = [next((v for name, v in row.items() if name.startswith(reader)), None) or 0.0 for row in split]
         ax.bar([i + (k - (len(shown) - 1) / 2) * width for i in range(len(split))], values, width=width, label=reader)
     ax.set_xticks(range(len(split)))
     ax.set_xticklabels(groups, fontsize=8)

@@ -375,9 +375,9 @@ class GMSAModel(nn.Module):
         prompts = build_prompts(self, samples)
         reader = self if teacher is None else teacher
         text_samples = list(samples if text_samples is None else text_samples)
-        if soft:
-            text_prompts = [reader.qa_prompt(s.question, token_ids(self, s.documents), s.target)
-                            for s in text_samples]
+        if soft:  # the student's own prompt with each document as text: soft tokens line up with their text
+            text_prompts = [self.qa_prompt(s.question, token_ids(self, s.documents), s.target,
+                                           question_first=self.config.question_first) for s in text_samples]
         else:
             text_prompts = build_prompts(reader, [replace(s, rate=None) for s in text_samples])
         gather: dict[str, tuple[list, list]] = {}
@@ -448,15 +448,17 @@ class GMSAModel(nn.Module):
         return totals / counts.clamp(min=1)
 
     def qa_prompt(self, question: str, contexts: Sequence[Context | list[int]], answer: str | None = None,
-                  instruction: str | None = None) -> list[Segment]:
+                  instruction: str | None = None, question_first: bool | None = None) -> list[Segment]:
         """The QA prompt in the layout this model was trained on: its instruction (a citing model's by default)
         and, where its adapter serves the prompt, the question stated before the documents too
-        (``GMSAConfig.question_first``). Plain text read by the pristine base model keeps the base layout."""
+        (``GMSAConfig.question_first``). Plain text read by the pristine base model keeps the base layout;
+        ``question_first`` overrides that choice (a text twin of a soft-token prompt, position for position)."""
         instruction = qa_instruction(self.config.answer_cites) if instruction is None else instruction
-        trained_layout = self.config.question_first and (
-            self.config.decoder_adapter == "always" or any(isinstance(c, torch.Tensor) for c in contexts))
+        if question_first is None:
+            question_first = self.config.question_first and (
+                self.config.decoder_adapter == "always" or any(isinstance(c, torch.Tensor) for c in contexts))
         return qa_segments(self.tokenizer, question, contexts, answer, instruction=instruction,
-                           question_first=trained_layout)
+                           question_first=question_first)
 
     def adapter_wanted(self, prompts: Sequence[Sequence[Segment]]) -> bool:
         """Whether the decoder adapter serves these prompts (see ``GMSAConfig.decoder_adapter``)."""

@@ -73,3 +73,14 @@ def test_generation_training_and_scoring_follow_the_layout(model, tokenizer, mon
 def test_question_first_is_a_stage_two_option():
     with pytest.raises(SystemExit):
         parse_args(["--stage", "ae", "--question_first", "true"])
+
+
+def test_soft_token_distillation_lines_up_with_the_question_first_layout(tokenizer):
+    """--distill_soft_weight compares each soft token with the teacher's states over the text it stands for: the
+    teacher's text prompt keeps the student's layout, question first included."""
+    student = tiny_gmsa(tokenizer, window=8, rates=[2, 4, 8], decoder_tuning="qkv_lora")
+    student.set_stage("keft")
+    student.config.question_first = True
+    samples = [Sample(list(DOCS), "Gustave Eiffel", question=QUESTION, rate=4)]
+    terms = student.distillation_terms(samples, hidden=True, soft=True)
+    assert terms["soft_per_layer"].shape == (student.decoder.config.num_hidden_layers,)
