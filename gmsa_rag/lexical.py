@@ -9,13 +9,11 @@ documents, a millisecond a question. Extractive decoding can then hold the answe
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Sequence
 
-import bm25s
 import numpy as np
-
-logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its logger to DEBUG: one line per index built
 
 # a sentence ends at . ! or ? followed by space and a capital, digit or opening quote/bracket, but not after an initial
 # or a short abbreviation ("U.S. Army", "J. K. Rowling", "Dr. Who"); each line is a sentence of its own (a document's
@@ -28,10 +26,22 @@ def bm25_scores(question: str, documents: Sequence[str]) -> list[float]:
     themselves the collection."""
     if not documents:
         return []
+    bm25s = _bm25s()
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize(list(documents), stopwords="en", show_progress=False), show_progress=False)
     query = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)[0]
     return [float(s) for s in retriever.get_scores(query)] if query else [0.0] * len(documents)
+
+
+def _bm25s():
+    """bm25s, imported on first use: where JAX is installed bm25s runs a JAX op at import, and JAX then takes 75% of
+    the GPU's memory unless told otherwise (measured on an H200: three training processes ran out of memory at load
+    time). Unless the user set it, JAX is told to allocate on demand."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its logger to DEBUG: one line per index built
+    return bm25s
 
 
 def best_first(scores: Sequence[float]) -> list[int]:

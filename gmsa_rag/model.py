@@ -453,7 +453,8 @@ class GMSAModel(nn.Module):
         and, where its adapter serves the prompt, the question stated before the documents too
         (``GMSAConfig.question_first``). Plain text read by the pristine base model keeps the base layout;
         ``question_first`` overrides that choice (a text twin of a soft-token prompt, position for position)."""
-        instruction = qa_instruction(self.config.answer_cites) if instruction is None else instruction
+        if instruction is None:
+            instruction = qa_instruction(self.config.answer_cites, self.config.answer_quotes)
         if question_first is None:
             question_first = self.config.question_first and (
                 self.config.decoder_adapter == "always" or any(isinstance(c, torch.Tensor) for c in contexts))
@@ -535,7 +536,15 @@ class GMSAModel(nn.Module):
         prompts = [self.qa_prompt(q, ctx) for q, ctx in zip(questions, contexts)]
         if documents is not None and len({self.adapter_wanted([p]) for p in prompts}) > 1:
             raise ValueError("extract_from: give one batch soft-token documents only or text only")
-        if self.config.answer_cites:
+        if self.config.answer_quotes:
+            if documents is not None:
+                raise ValueError("extractive answers (extract_from) are not available for a checkpoint that quotes its "
+                                 "evidence (answer_quotes) yet: its answers are read from its own quote")
+            from .evidence import QUOTE_TOKENS, split_quote
+
+            raw = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens + QUOTE_TOKENS, **generate_kwargs)
+            texts = [split_quote(text)[1] for text in raw]
+        elif self.config.answer_cites:
             from .citation import generate_cited
 
             texts = generate_cited(self, prompts, [len(c) for c in contexts], documents, max_new_tokens,

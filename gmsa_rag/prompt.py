@@ -19,6 +19,9 @@ CITE_INSTRUCTION = (
     "Answer the question using the documents below. Reply with the number of the document that holds the answer "
     "in brackets, then a short answer."
 )
+QUOTE_INSTRUCTION = (
+    "Answer the question using the documents below. Quote the words that lead to the answer, then the answer in bold."
+)
 RESTORE_INSTRUCTION = "Repeat Document [{}] exactly."
 CONTINUE_INSTRUCTION = "Continue the text of Document [{}]."
 SPAN_INSTRUCTION = 'Quote the words that follow "{}" in the documents.'
@@ -100,9 +103,12 @@ def qa_segments(
     return chat_segments(tokenizer, parts, answer)
 
 
-def qa_instruction(cites: bool) -> str:
-    """The QA instruction of a model that answers plainly or opens its answers with a document number."""
-    return CITE_INSTRUCTION if cites else QA_INSTRUCTION
+def qa_instruction(cites: bool, quotes: bool = False) -> str:
+    """The QA instruction of a model that answers plainly, opens its answers with a document number, or quotes the
+    words that lead to its answer."""
+    if cites and quotes:
+        raise ValueError("a model either cites its document or quotes its evidence, not both")
+    return CITE_INSTRUCTION if cites else QUOTE_INSTRUCTION if quotes else QA_INSTRUCTION
 
 
 def ae_segments(

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .citation import cited, split_citation
+from .evidence import QUOTE_TOKENS, QUOTE_WORDS, quoted, split_quote
 from .checkpoint import CheckpointError, attach_checkpoint, load_checkpoint, read_record, read_weights, save_checkpoint
 from .config import GMSAConfig
 from .backbone import cache_root
@@ -96,6 +97,8 @@ class TrainConfig:
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
     cloze_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose question is a fill-in-the-blank cut from the gold passage (a sentence with a number or name blanked, gmsa_rag.data.cloze) over the same documents: unlimited extra questions that need finding a sentence by content and copying from the middle of a document"})
     cite_document: bool = field(default=False, metadata={"help": "keft: each answer opens with the number of the document that holds it (\"[3] Sun Tzu\"; the prompt asks for it, generation strips it, the checkpoint remembers it): choosing the document becomes a supervised first step (gmsa_rag.citation); the dev log adds cite_accuracy"})
+    quote_evidence: bool = field(default=False, metadata={"help": "keft: each answer is given as a quote of the words that lead to it in the gold passage (up to --quote_words words of its sentence), the answer in bold (\"attributed to **Sun Tzu**\"; the prompt asks for it, generation returns the bold answer, the checkpoint remembers it): the decoder restores the answer's place, then reads the answer off its own text (gmsa_rag.evidence); costs the quote's decode steps (dev log: quote_tokens)"})
+    quote_words: int = field(default=QUOTE_WORDS, metadata={"help": "keft, with --quote_evidence: most words of the answer's sentence quoted before it (fewer: fewer decode steps, less to locate the answer by)"})
     question_first: bool = field(default=False, metadata={"help": "keft: QA prompts state the question before the documents as well as after them, so the decoder reads the documents (soft tokens) knowing the question; the soft tokens and their cache do not change (the checkpoint remembers the layout; generation follows it)"})
     distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
     eval_chunk_tokens: int = 128
@@ -146,9 +149,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     (cfg,) = parser.parse_args_into_dataclasses(argv)
     if cfg.stage == "keft" and not cfg.init and not cfg.no_compress:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
+    if cfg.cite_document and cfg.quote_evidence:
+        parser.error("--cite_document and --quote_evidence: choose one answer form")
+    if cfg.quote_words < 0:
+        parser.error(f"--quote_words must be 0 or more, got {cfg.quote_words}")
     if cfg.continuation_fraction + cfg.span_fraction > 1:
         parser.error("--continuation_fraction + --span_fraction must be at most 1")
-    for flag in ("cite_document", "question_first"):
+    for flag in ("cite_document", "question_first", "quote_evidence"):
         if getattr(cfg, flag) and cfg.stage != "keft":
             parser.error(f"--{flag} is a stage-2 (keft) option")
     if not 0 <= cfg.cloze_fraction <= 1 or (cfg.cloze_fraction and cfg.stage != "keft"):
@@ -256,11 +263,12 @@ def quote(token_ids: list[int], most: int, rng: random.Random) -> tuple[list[int
 
 
 def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random, min_docs: int = 1,
-              hardest: bool = False, cite: bool = False) -> Sample:
+              hardest: bool = False, cite: bool = False, quote_words: int | None = None) -> Sample:
     """A QA sample: the gold passage among ``min_docs - 1`` to ``max_docs - 1`` of the example's distractors (random
     ones, or with ``hardest`` the first in stored order, as retrieval ranks them), gold at a random place (examples
     without a marked gold passage keep their documents as they are). With ``cite`` the target opens with the gold
-    passage's number (examples without one answer plainly)."""
+    passage's number; with ``quote_words`` it is up to that many words of the gold passage that lead to the answer,
+    then the answer in bold (examples without a gold passage, or whose gold passage lacks the answer, answer plainly)."""
     documents = list(example.contexts)
     answer = example.answers[0]
     if example.gold_index is not None:
@@ -275,6 +283,8 @@ def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.R
         keep.insert(place, gold)
         documents = keep
         answer = cited(answer, place) if cite else answer
+        if quote_words is not None:
+            answer = quoted(example.answers, gold, quote_words) or answer
     return Sample(documents=documents, target=answer, question=example.question, rate=rate)
 
 
@@ -316,7 +326,8 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
             if cfg.cloze_fraction and rng.random() < cfg.cloze_fraction:  # (no draw when off: the same batches)
                 example = cloze_example(example, rng) or example
             samples.append(qa_sample(example, rate, docs_cap(cfg, progress), rng, cfg.min_docs,
-                                     cfg.distractors == "hardest", cite=cfg.cite_document))
+                                     cfg.distractors == "hardest", cite=cfg.cite_document,
+                                     quote_words=cfg.quote_words if cfg.quote_evidence else None))
     if cfg.grad_accum > 1 or cfg.micro_batch_tokens:
         samples.sort(key=decoder_positions)
     if cfg.micro_batch_tokens:
@@ -390,6 +401,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
         model = GMSAModel.from_base(config, device=device, dtype=dtype)
     model.set_stage(cfg.stage)
     model.config.answer_cites = cfg.cite_document  # (saved with the checkpoint: generation then reads the citation)
+    model.config.answer_quotes = cfg.quote_evidence  # (saved with the checkpoint: generation then reads the quote)
     model.config.question_first = cfg.question_first  # (saved with the checkpoint: generation keeps the layout)
     if cfg.stage == "keft" and cfg.compressor_lr > 0 and not cfg.no_compress:
         for p in model.compressor_parameters().values():
@@ -504,6 +516,10 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
                 cites, preds = zip(*(split_citation(p, docs) for p in preds)) if preds else ((), ())
                 marked = [(c, g) for c, g in zip(cites, places) if g is not None]
                 results[f"{prefix}cite_accuracy{suffix}"] = 100.0 * sum(c == g for c, g in marked) / max(len(marked), 1)
+            if task == "qa" and model.config.answer_quotes:
+                quotes, preds = zip(*(split_quote(p) for p in preds)) if preds else ((), ())
+                lengths = [len(model.tokenizer.encode(q, add_special_tokens=False)) for q in quotes]
+                results[f"{prefix}quote_tokens{suffix}"] = sum(lengths) / max(len(lengths), 1)
             scores = qa_metrics(list(preds), refs) if task == "qa" else reconstruction_metrics(preds, refs)
             results.update({f"{prefix}{k}{suffix}": float(v) for k, v in scores.items()})
     model.train()
@@ -525,7 +541,9 @@ def dev_batch(items: list, task: str, docs: int, rate: int | None, offset: int,
         starts = [max(len(ids) // 2 - 3, 0) for ids in items]
         return ([Sample([ids], None, rate=rate, task="span", cue=ids[s : s + 6]) for ids, s in zip(items, starts)],
                 [model.tokenizer.decode(ids[s + 6 : s + 22]).strip() for ids, s in zip(items, starts)], 20)
-    return ([dev_qa_sample(e, rate, docs, offset + j) for j, e in enumerate(items)], [e.answers for e in items], 24)
+    new_tokens = 24 + (QUOTE_TOKENS if model.config.answer_quotes else 0)
+    return ([dev_qa_sample(e, rate, docs, offset + j) for j, e in enumerate(items)], [e.answers for e in items],
+            new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -37,4 +37,4 @@ for kind in data checkpoints; do
 done
 [ -f "$GPU_HOME/m/smollm2.gguf" ] && export GMSA_RAG_SMOLLM2_GGUF="$GPU_HOME/m/smollm2.gguf"
 export PYTHONPATH="$GPU_HOME/pylib:$PWD${PYTHONPATH:+:$PYTHONPATH}" GMSA_RAG_HOME="$GPU_HOME/gh" \
-  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True XLA_PYTHON_CLIENT_PREALLOCATE=false

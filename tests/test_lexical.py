@@ -1,6 +1,10 @@
 """Lexical match of a question to its documents (gmsa_rag.lexical) and extractive answers held to the best ones."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from gmsa_rag.lexical import best_documents, best_matching, best_sentences, bm25_scores, ranked, split_sentences
@@ -74,3 +78,18 @@ def test_extract_sentences_holds_answers_to_the_best_matching_sentences(tokenize
         model.generate([question], contexts, extract_sentences=1)
     with pytest.raises(ValueError, match="0 \\(off\\) or more"):
         model.generate([question], contexts, extract_from=[documents], extract_sentences=-1)
+
+
+def test_bm25s_loads_on_first_use_with_jax_told_not_to_take_the_gpu():
+    code = ("import os, sys, gmsa_rag.lexical, gmsa_rag.train, gmsa_rag.evidence\n"
+            "assert 'bm25s' not in sys.modules, 'bm25s imported early'\n"
+            "gmsa_rag.lexical.bm25_scores('war', ['On War'])\n"
+            "assert 'bm25s' in sys.modules\n"
+            "print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "false"
+    mine = subprocess.run([sys.executable, "-c", code], env={**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "true"},
+                          capture_output=True, text=True, timeout=300)
+    assert mine.stdout.strip() == "true"  # a user's own setting is kept

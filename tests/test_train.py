@@ -457,3 +457,22 @@ def test_keft_can_train_cited_answers_with_the_question_first_and_the_checkpoint
     assert GMSAModel.from_pretrained(final).config.answer_cites and GMSAModel.from_pretrained(final).config.question_first
     older = GMSAModel.from_pretrained(ae).config  # older and stage-1 checkpoints answer plainly, question last
     assert not older.answer_cites and not older.question_first
+
+
+def test_keft_can_train_quoted_evidence_and_the_checkpoint_remembers_it(base_dir, corpus, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    save_qa_jsonl([QAExample("who wrote hamlet", ["Shakespeare"], ["Paris is in France.", "Hamlet is by Shakespeare."], 1),
+                   QAExample("capital of france", ["Paris"], ["Paris is the capital of France.", "Hamlet is a play."], 0)], qa)
+    ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=1))
+    final = train(TrainConfig(stage="keft", init=str(ae), data=[str(qa)], dev_data=str(qa), out_dir=str(tmp_path / "keft"),
+                              steps=2, batch_size=2, warmup_steps=0, eval_every=2, eval_samples=2, save_every=1000,
+                              eval_gold_only=True, quote_evidence=True, quote_words=4))
+    logged = [json.loads(line) for line in (tmp_path / "keft" / "metrics.jsonl").read_text().splitlines()]
+    assert {"quote_tokens@2x", "gold_quote_tokens@4x", "accuracy@2x"} <= set(logged[-1])
+    assert GMSAModel.from_pretrained(final).config.answer_quotes
+    assert not GMSAModel.from_pretrained(ae).config.answer_quotes  # older and stage-1 checkpoints answer plainly
+
+
+def test_quoted_evidence_and_cited_answers_are_refused_together():
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "keft", "--no_compress", "true", "--quote_evidence", "true", "--cite_document", "true"])
