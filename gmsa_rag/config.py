@@ -70,8 +70,9 @@ class GMSAConfig:
     """Stage 2 trained the decoder to open each answer with the number of the document that holds it ("[3] Sun
     Tzu", ``--cite_document``): prompts then ask for it and generation strips it (:mod:`gmsa_rag.citation`)."""
     answer_quotes: bool = False
-    """Stage 2 trained the decoder to quote the words that lead to the answer, the answer in bold, before it ends
-    (``--quote_evidence``): prompts then ask for it and generation returns the bold answer (:mod:`gmsa_rag.evidence`)."""
+    """Stage 2 trained the decoder to quote the words that lead to the answer, then the answer in bold
+    (``--quote_evidence``): prompts then ask for it and generation returns the bold answer
+    (:mod:`gmsa_rag.evidence`)."""
     question_first: bool = False
     """Stage 2 trained on prompts that state the question before the documents as well as after them
     (``--question_first``): the decoder then reads each soft token knowing what is asked. Every QA prompt of the

@@ -42,6 +42,10 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # alone): round 18's one-document command with the question stated before the documents too, both runs alike:
 # INIT=<the 302M stage 1> COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS_BATCH=32 LONG_STEPS=800 LONG_MINUTES=10 RUNS=runs/qfirst \
 #   RECIPE="--compressor_lr 2e-4" BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384 --question_first true"
+# round 20 (benchmarks/results/h200/stage2-quote-evidence.md: far worse, 4x 10.5 / 16.5 against 32.5 at step 600 on the gold
+# passage alone): answers given as a quote of up to 12 (or 4) words before them, the answer in bold; GMSA runs only:
+# INIT=<the 302M stage 1> COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS=0 LONG_STEPS=600 LONG_MINUTES=10 RUNS=runs/quote12 \
+#   RECIPE="--compressor_lr 2e-4" BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384 --quote_evidence true"
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from gmsa_rag.data.qa import QAExample
 from gmsa_rag.evidence import QUOTE_TOKENS, find_answer, quoted, split_quote
@@ -14,12 +13,13 @@ from gmsa_rag.testing import lively, tiny_gmsa
 from gmsa_rag.train import qa_sample
 
 PASSAGE = ("Title: The Art of War\nThe Art of War is an ancient Chinese military treatise dating from the Late "
-           "Spring and Autumn Period. The work, which is attributed to the ancient Chinese military strategist Sun Tzu, "
-           "is composed of 13 chapters.")
+           "Spring and Autumn Period. The work, which is attributed to the ancient Chinese military strategist "
+           "Sun Tzu, is composed of 13 chapters.")
 
 
 def test_the_quote_ends_at_the_answer_in_its_own_sentence():
-    assert quoted(["Sun Tzu"], PASSAGE) == "The work, which is attributed to the ancient Chinese military strategist **Sun Tzu**"
+    whole = "The work, which is attributed to the ancient Chinese military strategist **Sun Tzu**"
+    assert quoted(["Sun Tzu"], PASSAGE) == whole  # the sentence's words before the answer, 11 of them
     assert quoted(["Sun Tzu"], PASSAGE, words=7) == "attributed to the ancient Chinese military strategist **Sun Tzu**"
     assert quoted(["sun tzu"], PASSAGE, words=2) == "military strategist **Sun Tzu**"  # the passage's own casing
     assert quoted(["Sun Tzu"], PASSAGE, words=0) == "**Sun Tzu**"

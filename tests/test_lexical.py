@@ -90,6 +90,6 @@ def test_bm25s_loads_on_first_use_with_jax_told_not_to_take_the_gpu():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "false"
-    mine = subprocess.run([sys.executable, "-c", code], env={**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "true"},
-                          capture_output=True, text=True, timeout=300)
+    own = {**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
+    mine = subprocess.run([sys.executable, "-c", code], env=own, capture_output=True, text=True, timeout=300)
     assert mine.stdout.strip() == "true"  # a user's own setting is kept

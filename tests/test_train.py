@@ -444,33 +444,31 @@ def test_compiled_training_matches_eager_and_still_scores_dev(base_dir, corpus, 
         torch.testing.assert_close(compiled[name], plain[name], rtol=1e-4, atol=1e-5)
 
 
-def test_keft_can_train_cited_answers_with_the_question_first_and_the_checkpoint_remembers_both(base_dir, corpus, tmp_path):
+def keft_with(base_dir, corpus, tmp_path, **options) -> tuple[GMSAModel, GMSAModel, dict]:
+    """Two stage-2 steps on two questions with ``options`` from a one-step stage 1: (the stage-2 checkpoint, the
+    stage-1 one, the last logged metrics)."""
     qa = tmp_path / "qa.jsonl"
     save_qa_jsonl([QAExample("who wrote hamlet", ["Shakespeare"], ["Paris is in France.", "Hamlet is by Shakespeare."], 1),
                    QAExample("capital of france", ["Paris"], ["Paris is the capital of France.", "Hamlet is a play."], 0)], qa)
     ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=1))
     final = train(TrainConfig(stage="keft", init=str(ae), data=[str(qa)], dev_data=str(qa), out_dir=str(tmp_path / "keft"),
                               steps=2, batch_size=2, warmup_steps=0, eval_every=2, eval_samples=2, save_every=1000,
-                              eval_gold_only=True, cite_document=True, question_first=True))
+                              eval_gold_only=True, **options))
     logged = [json.loads(line) for line in (tmp_path / "keft" / "metrics.jsonl").read_text().splitlines()]
-    assert {"cite_accuracy@2x", "gold_cite_accuracy@4x", "accuracy@2x"} <= set(logged[-1])
-    assert GMSAModel.from_pretrained(final).config.answer_cites and GMSAModel.from_pretrained(final).config.question_first
-    older = GMSAModel.from_pretrained(ae).config  # older and stage-1 checkpoints answer plainly, question last
-    assert not older.answer_cites and not older.question_first
+    return GMSAModel.from_pretrained(final), GMSAModel.from_pretrained(ae), logged[-1]
+
+
+def test_keft_can_train_cited_answers_with_the_question_first_and_the_checkpoint_remembers_both(base_dir, corpus, tmp_path):
+    final, older, logged = keft_with(base_dir, corpus, tmp_path, cite_document=True, question_first=True)
+    assert {"cite_accuracy@2x", "gold_cite_accuracy@4x", "accuracy@2x"} <= set(logged)
+    assert final.config.answer_cites and final.config.question_first
+    assert not older.config.answer_cites and not older.config.question_first  # older and stage-1 checkpoints: plain
 
 
 def test_keft_can_train_quoted_evidence_and_the_checkpoint_remembers_it(base_dir, corpus, tmp_path):
-    qa = tmp_path / "qa.jsonl"
-    save_qa_jsonl([QAExample("who wrote hamlet", ["Shakespeare"], ["Paris is in France.", "Hamlet is by Shakespeare."], 1),
-                   QAExample("capital of france", ["Paris"], ["Paris is the capital of France.", "Hamlet is a play."], 0)], qa)
-    ae = train(ae_config(base_dir, corpus, tmp_path / "ae", steps=1))
-    final = train(TrainConfig(stage="keft", init=str(ae), data=[str(qa)], dev_data=str(qa), out_dir=str(tmp_path / "keft"),
-                              steps=2, batch_size=2, warmup_steps=0, eval_every=2, eval_samples=2, save_every=1000,
-                              eval_gold_only=True, quote_evidence=True, quote_words=4))
-    logged = [json.loads(line) for line in (tmp_path / "keft" / "metrics.jsonl").read_text().splitlines()]
-    assert {"quote_tokens@2x", "gold_quote_tokens@4x", "accuracy@2x"} <= set(logged[-1])
-    assert GMSAModel.from_pretrained(final).config.answer_quotes
-    assert not GMSAModel.from_pretrained(ae).config.answer_quotes  # older and stage-1 checkpoints answer plainly
+    final, older, logged = keft_with(base_dir, corpus, tmp_path, quote_evidence=True, quote_words=4)
+    assert {"quote_tokens@2x", "gold_quote_tokens@4x", "accuracy@2x"} <= set(logged)
+    assert final.config.answer_quotes and not older.config.answer_quotes
 
 
 def test_quoted_evidence_and_cited_answers_are_refused_together():

@@ -271,6 +271,12 @@ def test_a_checkpoint_that_cites_its_documents_is_refused_clearly(tiny_model, mo
         GMSALLM(model=tiny_model)
 
 
+def test_a_checkpoint_that_quotes_its_evidence_is_refused_clearly(tiny_model, monkeypatch):
+    monkeypatch.setattr(tiny_model.config, "answer_quotes", True)
+    with pytest.raises(ValueError, match="quote its evidence"):
+        GMSALLM(model=tiny_model)
+
+
 def test_a_question_first_checkpoint_gets_its_prompt_layout(tiny_model, texts, monkeypatch):
     tiny_model.config.question_first = True  # (stage 2 trained with --question_first)
     llm = GMSALLM(tiny_model, max_new_tokens=2)

@@ -163,6 +163,9 @@ class GMSALLM(CustomLLM):
         if getattr(getattr(model, "config", None), "answer_cites", False):
             raise ValueError("this checkpoint was trained to cite documents (--cite_document): GMSALLM does not read "
                              "citations yet; answer with GMSAModel.generate, which strips them")
+        if getattr(getattr(model, "config", None), "answer_quotes", False):
+            raise ValueError("this checkpoint was trained to quote its evidence (--quote_evidence): GMSALLM does not read "
+                             "quotes yet; answer with GMSAModel.generate, which returns the bold answer")
         if kwargs.get("extract_top") and not kwargs.get("extractive"):
             raise ValueError("extract_top narrows extractive answers: set extractive=True too")
         if model_name is None:
