@@ -23,6 +23,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -66,11 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "per-token host sync would change what is measured)")
     p.add_argument("--bandwidth-gbs", type=float, default=None,
                    help="memory bandwidth for the limit (default: the card's, from a table of known GPUs)")
+    p.add_argument("--profile", default=None, metavar="ENGINE",
+                   help="after timing, profile one e2e run of this engine (torch.profiler, CPU + CUDA): where a decode "
+                        "step's device time goes, kernel by kernel, against its wall time (a second table)")
+    p.add_argument("--coordinate-descent", action="store_true",
+                   help="torch.compile's coordinate-descent tuning of the kernels it generates "
+                        "(torch._inductor.config.coordinate_descent_tuning), for the compiled engines")
     p.add_argument("--data", default=None, help="passages (default: the bundled QA dev split)")
     p.add_argument("--name", default=None, help="output file stem (default decode-<backbone>)")
     args = p.parse_args(argv)
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2")
+    if args.profile and args.profile not in (args.engines or ENGINES):
+        p.error(f"--profile {args.profile}: not among the engines timed")
     if args.engines and set(args.engines) - set(ENGINES):
         p.error(f"unknown engines {sorted(set(args.engines) - set(ENGINES))}; choose from {ENGINES}")
     return args
@@ -126,6 +135,10 @@ def main(argv=None) -> dict[str, Any]:
     token_times = (not gpu) if args.token_times is None else args.token_times
     engines = args.engines or (["hf", "static", "static-stop"] if gpu else ["hf", "static"])
     torch.manual_seed(args.seed)
+    if args.coordinate_descent:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.coordinate_descent_tuning = True
     env = bc.env_info(device, dtype)
     t0 = time.perf_counter()
     decoder, tokenizer, notes = bc.load_decoder(args.backbone, device, dtype, args.tokenizer,
@@ -191,6 +204,10 @@ def main(argv=None) -> dict[str, Any]:
         step = rows[-1]["step_ms_median"]
         print(f"{name:<16} TTFT {ttft * 1e3:8.2f} ms  decode {decode_ms:7.2f} ms/token  e2e {e2e:7.3f} s  "
               + (f"step median {step:7.2f} ms  " if step else "") + f"(first call {first_call[name]:.1f} s)", flush=True)
+    profile_rows: list[dict[str, Any]] = []
+    if args.profile:
+        row = next(r for r in rows if r["engine"] == args.profile)
+        profile_rows = profile_run(lambda: run(args.profile, n), device, n - 1, row["decode_ms_per_token"])
     hf_row = next((r for r in rows if r["engine"] == "hf"), None)
     for r in rows:
         if hf_row is not None and r is not hf_row:
@@ -207,6 +224,7 @@ def main(argv=None) -> dict[str, Any]:
             "new_tokens": n, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
             "auto_engine_here": select_engine(device), "weight_gib": round(weight_bytes / 2**30, 3),
             "bandwidth_gbs": bandwidth, "weight_bandwidth_limit_ms": limit_ms, "model_load_s": round(load_s, 1),
+            "coordinate_descent_tuning": args.coordinate_descent,
             "load_average_at_end": bc.load_average()}
     notes = notes + [
         f"Greedy, exactly {n} new tokens (no stop token), batch {args.batch}, through GenerationEngine.generate "
@@ -236,6 +254,14 @@ def main(argv=None) -> dict[str, Any]:
                      bc.Column("step_ms_p75", "step p75"), bc.Column("step_speedup_vs_hf", "step × vs HF")]
     if limit_ms:
         cols.append(bc.Column("over_limit", "x limit"))
+    tables = [("Results (medians)", cols, rows)]
+    if profile_rows:
+        notes.append(f"Profile of one {args.profile} e2e run ({n} tokens, torch.profiler): per kernel (device "
+                     f"activity; CPU operators where there is no device), time and calls per decode step = totals / "
+                     f"{n - 1}, share of the device time; 'device busy' = every kernel's time per step against the "
+                     "decode ms/token measured above (the rest: the device idle, waiting on the host). Prefill and "
+                     "the first token are in the totals, a few % of them at this length.")
+        tables.append((f"Where a decode step goes ({args.profile})", PROFILE_COLUMNS, profile_rows))
     fig, axes = bc.new_figure(ncols=2, width=5.0, height=3.8)
     labels = [r["engine"] for r in rows]
     axes[0][0].bar(labels, [r["step_ms_median"] or r["decode_ms_per_token"] for r in rows], color="tab:blue")
@@ -249,9 +275,64 @@ def main(argv=None) -> dict[str, Any]:
         ax.set_title(f"{args.backbone}, {meta['machine']}, {meta['prompt_positions']} positions", fontsize=9)
     paths = bc.write_outputs(args.out or bc.default_out_dir(device), args.name or f"{NAME}-{args.backbone}",
                              f"Decode engines: HF generate vs static KV cache ({args.backbone}, {meta['machine']})",
-                             meta, [("Results (medians)", cols, rows)], fig, notes, {"rows": rows})
+                             meta, tables, fig, notes, {"rows": rows, "profile": profile_rows})
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return {"rows": rows, "meta": meta, "paths": paths}
+
+
+PROFILE_COLUMNS = [bc.Column("kernel", "kernel"), bc.Column("kind", "kind"), bc.Column("ms_per_step", "ms / step", 3),
+                   bc.Column("calls_per_step", "calls / step", 1), bc.Column("share", "share of device time")]
+
+#: Kernel-name fragments of matrix multiplies (cuBLAS, cuBLASLt, CUTLASS, Triton mm templates), and the CPU
+#: operators that are one.
+GEMM_MARKS = ("gemm", "gemv", "cutlass", "nvjet", "xmma", "triton_tem")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+#: A Triton kernel of torch.compile's that holds a matrix multiply fused with other operators (its name lists them:
+#: "triton_red_fused__unsafe_view_mm_mul_silu_t_view_7"), as coordinate-descent tuning makes of batch-1 decode.
+_FUSED_MM = re.compile(r"^triton_\w*?_fused_\w*?(?<![a-z])(?:add|b)?mm(?![a-z])")
+
+
+def kernel_kind(name: str) -> str:
+    """``matmul`` for a matrix-multiply kernel or operator (fused with others or not), else ``other``."""
+    if name in GEMM_OPS or _FUSED_MM.match(name) or any(mark in name.lower() for mark in GEMM_MARKS):
+        return "matmul"
+    return "other"
+
+
+def profile_run(run, device, steps: int, decode_ms: float, top: int = 15) -> list[dict[str, Any]]:
+    """Profile one call of ``run`` and return the ``top`` kernels by device time per decode step (``steps`` of them),
+    then the sums: every matrix multiply, everything else, the device busy and the decode ms/token measured."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    bc.sync(device)
+    with profile(activities=activities) as prof:
+        run()
+        bc.sync(device)
+    kernels = []
+    for event in prof.key_averages():
+        on_device = getattr(event, "device_type", None) is not None and event.device_type.name == "CUDA"
+        if gpu and not on_device:
+            continue
+        seconds = (getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)) if gpu \
+            else event.self_cpu_time_total
+        if seconds > 0:
+            kernels.append((event.key, seconds / 1e3, event.count))
+    total = sum(ms for _, ms, _ in kernels) or 1.0
+    kernels.sort(key=lambda k: -k[1])
+
+    rows = [{"kernel": name[:90], "kind": kernel_kind(name), "ms_per_step": ms / steps, "calls_per_step": count / steps,
+             "share": ms / total} for name, ms, count in kernels[:top]]
+    for label, chosen in (("all matrix multiplies", "matmul"), ("all other kernels", "other")):
+        picked = [(ms, count) for name, ms, count in kernels if kernel_kind(name) == chosen]
+        rows.append({"kernel": label, "kind": chosen, "ms_per_step": sum(ms for ms, _ in picked) / steps,
+                     "calls_per_step": sum(c for _, c in picked) / steps, "share": sum(ms for ms, _ in picked) / total})
+    rows.append({"kernel": "device busy", "kind": "sum", "ms_per_step": total / steps,
+                 "calls_per_step": sum(c for *_, c in kernels) / steps, "share": 1.0})
+    rows.append({"kernel": "decode ms/token measured", "kind": "wall", "ms_per_step": decode_ms,
+                 "calls_per_step": None, "share": None})
+    return rows
 
 
 def _quantile(values: list[float], q: float) -> float | None:

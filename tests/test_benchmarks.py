@@ -194,6 +194,33 @@ def test_decode_compares_engines_and_agrees(qa_file, tmp_path):
     assert data["meta"]["weight_bandwidth_limit_ms"] is None  # CPU: no bandwidth table
 
 
+def test_decode_profiles_where_a_step_goes(qa_file, tmp_path):
+    out = tmp_path / "prof"
+    result = _bench("decode").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--prompt", "48",
+                                    "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--engines", "static",
+                                    "--profile", "static", "--out", str(out)])
+    data = _check_outputs(out, "decode-tiny")
+    rows = {r["kernel"]: r for r in data["profile"]}
+    assert {"all matrix multiplies", "all other kernels", "device busy", "decode ms/token measured"} <= set(rows)
+    parts = rows["all matrix multiplies"]["ms_per_step"] + rows["all other kernels"]["ms_per_step"]
+    assert rows["device busy"]["ms_per_step"] == pytest.approx(parts) and parts > 0
+    assert rows["all matrix multiplies"]["calls_per_step"] > 0  # (the tiny model's linear layers, on the CPU)
+    assert "Where a decode step goes (static)" in (out / "decode-tiny.md").read_text()
+    assert result["meta"]["coordinate_descent_tuning"] is False
+    with pytest.raises(SystemExit):
+        _bench("decode").parse_args(["--engines", "hf", "--profile", "static"])
+
+
+def test_decode_profile_counts_fused_matrix_multiplies_as_such():
+    kind = _bench("decode").kernel_kind
+    for name in ("nvjet_sm90_tst_128x8_64x12_4x1_v_bz_TNT", "aten::mm", "triton_red_fused__unsafe_view_mm_mul_silu_t_view_7",
+                 "triton_red_fused_mm_t_view_6", "triton_poi_fused_addmm_3"):
+        assert kind(name) == "matmul", name
+    for name in ("triton_red_fused__to_copy__unsafe_view_add_mean_mul_pow_rsqrt_12", "triton_poi_fused_summary_1",
+                 "void cublasLt::splitKreduce_kernel<32, 16, int, float>", "aten::add"):
+        assert kind(name) == "other", name
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_decode_limit_counts_the_weights_a_step_reads(tied):
     from transformers import LlamaConfig, LlamaForCausalLM
