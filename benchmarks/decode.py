@@ -71,8 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="after timing, profile one e2e run of this engine (torch.profiler, CPU + CUDA): where a decode "
                         "step's device time goes, kernel by kernel, against its wall time (a second table)")
     p.add_argument("--coordinate-descent", action="store_true",
-                   help="torch.compile's coordinate-descent tuning of the kernels it generates "
-                        "(torch._inductor.config.coordinate_descent_tuning), for the compiled engines")
+                   help="the compiled engines tune the kernels torch.compile generates (coordinate descent; "
+                        "GenerationEngine(tune_kernels=True), GMSAModel.generation_tune_kernels)")
     p.add_argument("--data", default=None, help="passages (default: the bundled QA dev split)")
     p.add_argument("--name", default=None, help="output file stem (default decode-<backbone>)")
     args = p.parse_args(argv)
@@ -113,7 +113,7 @@ class StepTimer:
         return [b - a for a, b in zip(self.times, self.times[1:])]
 
 
-def make_engines(names: list[str], decoder) -> dict[str, Any]:
+def make_engines(names: list[str], decoder, tune_kernels: bool = False) -> dict[str, Any]:
     from gmsa_rag.engine import GenerationEngine
 
     made = {}
@@ -121,9 +121,9 @@ def make_engines(names: list[str], decoder) -> dict[str, Any]:
         if name == "hf":
             made[name] = GenerationEngine(decoder, "hf")
         elif name == "static-compiled":
-            made[name] = GenerationEngine(decoder, "static", compile_step=True)
+            made[name] = GenerationEngine(decoder, "static", compile_step=True, tune_kernels=tune_kernels)
         else:  # static, static-stop: what the product builds for "static"
-            made[name] = made.get("static") or GenerationEngine(decoder, "static")
+            made[name] = made.get("static") or GenerationEngine(decoder, "static", tune_kernels=tune_kernels)
     return made
 
 
@@ -135,10 +135,6 @@ def main(argv=None) -> dict[str, Any]:
     token_times = (not gpu) if args.token_times is None else args.token_times
     engines = args.engines or (["hf", "static", "static-stop"] if gpu else ["hf", "static"])
     torch.manual_seed(args.seed)
-    if args.coordinate_descent:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.coordinate_descent_tuning = True
     env = bc.env_info(device, dtype)
     t0 = time.perf_counter()
     decoder, tokenizer, notes = bc.load_decoder(args.backbone, device, dtype, args.tokenizer,
@@ -148,7 +144,7 @@ def main(argv=None) -> dict[str, Any]:
     passages, source = bc.load_passages(args.data)
     prompts = [build_prompt(model, tokenizer, passages, args.prompt, "What is the main topic of the documents?")]
     prompts = prompts * args.batch
-    made = make_engines(engines, decoder)
+    made = make_engines(engines, decoder, args.coordinate_descent)
     n = args.new_tokens
     # A stop token that never comes (checked below): the static path then runs its per-step stop check.
     never = [len(tokenizer) - 1]

@@ -80,6 +80,16 @@ def allow_recompiles(at_least: int) -> None:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), at_least))
 
 
+def compile_settings(mode: str, tune_kernels: bool = False) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments: ``mode``, or with ``tune_kernels`` that mode's inductor options plus
+    coordinate-descent tuning (torch.compile takes a mode or options, not both)."""
+    if not tune_kernels:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options
+
+    return {"options": {**list_mode_options(mode), "coordinate_descent_tuning": True}}
+
+
 def select_engine(device: torch.device | str, choice: str = "auto") -> EngineKind:
     """The decoding path for a decoder on ``device``: ``choice`` itself, or for ``auto`` the static path on CUDA,
     :data:`CPU_ENGINE` on CPU and HF ``generate`` elsewhere."""
@@ -166,11 +176,17 @@ class StaticCacheDecoder:
             overhead saves). ``graph`` compiles once per (batch size, padded length, bucket): worth it where prompt
             shapes repeat; ``prompt`` stays the default.
         prefill_multiple: the ``graph`` prefill's padding multiple.
+        tune_kernels: with ``compile_step``, let torch.compile tune the kernels it generates for their shapes
+            (inductor's coordinate-descent tuning, set for these compiles only). At batch 1 it writes each matrix
+            multiply as a Triton reduction fused with its neighbours. Measured on one H200, 7B-shaped decoder, through
+            ``benchmarks/decode.py`` with the same setting process-wide (benchmarks/results/h200/decode-7b-profile*.md):
+            decode 4.40 ms/token against 5.10 (1.58x the weight-read limit against 1.83x), the first call 87 s
+            against 35 s. Off by default until measured through this option, TTFT included.
     """
 
     def __init__(self, decoder: Any, compile_step: bool = False, mode: str = "reduce-overhead",
                  min_bucket: int = MIN_BUCKET, max_caches: int = 4, prefill: str = "prompt",
-                 prefill_multiple: int = PREFILL_MULTIPLE) -> None:
+                 prefill_multiple: int = PREFILL_MULTIPLE, tune_kernels: bool = False) -> None:
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill must be one of {PREFILL_MODES}, got {prefill!r}")
         if prefill_multiple < 1:
@@ -187,11 +203,13 @@ class StaticCacheDecoder:
         if prefill == "prompt" and not all(kind == "full_attention" for kind in layer_types):
             prefill = "bucket"  # copying a prompt's keys and values in assumes every layer keeps all positions
         self.prefill: PrefillMode = prefill  # type: ignore[assignment]
+        self.tune_kernels = tune_kernels
         if compile_step:
             allow_recompiles(256)  # every (batch size, bucket) compiles once; keep them all
-            self.step = torch.compile(self._step, mode=mode, dynamic=False)
-            self.step_scores = torch.compile(self._step_scores, mode=mode, dynamic=False)  # compiled on first use
-            self.prefill_step = (torch.compile(self._prefill_direct, mode=mode, dynamic=False)
+            how = compile_settings(mode, tune_kernels)
+            self.step = torch.compile(self._step, dynamic=False, **how)
+            self.step_scores = torch.compile(self._step_scores, dynamic=False, **how)  # compiled on first use
+            self.prefill_step = (torch.compile(self._prefill_direct, dynamic=False, **how)
                                  if prefill == "graph" else self._prefill_direct)
         else:
             self.step = self._step
@@ -383,7 +401,7 @@ class GenerationEngine:
     """
 
     def __init__(self, decoder: Any, choice: str = "auto", compile_step: bool | None = None,
-                 min_bucket: int = MIN_BUCKET, prefill: str = "prompt") -> None:
+                 min_bucket: int = MIN_BUCKET, prefill: str = "prompt", tune_kernels: bool = False) -> None:
         self.decoder = decoder
         self.choice = choice
         self.device = torch.device(decoder.device)
@@ -399,11 +417,12 @@ class GenerationEngine:
                 if self.device.type == "cuda" and not compile_step:
                     logger.warning("triton is missing: the static decode step runs eagerly, without CUDA graphs")
             self.static = StaticCacheDecoder(decoder, compile_step=compile_step, min_bucket=min_bucket,
-                                             prefill=prefill)
+                                             prefill=prefill, tune_kernels=tune_kernels)
             if compile_step and self.device.type == "cuda":
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="gmsa-decode",
                                                     initializer=prepare_cudagraph_thread)
         self.prefill = prefill
+        self.tune_kernels = tune_kernels
         self._lock = threading.Lock()
 
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
@@ -442,11 +461,11 @@ class GenerationEngine:
                                          max_new_tokens=max_new_tokens, eos_token_id=stop or None,
                                          pad_token_id=pad_token_id, streamer=streamer, **generate_kwargs)
 
-    def matches(self, decoder: Any, choice: str, prefill: str = "prompt") -> bool:
-        """Whether this engine serves ``decoder`` as it is now (same object and device) with ``choice`` and
-        ``prefill``."""
+    def matches(self, decoder: Any, choice: str, prefill: str = "prompt", tune_kernels: bool = False) -> bool:
+        """Whether this engine serves ``decoder`` as it is now (same object and device) with ``choice``, ``prefill``
+        and ``tune_kernels``."""
         return (decoder is self.decoder and choice == self.choice and prefill == self.prefill
-                and torch.device(decoder.device) == self.device)
+                and tune_kernels == self.tune_kernels and torch.device(decoder.device) == self.device)
 
 
 def _has_triton() -> bool:
@@ -459,13 +478,14 @@ def _has_triton() -> bool:
 
 
 def engine_for(model: Any) -> GenerationEngine:
-    """The engine of a ``GMSAModel`` for its ``generation_engine`` choice and ``generation_prefill`` mode, built once
-    and kept on the model (its static caches and compiled step are reused), rebuilt when either or the decoder's
-    device changes."""
+    """The engine of a ``GMSAModel`` for its ``generation_engine`` choice, ``generation_prefill`` mode and
+    ``generation_tune_kernels`` setting, built once and kept on the model (its static caches and compiled step are
+    reused), rebuilt when one of them or the decoder's device changes."""
     choice = getattr(model, "generation_engine", "auto")
     prefill = getattr(model, "generation_prefill", "prompt")
+    tune = bool(getattr(model, "generation_tune_kernels", False))
     engine = model.__dict__.get("_generation_engine")
-    if engine is None or not engine.matches(model.decoder, choice, prefill):
-        engine = GenerationEngine(model.decoder, choice, prefill=prefill)
+    if engine is None or not engine.matches(model.decoder, choice, prefill, tune):
+        engine = GenerationEngine(model.decoder, choice, prefill=prefill, tune_kernels=tune)
         model.__dict__["_generation_engine"] = engine
     return engine

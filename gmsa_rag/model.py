@@ -580,6 +580,9 @@ class GMSAModel(nn.Module):
     generation_prefill: str = "prompt"
     """How the static path's prefill fills its cache: ``prompt``, ``bucket`` or ``graph`` (see
     :class:`gmsa_rag.engine.StaticCacheDecoder`)."""
+    generation_tune_kernels: bool = False
+    """Whether the static path's compiled decode step tunes its generated kernels (coordinate descent; see
+    :class:`gmsa_rag.engine.StaticCacheDecoder`): faster decode on a GPU for a longer first call."""
 
     @torch.no_grad()
     def generate_from_segments(

@@ -236,9 +236,26 @@ def test_model_generation_goes_through_the_engine(tokenizer, monkeypatch):
     model.generation_engine, model.generation_prefill = "static", "graph"
     assert engine_for(model).static.prefill == "graph"  # another prefill mode: another engine
     assert llm.complete(prompt).text == answers["static"][0]
-    model.generation_engine, model.generation_prefill = "auto", "prompt"
+    model.generation_tune_kernels = True
+    assert engine_for(model).static.tune_kernels  # tuned kernels: another engine
+    model.generation_engine, model.generation_prefill, model.generation_tune_kernels = "auto", "prompt", False
     model.generate("Who?", soft, max_new_tokens=2, do_sample=True)  # sampling: HF generate, whatever the choice
     assert engine_for(model).last_path == "hf"
+
+
+def test_tuned_kernels_compile_the_step_with_the_modes_options_plus_coordinate_descent(model, monkeypatch):
+    from gmsa_rag import engine as engine_module
+
+    assert engine_module.compile_settings("reduce-overhead") == {"mode": "reduce-overhead"}
+    tuned = engine_module.compile_settings("reduce-overhead", tune_kernels=True)
+    assert tuned == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    calls = []
+    monkeypatch.setattr(engine_module.torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    StaticCacheDecoder(model.decoder, compile_step=True, tune_kernels=True, prefill="graph")
+    assert calls and all(c == {"dynamic": False, **tuned} for c in calls)  # step, scored step, graph prefill
+    calls.clear()
+    StaticCacheDecoder(model.decoder, compile_step=True)
+    assert calls and all(c == {"dynamic": False, "mode": "reduce-overhead"} for c in calls)  # as before
 
 
 # ----------------------------------------------------------------------------------- prompt assembly
