@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time the static-cache engine even where the engine's auto choice is HF generate")
     p.add_argument("--prefill", default="prompt", choices=["prompt", "bucket", "graph"],
                    help="the static-cache engine's prefill mode (gmsa_rag.engine.StaticCacheDecoder; default prompt)")
+    p.add_argument("--tune-kernels", action="store_true",
+                   help="the static-cache engine's compiled step tunes its kernels (coordinate descent; "
+                        "GMSAModel.generation_tune_kernels)")
     args = p.parse_args(argv)
     unknown = set(args.methods) - set(METHODS)
     if unknown:
@@ -167,7 +170,7 @@ def main(argv=None) -> dict[str, Any]:
     hf = GenerationEngine(decoder, "hf")
     fast = None
     if not args.no_fast and (args.fast or select_engine(device) == "static"):
-        fast = GenerationEngine(decoder, "static", prefill=args.prefill)
+        fast = GenerationEngine(decoder, "static", prefill=args.prefill, tune_kernels=args.tune_kernels)
     elif not args.no_fast:
         notes.append(f"The engine's auto choice on {device.type} is HF generate, so only it is timed (--fast adds "
                      "the static-cache engine).")
@@ -197,6 +200,7 @@ def main(argv=None) -> dict[str, Any]:
                 "fast_path": fast is not None,
                 "fast_compiled": bool(fast is not None and fast.static.compiled),
                 "fast_prefill": fast.static.prefill if fast is not None else None,
+                "fast_tune_kernels": bool(fast is not None and fast.static.tune_kernels),
                 "model_load_s": round(load_s, 1), "run_s": round(time.perf_counter() - t0, 1),
                 "load_average_at_end": bc.load_average()}
         all_notes = notes + _definitions(args, device, fast)

@@ -92,10 +92,11 @@ def test_latency_runs_end_to_end(qa_file, tmp_path):
     result = _bench("latency").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file),
                                      "--lengths", "48,96", "--doc-tokens", "32", "--rates", "4,8",
                                      "--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--fast", "--prefill", "graph",
-                                     "--out", str(out)])
+                                     "--tune-kernels", "--out", str(out)])
     data = _check_outputs(out, "latency")
     assert data["meta"]["fast_path"] and not data["meta"]["fast_compiled"]  # the engine's static path, eager on CPU
     assert data["meta"]["fast_prefill"] == "graph"  # padded prefill, run eagerly here: still HF's tokens (below)
+    assert data["meta"]["fast_tune_kernels"]  # (asked for; it changes what compiles, and nothing compiles on CPU)
     rows = result["rows"]
     assert len(rows) == 2 * (1 + 2 * 4)  # per length: uncompressed + 2 rates x (gmsa, tcp) x (cached, online)
     by = {(r["length"], r["method"], r["rate"]): r for r in rows}
