@@ -40,9 +40,7 @@ def test_cited_targets_name_the_gold_passages_place():
 
 @pytest.fixture()
 def citing(tokenizer):
-    model = lively(tiny_gmsa(tokenizer, window=64))
-    model.config.answer_cites = True
-    return model
+    return lively(tiny_gmsa(tokenizer, window=64, answer_cites=True))
 
 
 def spy(model, monkeypatch, head: str):

@@ -52,9 +52,7 @@ def test_quoted_targets_come_from_the_gold_passage():
 
 @pytest.fixture()
 def quoting(tokenizer):
-    model = lively(tiny_gmsa(tokenizer, window=64))
-    model.config.answer_quotes = True
-    return model
+    return lively(tiny_gmsa(tokenizer, window=64, answer_quotes=True))
 
 
 def test_a_quoting_model_asks_for_the_quote_and_returns_the_bold_answer(quoting, monkeypatch):

@@ -37,9 +37,7 @@ def test_question_first_states_the_question_before_the_documents_too(tokenizer):
 
 @pytest.fixture()
 def model(tokenizer):
-    model = lively(tiny_gmsa(tokenizer, window=64))
-    model.config.question_first = True
-    return model
+    return lively(tiny_gmsa(tokenizer, window=64, question_first=True))
 
 
 def test_the_model_asks_first_where_its_adapter_reads_and_never_for_the_pristine_base(model, tokenizer):
