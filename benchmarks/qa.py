@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="answer from each document alone, keep the answer the decoder scores best (gmsa_rag.per_document)")
     p.add_argument("--document-score", default="mean", choices=["mean", "sum"],
                    help="with --per-document: the answer's mean or summed log-probability (default mean)")
+    p.add_argument("--expand-to", type=int, default=0, metavar="R",
+                   help="compressed systems: each document's best BM25-matching run of soft tokens read as its text, "
+                        "as much as fits the decoder positions of rate R (gmsa_rag.expansion; default off)")
     p.add_argument("--rates", type=int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
     p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
     p.add_argument("--nocompress-checkpoint", default=None)
@@ -117,8 +120,10 @@ def load_model(spec: bc.SystemSpec, args, device, dtype):
 
 
 def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, Any]:
-    from gmsa_rag.metrics import qa_metrics
+    from gmsa_rag.expansion import expand_documents
+    from gmsa_rag.metrics import answer_in_output, qa_metrics
     compressed = spec.kind in ("gmsa", "tcp")
+    expanded_hits: list[float] = []  # with --expand-to: whether a question's runs read as text hold an answer
 
     def run(batch):
         t0 = time.perf_counter()
@@ -129,6 +134,12 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
             contexts, i = [], 0
             for e in batch:
                 contexts.append(soft[i : i + len(e.contexts)])
+                if args.expand_to:
+                    contexts[-1] = expand_documents(model, e.question, e.contexts, contexts[-1], spec.rate,
+                                                    args.expand_to)
+                    runs = [model.tokenizer.decode(p) for c in contexts[-1] if isinstance(c, tuple)
+                            for p in c if isinstance(p, list)]
+                    expanded_hits.append(max((answer_in_output(t, e.answers) for t in runs), default=0.0))
                 i += len(e.contexts)
         else:
             contexts = [list(e.contexts) for e in batch]
@@ -166,11 +177,12 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
     n = len(examples)
     scores = qa_metrics(predictions, [e.answers for e in examples])
     return {
-        "system": spec.label, "kind": spec.kind, "rate": spec.rate, "checkpoint": spec.path if spec.kind != "base" else None,
+        "system": spec.label + (f" +text to {args.expand_to}x" if compressed and args.expand_to else ""), "kind": spec.kind, "rate": spec.rate, "checkpoint": spec.path if spec.kind != "base" else None,
         "n": n, "exact_match": scores["exact_match"], "f1": scores["f1"], "accuracy": scores["accuracy"],
         "ms_per_query": (compress_s + generate_s) / n * 1e3, "compress_ms_per_query": compress_s / n * 1e3,
         "generate_ms_per_query": generate_s / n * 1e3, "median_ms_per_query": statistics.median(per_query_ms),
         "mean_decoder_positions": sum(positions) / n,
+        **({"answer_in_text_run": 100 * sum(expanded_hits[-n:]) / n} if expanded_hits else {}),
         "predictions": predictions,
     }
 
@@ -209,6 +221,9 @@ def main(argv=None) -> dict[str, Any]:
             raise SystemExit(f"{flag} narrows extractive answers: add --extractive")
         if value and args.per_document:
             raise SystemExit(f"{flag} does not combine with --per-document")
+    if args.expand_to < 0 or (args.expand_to and args.expand_to >= min(args.rates)):
+        raise SystemExit(f"--expand-to {args.expand_to}: a budget's rate must be below every compressed rate "
+                         f"({min(args.rates)}x here)")
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     args.limit = args.limit or (8 if args.quick else 200)
@@ -273,6 +288,12 @@ def main(argv=None) -> dict[str, Any]:
         "batch's time per question (median ms/q: leaves out one-off costs such as compiling for a new cache length); "
         "one warm-up question untimed. Positions: mean decoder input length (with --per-document: of a question's prompts together).",
     ]
+    if args.expand_to:
+        notes.append(f"--expand-to {args.expand_to}: each compressed document's run of soft tokens of best BM25 match "
+                     f"read as the tokens it stands for, within {args.expand_to}x's decoder positions "
+                     "(gmsa_rag.expansion); the run held an answer for "
+                     + ", ".join(f"{r['answer_in_text_run']:.1f}% of questions ({r['system']})"
+                                 for r in rows if "answer_in_text_run" in r) + ".")
     C = bc.Column
     columns = [C("system", "system"), C("n", "n"), C("exact_match", "EM", 1), C("f1", "F1", 1),
                C("accuracy", "accuracy", 1), C("mean_decoder_positions", "decoder positions", 0),

@@ -28,8 +28,11 @@ SPAN_INSTRUCTION = 'Quote the words that follow "{}" in the documents.'
 _MARK = "<|gmsa_span_{}|>"
 _MARK_RE = re.compile(r"<\|gmsa_span_(\d+)\|>")
 
-Context = Union[torch.Tensor, str]
-"""A document as soft tokens ([m, H] tensor) or, for the uncompressed baseline, as plain text."""
+Piece = Union[torch.Tensor, list]
+"""Part of a document: soft tokens ([m, H] tensor) or token ids."""
+Context = Union[torch.Tensor, str, tuple]
+"""A document as soft tokens ([m, H] tensor), as plain text (the uncompressed baseline), or as a tuple of pieces in
+order (soft tokens with a run of them given back as the token ids they stand for; :mod:`gmsa_rag.expansion`)."""
 
 
 @dataclass
@@ -80,10 +83,11 @@ def chat_segments(
 
 
 def document_parts(contexts: Sequence[Context | list[int]]) -> list[Context | list[int]]:
-    """One labelled span per document, in order: ``Document [i]: <span>`` (the layout of every prompt)."""
+    """One labelled span per document, in order: ``Document [i]: <span>`` (the layout of every prompt); a document
+    given as a tuple of pieces takes its pieces in order."""
     parts: list[Context] = []
     for i, ctx in enumerate(contexts, 1):
-        parts += [f"Document [{i}]: ", ctx, "\n"]
+        parts += [f"Document [{i}]: ", *(ctx if isinstance(ctx, tuple) else (ctx,)), "\n"]
     return parts
 
 
@@ -154,6 +158,14 @@ def shared_tail(prompt: Sequence[Segment], twin: Sequence[Segment]) -> int:
     return shared
 
 
+def group_spans(n_tokens: int, window: int, rate: int) -> list[tuple[int, int]]:
+    """The [start, end) token span each soft token of an ``n_tokens``-token document stands for: group merging
+    compresses encoder windows of ``window`` tokens, each in consecutive groups of ``rate`` (a window's last group may
+    be short)."""
+    windows = [(start, min(start + window, n_tokens)) for start in range(0, n_tokens, window)]
+    return [(g, min(g + rate, end)) for start, end in windows for g in range(start, end, rate)]
+
+
 def soft_token_groups(soft_prompt: Sequence[Segment], text_prompt: Sequence[Segment], window: int,
                       rate: int) -> tuple[list[int], list[list[int]]]:
     """Where each soft token of ``soft_prompt`` sits and the positions in ``text_prompt`` of the tokens it stands for.
@@ -169,8 +181,7 @@ def soft_token_groups(soft_prompt: Sequence[Segment], text_prompt: Sequence[Segm
     for soft, text in zip(soft_prompt, text_prompt):
         if soft.embeds is not None:
             n = len(text)
-            windows = [(start, min(start + window, n)) for start in range(0, n, window)]
-            spans = [(g, min(g + rate, end)) for start, end in windows for g in range(start, end, rate)]
+            spans = group_spans(n, window, rate)
             if len(spans) != len(soft) or text.token_ids is None:
                 raise ValueError(f"soft_token_groups: a span of {len(soft)} soft tokens against {n} tokens at {rate}x")
             soft_positions += range(soft_at, soft_at + len(soft))

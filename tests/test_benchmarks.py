@@ -628,3 +628,15 @@ def test_reconstruction_curve_puts_checkpoints_on_one_token_axis(tmp_path):
         curve.main(["--point", f"10={late}", "--length", "256", "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit):  # argparse: tokens must be a positive number
         curve.main(["--point", f"many={late}", "--out", str(tmp_path / "out")])
+
+
+def test_qa_reads_the_best_matching_run_as_text_within_the_lower_rates_positions(qa_file, checkpoints, tmp_path):
+    qa = _bench("qa")
+    common = ["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--gmsa-checkpoint",
+              str(checkpoints["gmsa"]), "--max-new-tokens", "2", "--batch-size", "2"]
+    plain = qa.main(common + ["--rates", "2", "8", "--out", str(tmp_path / "plain")])
+    expanded = qa.main(common + ["--rates", "8", "--expand-to", "2", "--out", str(tmp_path / "expanded")])
+    positions = {r["system"]: r["mean_decoder_positions"] for r in plain["rows"] + expanded["rows"]}
+    assert positions["GMSA r=8"] < positions["GMSA r=8 +text to 2x"] <= positions["GMSA r=2"]
+    with pytest.raises(SystemExit, match="below every compressed rate"):
+        qa.main(common + ["--rates", "4", "--expand-to", "4"])
