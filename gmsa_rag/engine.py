@@ -181,7 +181,11 @@ class StaticCacheDecoder:
             multiply as a Triton reduction fused with its neighbours. Measured on one H200, 7B-shaped decoder, through
             ``benchmarks/decode.py`` with the same setting process-wide (benchmarks/results/h200/decode-7b-profile*.md):
             decode 4.40 ms/token against 5.10 (1.58x the weight-read limit against 1.83x), the first call 87 s
-            against 35 s. Off by default until measured through this option, TTFT included.
+            against 35 s. Through this option, on one machine (decode-7b-default.md, decode-7b-cdt-option.md):
+            4.79 against 5.05 ms/token (5% faster), the first call 84 s against 50 s; and with the ``graph`` prefill
+            (compiled with the option too) a cached-8x TTFT of 24.3 ms against round 9's 21.3 on another H200
+            (latency-7b-tuned.md). Off by default: the gain is small and the search does not pick the same kernels
+            twice.
     """
 
     def __init__(self, decoder: Any, compile_step: bool = False, mode: str = "reduce-overhead",
