@@ -70,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="ENGINE",
                    help="after timing, profile one e2e run of this engine (torch.profiler, CPU + CUDA): where a decode "
                         "step's device time goes, kernel by kernel, against its wall time (a second table)")
-    p.add_argument("--coordinate-descent", action="store_true",
-                   help="the compiled engines tune the kernels torch.compile generates (coordinate descent; "
+    p.add_argument("--tune-kernels", action="store_true",
+                   help="the compiled engines tune their kernels (GEMM autotuning and coordinate descent; "
                         "GenerationEngine(tune_kernels=True), GMSAModel.generation_tune_kernels)")
     p.add_argument("--data", default=None, help="passages (default: the bundled QA dev split)")
     p.add_argument("--name", default=None, help="output file stem (default decode-<backbone>)")
@@ -144,7 +144,7 @@ def main(argv=None) -> dict[str, Any]:
     passages, source = bc.load_passages(args.data)
     prompts = [build_prompt(model, tokenizer, passages, args.prompt, "What is the main topic of the documents?")]
     prompts = prompts * args.batch
-    made = make_engines(engines, decoder, args.coordinate_descent)
+    made = make_engines(engines, decoder, args.tune_kernels)
     n = args.new_tokens
     # A stop token that never comes (checked below): the static path then runs its per-step stop check.
     never = [len(tokenizer) - 1]
@@ -220,7 +220,7 @@ def main(argv=None) -> dict[str, Any]:
             "new_tokens": n, "batch": args.batch, "repeats": args.repeats, "warmup": args.warmup,
             "auto_engine_here": select_engine(device), "weight_gib": round(weight_bytes / 2**30, 3),
             "bandwidth_gbs": bandwidth, "weight_bandwidth_limit_ms": limit_ms, "model_load_s": round(load_s, 1),
-            "coordinate_descent_tuning": args.coordinate_descent,
+            "tune_kernels": args.tune_kernels,
             "load_average_at_end": bc.load_average()}
     notes = notes + [
         f"Greedy, exactly {n} new tokens (no stop token), batch {args.batch}, through GenerationEngine.generate "

@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill", default="prompt", choices=["prompt", "bucket", "graph"],
                    help="the static-cache engine's prefill mode (gmsa_rag.engine.StaticCacheDecoder; default prompt)")
     p.add_argument("--tune-kernels", action="store_true",
-                   help="the static-cache engine's compiled step tunes its kernels (coordinate descent; "
+                   help="the static-cache engine's compiled step tunes its kernels (GEMM autotuning and coordinate descent; "
                         "GMSAModel.generation_tune_kernels)")
     args = p.parse_args(argv)
     unknown = set(args.methods) - set(METHODS)

@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="answer from each document alone, keep the answer the decoder scores best (gmsa_rag.per_document)")
     p.add_argument("--document-score", default="mean", choices=["mean", "sum"],
                    help="with --per-document: the answer's mean or summed log-probability (default mean)")
+    p.add_argument("--contrast", type=float, default=0.0, metavar="ALPHA",
+                   help="context-aware decoding: each token by how much the documents raise it over the question "
+                        "alone, (1 + ALPHA) x with - ALPHA x without (gmsa_rag.contrast; greedy; default off)")
     p.add_argument("--expand-to", type=int, default=0, metavar="R",
                    help="compressed systems: each document's best BM25-matching run of soft tokens read as its text, "
                         "as much as fits the decoder positions of rate R (gmsa_rag.expansion; default off)")
@@ -151,6 +154,8 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
             options["extract_top"] = args.extract_top
         if args.extract_sentences:
             options["extract_sentences"] = args.extract_sentences
+        if args.contrast:
+            options["contrast"] = args.contrast
         if args.per_document:
             options.update(per_document=True, score=args.document_score)
         outputs = model.generate(questions, contexts, max_new_tokens=args.max_new_tokens, extract_from=extract_from,
@@ -221,6 +226,8 @@ def main(argv=None) -> dict[str, Any]:
             raise SystemExit(f"{flag} narrows extractive answers: add --extractive")
         if value and args.per_document:
             raise SystemExit(f"{flag} does not combine with --per-document")
+    if args.contrast < 0 or (args.contrast and (args.num_beams > 1 or args.per_document)):
+        raise SystemExit("--contrast: a positive alpha, greedy (no --num-beams) and not --per-document")
     if args.expand_to < 0 or (args.expand_to and args.expand_to >= min(args.rates)):
         raise SystemExit(f"--expand-to {args.expand_to}: a budget's rate must be below every compressed rate "
                          f"({min(args.rates)}x here)")
@@ -273,6 +280,8 @@ def main(argv=None) -> dict[str, Any]:
                          + (f", the {args.keep_top} of best BM25 match kept" if args.keep_top else ""),
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "engine": args.engine,
             "decoding": ("greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams")
+                        + (f", context-aware (alpha {args.contrast}: against the question without documents)"
+                           if args.contrast else "")
                         + (", extractive (answers held to spans of the documents)" if args.extractive else "")
                         + (f", held to the {args.extract_top} of best BM25 match" if args.extract_top else "")
                         + (f", then to the {args.extract_sentences} sentence(s) of best BM25 match"

@@ -82,12 +82,14 @@ def allow_recompiles(at_least: int) -> None:
 
 def compile_settings(mode: str, tune_kernels: bool = False) -> dict[str, Any]:
     """``torch.compile`` keyword arguments: ``mode``, or with ``tune_kernels`` that mode's inductor options plus
-    coordinate-descent tuning (torch.compile takes a mode or options, not both)."""
+    inductor's kernel tuning: each matrix multiply's kernel chosen by timing (``max_autotune``) and the generated
+    kernels tuned by coordinate descent, as ``max-autotune`` mode does (torch.compile takes a mode or options, not
+    both)."""
     if not tune_kernels:
         return {"mode": mode}
     from torch._inductor import list_mode_options
 
-    return {"options": {**list_mode_options(mode), "coordinate_descent_tuning": True}}
+    return {"options": {**list_mode_options(mode), "max_autotune": True, "coordinate_descent_tuning": True}}
 
 
 def select_engine(device: torch.device | str, choice: str = "auto") -> EngineKind:
@@ -176,16 +178,13 @@ class StaticCacheDecoder:
             overhead saves). ``graph`` compiles once per (batch size, padded length, bucket): worth it where prompt
             shapes repeat; ``prompt`` stays the default.
         prefill_multiple: the ``graph`` prefill's padding multiple.
-        tune_kernels: with ``compile_step``, let torch.compile tune the kernels it generates for their shapes
-            (inductor's coordinate-descent tuning, set for these compiles only). At batch 1 it writes each matrix
-            multiply as a Triton reduction fused with its neighbours. Measured on one H200, 7B-shaped decoder, through
-            ``benchmarks/decode.py`` with the same setting process-wide (benchmarks/results/h200/decode-7b-profile*.md):
-            decode 4.40 ms/token against 5.10 (1.58x the weight-read limit against 1.83x), the first call 87 s
-            against 35 s. Through this option, on one machine (decode-7b-default.md, decode-7b-cdt-option.md):
-            4.79 against 5.05 ms/token (5% faster), the first call 84 s against 50 s; and with the ``graph`` prefill
-            (compiled with the option too) a cached-8x TTFT of 24.3 ms against round 9's 21.3 on another H200
-            (latency-7b-tuned.md). Off by default: the gain is small and the search does not pick the same kernels
-            twice.
+        tune_kernels: with ``compile_step``, let torch.compile tune the kernels it compiles for their shapes
+            (:func:`compile_settings`: each matrix multiply's kernel picked by timing, the generated kernels tuned by
+            coordinate descent; for these compiles only). Measured on one H200, 7B-shaped decoder, 704-position prompt
+            (benchmarks/results/h200/decode-7b-*.md): decode 4.45 ms/token against 5.18 on the same machine (1.60x
+            the weight-read limit against 1.86x), the first call 109 s against 44 s (with ``max_autotune`` set
+            process-wide and coordinate descent through this option). Coordinate descent alone: 4.73-4.79 against
+            5.05. Off by default: worth it for a server, not for a one-question command.
     """
 
     def __init__(self, decoder: Any, compile_step: bool = False, mode: str = "reduce-overhead",

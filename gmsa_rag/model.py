@@ -506,6 +506,7 @@ class GMSAModel(nn.Module):
         per_document: bool = False,
         extract_top: int = 0,
         extract_sentences: int = 0,
+        contrast: float = 0.0,
         **generate_kwargs,
     ) -> str | list[str]:
         """Answer question(s) from their documents (soft-token tensors, or text for the uncompressed baseline).
@@ -520,6 +521,8 @@ class GMSAModel(nn.Module):
         BM25 match among those documents (after ``extract_top``).
         ``per_document``: answer from each document alone and keep the answer the decoder scores best
         (:mod:`gmsa_rag.per_document`).
+        ``contrast``: alpha > 0 decodes each token from how much the documents raise it over the question alone
+        (context-aware decoding, :mod:`gmsa_rag.contrast`; greedy, plain answers).
         """
         single = isinstance(questions, str)
         questions, contexts = self._as_batch(questions, contexts)
@@ -528,6 +531,8 @@ class GMSAModel(nn.Module):
             raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
         if extract_top or extract_sentences:
             documents = self._best_matching(questions, documents, extract_top, extract_sentences, per_document)
+        if contrast and (per_document or self.config.answer_cites or self.config.answer_quotes):
+            raise ValueError("contrast: context-aware decoding answers plainly, not per document, citing or quoting")
         if per_document:
             from .per_document import answer_per_document
 
@@ -554,7 +559,14 @@ class GMSAModel(nn.Module):
                 from .extractive import extractive_processor
 
                 generate_kwargs["logits_processor"] = extractive_processor(self, documents, generate_kwargs)
-            texts = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens, **generate_kwargs)
+            if contrast:
+                from .contrast import generate_contrasted
+
+                processors = generate_kwargs.pop("logits_processor", [])
+                texts = generate_contrasted(self, questions, prompts, contrast, max_new_tokens, processors,
+                                            **generate_kwargs)
+            else:
+                texts = self.generate_from_segments(prompts, max_new_tokens=max_new_tokens, **generate_kwargs)
         return texts[0] if single else texts
 
     def _best_matching(self, questions: Sequence[str], documents: Sequence[Sequence[str]] | None, top: int,
@@ -581,21 +593,24 @@ class GMSAModel(nn.Module):
     """How the static path's prefill fills its cache: ``prompt``, ``bucket`` or ``graph`` (see
     :class:`gmsa_rag.engine.StaticCacheDecoder`)."""
     generation_tune_kernels: bool = False
-    """Whether the static path's compiled decode step tunes its generated kernels (coordinate descent; see
-    :class:`gmsa_rag.engine.StaticCacheDecoder`): faster decode on a GPU for a longer first call."""
+    """Whether the static path's compiled decode step tunes its kernels (GEMM autotuning and coordinate descent;
+    see :class:`gmsa_rag.engine.StaticCacheDecoder`): faster decode on a GPU for a longer first call."""
 
     @torch.no_grad()
     def generate_from_segments(
-        self, prompts: Sequence[Sequence[Segment]], max_new_tokens: int = 32, **generate_kwargs
+        self, prompts: Sequence[Sequence[Segment]], max_new_tokens: int = 32, adapter: bool | None = None,
+        **generate_kwargs
     ) -> list[str]:
         """Greedy (by default) decoding from prebuilt prompts; returns the decoded new text of each.
 
         Decodes through :func:`gmsa_rag.engine.engine_for` (``generation_engine``); sampling or other Hugging Face
         ``generate`` kwargs fall back to ``generate``. ``eos_token_id`` overrides :meth:`stop_token_ids`.
+        ``adapter``: the decoder adapter on or off for the whole batch (default: on for prompts with soft tokens,
+        off for plain text, each group decoded apart).
         """
         from .engine import engine_for
 
-        wanted = [self.adapter_wanted([p]) for p in prompts]
+        wanted = [self.adapter_wanted([p]) if adapter is None else adapter for p in prompts]
         if len(set(wanted)) > 1:  # text and soft prompts: adapter off / on
             soft = [i for i, w in enumerate(wanted) if w]
             text = [i for i, w in enumerate(wanted) if not w]
@@ -607,7 +622,7 @@ class GMSAModel(nn.Module):
         batch = self.build_batch(prompts, padding_side="left")
         self.check_length(batch.inputs_embeds.shape[1] + max_new_tokens)
         stop = generate_kwargs.pop("eos_token_id", None)
-        with self.decoder_adapter(self.adapter_wanted(prompts)):
+        with self.decoder_adapter(wanted[0] if wanted else self.adapter_wanted(prompts)):
             out = engine_for(self).generate(
                 batch.inputs_embeds,
                 batch.attention_mask,

@@ -207,7 +207,7 @@ def test_decode_profiles_where_a_step_goes(qa_file, tmp_path):
     assert rows["device busy"]["ms_per_step"] == pytest.approx(parts) and parts > 0
     assert rows["all matrix multiplies"]["calls_per_step"] > 0  # (the tiny model's linear layers, on the CPU)
     assert "Where a decode step goes (static)" in (out / "decode-tiny.md").read_text()
-    assert result["meta"]["coordinate_descent_tuning"] is False
+    assert result["meta"]["tune_kernels"] is False
     with pytest.raises(SystemExit):
         _bench("decode").parse_args(["--engines", "hf", "--profile", "static"])
 

@@ -243,12 +243,12 @@ def test_model_generation_goes_through_the_engine(tokenizer, monkeypatch):
     assert engine_for(model).last_path == "hf"
 
 
-def test_tuned_kernels_compile_the_step_with_the_modes_options_plus_coordinate_descent(model, monkeypatch):
+def test_tuned_kernels_compile_the_step_with_the_modes_options_plus_kernel_tuning(model, monkeypatch):
     from gmsa_rag import engine as engine_module
 
     assert engine_module.compile_settings("reduce-overhead") == {"mode": "reduce-overhead"}
     tuned = engine_module.compile_settings("reduce-overhead", tune_kernels=True)
-    assert tuned == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    assert tuned == {"options": {"triton.cudagraphs": True, "max_autotune": True, "coordinate_descent_tuning": True}}
     calls = []
     monkeypatch.setattr(engine_module.torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
     StaticCacheDecoder(model.decoder, compile_step=True, tune_kernels=True, prefill="graph")
