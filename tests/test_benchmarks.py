@@ -211,6 +211,15 @@ def test_decode_profiles_where_a_step_goes(qa_file, tmp_path):
     with pytest.raises(SystemExit):
         _bench("decode").parse_args(["--engines", "hf", "--profile", "static"])
 
+    compare = _bench("decode_compare")  # decode runs side by side, read back from their JSON
+    made = compare.main(["--run", f"plain={out / 'decode-tiny.json'}", "--run", f"again={out / 'decode-tiny.json'}:static",
+                         "--name", "cmp", "--out", str(tmp_path / "cmp")])
+    assert [r["label"] for r in made["rows"]] == ["plain", "again"]
+    assert made["rows"][0]["decode_ms"] == data["rows"][0]["decode_ms_per_token"] and made["rows"][0]["settings"] == "default"
+    _check_outputs(tmp_path / "cmp", "cmp")
+    with pytest.raises(SystemExit, match="no engine 'hf'"):
+        compare.main(["--run", f"x={out / 'decode-tiny.json'}:hf", "--out", str(tmp_path / "cmp")])
+
 
 def test_decode_profile_counts_fused_matrix_multiplies_as_such():
     kind = _bench("decode").kernel_kind
