@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--expand-to", type=int, default=0, metavar="R",
                    help="compressed systems: each document's best BM25-matching run of soft tokens read as its text, "
                         "as much as fits the decoder positions of rate R (gmsa_rag.expansion; default off)")
+    p.add_argument("--expand-rate", type=int, default=1, metavar="F",
+                   help="with --expand-to: read the chosen run as soft tokens at rate F (the documents compressed "
+                        "at F too; F divides the rate) instead of as text (default 1: text)")
     p.add_argument("--rates", type=int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
     p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
     p.add_argument("--nocompress-checkpoint", default=None)
@@ -123,7 +126,7 @@ def load_model(spec: bc.SystemSpec, args, device, dtype):
 
 
 def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, Any]:
-    from gmsa_rag.expansion import expand_documents
+    from gmsa_rag.expansion import chosen_runs, expand_documents
     from gmsa_rag.metrics import answer_in_output, qa_metrics
     compressed = spec.kind in ("gmsa", "tcp")
     expanded_hits: list[float] = []  # with --expand-to: whether a question's runs read as text hold an answer
@@ -134,14 +137,15 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         if compressed:
             flat = [c for e in batch for c in e.contexts]
             soft = model.compress(flat, spec.rate) if flat else []
+            fine = model.compress(flat, args.expand_rate) if flat and args.expand_to and args.expand_rate > 1 else None
             contexts, i = [], 0
             for e in batch:
                 contexts.append(soft[i : i + len(e.contexts)])
                 if args.expand_to:
+                    fine_softs = fine[i : i + len(e.contexts)] if fine is not None else None
                     contexts[-1] = expand_documents(model, e.question, e.contexts, contexts[-1], spec.rate,
-                                                    args.expand_to)
-                    runs = [model.tokenizer.decode(p) for c in contexts[-1] if isinstance(c, tuple)
-                            for p in c if isinstance(p, list)]
+                                                    args.expand_to, fine_softs, args.expand_rate)
+                    runs = chosen_runs(model, e.question, e.contexts, spec.rate, args.expand_to, args.expand_rate)
                     expanded_hits.append(max((answer_in_output(t, e.answers) for t in runs), default=0.0))
                 i += len(e.contexts)
         else:
@@ -182,7 +186,8 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
     n = len(examples)
     scores = qa_metrics(predictions, [e.answers for e in examples])
     return {
-        "system": spec.label + (f" +text to {args.expand_to}x" if compressed and args.expand_to else ""), "kind": spec.kind, "rate": spec.rate, "checkpoint": spec.path if spec.kind != "base" else None,
+        "system": spec.label + (expansion_label(args) if compressed and args.expand_to else ""),
+        "kind": spec.kind, "rate": spec.rate, "checkpoint": spec.path if spec.kind != "base" else None,
         "n": n, "exact_match": scores["exact_match"], "f1": scores["f1"], "accuracy": scores["accuracy"],
         "ms_per_query": (compress_s + generate_s) / n * 1e3, "compress_ms_per_query": compress_s / n * 1e3,
         "generate_ms_per_query": generate_s / n * 1e3, "median_ms_per_query": statistics.median(per_query_ms),
@@ -190,6 +195,11 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         **({"answer_in_text_run": 100 * sum(expanded_hits[-n:]) / n} if expanded_hits else {}),
         "predictions": predictions,
     }
+
+
+def expansion_label(args) -> str:
+    """What ``--expand-to`` adds to a compressed system's name: the run read as text or finer soft tokens."""
+    return f" +{'text' if args.expand_rate == 1 else f'{args.expand_rate}x'} run to {args.expand_to}x"
 
 
 def gold_only(examples: list) -> list:
@@ -231,6 +241,10 @@ def main(argv=None) -> dict[str, Any]:
     if args.expand_to < 0 or (args.expand_to and args.expand_to >= min(args.rates)):
         raise SystemExit(f"--expand-to {args.expand_to}: a budget's rate must be below every compressed rate "
                          f"({min(args.rates)}x here)")
+    if args.expand_rate < 1 or (args.expand_rate > 1 and (not args.expand_to or args.expand_rate >= args.expand_to
+                                                          or any(r % args.expand_rate for r in args.rates))):
+        raise SystemExit(f"--expand-rate {args.expand_rate}: with --expand-to, below its rate and dividing every "
+                         "compressed rate")
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     args.limit = args.limit or (8 if args.quick else 200)
@@ -299,7 +313,9 @@ def main(argv=None) -> dict[str, Any]:
     ]
     if args.expand_to:
         notes.append(f"--expand-to {args.expand_to}: each compressed document's run of soft tokens of best BM25 match "
-                     f"read as the tokens it stands for, within {args.expand_to}x's decoder positions "
+                     + ("read as the tokens it stands for" if args.expand_rate == 1 else
+                        f"read as its {args.expand_rate}x soft tokens")
+                     + f", within {args.expand_to}x's decoder positions "
                      "(gmsa_rag.expansion); the run held an answer for "
                      + ", ".join(f"{r['answer_in_text_run']:.1f}% of questions ({r['system']})"
                                  for r in rows if "answer_in_text_run" in r) + ".")

@@ -6,6 +6,10 @@ of a compressed context back to text the same way. Here the decoder's budget is 
 compressed at ``rate`` (e.g. 8x, the cached soft tokens) gets back as text the run of groups whose words best match
 the question (BM25), as many groups as keep it within the positions it would take at ``budget_rate`` (e.g. 4x).
 The cache does not change: the text is the document's own, at hand wherever its soft tokens are.
+
+The run can instead be read at a finer rate (``fine_rate``, e.g. 2x soft tokens of the same document, a second
+cache): its groups of ``rate`` tokens are then groups of ``fine_rate`` tokens, which line up with them wherever
+``fine_rate`` divides ``rate`` and the encoder window.
 """
 from __future__ import annotations
 
@@ -30,22 +34,25 @@ class Expansion:
     end: int
 
 
-def expandable_groups(n_tokens: int, soft_count: int, rate: int, budget_rate: int) -> int:
-    """How many soft tokens (each ``rate`` tokens as text) fit back as text within ``ceil(n_tokens / budget_rate)``
-    decoder positions: each costs ``rate - 1`` more positions than its soft token."""
-    if rate < 2 or budget_rate < 1:
-        raise ValueError(f"rate must be >= 2 and budget_rate >= 1, got {rate} and {budget_rate}")
+def expandable_groups(n_tokens: int, soft_count: int, rate: int, budget_rate: int, fine_rate: int = 1) -> int:
+    """How many soft tokens (each ``rate`` tokens, read back as ``rate / fine_rate`` positions: text for
+    ``fine_rate`` 1) fit within ``ceil(n_tokens / budget_rate)`` decoder positions: each costs
+    ``rate / fine_rate - 1`` more positions than its soft token."""
+    if rate < 2 or budget_rate < 1 or fine_rate < 1 or rate % fine_rate or fine_rate == rate:
+        raise ValueError(f"need rate >= 2, budget_rate >= 1 and fine_rate a divisor of rate below it; got {rate}, "
+                         f"{budget_rate} and {fine_rate}")
     spare = math.ceil(n_tokens / budget_rate) - soft_count
-    return max(0, min(soft_count, spare // (rate - 1)))
+    return max(0, min(soft_count, spare // (rate // fine_rate - 1)))
 
 
 def choose_expansion(question: str, token_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase, window: int,
-                     rate: int, budget_rate: int) -> Expansion | None:
+                     rate: int, budget_rate: int, fine_rate: int = 1) -> Expansion | None:
     """The run of groups of a document (``token_ids``, as the encoder tokenized it, compressed in windows of
     ``window`` tokens at ``rate``) with the best BM25 match to ``question`` among runs of the length the budget
-    allows (ties: the earliest); None when no group fits or the question shares no word with the document."""
+    allows when read at ``fine_rate`` (ties: the earliest); None when no group fits or the question shares no word
+    with the document."""
     spans = group_spans(len(token_ids), window, rate)
-    count = expandable_groups(len(token_ids), len(spans), rate, budget_rate)
+    count = expandable_groups(len(token_ids), len(spans), rate, budget_rate, fine_rate)
     if count == 0:
         return None
     runs = [(first, spans[first][0], spans[first + count - 1][1]) for first in range(len(spans) - count + 1)]
@@ -57,27 +64,56 @@ def choose_expansion(question: str, token_ids: Sequence[int], tokenizer: PreTrai
     return Expansion(first, count, start, end)
 
 
-def expanded(soft: torch.Tensor, token_ids: Sequence[int], expansion: Expansion | None) -> torch.Tensor | tuple:
-    """A document's context: its soft tokens, with ``expansion``'s run given back as text (a tuple of pieces)."""
+def expanded(soft: torch.Tensor, token_ids: Sequence[int], expansion: Expansion | None,
+             fine: torch.Tensor | None = None, fine_spans: Sequence[tuple[int, int]] = ()) -> torch.Tensor | tuple:
+    """A document's context: its soft tokens, with ``expansion``'s run given back as text (a tuple of pieces), or
+    with ``fine`` (the document's finer soft tokens, standing for ``fine_spans``) as the fine soft tokens of the
+    run."""
     if expansion is None:
         return soft
     e = expansion
-    pieces = (soft[: e.first], list(token_ids[e.start : e.end]), soft[e.first + e.count :])
+    if fine is None:
+        middle: torch.Tensor | list[int] = list(token_ids[e.start : e.end])
+    else:
+        middle = fine[[i for i, (a, b) in enumerate(fine_spans) if e.start <= a and b <= e.end]]
+    pieces = (soft[: e.first], middle, soft[e.first + e.count :])
     return tuple(p for p in pieces if len(p))
 
 
 def expand_documents(model, question: str, texts: Sequence[str], softs: Sequence[torch.Tensor], rate: int,
-                     budget_rate: int) -> list[torch.Tensor | tuple]:
+                     budget_rate: int, fine_softs: Sequence[torch.Tensor] | None = None,
+                     fine_rate: int = 1) -> list[torch.Tensor | tuple]:
     """Each document (``texts``, compressed into ``softs`` at ``rate`` by ``model``) as a context within the
-    decoder positions of ``budget_rate``, its best-matching run of groups read as text."""
+    decoder positions of ``budget_rate``, its best-matching run of groups read as text, or with ``fine_softs``
+    (the same documents compressed at ``fine_rate``) as those finer soft tokens."""
     if budget_rate >= rate:
         raise ValueError(f"the budget's rate ({budget_rate}x) must be below the soft tokens' ({rate}x)")
-    if len(texts) != len(softs):
-        raise ValueError(f"{len(texts)} documents but {len(softs)} soft-token tensors")
+    if (fine_softs is None) != (fine_rate == 1):
+        raise ValueError("give fine_softs with a fine_rate above 1, and neither for text")
+    window = model.config.window
+    if fine_rate > 1 and window % rate:
+        raise ValueError(f"the encoder window ({window}) must be a multiple of the rate ({rate}x) for groups to line up")
+    if len(texts) != len(softs) or (fine_softs is not None and len(fine_softs) != len(texts)):
+        raise ValueError(f"{len(texts)} documents but {len(softs)} soft-token tensors"
+                         + (f" and {len(fine_softs)} fine ones" if fine_softs is not None else ""))
     contexts = []
-    for ids, soft in zip(model.tokenize(list(texts)), softs):
-        if len(group_spans(len(ids), model.config.window, rate)) != len(soft):
-            raise ValueError(f"{len(soft)} soft tokens do not stand for a {len(ids)}-token document at {rate}x")
-        choice = choose_expansion(question, ids, model.tokenizer, model.config.window, rate, budget_rate)
-        contexts.append(expanded(soft, ids, choice))
+    for d, (ids, soft) in enumerate(zip(model.tokenize(list(texts)), softs)):
+        spans = {r: group_spans(len(ids), window, r) for r in {rate, fine_rate}}
+        fine = None if fine_softs is None else fine_softs[d]
+        for r, tokens in ((rate, soft), (fine_rate, fine)):
+            if tokens is not None and len(spans[r]) != len(tokens):
+                raise ValueError(f"{len(tokens)} soft tokens do not stand for a {len(ids)}-token document at {r}x")
+        choice = choose_expansion(question, ids, model.tokenizer, window, rate, budget_rate, fine_rate)
+        contexts.append(expanded(soft, ids, choice, fine, spans[fine_rate]))
     return contexts
+
+
+def chosen_runs(model, question: str, texts: Sequence[str], rate: int, budget_rate: int,
+                fine_rate: int = 1) -> list[str]:
+    """The text of each document's run that :func:`expand_documents` reads more finely ("" where none)."""
+    window = model.config.window
+    runs = []
+    for ids in model.tokenize(list(texts)):
+        choice = choose_expansion(question, ids, model.tokenizer, window, rate, budget_rate, fine_rate)
+        runs.append("" if choice is None else model.tokenizer.decode(ids[choice.start : choice.end]))
+    return runs

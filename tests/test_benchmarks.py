@@ -645,7 +645,11 @@ def test_qa_reads_the_best_matching_run_as_text_within_the_lower_rates_positions
               str(checkpoints["gmsa"]), "--max-new-tokens", "2", "--batch-size", "2"]
     plain = qa.main(common + ["--rates", "2", "8", "--out", str(tmp_path / "plain")])
     expanded = qa.main(common + ["--rates", "8", "--expand-to", "2", "--out", str(tmp_path / "expanded")])
-    positions = {r["system"]: r["mean_decoder_positions"] for r in plain["rows"] + expanded["rows"]}
-    assert positions["GMSA r=8"] < positions["GMSA r=8 +text to 2x"] <= positions["GMSA r=2"]
+    finer = qa.main(common + ["--rates", "8", "--expand-to", "4", "--expand-rate", "2", "--out", str(tmp_path / "fine")])
+    positions = {r["system"]: r["mean_decoder_positions"] for r in plain["rows"] + expanded["rows"] + finer["rows"]}
+    assert positions["GMSA r=8"] < positions["GMSA r=8 +text run to 2x"] <= positions["GMSA r=2"]
+    assert positions["GMSA r=8"] < positions["GMSA r=8 +2x run to 4x"] < positions["GMSA r=2"]
     with pytest.raises(SystemExit, match="below every compressed rate"):
         qa.main(common + ["--rates", "4", "--expand-to", "4"])
+    with pytest.raises(SystemExit, match="dividing every"):
+        qa.main(common + ["--rates", "8", "--expand-to", "4", "--expand-rate", "3"])

@@ -58,3 +58,23 @@ def test_no_shared_word_or_no_room_keeps_the_soft_tokens(tokenizer):
         expand_documents(model, "Sun Tzu?", [PASSAGE], [soft], 8, 8)
     with pytest.raises(ValueError, match="do not stand for"):
         expand_documents(model, "Sun Tzu?", [PASSAGE], [model.compress([PASSAGE], 4)[0]], 8, 4)
+
+
+def test_the_run_can_be_read_as_finer_soft_tokens_of_the_same_document(tokenizer):
+    model = tiny_gmsa(tokenizer, window=32, rates=[2, 4, 8])
+    ids = model.tokenize([PASSAGE])[0]
+    coarse, fine = model.compress([PASSAGE], 8)[0], model.compress([PASSAGE], 2)[0]
+    assert expandable_groups(120, 15, rate=8, budget_rate=4, fine_rate=2) == 5  # 30 positions: 15 + 5 x 3 more
+    choice = choose_expansion("Sun Tzu?", ids, tokenizer, 32, 8, 4, fine_rate=2)
+    [context] = expand_documents(model, "Sun Tzu?", [PASSAGE], [coarse], 8, 4, [fine], 2)
+    before, middle, after = context
+    fine_spans = group_spans(len(ids), 32, 2)
+    inside = [i for i, (a, b) in enumerate(fine_spans) if choice.start <= a and b <= choice.end]
+    assert torch.equal(middle, fine[inside]) and inside == list(range(inside[0], inside[-1] + 1))
+    assert sum(b - a for a, b in (fine_spans[i] for i in inside)) == choice.end - choice.start  # the run, exactly
+    assert torch.equal(before, coarse[: choice.first]) and torch.equal(after, coarse[choice.first + choice.count:])
+    assert len(before) + len(middle) + len(after) <= math.ceil(len(ids) / 4)
+    with pytest.raises(ValueError, match="fine_softs"):
+        expand_documents(model, "Sun Tzu?", [PASSAGE], [coarse], 8, 4, fine_rate=2)
+    with pytest.raises(ValueError):
+        expandable_groups(120, 15, rate=8, budget_rate=4, fine_rate=3)
