@@ -344,6 +344,21 @@ def passages_within(model, examples: Sequence, cap: int) -> Iterator:
     return (e for e in examples if not cap or len(model.tokenize([e.gold_context])[0]) <= cap)
 
 
+def run_row(path: Path, key: str, wanted: str | None, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A benchmark run's JSON payload at ``path`` and its row whose ``key`` is ``wanted`` (None: the run's only row),
+    for the scripts that set runs side by side; a missing file, row or choice ends in one line naming the fix."""
+    if not path.is_file():
+        raise SystemExit(f"no such file: {path}")
+    payload = json.loads(path.read_text())
+    rows = {r[key]: r for r in payload["rows"]}
+    if wanted is None and len(rows) != 1:
+        raise SystemExit(f"{path} holds {len(rows)} {what}s ({', '.join(rows)}): name one as {path}:{what.upper()}")
+    row = rows.get(wanted) if wanted else next(iter(rows.values()))
+    if row is None:
+        raise SystemExit(f"{path} has no {what} {wanted!r} (it has {', '.join(rows)})")
+    return payload, row
+
+
 def free(*objects) -> None:
     """Drop references and return cached GPU memory (best effort)."""
     del objects

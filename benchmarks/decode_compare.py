@@ -8,7 +8,6 @@ JSON files; runs no model.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_row(label: str, path: Path, engine: str | None) -> dict[str, Any]:
     """The row of ``engine`` in a decode.py JSON, labelled, with the run's settings beside it."""
-    if not path.is_file():
-        raise SystemExit(f"no such file: {path}")
-    payload = json.loads(path.read_text())
-    rows = {r["engine"]: r for r in payload["rows"]}
-    if engine is None and len(rows) != 1:
-        raise SystemExit(f"{path} holds {len(rows)} engines ({', '.join(rows)}): name one as {path}:ENGINE")
-    row = rows.get(engine) if engine else next(iter(rows.values()))
-    if row is None:
-        raise SystemExit(f"{path} has no engine {engine!r} (it has {', '.join(rows)})")
+    payload, row = bc.run_row(path, "engine", engine, "engine")
     meta = payload["meta"]
     settings = [s for s in (meta.get("environment"), "tune_kernels" if meta.get("tune_kernels") else None,
                             "coordinate descent (option)" if meta.get("coordinate_descent_tuning") else None) if s]

@@ -7,7 +7,6 @@ decoder positions, data, documents, decoding and machine). Reads the runs' JSON 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -37,15 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_row(label: str, path: Path, system: str | None) -> dict[str, Any]:
     """The row of ``system`` in a qa.py JSON, labelled, with the run's settings beside it (and, under
     ``_answers``, its per-question outputs for :func:`paired`)."""
-    if not path.is_file():
-        raise SystemExit(f"no such file: {path}")
-    payload = json.loads(path.read_text())
-    rows = {r["system"]: r for r in payload["rows"]}
-    if system is None and len(rows) != 1:
-        raise SystemExit(f"{path} holds {len(rows)} systems ({', '.join(rows)}): name one as {path}:SYSTEM")
-    row = rows.get(system) if system else next(iter(rows.values()))
-    if row is None:
-        raise SystemExit(f"{path} has no system {system!r} (it has {', '.join(rows)})")
+    payload, row = bc.run_row(path, "system", system, "system")
     meta = payload["meta"]
     return {"label": label, "file": path.name, "system": row["system"], "n": row["n"], "accuracy": row["accuracy"],
             "exact_match": row["exact_match"], "f1": row["f1"], "positions": row["mean_decoder_positions"],

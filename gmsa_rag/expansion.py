@@ -84,12 +84,22 @@ def expanded(soft: torch.Tensor, token_ids: Sequence[int], expansion: Expansion 
     return tuple(p for p in pieces if len(p))
 
 
+def choose_expansions(model, question: str, texts: Sequence[str], rate: int, budget_rate: int,
+                      fine_rate: int = 1) -> list[tuple[list[int], Expansion | None]]:
+    """Each document's tokens (as ``model``'s encoder reads them) and its run to read more finely
+    (:func:`choose_expansion`), for :func:`expand_documents`."""
+    window = model.config.window
+    return [(ids, choose_expansion(question, ids, model.tokenizer, window, rate, budget_rate, fine_rate))
+            for ids in model.tokenize(list(texts))]
+
+
 def expand_documents(model, question: str, texts: Sequence[str], softs: Sequence[torch.Tensor], rate: int,
-                     budget_rate: int, fine_softs: Sequence[torch.Tensor] | None = None,
-                     fine_rate: int = 1) -> list[torch.Tensor | tuple]:
+                     budget_rate: int, fine_softs: Sequence[torch.Tensor] | None = None, fine_rate: int = 1,
+                     chosen: Sequence[tuple[list[int], Expansion | None]] | None = None) -> list[torch.Tensor | tuple]:
     """Each document (``texts``, compressed into ``softs`` at ``rate`` by ``model``) as a context within the
     decoder positions of ``budget_rate``, its best-matching run of groups read as text, or with ``fine_softs``
-    (the same documents compressed at ``fine_rate``) as those finer soft tokens."""
+    (the same documents compressed at ``fine_rate``) as those finer soft tokens. ``chosen``: the runs from
+    :func:`choose_expansions`, when the caller has them already."""
     if budget_rate >= rate:
         raise ValueError(f"the budget's rate ({budget_rate}x) must be below the soft tokens' ({rate}x)")
     if (fine_softs is None) != (fine_rate == 1):
@@ -100,24 +110,14 @@ def expand_documents(model, question: str, texts: Sequence[str], softs: Sequence
     if len(texts) != len(softs) or (fine_softs is not None and len(fine_softs) != len(texts)):
         raise ValueError(f"{len(texts)} documents but {len(softs)} soft-token tensors"
                          + (f" and {len(fine_softs)} fine ones" if fine_softs is not None else ""))
+    if chosen is None:
+        chosen = choose_expansions(model, question, texts, rate, budget_rate, fine_rate)
     contexts = []
-    for d, (ids, soft) in enumerate(zip(model.tokenize(list(texts)), softs)):
+    for d, ((ids, choice), soft) in enumerate(zip(chosen, softs)):
         spans = {r: group_spans(len(ids), window, r) for r in {rate, fine_rate}}
         fine = None if fine_softs is None else fine_softs[d]
         for r, tokens in ((rate, soft), (fine_rate, fine)):
             if tokens is not None and len(spans[r]) != len(tokens):
                 raise ValueError(f"{len(tokens)} soft tokens do not stand for a {len(ids)}-token document at {r}x")
-        choice = choose_expansion(question, ids, model.tokenizer, window, rate, budget_rate, fine_rate)
         contexts.append(expanded(soft, ids, choice, fine, spans[fine_rate]))
     return contexts
-
-
-def chosen_runs(model, question: str, texts: Sequence[str], rate: int, budget_rate: int,
-                fine_rate: int = 1) -> list[str]:
-    """The text of each document's run that :func:`expand_documents` reads more finely ("" where none)."""
-    window = model.config.window
-    runs = []
-    for ids in model.tokenize(list(texts)):
-        choice = choose_expansion(question, ids, model.tokenizer, window, rate, budget_rate, fine_rate)
-        runs.append("" if choice is None else model.tokenizer.decode(ids[choice.start : choice.end]))
-    return runs
