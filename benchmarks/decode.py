@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune-kernels", action="store_true",
                    help="the compiled engines tune their kernels (GEMM autotuning and coordinate descent; "
                         "GenerationEngine(tune_kernels=True), GMSAModel.generation_tune_kernels)")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="every engine decodes with the decoder's W_Q/W_K/W_V and gate/up fused into one matrix each "
+                        "(GenerationEngine(fuse_projections=True), GMSAModel.generation_fuse_projections)")
     p.add_argument("--data", default=None, help="passages (default: the bundled QA dev split)")
     p.add_argument("--name", default=None, help="output file stem (default decode-<backbone>)")
     args = p.parse_args(argv)
@@ -113,17 +116,19 @@ class StepTimer:
         return [b - a for a, b in zip(self.times, self.times[1:])]
 
 
-def make_engines(names: list[str], decoder, tune_kernels: bool = False) -> dict[str, Any]:
+def make_engines(names: list[str], decoder, tune_kernels: bool = False, fuse: bool = False) -> dict[str, Any]:
     from gmsa_rag.engine import GenerationEngine
 
     made = {}
     for name in names:
         if name == "hf":
-            made[name] = GenerationEngine(decoder, "hf")
+            made[name] = GenerationEngine(decoder, "hf", fuse_projections=fuse)
         elif name == "static-compiled":
-            made[name] = GenerationEngine(decoder, "static", compile_step=True, tune_kernels=tune_kernels)
+            made[name] = GenerationEngine(decoder, "static", compile_step=True, tune_kernels=tune_kernels,
+                                          fuse_projections=fuse)
         else:  # static, static-stop: what the product builds for "static"
-            made[name] = made.get("static") or GenerationEngine(decoder, "static", tune_kernels=tune_kernels)
+            made[name] = made.get("static") or GenerationEngine(decoder, "static", tune_kernels=tune_kernels,
+                                                                fuse_projections=fuse)
     return made
 
 
@@ -144,7 +149,7 @@ def main(argv=None) -> dict[str, Any]:
     passages, source = bc.load_passages(args.data)
     prompts = [build_prompt(model, tokenizer, passages, args.prompt, "What is the main topic of the documents?")]
     prompts = prompts * args.batch
-    made = make_engines(engines, decoder, args.tune_kernels)
+    made = make_engines(engines, decoder, args.tune_kernels, args.fuse_projections)
     n = args.new_tokens
     # A stop token that never comes (checked below): the static path then runs its per-step stop check.
     never = [len(tokenizer) - 1]
@@ -221,6 +226,7 @@ def main(argv=None) -> dict[str, Any]:
             "auto_engine_here": select_engine(device), "weight_gib": round(weight_bytes / 2**30, 3),
             "bandwidth_gbs": bandwidth, "weight_bandwidth_limit_ms": limit_ms, "model_load_s": round(load_s, 1),
             "tune_kernels": args.tune_kernels,
+            "fuse_projections": args.fuse_projections,
             "load_average_at_end": bc.load_average()}
     notes = notes + [
         f"Greedy, exactly {n} new tokens (no stop token), batch {args.batch}, through GenerationEngine.generate "

@@ -33,7 +33,8 @@ def load_row(label: str, path: Path, engine: str | None) -> dict[str, Any]:
     payload, row = bc.run_row(path, "engine", engine, "engine")
     meta = payload["meta"]
     settings = [s for s in (meta.get("environment"), "tune_kernels" if meta.get("tune_kernels") else None,
-                            "coordinate descent (option)" if meta.get("coordinate_descent_tuning") else None) if s]
+                            "coordinate descent (option)" if meta.get("coordinate_descent_tuning") else None,
+                            "fused projections" if meta.get("fuse_projections") else None) if s]
     return {"label": label, "file": path.name, "engine": row["engine"], "decode_ms": row["decode_ms_per_token"],
             "x_limit": row.get("over_limit"), "limit_ms": meta.get("weight_bandwidth_limit_ms"),
             "first_call_s": row.get("first_call_s"), "ttft_ms": row.get("ttft_ms"),

@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune-kernels", action="store_true",
                    help="the static-cache engine's compiled step tunes its kernels (GEMM autotuning and coordinate descent; "
                         "GMSAModel.generation_tune_kernels)")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="decode with the decoder's W_Q/W_K/W_V and gate/up fused into one matrix each, on both "
+                        "engines (one decoder; GMSAModel.generation_fuse_projections)")
     args = p.parse_args(argv)
     unknown = set(args.methods) - set(METHODS)
     if unknown:
@@ -167,10 +170,11 @@ def main(argv=None) -> dict[str, Any]:
 
     from gmsa_rag.engine import GenerationEngine, select_engine
 
-    hf = GenerationEngine(decoder, "hf")
+    hf = GenerationEngine(decoder, "hf", fuse_projections=args.fuse_projections)
     fast = None
     if not args.no_fast and (args.fast or select_engine(device) == "static"):
-        fast = GenerationEngine(decoder, "static", prefill=args.prefill, tune_kernels=args.tune_kernels)
+        fast = GenerationEngine(decoder, "static", prefill=args.prefill, tune_kernels=args.tune_kernels,
+                                fuse_projections=args.fuse_projections)
     elif not args.no_fast:
         notes.append(f"The engine's auto choice on {device.type} is HF generate, so only it is timed (--fast adds "
                      "the static-cache engine).")
@@ -201,6 +205,7 @@ def main(argv=None) -> dict[str, Any]:
                 "fast_compiled": bool(fast is not None and fast.static.compiled),
                 "fast_prefill": fast.static.prefill if fast is not None else None,
                 "fast_tune_kernels": bool(fast is not None and fast.static.tune_kernels),
+                "fuse_projections": args.fuse_projections,
                 "model_load_s": round(load_s, 1), "run_s": round(time.perf_counter() - t0, 1),
                 "load_average_at_end": bc.load_average()}
         all_notes = notes + _definitions(args, device, fast)

@@ -26,6 +26,8 @@ import torch
 from torch.profiler import record_function
 from transformers import LogitsProcessorList
 
+from .fused_projections import fuse_projections
+
 logger = logging.getLogger(__name__)
 
 EngineChoice = Literal["auto", "hf", "static"]
@@ -397,6 +399,11 @@ class GenerationEngine:
     to Hugging Face ``generate``.
     On CUDA with compilation, every call runs on one engine-owned thread: CUDA-graph trees belong to the thread
     that recorded them, and callers such as ``GMSALLM.stream_complete`` decode from a new thread each time.
+    With ``fuse_projections`` every call first fuses the decoder's sibling projections in place
+    (:func:`gmsa_rag.fused_projections.fuse_projections`: W_Q/W_K/W_V and gate/up stored once, one matrix multiply
+    each; the same outputs), on either path. Off by default: on the 2-core CPU it did not change SmolLM2's decode
+    speed (HF path, median step 57.7 and 57.7 ms fused against 56.7 and 58.0 in alternating runs,
+    benchmarks/results/cpu-2core/decode-fused.md: a memory-bound step reads the same bytes); on a GPU, unmeasured.
 
     Attributes:
         kind: ``static`` or ``hf``, the path greedy requests take.
@@ -404,8 +411,10 @@ class GenerationEngine:
     """
 
     def __init__(self, decoder: Any, choice: str = "auto", compile_step: bool | None = None,
-                 min_bucket: int = MIN_BUCKET, prefill: str = "prompt", tune_kernels: bool = False) -> None:
+                 min_bucket: int = MIN_BUCKET, prefill: str = "prompt", tune_kernels: bool = False,
+                 fuse_projections: bool = False) -> None:
         self.decoder = decoder
+        self.fuse_projections = fuse_projections
         self.choice = choice
         self.device = torch.device(decoder.device)
         self.kind: EngineKind = select_engine(self.device, choice)
@@ -436,6 +445,8 @@ class GenerationEngine:
         ``stop_token_ids`` end a row (kept in its output); empty: exactly ``max_new_tokens`` tokens. ``streamer``
         gets Hugging Face's calls: ``put`` of the (empty) prompt ids, then of each step's tokens, then ``end``.
         """
+        if self.fuse_projections:
+            fuse_projections(self.decoder)  # (again, where a move or a merge undid it; otherwise a quick check)
         if isinstance(stop_token_ids, int):
             stop_token_ids = [stop_token_ids]
         stop = [int(t) for t in (stop_token_ids or ())]
@@ -464,11 +475,13 @@ class GenerationEngine:
                                          max_new_tokens=max_new_tokens, eos_token_id=stop or None,
                                          pad_token_id=pad_token_id, streamer=streamer, **generate_kwargs)
 
-    def matches(self, decoder: Any, choice: str, prefill: str = "prompt", tune_kernels: bool = False) -> bool:
-        """Whether this engine serves ``decoder`` as it is now (same object and device) with ``choice``, ``prefill``
-        and ``tune_kernels``."""
+    def matches(self, decoder: Any, choice: str, prefill: str = "prompt", tune_kernels: bool = False,
+                fuse_projections: bool = False) -> bool:
+        """Whether this engine serves ``decoder`` as it is now (same object and device) with ``choice``, ``prefill``,
+        ``tune_kernels`` and ``fuse_projections``."""
         return (decoder is self.decoder and choice == self.choice and prefill == self.prefill
-                and tune_kernels == self.tune_kernels and torch.device(decoder.device) == self.device)
+                and tune_kernels == self.tune_kernels and fuse_projections == self.fuse_projections
+                and torch.device(decoder.device) == self.device)
 
 
 def _has_triton() -> bool:
@@ -481,14 +494,15 @@ def _has_triton() -> bool:
 
 
 def engine_for(model: Any) -> GenerationEngine:
-    """The engine of a ``GMSAModel`` for its ``generation_engine`` choice, ``generation_prefill`` mode and
-    ``generation_tune_kernels`` setting, built once and kept on the model (its static caches and compiled step are
-    reused), rebuilt when one of them or the decoder's device changes."""
+    """The engine of a ``GMSAModel`` for its ``generation_engine`` choice, ``generation_prefill`` mode,
+    ``generation_tune_kernels`` and ``generation_fuse_projections`` settings, built once and kept on the model (its
+    static caches and compiled step are reused), rebuilt when one of them or the decoder's device changes."""
     choice = getattr(model, "generation_engine", "auto")
     prefill = getattr(model, "generation_prefill", "prompt")
     tune = bool(getattr(model, "generation_tune_kernels", False))
+    fuse = bool(getattr(model, "generation_fuse_projections", False))
     engine = model.__dict__.get("_generation_engine")
-    if engine is None or not engine.matches(model.decoder, choice, prefill, tune):
-        engine = GenerationEngine(model.decoder, choice, prefill=prefill, tune_kernels=tune)
+    if engine is None or not engine.matches(model.decoder, choice, prefill, tune, fuse):
+        engine = GenerationEngine(model.decoder, choice, prefill=prefill, tune_kernels=tune, fuse_projections=fuse)
         model.__dict__["_generation_engine"] = engine
     return engine
