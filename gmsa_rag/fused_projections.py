@@ -92,7 +92,9 @@ class FusedHead(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         group = self._fused
-        if group.needs_grad() or not (torch.compiler.is_compiling() or group.intact()):
+        # (compiled code cannot compare addresses: there only fuse_projections, which the engine calls before each
+        # generation, checks the views)
+        if group.weight is None or group.needs_grad() or not (torch.compiler.is_compiling() or group.intact()):
             return F.linear(input, self.weight, self.bias)
         parts = F.linear(input, group.weight, group.bias).split(group.sizes, dim=-1)
         group.input, group.parts, group.left = input, parts, len(parts) - 1

@@ -113,6 +113,11 @@ def test_casting_unfuses_and_fusing_again_restores():
     head = next(m for m in decoder.modules() if isinstance(m, FusedHead))
     assert not is_fused(decoder) and head._fused.weight is None  # the old fused matrix is let go
     torch.testing.assert_close(logits(decoder, ids), reference, rtol=1e-6, atol=1e-6)  # unfused, still right
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: decoder(input_ids=x).logits, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), reference, rtol=1e-6, atol=1e-6)  # compiled code as well
+    torch._dynamo.reset()
     assert fuse_projections(decoder) == 2 * LAYERS and is_fused(decoder)
     assert head._fused.weight.dtype == torch.float64
     torch.testing.assert_close(logits(decoder, ids), reference, rtol=1e-6, atol=1e-6)
