@@ -81,17 +81,32 @@ ablations=(
   # answers open with the gold document's number (round 14: from the gold passage alone extractive answers reach 52%
   # at 4x, among hard distractors 26%: choosing the document fails); judge by dev cite_accuracy and accuracy
   "cite:--init $INIT $RECIPE --cite_document true"
+  # round 22 (prepared, not yet run): learning rates around round 18's one-document run ("joint": decoder adapter 5e-4,
+  # encoder LoRA + LSA 2e-4), at one equal step budget; judge by dev gold_accuracy at 4x, e.g. on 4 GPUs:
+  # INIT=<the 302M stage 1> COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=400 ABL_EVAL_EVERY=100 ABL_GPUS="0 1 2 3" \
+  #   BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384" RUNS=runs/lr \
+  #   ABL_ONLY="joint lr-2.5e-4 lr-1e-3 lr-2e-3 clr-5e-4 clr-1e-3 clr-0" scripts/stage2_recipe.sh ablations
+  "lr-2.5e-4:--init $INIT --compressor_lr 2e-4 --lr 2.5e-4"
+  "lr-1e-3:--init $INIT --compressor_lr 2e-4 --lr 1e-3"
+  "lr-2e-3:--init $INIT --compressor_lr 2e-4 --lr 2e-3"
+  "clr-5e-4:--init $INIT --compressor_lr 5e-4"
+  "clr-1e-3:--init $INIT --compressor_lr 1e-3"
+  "clr-0:--init $INIT"  # the compressor frozen (the paper), same prompts: "frozen" under BOTH
 )
+cuda=${CUDA_VISIBLE_DEVICES:-0}
+ABL_GPUS=(${ABL_GPUS:-${cuda//,/ }})  # the GPUs the ablations share, round-robin (space-separated)
 
 case "${1:?mode: ablations, long or profile}" in
 ablations)
+  i=0
   for entry in "${ablations[@]}"; do
     name=${entry%%:*}; flags=${entry#*:}
     [ -n "${ABL_ONLY:-}" ] && [[ " $ABL_ONLY " != *" $name "* ]] && continue
     batch=$gmsa_batch; [ "$name" = nocompress ] && batch=$nocompress_batch
-    python3 -m gmsa_rag.train $common $batch $flags --out_dir "$RUNS/s2-$name" --steps "$ABL_STEPS" \
-      --time_limit_minutes "$ABL_MINUTES" --eval_every "${ABL_EVAL_EVERY:-100000}" --save_every "${ABL_SAVE_EVERY:-100000}" \
-      > "$RUNS/s2-$name.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=${ABL_GPUS[$((i % ${#ABL_GPUS[@]}))]} python3 -m gmsa_rag.train $common $batch $flags \
+      --out_dir "$RUNS/s2-$name" --steps "$ABL_STEPS" --time_limit_minutes "$ABL_MINUTES" \
+      --eval_every "${ABL_EVAL_EVERY:-100000}" --save_every "${ABL_SAVE_EVERY:-100000}" > "$RUNS/s2-$name.log" 2>&1 &
+    i=$((i + 1))
   done
   wait
   tail -n 3 "$RUNS"/s2-*.log ;;
