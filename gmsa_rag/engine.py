@@ -415,6 +415,7 @@ class GenerationEngine:
                  fuse_projections: bool = False) -> None:
         self.decoder = decoder
         self.fuse_projections = fuse_projections
+        self.compile_request = compile_step
         self.choice = choice
         self.device = torch.device(decoder.device)
         self.kind: EngineKind = select_engine(self.device, choice)
@@ -476,12 +477,12 @@ class GenerationEngine:
                                          pad_token_id=pad_token_id, streamer=streamer, **generate_kwargs)
 
     def matches(self, decoder: Any, choice: str, prefill: str = "prompt", tune_kernels: bool = False,
-                fuse_projections: bool = False) -> bool:
+                fuse_projections: bool = False, compile_step: bool | None = None) -> bool:
         """Whether this engine serves ``decoder`` as it is now (same object and device) with ``choice``, ``prefill``,
-        ``tune_kernels`` and ``fuse_projections``."""
+        ``tune_kernels``, ``fuse_projections`` and ``compile_step``."""
         return (decoder is self.decoder and choice == self.choice and prefill == self.prefill
                 and tune_kernels == self.tune_kernels and fuse_projections == self.fuse_projections
-                and torch.device(decoder.device) == self.device)
+                and compile_step == self.compile_request and torch.device(decoder.device) == self.device)
 
 
 def _has_triton() -> bool:
@@ -495,14 +496,16 @@ def _has_triton() -> bool:
 
 def engine_for(model: Any) -> GenerationEngine:
     """The engine of a ``GMSAModel`` for its ``generation_engine`` choice, ``generation_prefill`` mode,
-    ``generation_tune_kernels`` and ``generation_fuse_projections`` settings, built once and kept on the model (its
+    ``generation_compile``, ``generation_tune_kernels`` and ``generation_fuse_projections`` settings, built once and kept on the model (its
     static caches and compiled step are reused), rebuilt when one of them or the decoder's device changes."""
     choice = getattr(model, "generation_engine", "auto")
     prefill = getattr(model, "generation_prefill", "prompt")
     tune = bool(getattr(model, "generation_tune_kernels", False))
     fuse = bool(getattr(model, "generation_fuse_projections", False))
+    compile_step = getattr(model, "generation_compile", None)
     engine = model.__dict__.get("_generation_engine")
-    if engine is None or not engine.matches(model.decoder, choice, prefill, tune, fuse):
-        engine = GenerationEngine(model.decoder, choice, prefill=prefill, tune_kernels=tune, fuse_projections=fuse)
+    if engine is None or not engine.matches(model.decoder, choice, prefill, tune, fuse, compile_step):
+        engine = GenerationEngine(model.decoder, choice, compile_step=compile_step, prefill=prefill, tune_kernels=tune,
+                                  fuse_projections=fuse)
         model.__dict__["_generation_engine"] = engine
     return engine

@@ -592,6 +592,12 @@ class GMSAModel(nn.Module):
     generation_prefill: str = "prompt"
     """How the static path's prefill fills its cache: ``prompt``, ``bucket`` or ``graph`` (see
     :class:`gmsa_rag.engine.StaticCacheDecoder`)."""
+    generation_compile: bool | None = None
+    """Whether the static path compiles its decode step with ``torch.compile``: ``None`` on CUDA (CUDA graphs, when
+    triton is there), ``True`` on any device. On the 2-core CPU (inductor, ``generation_engine = "static"``) SmolLM2
+    decoded 11% faster per token than HF generate (50.0 against 55.9 ms), after a first call of 33-93 s that every new
+    batch size and length bucket repeats (benchmarks/results/cpu-2core/decode-engine-choice.md): for a long-running
+    CPU server, not a one-question command."""
     generation_tune_kernels: bool = False
     """Whether the static path's compiled decode step tunes its kernels (GEMM autotuning and coordinate descent;
     see :class:`gmsa_rag.engine.StaticCacheDecoder`): faster decode on a GPU for a longer first call."""

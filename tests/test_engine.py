@@ -360,3 +360,21 @@ def test_engine_thread_gets_the_cudagraph_registry(monkeypatch):
     worker.start()
     worker.join()
     assert seen == {"before": False, "after": True, "usable": True}
+
+
+def test_generation_compile_compiles_the_static_step_on_cpu_too(tokenizer, monkeypatch):
+    from gmsa_rag import engine as engine_module
+
+    model = lively(tiny_gmsa(tokenizer))
+    soft = model.compress([SAMPLE_TEXT], 4)
+    model.generation_engine = "static"
+    eager = model.generate("Who built it?", soft, max_new_tokens=6)
+    assert not engine_for(model).static.compiled  # the default on CPU: eager
+    compiled = []
+    monkeypatch.setattr(engine_module.torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    model.generation_compile = True
+    engine = engine_for(model)
+    assert engine.static.compiled and compiled  # a new engine, its step handed to torch.compile
+    assert model.generate("Who built it?", soft, max_new_tokens=6) == eager
+    model.generation_compile = None
+    assert not engine_for(model).static.compiled
