@@ -124,9 +124,12 @@ class FusedTail(nn.Linear):
 
 
 def _base_linear(module: nn.Module) -> nn.Linear | None:
-    """The plain ``nn.Linear`` under a projection (peft wraps it as ``base_layer``), or None."""
+    """The plain ``nn.Linear`` under a projection (peft wraps it as ``base_layer``), or None: also for a layer whose
+    weight accelerate moves in at each call (a ``device_map`` with offloading: ``_hf_hook``) or that has no data."""
     base = getattr(module, "base_layer", module)
-    return base if type(base) in (nn.Linear, FusedHead, FusedTail) else None
+    if type(base) not in (nn.Linear, FusedHead, FusedTail) or hasattr(base, "_hf_hook"):
+        return None
+    return None if base.weight.device.type == "meta" else base
 
 
 def _groups(model: nn.Module) -> list[list[nn.Linear]]:
@@ -135,7 +138,8 @@ def _groups(model: nn.Module) -> list[list[nn.Linear]]:
         for names in FUSED_GROUPS:
             members = [_base_linear(getattr(module, n)) if isinstance(getattr(module, n, None), nn.Module) else None
                        for n in names]
-            if all(m is not None for m in members) and len({m.in_features for m in members}) == 1:
+            if all(m is not None for m in members) and len({(m.in_features, m.weight.device, m.weight.dtype)
+                                                            for m in members}) == 1:
                 found.append(members)
     return found
 

@@ -195,3 +195,10 @@ def test_a_checkpoint_of_a_fused_trained_decoder_saves_and_loads(tokenizer, tmp_
     loaded = attach_checkpoint(fresh, read_record(tmp_path), read_weights(tmp_path), tmp_path)
     for name, p in model.trained_parameters().items():
         assert torch.equal(p, loaded.trained_parameters()[name]), name
+
+
+def test_layers_that_accelerate_dispatches_are_left_alone():
+    decoder = random_decoder(lora=False)
+    decoder.model.layers[0].self_attn.k_proj._hf_hook = object()  # as accelerate's device_map hooks mark them
+    assert fuse_projections(decoder) == 2 * LAYERS - 1  # that layer's q/k/v stay as they are
+    assert type(decoder.model.layers[0].self_attn.q_proj) is torch.nn.Linear
