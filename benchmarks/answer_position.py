@@ -73,7 +73,7 @@ def main(argv=None) -> dict[str, Any]:
     model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
     cap = args.max_passage_tokens
     examples, offsets = [], []
-    for e in bc.passages_within(model, bc.gold_questions(data), cap):
+    for e in bc.passages_within(model, bc.gold_questions(data, args.split), cap):
         offset = answer_offset(model.tokenizer, e.gold_context, e.answers)
         if offset is not None:
             examples.append(e)

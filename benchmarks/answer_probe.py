@@ -101,7 +101,7 @@ def main(argv=None) -> dict[str, Any]:
 
     args = parse_args(argv)
     device, dtype, checkpoint, data, limit = bc.probe_setup(args, cpu_limit=40, gpu_limit=200)
-    examples = load_qa(data, "dev", limit=limit)
+    examples = load_qa(data, args.split, limit=limit)
     batch_size = args.batch_size or (4 if device.type == "cpu" else 32)
     model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
     rates = [r for r in args.rates if r in model.config.rates]
@@ -128,9 +128,10 @@ def main(argv=None) -> dict[str, Any]:
     if none is not None:
         ax.axhline(none, color="tab:red", lw=1, ls="--", label="no documents")
         ax.legend(fontsize=8)
-    meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "data": str(data), "questions": len(examples),
-            "rates": rates}
-    notes = [f"Data: the first {len(examples)} questions of {data}; loss on the first gold answer (+ end of turn).",
+    meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "data": str(data), "split": args.split,
+            "questions": len(examples), "rates": rates}
+    notes = [f"Data: the first {len(examples)} questions of {data} (a pooled folder: its {args.split} split); loss on "
+             "the first gold answer (+ end of turn).",
              "soft-other: the documents of the next question in the file, compressed at the same rate.",
              "hard5 / random5: the gold document at place i mod 5 among its 4 hardest distractors (the dev prompt) or "
              "among the gold passages of the next 4 questions in the file (unrelated topics); questions with a "
@@ -140,7 +141,7 @@ def main(argv=None) -> dict[str, Any]:
                              [("Results", columns, rows)], fig, notes, {"rows": rows, "losses": losses})
     print(bc.markdown_table(columns, rows))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    return {"rows": rows, "paths": paths}
+    return {"rows": rows, "paths": paths, "meta": meta}
 
 
 if __name__ == "__main__":

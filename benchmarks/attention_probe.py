@@ -102,7 +102,7 @@ def main(argv=None) -> dict[str, Any]:
 
     args = parse_args(argv)
     device, dtype, checkpoint, data, limit = bc.probe_setup(args, cpu_limit=40, gpu_limit=200)
-    examples = bc.gold_questions(data)[:limit]
+    examples = bc.gold_questions(data, args.split)[:limit]
     prompts = [dev_qa_sample(e, None, args.max_docs, i).documents for i, e in enumerate(examples)]
     gold = [docs.index(e.gold_context) for docs, e in zip(prompts, examples)]
     torch.manual_seed(args.seed)

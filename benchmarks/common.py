@@ -285,8 +285,8 @@ def load_system(checkpoint: str | Path, device: torch.device, dtype: torch.dtype
 
 def add_probe_args(parser: argparse.ArgumentParser, name: str, limit_help: str, limit_default: int | None = None,
                    checkpoint_help: str = "GMSA checkpoint (default: the bundled one)") -> None:
-    """The arguments every QA probe shares: the common ones, --checkpoint, --backbone, --data, --limit, --name
-    (read back with ``probe_inputs``)."""
+    """The arguments every QA probe shares: the common ones, --checkpoint, --backbone, --data, --limit, --split,
+    --name (read back with ``probe_inputs``)."""
     add_common_args(parser, backbone_default=None)
     parser.add_argument("--checkpoint", default=None, help=checkpoint_help)
     parser.add_argument("--backbone", default=None,
@@ -294,6 +294,9 @@ def add_probe_args(parser: argparse.ArgumentParser, name: str, limit_help: str, 
     parser.add_argument("--data", default=None, help="QA jsonl(.gz) with gold passages marked, or a pooled QA folder "
                                                      "(its dev split); default: the bundled dev split")
     parser.add_argument("--limit", type=int, default=limit_default, help=limit_help)
+    parser.add_argument("--split", default="dev", choices=["dev", "train"],
+                        help="the split of a pooled QA folder to probe (default dev; train: the questions a checkpoint "
+                             "trained on, to tell underfitting from overfitting)")
     parser.add_argument("--name", default=name)
 
 
@@ -316,11 +319,12 @@ def probe_setup(args: argparse.Namespace, cpu_limit: int, gpu_limit: int) -> tup
     return device, dtype, checkpoint, data, args.limit or (cpu_limit if device.type == "cpu" else gpu_limit)
 
 
-def gold_questions(data: Path) -> list:
-    """The dev questions of a QA file (or pooled QA folder) that mark a gold passage; a clear exit if none does."""
+def gold_questions(data: Path, split: str = "dev") -> list:
+    """The questions of a QA file (or of a pooled QA folder's ``split``) that mark a gold passage; a clear exit if
+    none does."""
     from gmsa_rag.data.qa import load_qa
 
-    examples = [e for e in load_qa(data, "dev") if e.gold_context is not None]
+    examples = [e for e in load_qa(data, split) if e.gold_context is not None]
     if not examples:
         raise SystemExit(f"{data} has no questions with a marked gold passage")
     return examples

@@ -152,7 +152,7 @@ def main(argv=None) -> dict[str, Any]:
 
     args = parse_args(argv)
     device, dtype, checkpoint, data, limit = bc.probe_setup(args, cpu_limit=60, gpu_limit=300)
-    with_gold = bc.gold_questions(data)
+    with_gold = bc.gold_questions(data, args.split)
     batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
     torch.manual_seed(args.seed)
 

@@ -88,7 +88,7 @@ def main(argv=None) -> dict[str, Any]:
     device = bc.resolve_device(args.device)
     dtype = bc.resolve_dtype(args.dtype, device)
     checkpoint, data = bc.probe_inputs(args)
-    examples = bc.gold_questions(data)[: args.limit]
+    examples = bc.gold_questions(data, args.split)[: args.limit]
     model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
     if model.config.method != "gmsa":
         raise SystemExit(f"{checkpoint} is a {model.config.method} checkpoint; this probe reads GMSA soft tokens")

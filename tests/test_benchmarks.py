@@ -137,23 +137,34 @@ def test_qa_runs_end_to_end(qa_file, checkpoints, tmp_path):
         answer = row["GMSA r=4"]
         assert answer and any(answer in c for c in by_question[row["question"]]), answer
     # a pooled QA folder: its dev split as the trainer's dev shows it (gold among the hardest distractors)
-    pool = tmp_path / "pool"
-    pool.mkdir()
-    examples = load_qa_jsonl(qa_file)
-    texts = sorted({c for e in examples for c in e.contexts})
-    ids = {t: i for i, t in enumerate(texts)}
-    with gzip.open(pool / "passages.jsonl.gz", "wt") as fh:
-        fh.writelines(json.dumps({"id": i, "title": "", "text": t}) + "\n" for t, i in ids.items())
-    with gzip.open(pool / "dev.jsonl.gz", "wt") as fh:
-        for e in examples:
-            others = [ids[c] for j, c in enumerate(e.contexts) if j != e.gold_index]
-            fh.write(json.dumps({"question": e.question, "answers": e.answers, "gold": ids[e.contexts[e.gold_index]],
-                                 "distractors": others}) + "\n")
+    pool = pooled_folder(qa_file, tmp_path / "pool")
     pooled = _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(pool), "--max-docs", "1", "--base",
                                 "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "pooled")])
     assert pooled["meta"]["documents_per_question"] == 1 and pooled["rows"][0]["n"] == 3
     with pytest.raises(SystemExit, match="no QA data at"):
         _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(tmp_path / "nowhere"), "--base"])
+
+
+def pooled_folder(qa_file, folder, train_suffix: str | None = None):
+    """The QA file as a pooled QA folder (passages by id, gold among distractors) of a dev split, and with
+    ``train_suffix`` a train split of the same questions with that suffix."""
+    from gmsa_rag.data.qa import load_qa_jsonl
+
+    folder.mkdir()
+    examples = load_qa_jsonl(qa_file)
+    texts = sorted({c for e in examples for c in e.contexts})
+    ids = {t: i for i, t in enumerate(texts)}
+    with gzip.open(folder / "passages.jsonl.gz", "wt") as fh:
+        fh.writelines(json.dumps({"id": i, "title": "", "text": t}) + "\n" for t, i in ids.items())
+    for split, suffix in (("dev", ""), ("train", train_suffix)):
+        if suffix is None:
+            continue
+        with gzip.open(folder / f"{split}.jsonl.gz", "wt") as fh:
+            for e in examples:
+                others = [ids[c] for j, c in enumerate(e.contexts) if j != e.gold_index]
+                fh.write(json.dumps({"question": e.question + suffix, "answers": e.answers,
+                                     "gold": ids[e.contexts[e.gold_index]], "distractors": others}) + "\n")
+    return folder
 
 
 def test_reconstruction_runs_end_to_end(qa_file, checkpoints, tmp_path):
@@ -394,6 +405,14 @@ def test_answer_probe_scores_every_condition(qa_file, checkpoints, tmp_path):
     assert {"text-full", "text-gold", "none", "soft-full@4", "soft-gold@4", "soft-other@4"} <= set(by_name)
     assert all(row["n"] == 3 and row["loss"] > 0 for row in by_name.values())
     assert by_name["none"]["vs_none"] == 0.0
+    # --split train: a pooled folder's training questions (to tell underfitting from overfitting)
+    pool = pooled_folder(qa_file, tmp_path / "pool", train_suffix=" (train)")
+    common = ["--backbone", "tiny", "--device", "cpu", "--data", str(pool), "--checkpoint", str(checkpoints["gmsa"]),
+              "--rates", "4", "--limit", "2", "--out", str(tmp_path / "pool-out")]
+    on_train = _bench("answer_probe").main(common + ["--split", "train"])
+    on_dev = _bench("answer_probe").main(common)
+    assert on_train["meta"]["split"] == "train" and on_dev["meta"]["split"] == "dev"
+    assert on_train["rows"] != on_dev["rows"]  # other questions, other losses
 
 
 def test_distill_signal_scores_each_term_and_its_gradient(qa_file, checkpoints, tokenizer, tmp_path):
