@@ -44,8 +44,8 @@ class _Group:
         """(Re)build the fused matrix from the members' current weights and make each weight a view into it."""
         with torch.no_grad():
             self.weight = torch.cat([m.weight.detach() for m in self.members])
-            has_bias = [m.bias is not None for m in self.members]
-            self.bias = torch.cat([m.bias.detach() for m in self.members]) if all(has_bias) else None
+            has_bias = self.members[0].bias is not None  # (all or none: see _groups)
+            self.bias = torch.cat([m.bias.detach() for m in self.members]) if has_bias else None
             start = 0
             for member, size in zip(self.members, self.sizes):
                 member.weight.data = self.weight[start:start + size]
@@ -138,8 +138,8 @@ def _groups(model: nn.Module) -> list[list[nn.Linear]]:
         for names in FUSED_GROUPS:
             members = [_base_linear(getattr(module, n)) if isinstance(getattr(module, n, None), nn.Module) else None
                        for n in names]
-            if all(m is not None for m in members) and len({(m.in_features, m.weight.device, m.weight.dtype)
-                                                            for m in members}) == 1:
+            if all(m is not None for m in members) and len({(m.in_features, m.weight.device, m.weight.dtype,
+                                                             m.bias is None) for m in members}) == 1:
                 found.append(members)
     return found
 

@@ -197,8 +197,13 @@ def test_a_checkpoint_of_a_fused_trained_decoder_saves_and_loads(tokenizer, tmp_
         assert torch.equal(p, loaded.trained_parameters()[name]), name
 
 
-def test_layers_that_accelerate_dispatches_are_left_alone():
+def test_layers_that_accelerate_dispatches_or_with_a_bias_on_some_members_are_left_alone():
     decoder = random_decoder(lora=False)
     decoder.model.layers[0].self_attn.k_proj._hf_hook = object()  # as accelerate's device_map hooks mark them
-    assert fuse_projections(decoder) == 2 * LAYERS - 1  # that layer's q/k/v stay as they are
+    decoder.model.layers[1].self_attn.q_proj.bias = torch.nn.Parameter(torch.randn(decoder.config.hidden_size))
+    ids = torch.randint(0, 512, (1, 5))
+    reference = logits(decoder, ids)
+    assert fuse_projections(decoder) == 2 * LAYERS - 2  # those two layers' q/k/v stay as they are
     assert type(decoder.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert type(decoder.model.layers[1].self_attn.q_proj) is torch.nn.Linear
+    torch.testing.assert_close(logits(decoder, ids), reference, rtol=1e-5, atol=1e-5)
