@@ -26,7 +26,7 @@ import torch
 from torch.profiler import record_function
 from transformers import LogitsProcessorList
 
-from .fused_projections import fuse_projections
+from .fused_projections import KeptFused
 
 logger = logging.getLogger(__name__)
 
@@ -399,9 +399,9 @@ class GenerationEngine:
     to Hugging Face ``generate``.
     On CUDA with compilation, every call runs on one engine-owned thread: CUDA-graph trees belong to the thread
     that recorded them, and callers such as ``GMSALLM.stream_complete`` decode from a new thread each time.
-    With ``fuse_projections`` every call first fuses the decoder's sibling projections in place
-    (:func:`gmsa_rag.fused_projections.fuse_projections`: W_Q/W_K/W_V and gate/up stored once, one matrix multiply
-    each; the same outputs), on either path. Off by default: on the 2-core CPU it did not change SmolLM2's decode
+    With ``fuse_projections`` every call first makes sure the decoder's sibling projections are fused in place
+    (:class:`gmsa_rag.fused_projections.KeptFused`: W_Q/W_K/W_V and gate/up stored once, one matrix multiply each;
+    the same outputs), on either path. Off by default: on the 2-core CPU it did not change SmolLM2's decode
     speed (HF path, median step 57.7 and 57.7 ms fused against 56.7 and 58.0 in alternating runs,
     benchmarks/results/cpu-2core/decode-fused.md: a memory-bound step reads the same bytes); on a GPU, unmeasured.
 
@@ -415,6 +415,7 @@ class GenerationEngine:
                  fuse_projections: bool = False) -> None:
         self.decoder = decoder
         self.fuse_projections = fuse_projections
+        self._fused = KeptFused(decoder) if fuse_projections else None
         self.compile_request = compile_step
         self.choice = choice
         self.device = torch.device(decoder.device)
@@ -446,8 +447,8 @@ class GenerationEngine:
         ``stop_token_ids`` end a row (kept in its output); empty: exactly ``max_new_tokens`` tokens. ``streamer``
         gets Hugging Face's calls: ``put`` of the (empty) prompt ids, then of each step's tokens, then ``end``.
         """
-        if self.fuse_projections:
-            fuse_projections(self.decoder)  # (again, where a move or a merge undid it; otherwise a quick check)
+        if self._fused is not None:
+            self._fused.ensure()  # (again, where a move or a merge undid it; otherwise a quick check)
         if isinstance(stop_token_ids, int):
             stop_token_ids = [stop_token_ids]
         stop = [int(t) for t in (stop_token_ids or ())]
@@ -496,8 +497,9 @@ def _has_triton() -> bool:
 
 def engine_for(model: Any) -> GenerationEngine:
     """The engine of a ``GMSAModel`` for its ``generation_engine`` choice, ``generation_prefill`` mode,
-    ``generation_compile``, ``generation_tune_kernels`` and ``generation_fuse_projections`` settings, built once and kept on the model (its
-    static caches and compiled step are reused), rebuilt when one of them or the decoder's device changes."""
+    ``generation_compile``, ``generation_tune_kernels`` and ``generation_fuse_projections`` settings, built once and
+    kept on the model (its static caches and compiled step are reused), rebuilt when one of them or the decoder's
+    device changes."""
     choice = getattr(model, "generation_engine", "auto")
     prefill = getattr(model, "generation_prefill", "prompt")
     tune = bool(getattr(model, "generation_tune_kernels", False))

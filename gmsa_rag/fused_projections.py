@@ -36,6 +36,7 @@ class _Group:
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.sizes = [m.out_features for m in self.members]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]  # each member's first row in the matrix
         self.input: torch.Tensor | None = None  # what the head was called with, while tails have slices to take
         self.parts: tuple[torch.Tensor, ...] | None = None
         self.left = 0
@@ -46,12 +47,10 @@ class _Group:
             self.weight = torch.cat([m.weight.detach() for m in self.members])
             has_bias = self.members[0].bias is not None  # (all or none: see _groups)
             self.bias = torch.cat([m.bias.detach() for m in self.members]) if has_bias else None
-            start = 0
-            for member, size in zip(self.members, self.sizes):
+            for member, start, size in zip(self.members, self.starts, self.sizes):
                 member.weight.data = self.weight[start:start + size]
                 if self.bias is not None:
                     member.bias.data = self.bias[start:start + size]
-                start += size
         if hasattr(torch, "_dynamo"):  # a captured step reads it in place, as it reads parameters
             torch._dynamo.mark_static_address(self.weight)
             if self.bias is not None:
@@ -60,16 +59,10 @@ class _Group:
 
     def intact(self) -> bool:
         """Whether every member's weight (and bias) is still its view into the fused matrix."""
-        if self.weight is None:
-            return False
-        start = 0
-        for member, size in zip(self.members, self.sizes):
-            if not _is_view(member.weight, self.weight, start):
-                return False
-            if self.bias is not None and not _is_view(member.bias, self.bias, start):
-                return False
-            start += size
-        return True
+        return self.weight is not None and all(
+            _is_view(member.weight, self.weight, start)
+            and (self.bias is None or _is_view(member.bias, self.bias, start))
+            for member, start in zip(self.members, self.starts))
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
@@ -182,7 +175,28 @@ def unfuse_projections(model: nn.Module) -> int:
     return count
 
 
+def _fused_groups(model: nn.Module) -> list[_Group]:
+    return [m._fused for m in model.modules() if isinstance(m, FusedHead)]
+
+
 def is_fused(model: nn.Module) -> bool:
     """Whether ``model`` has fused groups, all intact."""
-    heads = [m for m in model.modules() if isinstance(m, FusedHead)]
-    return bool(heads) and all(h._fused.intact() for h in heads)
+    groups = _fused_groups(model)
+    return bool(groups) and all(g.intact() for g in groups)
+
+
+class KeptFused:
+    """Keeps a model's projections fused across calls of :meth:`ensure`: the first fuses them
+    (:func:`fuse_projections`), later ones check only the groups found then and fuse again where one was undone.
+    A walk over every module of the model cost 4.4 ms of host time on the 2-core CPU (SmolLM2), checking its 60 groups
+    0.25 ms: this sits in front of every generation's prefill."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.groups: list[_Group] | None = None  # None: not fused yet
+
+    def ensure(self) -> None:
+        if self.groups is not None and all(g.intact() for g in self.groups):
+            return
+        fuse_projections(self.model)
+        self.groups = _fused_groups(self.model)

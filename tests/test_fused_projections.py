@@ -10,7 +10,8 @@ from torch.overrides import TorchFunctionMode
 
 from gmsa_rag.backbone import tiny_backbone
 from gmsa_rag.engine import engine_for
-from gmsa_rag.fused_projections import FusedHead, fuse_projections, is_fused, unfuse_projections
+from gmsa_rag import fused_projections as fp
+from gmsa_rag.fused_projections import FusedHead, KeptFused, fuse_projections, is_fused, unfuse_projections
 from gmsa_rag.prompt import qa_segments
 from gmsa_rag.testing import SAMPLE_TEXT, lively, tiny_gmsa
 
@@ -207,3 +208,17 @@ def test_layers_that_accelerate_dispatches_or_with_a_bias_on_some_members_are_le
     assert type(decoder.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert type(decoder.model.layers[1].self_attn.q_proj) is torch.nn.Linear
     torch.testing.assert_close(logits(decoder, ids), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_fused_walks_the_model_once_and_fuses_again_what_was_undone(monkeypatch):
+    decoder = random_decoder()
+    walks = []
+    walk = fp.fuse_projections
+    monkeypatch.setattr(fp, "fuse_projections", lambda model: walks.append(model) or walk(model))
+    kept = KeptFused(decoder)
+    kept.ensure()
+    kept.ensure()
+    assert len(walks) == 1 and is_fused(decoder)  # the second call only checked the groups found by the first
+    decoder.double()  # undoes the fusion
+    kept.ensure()
+    assert len(walks) == 2 and is_fused(decoder)
