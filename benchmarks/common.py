@@ -348,6 +348,29 @@ def passages_within(model, examples: Sequence, cap: int) -> Iterator:
     return (e for e in examples if not cap or len(model.tokenize([e.gold_context])[0]) <= cap)
 
 
+def parse_compare_args(argv: list[str] | None, description: str, script: str, what: str, name: str,
+                       title: str) -> argparse.Namespace:
+    """The arguments of the scripts that set runs of ``script`` side by side (qa_compare, decode_compare): ``--run
+    LABEL=FILE.json[:WHAT]`` (repeated; read as (label, file, row or None: the file's only row)), --name, --title,
+    --out."""
+    metavar = f"LABEL=FILE.json[:{what.upper()}]"
+
+    def run(text: str) -> tuple[str, Path, str | None]:
+        label, sep, rest = text.partition("=")
+        if not sep or not label or not rest:
+            raise argparse.ArgumentTypeError(f"expected {metavar}, got {text!r}")
+        path, _, row = rest.partition(".json")
+        return label, Path(path + ".json"), row.removeprefix(":") or None
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--run", type=run, action="append", required=True, metavar=metavar,
+                   help=f"a row: a {script} JSON and one of its {what}s (may be left out when the file has one)")
+    p.add_argument("--name", default=name, help=f"output file stem (default {name})")
+    p.add_argument("--title", default=title)
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    return p.parse_args(argv)
+
+
 def run_row(path: Path, key: str, wanted: str | None, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A benchmark run's JSON payload at ``path`` and its row whose ``key`` is ``wanted`` (None: the run's only row),
     for the scripts that set runs side by side; a missing file, row or choice ends in one line naming the fix."""

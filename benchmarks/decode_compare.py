@@ -12,20 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import common as bc
-from qa_compare import parse_run
 
 #: The multiple of the weight-bandwidth limit that issue 12 asks the decode step to reach.
 TARGET_X_LIMIT = 1.5
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=parse_run, action="append", required=True, metavar="LABEL=FILE.json[:ENGINE]",
-                   help="a row: a decode.py JSON and one of its engines (may be left out when the file has one)")
-    p.add_argument("--name", default="decode-compare", help="output file stem (default decode-compare)")
-    p.add_argument("--title", default="Decode runs compared")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    return p.parse_args(argv)
+    return bc.parse_compare_args(argv, __doc__.split("\n\n")[0], "decode.py", "engine", "decode-compare",
+                                 "Decode runs compared")
 
 
 def load_row(label: str, path: Path, engine: str | None) -> dict[str, Any]:

@@ -14,23 +14,8 @@ from typing import Any
 import common as bc
 
 
-def parse_run(text: str) -> tuple[str, Path, str | None]:
-    """``LABEL=FILE.json[:SYSTEM]`` -> (label, file, system or None: the file's only system)."""
-    label, sep, rest = text.partition("=")
-    if not sep or not label or not rest:
-        raise argparse.ArgumentTypeError(f"expected LABEL=FILE.json[:SYSTEM], got {text!r}")
-    path, _, system = rest.partition(".json")
-    return label, Path(path + ".json"), system.removeprefix(":") or None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", type=parse_run, action="append", required=True, metavar="LABEL=FILE.json[:SYSTEM]",
-                   help="a row: a qa.py JSON and one of its systems (may be left out when the file has one)")
-    p.add_argument("--name", default="qa-compare", help="output file stem (default qa-compare)")
-    p.add_argument("--title", default="QA runs compared")
-    p.add_argument("--out", type=Path, required=True, help="output folder")
-    return p.parse_args(argv)
+    return bc.parse_compare_args(argv, __doc__.split("\n\n")[0], "qa.py", "system", "qa-compare", "QA runs compared")
 
 
 def load_row(label: str, path: Path, system: str | None) -> dict[str, Any]:
