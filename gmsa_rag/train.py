@@ -119,7 +119,8 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 50
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = field(default="cosine", metadata={"help": "lr over the fraction of the budget spent, after warm-up: cosine / linear down to --min_lr_ratio, constant, or wsd (warmup-stable-decay: constant, then a 1-sqrt cooldown over the last --decay_fraction; a run may be extended while still stable, and a checkpoint from its stable phase cooled down on its own)"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: the share of the budget spent cooling down (1.0: all of it, e.g. cooling down a stable-phase checkpoint given as --init with --warmup_steps 0)"})
     min_lr_ratio: float = 0.1
     max_tokens: float = field(default=0, metadata={"help": "stop after this many encoder (ae) / prompt (keft) tokens; 0 = no limit"})
     max_grad_norm: float = 1.0
@@ -162,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(f"--cloze_fraction is a share of stage-2 (keft) samples, between 0 and 1; got {cfg.cloze_fraction}")
     if cfg.span_tokens < 8:
         parser.error(f"--span_tokens must be at least 8, got {cfg.span_tokens}")
+    if not 0 < cfg.decay_fraction <= 1:
+        parser.error(f"--decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
     if cfg.micro_batch_tokens < 0:
         parser.error(f"--micro_batch_tokens must be 0 (off) or a number of decoder positions, got {cfg.micro_batch_tokens}")
     if not 1 <= cfg.min_docs <= cfg.max_docs:
@@ -362,9 +365,17 @@ def lr_factor(cfg: TrainConfig, progress: float, step: int) -> float:
     """Warm-up over ``warmup_steps``, then the schedule over the fraction of the budget spent, down to min_lr_ratio."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    progress = min(progress, 1.0)
     if cfg.schedule == "constant":
         return 1.0
-    shape = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) if cfg.schedule == "cosine" else 1 - min(progress, 1.0)
+    if cfg.schedule == "wsd":  # 1-sqrt cooldown (Hagele et al. 2024, "Scaling laws and compute-optimal training
+        # beyond fixed training durations"): level with cosine at the same budget, and the budget may grow mid-run
+        cooled = max(0.0, progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction
+        shape = 1 - math.sqrt(cooled)
+    elif cfg.schedule == "cosine":
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        shape = 1 - progress
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 

@@ -169,6 +169,10 @@ def test_schedule_ends_where_the_budget_ends():
     assert lr_factor(cfg, 1.0, 900) == pytest.approx(0.1)  # at the end of the budget, whichever part ran out
     linear = TrainConfig(schedule="linear", min_lr_ratio=0.0, warmup_steps=0)
     assert lr_factor(linear, 0.25, 10) == pytest.approx(0.75)
+    wsd = TrainConfig(schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0, warmup_steps=0)
+    assert lr_factor(wsd, 0.5, 500) == lr_factor(wsd, 0.8, 800) == 1.0  # stable
+    assert lr_factor(wsd, 0.85, 850) == pytest.approx(1 - 0.25 ** 0.5)  # 1-sqrt cooldown over the last 20%
+    assert lr_factor(wsd, 1.0, 1000) == pytest.approx(0.0)
 
 
 def test_trainer_stops_at_its_token_budget_with_the_schedule_finished(tmp_path, corpus_file, tokenizer):

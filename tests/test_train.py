@@ -338,6 +338,21 @@ def test_resume_continues_from_the_saved_step_exactly(base_dir, corpus, tmp_path
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_wsd_run_extended_while_stable_ends_as_one_planned_that_long(base_dir, corpus, tmp_path):
+    for bad in ("0", "1.5"):
+        with pytest.raises(SystemExit):
+            parse_args(["--schedule", "wsd", "--decay_fraction", bad])
+    wsd = dict(schedule="wsd", decay_fraction=0.5, save_every=2)
+    planned = train(ae_config(base_dir, corpus, tmp_path / "a", steps=12, **wsd))
+    extended = tmp_path / "b"
+    train(ae_config(base_dir, corpus, extended, steps=8, stop_after_minutes=1e-9, **wsd))  # pauses after step 1
+    resumed = train(ae_config(base_dir, corpus, extended, steps=12, **wsd))  # the budget raised while stable
+    lrs = [json.loads(line)["lr"] for line in (extended / "metrics.jsonl").read_text().splitlines() if "lr" in line]
+    assert lrs[:7] == [3e-3] * 7 and lrs[-1] < 1e-3
+    a, b = trained_state(planned), trained_state(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_flags_from_yaml_file_with_command_line_override(tmp_path):
     file = tmp_path / "run.yaml"
     file.write_text("stage: ae\nsteps: 77\nlr: 0.5\nrates: [4, 8]\n")
