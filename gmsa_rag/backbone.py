@@ -144,6 +144,12 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(convert_smollm2()) if name_or_path == SMOLLM2 else name_or_path
 
 
+def context_window(name_or_path: str = SMOLLM2) -> int:
+    """The base model's window (``max_position_embeddings``) read from its config alone, no weights; 0 if unstated."""
+    config = _from_pretrained(AutoConfig, resolve_model_path(name_or_path).removeprefix(RANDOM_PREFIX))
+    return int(getattr(config, "max_position_embeddings", 0) or 0)
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 on accelerators, fp32 on CPU."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16

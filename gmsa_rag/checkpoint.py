@@ -81,12 +81,21 @@ def read_record(path: str | Path) -> dict[str, Any]:
         record = json.loads(file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{file} is not valid JSON: {err}") from err
-    version = record.get("format_version")
+    version = record.get("format_version") if isinstance(record, dict) else None
     if version not in (1, FORMAT_VERSION):
         raise CheckpointError(f"{file}: unsupported checkpoint format {version!r} (this gmsa_rag reads 1 and "
                               f"{FORMAT_VERSION}); upgrade gmsa_rag to load it")
+    for key, kind in (("config", dict), ("base_model", str), ("base_fingerprint", str)):
+        if not isinstance(record.get(key), kind):
+            raise CheckpointError(f"{file}: damaged record, {key!r} missing or not a {kind.__name__}")
     if version == 1:  # built before the prefix/norm options existed: rebuild it the way it was trained
         record["config"] = {**LEGACY_FIELDS, **record["config"]}
+    if not isinstance(record["config"].get("rates", []), list):
+        raise CheckpointError(f"{file}: damaged record, config 'rates' is not a list")
+    try:
+        GMSAConfig.from_dict(record["config"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{file}: damaged record, its config does not build: {err}") from err
     return record
 
 

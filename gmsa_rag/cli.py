@@ -138,8 +138,10 @@ def check_ask(args: argparse.Namespace) -> AskInputs:
 
     if not args.question.strip():
         raise UsageError('the question is empty: pass one, e.g. gmsa-rag ask "who wrote the art of war?"')
-    if args.extract_top < 0 or (args.extract_top and not args.extractive):
-        raise UsageError("--extract-top K (K >= 1) narrows extractive answers: add --extractive")
+    if args.extract_top < 0:
+        raise UsageError(f"--extract-top must be 0 (all documents) or more, got {args.extract_top}")
+    if args.extract_top and not args.extractive:
+        raise UsageError("--extract-top K narrows extractive answers: add --extractive")
     if args.rerank_top < 0:
         raise UsageError(f"--rerank-top must be 0 (keep all) or more, got {args.rerank_top}")
     docs = Path(args.docs).expanduser() if args.docs else bundled_docs_dir()
@@ -154,12 +156,17 @@ def check_ask(args: argparse.Namespace) -> AskInputs:
     if index_dir is not None and index_dir.exists() and not index_dir.is_dir():
         raise NotADirectoryError(f"--index-dir {index_dir} is a file, not a folder: pass a folder")
 
+    from gmsa_rag.backbone import context_window
     from gmsa_rag.rag import model_config  # imports torch
 
     checkpoint, config = model_config(args.checkpoint)
     if args.rate not in config.rates:
         model = checkpoint or "the untrained default model"
         raise UsageError(f"--rate {args.rate} is not allowed: {model} supports {list(config.rates)}")
+    window = context_window(config.base_model)
+    if window and args.max_new_tokens > window // 2:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves too little of the base model's {window}-token "
+                         f"window for the question and documents: use at most {window // 2}")
     check_device(args.device)
     return AskInputs(docs, cache_dir, index_dir, checkpoint)
 
@@ -194,8 +201,8 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
     t_start = time.perf_counter()
     say(f"question: {args.question}")
     documents = load_documents(inputs.docs)
-    if not documents:
-        raise UsageError(f"no documents in {inputs.docs}: pass --docs with a folder or file of {DOC_KINDS}")
+    if not any(d.text.strip() for d in documents):  # (files of whitespace only: nothing to retrieve)
+        raise UsageError(f"no documents with text in {inputs.docs}: pass --docs with a folder or file of {DOC_KINDS}")
     readonly = not cache_is_writable(inputs.cache_dir)
     with SoftTokenCache(inputs.cache_dir, readonly=readonly) as cache:  # a damaged cache fails here, before the model loads
         if readonly:
@@ -330,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the persisted FAISS indexes, one per document set "
                         "(default: $GMSA_RAG_HOME/indexes or ~/.cache/gmsa_rag/indexes)")
     a.add_argument("--response-mode", default="compact",
-                   choices=["compact", "refine", "tree_summarize", "simple_summarize", "accumulate"])
+                   choices=["compact", "refine", "tree_summarize", "simple_summarize"],
+                   help="LlamaIndex response synthesis (default compact; accumulate is left out: it cannot stream)")
     a.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer budget in tokens (default 32)")
     a.add_argument("--device", default="cpu", help="torch device (default cpu)")
     a.add_argument("--engine", default="auto", choices=["auto", "hf", "static"],

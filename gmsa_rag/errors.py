@@ -59,7 +59,10 @@ def exit_status(exc: BaseException) -> int | None:
         if isinstance(exc, kinds):
             return status
     from .checkpoint import CheckpointError  # imported last: it imports torch
+    from .markers import GMSAPromptError
 
+    if isinstance(exc, GMSAPromptError):  # e.g. retrieved documents beyond the decoder's window
+        return EXIT_USAGE
     return EXIT_CHECKPOINT if isinstance(exc, CheckpointError) else None
 
 

@@ -27,10 +27,13 @@ def bm25_scores(question: str, documents: Sequence[str]) -> list[float]:
     if not documents:
         return []
     bm25s = _bm25s()
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(list(documents), stopwords="en", show_progress=False), show_progress=False)
+    corpus = bm25s.tokenize(list(documents), stopwords="en", show_progress=False)
     query = bm25s.tokenize([question], stopwords="en", show_progress=False, return_ids=False)[0]
-    return [float(s) for s in retriever.get_scores(query)] if query else [0.0] * len(documents)
+    if not query or not corpus.vocab:  # (documents of stop words and punctuation only: nothing to match)
+        return [0.0] * len(documents)
+    retriever = bm25s.BM25()
+    retriever.index(corpus, show_progress=False)
+    return [float(s) for s in retriever.get_scores(query)]
 
 
 def _bm25s():

@@ -48,6 +48,8 @@ __all__ = [
 MARKER_TEMPLATE = "<gmsa:{key}>"
 #: Anything that looks like a marker (malformed ones included, so that they are reported, not read as text).
 MARKER_RE = re.compile(r"<gmsa:([^<>\s]{0,200})>")
+#: A marker's start with no end: a chunk cut inside its marker (LlamaIndex repacks text to fit the window).
+CUT_MARKER_RE = re.compile(r"<gmsa:[0-9a-f]{4,}(?![0-9a-f]*>)")
 _TAGS = {"qa", "refine", "summary", "context", "question", "existing_answer"}
 
 # The three templates the LLM understands. The section tags sit on their own lines; LlamaIndex fills
@@ -223,6 +225,12 @@ def context_documents(text: str, store: SoftTokenStore) -> list[tuple[Context, s
     """:func:`split_context`'s documents, each with its source text (a marker's from ``store.source``; None if
     the store does not hold it)."""
     text = _unwrap_list_repr(text)
+    cut = CUT_MARKER_RE.search(text)
+    if cut:
+        raise UnknownMarkerError(
+            f"a soft-token marker was cut short in the prompt ({text[cut.start():cut.start() + 24]}...), most likely "
+            "by LlamaIndex repacking the retrieved chunks to fit the context window: lower max_new_tokens or "
+            "retrieve fewer documents")
     docs: list[tuple[Context, str | None]] = []
     pos = 0
     for match in MARKER_RE.finditer(text):

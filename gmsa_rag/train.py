@@ -42,7 +42,8 @@ from .citation import cited, split_citation
 from .evidence import QUOTE_TOKENS, QUOTE_WORDS, quoted, split_quote
 from .checkpoint import CheckpointError, attach_checkpoint, load_checkpoint, read_record, read_weights, save_checkpoint
 from .config import GMSAConfig
-from .backbone import cache_root
+from .backbone import RANDOM_PREFIX, cache_root, load_tokenizer
+from .errors import UsageError
 from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
 from .data.cloze import cloze_example
 from .data.passages import Passage, PassageCorpus
@@ -53,6 +54,15 @@ from .samples import Sample, build_prompts, sample_rate, token_ids
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+COUNTS = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "save_every", "log_every")
+FRACTIONS = ("title_fraction", "continuation_fraction", "span_fraction", "multi_doc_fraction", "docs_curriculum",
+             "min_lr_ratio")
+# what a run resumed into its --out_dir must keep: the flags that shape its model and prompts (whether the compressor
+# trains decides the optimizer's parameter groups)
+RUN_DEFINING = ("stage", "method", "base_model", "init", "no_compress", "encoder_layers", "lsa_layers", "rates",
+                "window", "lora_rank", "lora_alpha", "encoder_prefix", "encoder_norm", "soft_token_norm",
+                "soft_token_center", "decoder_tuning", "decoder_lora_rank", "decoder_mlp_lora_rank", "ae_decoder_lora",
+                "cite_document", "question_first", "quote_evidence")
 
 
 @dataclass
@@ -97,7 +107,7 @@ class TrainConfig:
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
     cloze_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose question is a fill-in-the-blank cut from the gold passage (a sentence with a number or name blanked, gmsa_rag.data.cloze) over the same documents: unlimited extra questions that need finding a sentence by content and copying from the middle of a document"})
     cite_document: bool = field(default=False, metadata={"help": "keft: each answer opens with the number of the document that holds it (\"[3] Sun Tzu\"; the prompt asks for it, generation strips it, the checkpoint remembers it): choosing the document becomes a supervised first step (gmsa_rag.citation); the dev log adds cite_accuracy"})
-    quote_evidence: bool = field(default=False, metadata={"help": "keft: each answer is given as a quote of the words that lead to it in the gold passage (up to --quote_words words of its sentence), the answer in bold (\"attributed to **Sun Tzu**\"; the prompt asks for it, generation returns the bold answer, the checkpoint remembers it): the decoder restores the answer's place, then reads the answer off its own text (gmsa_rag.evidence); costs the quote's decode steps (dev log: quote_tokens). Measured: far worse, the quote lands near the answer and the bold on the wrong words (one document at 4x: 10.5-16.5% against 32.5%; benchmarks/results/h200/stage2-quote-evidence.md)"})
+    quote_evidence: bool = field(default=False, metadata={"help": "keft: each answer is given as a quote of the words that lead to it in the gold passage (up to --quote_words words of its sentence), the answer in bold (\"attributed to **Sun Tzu**\"; the prompt asks for it, generation returns the bold answer, the checkpoint remembers it): the decoder restores the answer's place, then reads the answer off its own text (gmsa_rag.evidence); costs the quote's decode steps (dev log: quote_tokens). Measured: far worse, the quote lands near the answer and the bold on the wrong words (one document at 4x: accuracy 10.5-16.5 against 32.5; benchmarks/results/h200/stage2-quote-evidence.md)"})
     quote_words: int = field(default=QUOTE_WORDS, metadata={"help": "keft, with --quote_evidence: most words of the answer's sentence quoted before it (fewer: fewer decode steps, less to locate the answer by)"})
     question_first: bool = field(default=False, metadata={"help": "keft: QA prompts state the question before the documents as well as after them, so the decoder reads the documents (soft tokens) knowing the question; the soft tokens and their cache do not change (the checkpoint remembers the layout; generation follows it)"})
     distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
@@ -145,9 +155,27 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser = HfArgumentParser(TrainConfig)
     argv = sys.argv[1:] if argv is None else argv
     pre, _ = parser.parse_known_args(argv)
+    from_file: dict = {}
     if pre.config:
-        parser.set_defaults(**yaml.safe_load(Path(pre.config).read_text()))
+        try:
+            from_file = yaml.safe_load(Path(pre.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            parser.error(f"--config {pre.config}: {' '.join(str(err).split())}")
+        known = {f.name for f in TrainConfig.__dataclass_fields__.values()}
+        if not isinstance(from_file, dict) or set(from_file) - known:
+            parser.error(f"--config {pre.config}: expected a mapping of flag names; unknown: "
+                         f"{sorted(set(from_file) - known) if isinstance(from_file, dict) else type(from_file).__name__}")
+        parser.set_defaults(**from_file)
     (cfg,) = parser.parse_args_into_dataclasses(argv)
+    for flag in COUNTS:
+        if getattr(cfg, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(cfg, flag)}")
+    for flag in FRACTIONS:
+        if not 0 <= getattr(cfg, flag) <= 1:
+            parser.error(f"--{flag} is a share between 0 and 1, got {getattr(cfg, flag)}")
+    for path in [*cfg.data, *([cfg.dev_data] if cfg.dev_data else [])]:
+        if not Path(path).exists():
+            parser.error(f"--{'data' if path in cfg.data else 'dev_data'} {path}: no such file or folder")
     if cfg.stage == "keft" and not cfg.init and not cfg.no_compress:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
     if cfg.cite_document and cfg.quote_evidence:
@@ -169,18 +197,59 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(f"--micro_batch_tokens must be 0 (off) or a number of decoder positions, got {cfg.micro_batch_tokens}")
     if not 1 <= cfg.min_docs <= cfg.max_docs:
         parser.error(f"--min_docs must be between 1 and --max_docs ({cfg.max_docs}), got {cfg.min_docs}")
+    rates = cfg.rates
     if cfg.init:
         try:
-            adapter = read_record(cfg.init)["config"].get("decoder_adapter")
+            init_config = read_record(cfg.init)["config"]
         except CheckpointError as err:
             parser.error(f"--init: {err}")
+        adapter, rates = init_config.get("decoder_adapter"), sorted(init_config["rates"])
+        rates_given = any(a == "--rates" or a.startswith("--rates=") for a in argv) or "rates" in from_file
+        if rates_given and sorted(cfg.rates) != rates:
+            parser.error(f"--rates {' '.join(map(str, cfg.rates))}: the model of --init {cfg.init} has rates {rates} "
+                         "(its architecture); leave --rates out and weigh its rates with --rate_weights")
         if cfg.no_compress and adapter != "always":
             parser.error(f"--init {cfg.init} with --no_compress must be a no-compress fine-tune (trained with --no_compress)")
         if not cfg.no_compress and adapter == "always":
             parser.error(f"--init {cfg.init} is a no-compress fine-tune; train soft tokens from a GMSA checkpoint")
+    if cfg.rate_weights and (len(cfg.rate_weights) != len(rates) or min(cfg.rate_weights) < 0
+                             or not sum(cfg.rate_weights)):
+        parser.error(f"--rate_weights needs one weight >= 0 per rate {sorted(rates)}, not all 0; got {cfg.rate_weights}")
     if cfg.distill_teacher:
         check_teacher(cfg, parser.error)
+    check_resume(cfg, parser.error)
     return cfg
+
+
+def check_resume(cfg: TrainConfig, error) -> None:
+    """A run resumed into ``--out_dir`` keeps the flags that define its model; others may change (said here)."""
+    path = latest_checkpoint(cfg.out_dir)
+    if path is None:
+        return
+    try:
+        before = read_record(path).get("extra", {}).get("train_config", {})
+    except CheckpointError as err:
+        error(f"cannot resume {cfg.out_dir}: {err}; {_earlier_checkpoints(cfg.out_dir, path)}")
+    now = asdict(cfg)
+    for flag in RUN_DEFINING:
+        if flag in before and before[flag] != now[flag]:
+            error(f"--{flag} {now[flag]!r} differs from the run in {cfg.out_dir} ({before[flag]!r}): resume it with "
+                  f"the same value, or give another --out_dir")
+    if "compressor_lr" in before and (before["compressor_lr"] > 0) != (cfg.compressor_lr > 0):
+        error(f"--compressor_lr {cfg.compressor_lr}: the run in {cfg.out_dir} trained its compressor at "
+              f"{before['compressor_lr']} (0: frozen); resume with it frozen or trained as before")
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]
+               and k not in ("out_dir", "config")]
+    if changed:
+        print(f"resuming {cfg.out_dir} from {path.name} with changed flags: {'; '.join(changed)}", flush=True)
+
+
+def _earlier_checkpoints(out_dir: str, damaged: Path) -> str:
+    others = sorted(p.name for p in (Path(out_dir) / "checkpoints").glob("step-*") if p != damaged)
+    where = Path(out_dir) / "latest"
+    if not others:
+        return f"no other checkpoint there: remove {where} to start afresh"
+    return f"write an intact one's name into {where} (earlier: {', '.join(others[-3:])})"
 
 
 def check_teacher(cfg: TrainConfig, error) -> None:
@@ -207,7 +276,20 @@ class Data:
 
 
 def load_data(cfg: TrainConfig, tokenizer) -> Data:
-    """Stage 1: the tokenized passage corpus and fixed dev passages; stage 2: QA train and dev examples."""
+    """Stage 1: the tokenized passage corpus and fixed dev passages; stage 2: QA train and dev examples.
+
+    Raises :class:`UsageError` (one line naming the file) for data that cannot be read or holds nothing to train on.
+    """
+    try:
+        data = _load_data(cfg, tokenizer)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"{'--data' if cfg.data else 'the default data'}: {' '.join(str(err).split())}") from err
+    if data.corpus is None and not data.qa:
+        raise UsageError(f"--data {' '.join(cfg.data)}: no training examples")
+    return data
+
+
+def _load_data(cfg: TrainConfig, tokenizer) -> Data:
     if cfg.stage == "ae":
         cache = cfg.token_cache or str(cache_root() / "corpora")
         corpus = PassageCorpus.build(cfg.data or [DEFAULT_AE_CORPUS], tokenizer, cache)
@@ -585,7 +667,9 @@ def save(accelerator: Accelerator, model: GMSAModel, optimizer, progress: Progre
         save_checkpoint(model, path, extra=extra, dtype=getattr(torch, cfg.save_dtype))
         torch.save({"optimizer": optimizer.state_dict()}, path / OPTIMIZER_FILE)
         (path / STATE_FILE).write_text(json.dumps(asdict(progress)))
-        (Path(cfg.out_dir) / "latest").write_text(path.name)
+        pointer = Path(cfg.out_dir) / "latest"
+        pointer.with_name("latest.tmp").write_text(path.name)
+        os.replace(pointer.with_name("latest.tmp"), pointer)  # (a crash mid-write leaves the previous pointer)
     accelerator.wait_for_everyone()
 
 
@@ -599,10 +683,30 @@ def resume(model: GMSAModel, optimizer, cfg: TrainConfig) -> Progress:
     path = latest_checkpoint(cfg.out_dir)
     if path is None:
         return Progress()
-    attach_checkpoint(model, read_record(path), read_weights(path), path)
-    state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)  # tensors only, no code
-    optimizer.load_state_dict(state["optimizer"])
-    return Progress(**json.loads((path / STATE_FILE).read_text()))
+    try:
+        attach_checkpoint(model, read_record(path), read_weights(path), path)
+        state = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)  # tensors only, no code
+        optimizer.load_state_dict(state["optimizer"])
+        return Progress(**json.loads((path / STATE_FILE).read_text()))
+    except (CheckpointError, OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"cannot resume from {path}: {' '.join(str(err).split())[:300]}; "
+                              f"{_earlier_checkpoints(cfg.out_dir, path)}") from err
+
+
+def keep_log_until(log_file: Path, step: int) -> None:
+    """Drop the rows a resumed run will log again (those of steps after the checkpoint it resumes from)."""
+    if not log_file.is_file():
+        return
+    def logged_step(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # a row cut short when the run died
+            return math.inf
+
+    lines = log_file.read_text().splitlines()
+    kept = [line for line in lines if logged_step(line) <= step]
+    if len(kept) < len(lines):
+        log_file.write_text("".join(line + "\n" for line in kept))
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -616,10 +720,11 @@ def train(cfg: TrainConfig) -> Path:
     # H200 it spent 5.7 s of host time per 64-sample KEFT step against 0.7 s of GPU work
     # (benchmarks/profile_train_step.py). Flash attention has no such per-shape cost.
     torch.backends.cuda.enable_cudnn_sdp(False)
+    base = read_record(cfg.init)["base_model"] if cfg.init else cfg.base_model
+    with accelerator.main_process_first():  # one process tokenizes the corpus; the others read its cache
+        data = load_data(cfg, load_tokenizer(base.removeprefix(RANDOM_PREFIX)))  # (bad data fails before a model loads)
     model = build_model(cfg, accelerator.device)
     model.generation_engine = "hf"  # dev evaluation: varied shapes, under autocast, in this thread (no compiles)
-    with accelerator.main_process_first():  # one process tokenizes the corpus; the others read its cache
-        data = load_data(cfg, model.tokenizer)
     rates = list(model.config.rates)
     if cfg.rate_weights and len(cfg.rate_weights) != len(rates):
         raise ValueError(f"--rate_weights needs one weight per rate {rates}, got {cfg.rate_weights}")
@@ -645,6 +750,7 @@ def train(cfg: TrainConfig) -> Path:
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     log_file = Path(cfg.out_dir) / "metrics.jsonl"
     if accelerator.is_main_process:
+        keep_log_until(log_file, progress.step)  # rows of steps after the checkpoint ran again: logged again below
         (Path(cfg.out_dir) / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         source = (f"{data.corpus.num_tokens:,} corpus tokens in {data.corpus.num_paragraphs:,} paragraphs"
                   if data.corpus else f"{len(data.qa)} train examples")
@@ -654,7 +760,7 @@ def train(cfg: TrainConfig) -> Path:
 
     wrapped.train()
     metrics: dict[str, float] = {}
-    window_tokens, clock = 0, time.perf_counter()
+    window_tokens, clock = 0.0, time.perf_counter()  # (tokens since the last log line: the tokens/s figure)
     bar = tqdm(total=100, initial=int(100 * progress.fraction(cfg)), unit="%", disable=not accelerator.is_main_process,
                bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]")
     distill = distillation(cfg, model)
@@ -667,23 +773,25 @@ def train(cfg: TrainConfig) -> Path:
             g["lr"] = g["base_lr"] * lr_factor(cfg, fraction, progress.step)
         micro_batches = step_batches(progress.step, data, cfg, rates, accelerator.process_index, fraction)
         step_samples = sum(map(len, micro_batches))
+        local_tokens = 0
         for index, samples in enumerate(micro_batches):  # gradients add up; synced across processes on the last
             with accelerator.no_sync(wrapped) if index < len(micro_batches) - 1 else nullcontext():
                 loss = wrapped(samples, distill.distill_weight, distill.teacher, distill.hidden_weight,
                                distill.soft_weight)
                 accelerator.backward(loss * (len(samples) / step_samples))
-            window_tokens += sum(_token_count(model, s) for s in samples)
+            local_tokens += sum(_token_count(model, s) for s in samples)
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)  # (the norm before clipping)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_tokens = accelerator.reduce(torch.tensor(float(window_tokens), device=accelerator.device), "sum").item()
+        step_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum").item()
         progress.step += 1
+        progress.tokens += int(step_tokens)
+        window_tokens += step_tokens
         progress.seconds += accelerator.reduce(
             torch.tensor(time.perf_counter() - started, device=accelerator.device), "max").item()
         done = progress.step
         if done % cfg.log_every == 0:
-            progress.tokens += int(step_tokens)
-            rate = step_tokens / (time.perf_counter() - clock)
+            rate = window_tokens / (time.perf_counter() - clock)
             metrics = {"step": done, "tokens": progress.tokens, "loss": accelerator.reduce(loss.detach(), "mean").item(),
                        "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate, "grad_norm": float(grad_norm)}
             if distill.active:  # each term of the last micro-batch, unweighted: is the distillation being learned?
@@ -694,7 +802,7 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(step=done, loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(int(100 * progress.fraction(cfg)) - bar.n)
             _log(accelerator, log_file, metrics)
-            window_tokens, clock = 0, time.perf_counter()
+            window_tokens, clock = 0.0, time.perf_counter()
         last = progress.fraction(cfg) >= 1.0
         pause = cfg.stop_after_minutes > 0 and time.perf_counter() - invocation_start > 60 * cfg.stop_after_minutes
         pause = accelerator.reduce(torch.tensor(float(pause), device=accelerator.device), "sum").item() > 0
@@ -729,7 +837,11 @@ def _log(accelerator: Accelerator, path: Path, record: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    final = train(parse_args(argv))
+    cfg = parse_args(argv)
+    try:
+        final = train(cfg)
+    except (UsageError, CheckpointError) as err:  # bad data or a damaged checkpoint: one line, nothing written
+        sys.exit(f"error: {err}")
     print(f"final checkpoint: {final}")
 
 

@@ -150,6 +150,24 @@ def test_load_as_shown_lays_a_pool_out_as_the_trainer_dev_does(tmp_path: Path) -
     assert load_as_shown(tmp_path / "shown.jsonl") == shown
 
 
+def test_bad_settings_and_records_are_refused(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from gmsa_rag.data.build_nq import read_records
+    from gmsa_rag.data.build_qa import main
+
+    qa, nq_train, nq_dev, chunks = _inputs()
+    with pytest.raises(ValueError, match="leaves no QA question for train"):
+        build_qa_pool(qa, nq_train, nq_dev, chunks, _bow_embed, replace(CONFIG, dev_size=len(qa)))
+    for flag in ("--dev-size", "--num-distractors"):
+        with pytest.raises(SystemExit):
+            main([flag, "0"])
+    broken = tmp_path / "qa.jsonl"
+    broken.write_text(json.dumps(qa[0]) + "\n{cut\n")
+    with pytest.raises(ValueError, match="qa.jsonl:2: not a JSON record"):
+        read_records(broken)
+
+
 def test_load_qa_pool_errors(tmp_path: Path) -> None:
     _write(tmp_path)
     write_jsonl_gz([{"question": "q", "answers": ["a"], "gold": 10_000, "distractors": []}], tmp_path / "bad.jsonl.gz")

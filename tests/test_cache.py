@@ -207,6 +207,36 @@ def test_existing_settings_kept_unless_given(tmp_path: Path):
         SoftTokenCache(d, size_limit=0)
 
 
+def _open_at_once(directory: str, barrier) -> None:
+    barrier.wait(timeout=60)
+    SoftTokenCache(directory).close()
+
+
+def test_a_new_cache_opened_by_several_processes_at_once_keeps_its_settings(tmp_path: Path):
+    # (every process of `accelerate launch -m gmsa_rag.cache build` opens the new cache at the same moment)
+    default = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(os.environ.get("GMSA_TEST_MP", default))
+    for attempt in range(6):
+        directory = str(tmp_path / f"new{attempt}")
+        barrier = ctx.Barrier(3)
+        procs = [ctx.Process(target=_open_at_once, args=(directory, barrier)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+            assert p.exitcode == 0
+        with SoftTokenCache(directory, readonly=True) as cache:
+            st = cache.stats()
+            assert (st.size_limit, st.eviction_policy) == (DEFAULT_SIZE_LIMIT, "least-recently-used"), attempt
+
+
+def test_a_relative_folder_opens_read_only(tmp_path: Path, monkeypatch):
+    SoftTokenCache(tmp_path / "rel").close()
+    monkeypatch.chdir(tmp_path)
+    with SoftTokenCache("rel", readonly=True) as cache:
+        assert len(cache) == 0 and cache.directory == tmp_path / "rel"
+
+
 def test_default_dir_env_override(tmp_path: Path, monkeypatch):
     from gmsa_rag.cache import default_cache_dir
 
@@ -667,7 +697,7 @@ def test_cli_stats_clear_build(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gmsa_rag.model", types.SimpleNamespace(GMSAModel=FakeGMSAModel))
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "gmsa_config.json").write_text(json.dumps({"format_version": 1, "config": {"rates": [2, 4, 8]}}))
+    (ckpt / "gmsa_config.json").write_text(json.dumps({"format_version": 1, "config": {"rates": [2, 4, 8]}, "base_model": "tiny", "base_fingerprint": "0" * 64}))
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text(prose(30))
@@ -687,15 +717,18 @@ def test_cli_stats_clear_build(tmp_path: Path, monkeypatch, capsys):
 
 
 def test_cli_build_takes_a_jsonl_file_and_refuses_other_files(tmp_path: Path, monkeypatch, capsys):
+    loads = []
+
     class FakeGMSAModel:
         @staticmethod
         def from_pretrained(checkpoint, device=None):
+            loads.append(checkpoint)
             return FakeModel()
 
     monkeypatch.setitem(sys.modules, "gmsa_rag.model", types.SimpleNamespace(GMSAModel=FakeGMSAModel))
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "gmsa_config.json").write_text(json.dumps({"format_version": 1, "config": {"rates": [2, 4, 8]}}))
+    (ckpt / "gmsa_config.json").write_text(json.dumps({"format_version": 1, "config": {"rates": [2, 4, 8]}, "base_model": "tiny", "base_fingerprint": "0" * 64}))
     src = write_jsonl(tmp_path / "wiki.jsonl.gz", [{"title": "T", "text": prose(30)}, {"text": prose(8, "dogs")}])
     argv = ["build", "--cache-dir", str(tmp_path / "c"), "--rate", "4", "--checkpoint", str(ckpt),
             "--no-progress", "--chunk-size", "40", "--chunk-overlap", "4"]
@@ -711,9 +744,14 @@ def test_cli_build_takes_a_jsonl_file_and_refuses_other_files(tmp_path: Path, mo
     err = capsys.readouterr().err
     assert f"--source {other} is not a supported file" in err and ".jsonl.gz" in err and len(err.splitlines()) == 1
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, {"title": "no text"}])
+    loaded = len(loads)
     assert cli_main(argv + ["--source", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err == f'error: {bad}:2: the record has no string "text" field\n'
+    (tmp_path / "empty").mkdir()
+    assert cli_main(argv + ["--source", str(tmp_path / "empty")]) == 2
+    assert "holds no documents" in capsys.readouterr().err
+    assert len(loads) == loaded  # refused before any model loads
 
 
 def test_cli_help():

@@ -85,3 +85,19 @@ def test_architecture_mismatch_is_refused(tokenizer, tmp_path):
     other = tiny_gmsa(tokenizer, lsa_layers=2)
     with pytest.raises(CheckpointError, match="do not match"):
         attach_checkpoint(other, read_record(tmp_path), read_weights(tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r: r.pop("config"), lambda r: r.pop("base_fingerprint"), lambda r: r["config"].update(rates="48"),
+    lambda r: r["config"].update(unknown_field=1), lambda r: r["config"].update(window=1),
+])
+def test_damaged_records_are_checkpoint_errors(tokenizer, tmp_path, damage):
+    tiny_gmsa(tokenizer).save_pretrained(tmp_path)
+    record = json.loads((tmp_path / CONFIG_FILE).read_text())
+    damage(record)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="damaged record"):
+        read_record(tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="unsupported checkpoint format"):
+        read_record(tmp_path)

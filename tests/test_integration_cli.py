@@ -136,6 +136,16 @@ def test_ask_errors(tiny_model, small_docs, tmp_path, capsys):
     assert cli.main(["ask", "q", "--docs", str(small_docs), "--rate", "3", "--embed", "hash",
                      "--cache-dir", str(tmp_path / "c")]) == 2
     assert "not allowed" in capsys.readouterr().err
+    assert cli.main(["ask", "q", "--docs", str(small_docs), "--max-new-tokens", "9000", "--embed", "hash",
+                     "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "--max-new-tokens 9000 leaves too little of the base model's" in capsys.readouterr().err
+    assert cli.main(["ask", "q", "--docs", str(small_docs), "--extract-top", "-1", "--extractive"]) == 2
+    assert "--extract-top must be 0" in capsys.readouterr().err
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("  \n\n ")
+    assert cli.main(["ask", "q", "--docs", str(blank), "--embed", "hash", "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "no documents with text in" in capsys.readouterr().err
 
 
 def test_examples_and_module_entry_point(capsys):

@@ -96,5 +96,12 @@ def test_errors_are_not_value_errors():
 def test_unknown_and_misplaced_markers(store):
     with pytest.raises(UnknownMarkerError, match="no such entry"):
         parse_prompt(QA_TEMPLATE.format(context_str=marker("d" * 64), query_str="q"), store)
+    # a chunk cut inside its marker (LlamaIndex repacking to fit the window) is not read as text
+    cut = "Intro text.\n\n" + marker("d" * 64)[:30]
+    with pytest.raises(UnknownMarkerError, match="cut short"):
+        parse_prompt(QA_TEMPLATE.format(context_str=cut, query_str="q"), store)
+    from gmsa_rag.errors import EXIT_USAGE, exit_status
+
+    assert exit_status(GMSAPromptError("the decoder input needs 9000 positions")) == EXIT_USAGE  # one line, exit 2
     with pytest.raises(GMSAPromptError, match="outside"):
         parse_prompt(marker("a" * 64) + "\n" + QA_TEMPLATE.format(context_str="", query_str="q"), store)

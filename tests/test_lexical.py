@@ -28,6 +28,8 @@ def test_bm25_ranks_the_document_sharing_the_questions_rare_words():
     assert bm25_scores("who was the", DOCS) == [0.0, 0.0, 0.0]  # stop words only: no preference
     assert best_matching("who was the", DOCS, 2) == [0, 1]
     assert bm25_scores("anything", []) == []
+    assert bm25_scores("who wrote it", ["It is in the, of the.", "   "]) == [0.0, 0.0]  # documents of stop words
+    assert best_matching("who wrote it", ["It is in the.", "  "], 1) == [0]
     with pytest.raises(ValueError, match="at least 1"):
         best_matching("war", DOCS, 0)
 

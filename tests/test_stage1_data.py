@@ -44,6 +44,21 @@ def test_corpus_is_tokenized_once_and_cached(corpus_file, tmp_path, tokenizer):
     assert abs(corpus.num_tokens - expected) <= 5  # paragraphs joined by newline tokens
 
 
+def test_corpus_files_of_a_full_last_batch_empty_or_malformed(tmp_path, tokenizer):
+    full = tmp_path / "full.jsonl"  # records are tokenized 256 articles at a time
+    full.write_text("".join(json.dumps({"title": f"T{i}", "text": f"Article {i} text."}) + "\n" for i in range(256)))
+    [cached] = tokenize_corpus([full], tokenizer, tmp_path / "cache", workers=1)
+    assert PassageCorpus([cached], tokenizer).num_paragraphs == 256
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="holds no paragraphs"):
+        PassageCorpus.build([empty], tokenizer, tmp_path / "cache")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(ARTICLES[0]) + "\n{cut\n")
+    with pytest.raises(ValueError, match="broken.jsonl:2: not a JSON record"):
+        tokenize_corpus([broken], tokenizer, tmp_path / "cache", workers=1)
+
+
 def test_passages_start_at_paragraphs_carry_titles_and_their_continuation(corpus_file, tmp_path, tokenizer):
     corpus = PassageCorpus.build([corpus_file], tokenizer, tmp_path / "cache", workers=1)
     rng = random.Random(0)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from gmsa_rag.backbone import tiny_backbone
-from gmsa_rag.checkpoint import read_weights
+from gmsa_rag.checkpoint import CheckpointError, read_weights
 from gmsa_rag.data.qa import QAExample, save_qa_jsonl
 from gmsa_rag.model import GMSAModel
 from gmsa_rag.samples import Sample, sample_rate
-from gmsa_rag.train import (Data, TrainConfig, decoder_positions, dev_batch, evaluate, parse_args, split_by_positions,
-                             step_batches, train)
+from gmsa_rag.errors import UsageError
+from gmsa_rag.train import (Data, TrainConfig, check_resume, decoder_positions, dev_batch, evaluate, parse_args,
+                             split_by_positions, step_batches, train)
 
 CORPUS = (
     "The cat sat on the mat. It was a sunny day and the cat was happy to be outside in the garden.\n\n"
@@ -331,11 +332,66 @@ def test_resume_continues_from_the_saved_step_exactly(base_dir, corpus, tmp_path
     for late in ("step-0000006",):  # pretend the run died after step 4
         shutil.rmtree(interrupted / "checkpoints" / late)
     (interrupted / "latest").write_text("step-0000004")
-    log_before = len(losses(interrupted))
     resumed = train(ae_config(base_dir, corpus, interrupted, steps=6, save_every=2))
-    assert len(losses(interrupted)) - log_before == 2  # only steps 5 and 6 ran again
+    rows = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # 5 and 6 ran again; their old rows dropped
+    assert [r["step"] for r in rows if "loss" not in r] == [6]  # (the final dev scores, once)
     a, b = trained_state(straight), trained_state(resumed)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_resumed_token_budget_ends_where_an_uninterrupted_run_ends_between_log_lines(base_dir, corpus, tmp_path):
+    budget = dict(steps=1000, max_tokens=400, log_every=4, save_every=3)
+    straight = train(ae_config(base_dir, corpus, tmp_path / "a", **budget))
+    paused = tmp_path / "b"
+    train(ae_config(base_dir, corpus, paused, stop_after_minutes=1e-9, **budget))  # pauses after step 1 (unlogged)
+    resumed = train(ae_config(base_dir, corpus, paused, **budget))
+    a, b = (json.loads((c / "trainer_state.json").read_text()) for c in (straight, resumed))
+    assert a["step"] == b["step"] and a["tokens"] == b["tokens"] >= 400  # (the pause's step was not logged)
+    assert all(torch.equal(x, y) for x, y in zip(read_weights(straight).values(), read_weights(resumed).values()))
+
+
+def test_resuming_refuses_a_changed_model_and_names_a_damaged_checkpoints_neighbours(base_dir, corpus, tmp_path, capsys):
+    def refuse(message):
+        raise UsageError(message)
+
+    run = tmp_path / "run"
+    train(ae_config(base_dir, corpus, run, steps=4, save_every=2))
+    check_resume(ae_config(base_dir, corpus, run, steps=8), refuse)  # a longer budget: said, allowed
+    assert "with changed flags: steps 4 -> 8" in capsys.readouterr().out
+    for changed in (dict(encoder_layers=1), dict(rates=[4]), dict(encoder_prefix="Passage: ")):
+        with pytest.raises(UsageError, match=f"--{next(iter(changed))} .* differs from the run in"):
+            check_resume(ae_config(base_dir, corpus, run, **changed), refuse)
+    with pytest.raises(SystemExit):  # stage 1 trained further: its architecture is the checkpoint's
+        parse_args(["--init", str(run / "checkpoints" / "step-0000004"), "--rates", "4"])
+    assert "--rates 4: the model of --init" in capsys.readouterr().err
+    (run / "checkpoints" / "step-0000004" / "trainer_state.json").write_text("{cut")
+    with pytest.raises(CheckpointError, match="cannot resume from .*step-0000004.*earlier: step-0000002"):
+        train(ae_config(base_dir, corpus, run, steps=8))
+
+
+def test_bad_flags_and_data_are_refused_in_one_line_before_a_model_loads(base_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as shown:
+        parse_args(["--help"])  # (help texts are %-formatted by argparse)
+    assert shown.value.code == 0 and "--schedule" in capsys.readouterr().out
+    (tmp_path / "typo.yaml").write_text("stesp: 5\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for argv, message in (
+        (["--steps", "0"], "--steps must be at least 1"), (["--log_every", "0"], "--log_every must be at least 1"),
+        (["--multi_doc_fraction", "2"], "--multi_doc_fraction is a share"),
+        (["--data", str(tmp_path / "nowhere.jsonl")], "no such file"),
+        (["--config", str(tmp_path / "typo.yaml")], "unknown: ['stesp']"),
+        (["--rate_weights", "1", "2"], "one weight >= 0 per rate"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
+    keft = TrainConfig(stage="keft", no_compress=True, base_model=str(base_dir), data=[str(empty)],
+                       out_dir=str(tmp_path / "run"))
+    with pytest.raises(UsageError, match="no training examples"):
+        train(keft)
+    assert not (tmp_path / "run").exists()  # nothing written
 
 
 def test_wsd_run_extended_while_stable_ends_as_one_planned_that_long(base_dir, corpus, tmp_path):

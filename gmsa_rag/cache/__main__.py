@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -159,6 +160,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
         raise UsageError(f"--rate {args.rate} is not allowed: {checkpoint} supports {list(config.rates)}")
     if args.device is not None:
         check_device(args.device)
+    from gmsa_rag.cache.precompute import source_items
+
+    items = source_items(source)  # read before any model loads: a bad record fails here, in one line
+    if not items:
+        raise UsageError(f"--source {source} holds no documents: pass a folder or file with some text")
     with SoftTokenCache(cache_dir, size_limit=args.size_limit, eviction_policy=args.eviction_policy) as cache:
         model = _load_model(checkpoint, process_device(args.device), progress=not args.no_progress)  # a GPU per process
         # Libraries print notices to stdout (e.g. LlamaIndex's splitter); keep stdout for the report.
@@ -166,7 +172,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             report = precompute(
                 model,
                 cache,
-                source,
+                items,
                 args.rate,
                 chunk_size=args.chunk_size,
                 chunk_overlap=args.chunk_overlap,
@@ -174,6 +180,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 verify=args.verify,
             )
+    report = dataclasses.replace(report, source=str(source))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

@@ -343,7 +343,14 @@ def source_items(source: Source) -> list[Any]:
             raise FileNotFoundError(
                 f"source not found: {path} (to precompute raw texts, pass a list of strings)"
             )
-        items: list[Any] = _docstore_items(path) if (path / "docstore.json").is_file() else load_source(path)
+        if (path / "docstore.json").is_file():
+            try:
+                items: list[Any] = _docstore_items(path)
+            except (ValueError, KeyError, TypeError) as err:  # (json errors are ValueErrors)
+                raise ValueError(f"{path / 'docstore.json'}: not a LlamaIndex docstore ({err}); a folder holding "
+                                 "one is read as a persisted index") from err
+        else:
+            items = load_source(path)
         if not items:
             logger.warning("source %s holds no documents or nodes", path)
         return items

@@ -154,6 +154,17 @@ def remove_cache_files(directory: str | os.PathLike) -> int:
     return len(files)
 
 
+def _stored_settings(db: Path) -> dict[str, object]:
+    """The size limit and eviction policy a cache database holds ({} for none yet; damage is left to diskcache)."""
+    if not db.is_file():
+        return {}
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True, timeout=60)) as con:
+            return dict(con.execute("SELECT key, value FROM Settings WHERE key IN ('size_limit', 'eviction_policy')"))
+    except sqlite3.Error:  # (no Settings table yet, or a damaged file)
+        return {}
+
+
 def default_cache_dir() -> Path:
     """Default cache directory: ``$GMSA_RAG_CACHE_DIR``, else ``$XDG_CACHE_HOME/gmsa_rag/soft_tokens``
     (``~/.cache/gmsa_rag/soft_tokens`` when XDG_CACHE_HOME is unset)."""
@@ -397,7 +408,7 @@ class SoftTokenCache:
         readonly: bool = False,
         **diskcache_settings: object,
     ) -> None:
-        path = Path(directory).expanduser() if directory is not None else default_cache_dir()
+        path = (Path(directory).expanduser() if directory is not None else default_cache_dir()).absolute()
         if eviction_policy is not None and eviction_policy not in diskcache.EVICTION_POLICY:
             raise ValueError(
                 f"unknown eviction_policy {eviction_policy!r}; "
@@ -409,12 +420,14 @@ class SoftTokenCache:
             raise NotADirectoryError(f"soft-token cache folder {path} is a file: pass a folder")
         if not readonly and not cache_is_writable(path):
             raise CacheDatabaseError(path, "no write permission", damaged=False)
-        is_new = not (path / _DBNAME).exists()
+        # Every setting is passed explicitly: the stored one, else ours. (diskcache writes its own defaults, 1 GiB and
+        # least-recently-stored, for any not passed, over rows that another process opening a new cache at the same
+        # moment, e.g. every process of `accelerate launch -m gmsa_rag.cache build`, has just written.)
+        stored = _stored_settings(path / _DBNAME)
         settings = dict(diskcache_settings)
-        if size_limit is not None or is_new:
-            settings["size_limit"] = int(size_limit if size_limit is not None else DEFAULT_SIZE_LIMIT)
-        if eviction_policy is not None or is_new:
-            settings["eviction_policy"] = eviction_policy or DEFAULT_EVICTION_POLICY
+        settings["size_limit"] = int(size_limit if size_limit is not None
+                                     else stored.get("size_limit", DEFAULT_SIZE_LIMIT))
+        settings["eviction_policy"] = eviction_policy or stored.get("eviction_policy", DEFAULT_EVICTION_POLICY)
         self._init_args = (str(path), timeout, readonly, dict(settings))
         self.readonly = readonly
         with self._errors():

@@ -135,7 +135,12 @@ def read_records(path: Path, need_gold: bool = True) -> list[dict[str, Any]]:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: not a JSON record ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: a record must be a JSON object")
             golds = [c for c in record.get("ctxs", []) if c.get("isgold")]
             if not isinstance(record.get("question"), str) or not record.get("answers") or (need_gold and not golds):
                 raise ValueError(f"{path}:{line_no}: need 'question', 'answers'{' and a gold context' * need_gold}")

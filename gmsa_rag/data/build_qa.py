@@ -316,6 +316,9 @@ def build_qa_pool(
     allowed_chunks = [i for i, c in enumerate(chunks) if _text_key(c["text"]) not in nq_dev_golds]
     stats.wiki_chunks_dropped_nq_dev_gold = len(chunks) - len(allowed_chunks)
 
+    if config.dev_size >= len(qa_kept):
+        raise ValueError(f"dev_size {config.dev_size} leaves no QA question for train ({len(qa_kept)} kept): "
+                         "pass a smaller --dev-size")
     train_idx, dev_idx = split_train_dev(qa_kept, config.dev_size, config.seed)
     dev = [qa_kept[i] for i in dev_idx]
     dev_questions = {normalize_answer(r["question"]) for r in dev}
@@ -404,7 +407,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for flag in ("num_distractors", "dev_size", "wiki_chunks", "min_words", "max_words", "batch_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     config = QABuildConfig(num_distractors=args.num_distractors, dev_size=args.dev_size, seed=args.seed,
                            wiki_chunks=args.wiki_chunks, min_words=args.min_words, max_words=args.max_words,
                            max_seq_length=args.max_seq_length)

@@ -62,9 +62,14 @@ def _records(path: Path):
     if ".jsonl" in path.name or ".ndjson" in path.name:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 if line.strip():
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from err
+                    if not isinstance(record, dict):
+                        raise ValueError(f"{path}:{number}: a record must be a JSON object with a \"text\" field")
                     if isinstance(record.get("text"), str) and record["text"].strip():
                         yield str(record.get("title") or ""), record["text"]
     else:
@@ -85,6 +90,8 @@ def tokenize_file(path: Path, out: Path, tokenizer_dir: str) -> Path:
 
     def flush() -> None:
         nonlocal position
+        if not batch:  # (the file ended right after a full batch, or held no text)
+            return
         flat = [p for _, paras in batch for p in paras]
         encoded = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         titles = tokenizer([t for t, _ in batch], add_special_tokens=False)["input_ids"]

@@ -132,6 +132,31 @@ def test_stream_matches_complete(tiny_model, texts, no_whitespace):
     assert llm.last_stats.ttft_seconds is not None and llm.last_stats.new_tokens == 5
 
 
+def test_a_stream_read_in_part_does_not_hold_the_decoder(tiny_model, texts, no_whitespace):
+    llm = GMSALLM(tiny_model, max_new_tokens=6, generate_kwargs=no_whitespace)
+    keys, _ = put(llm.store, texts, tiny_model)
+    prompt = QA_TEMPLATE.format(context_str=marker(keys[0]), query_str="Where?")
+    first = llm.stream_complete(prompt)
+    next(first)  # one delta read, the stream left open
+    done = []
+
+    def other() -> None:
+        done.append(llm.complete(prompt).text)
+
+    import threading
+
+    worker = threading.Thread(target=other, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert done, "a second generation waited on a stream read in part"
+
+    async def two_streams() -> list[str]:  # two async streams, one delta of each, on one event loop
+        a, b = await llm.astream_complete(prompt), await llm.astream_complete(prompt)
+        return [(await anext(a)).delta, (await anext(b)).delta]
+
+    assert len(asyncio.run(asyncio.wait_for(two_streams(), timeout=120))) == 2
+
+
 def test_stream_always_yields(tiny_model, texts, monkeypatch):
     llm = GMSALLM(tiny_model, max_new_tokens=3)
     keys, _ = put(llm.store, texts[:1], tiny_model)

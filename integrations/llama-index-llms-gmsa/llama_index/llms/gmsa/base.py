@@ -318,29 +318,31 @@ class GMSALLM(CustomLLM):
 
             def run() -> None:
                 try:
-                    self.model.generate_from_segments(
-                        [segments], max_new_tokens=budget, streamer=counter, **gen_kwargs
-                    )
+                    # The lock is held here, not by the consumer: a stream read in part and left open (or one
+                    # iterated on an event loop beside another) must not hold the decoder past its generation.
+                    with self._lock:  # one decoder, one generation at a time
+                        self.model.generate_from_segments(
+                            [segments], max_new_tokens=budget, streamer=counter, **gen_kwargs
+                        )
                 except BaseException as err:  # re-raised in the consumer's thread
                     failure.append(err)
                 finally:
                     counter.end()  # the consumer must never wait forever, whatever happened
 
-            with self._lock:
-                worker = threading.Thread(target=run, name="gmsa-generate", daemon=True)
-                worker.start()
-                text = ""
-                try:
-                    for delta in streamer:
-                        if not text:
-                            delta = delta.lstrip()
-                            if not delta:
-                                continue
-                            stats.ttft_seconds = time.perf_counter() - start
-                        text += delta
-                        yield CompletionResponse(text=text, delta=delta)
-                finally:
-                    worker.join()
+            worker = threading.Thread(target=run, name="gmsa-generate", daemon=True)
+            worker.start()
+            text = ""
+            try:
+                for delta in streamer:
+                    if not text:
+                        delta = delta.lstrip()
+                        if not delta:
+                            continue
+                        stats.ttft_seconds = time.perf_counter() - start
+                    text += delta
+                    yield CompletionResponse(text=text, delta=delta)
+            finally:
+                worker.join()
             if failure:
                 raise failure[0]
             final = self._finish(parsed, text)
