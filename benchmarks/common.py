@@ -136,7 +136,30 @@ def add_common_args(parser: argparse.ArgumentParser, backbone_default: str | Non
 
 
 def parse_int_list(text: str) -> list[int]:
-    return [int(x) for x in re.split(r"[,\s]+", text.strip()) if x]
+    """argparse type: integers >= 1 separated by commas or spaces (e.g. lengths, rates)."""
+    try:
+        values = [int(x) for x in re.split(r"[,\s]+", text.strip()) if x]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 such as 512,1024; got {text!r}")
+    return values
+
+
+def check_checkpoints(specs: Sequence["SystemSpec"]) -> None:
+    """Refuse, in one line and before any model loads, a system whose checkpoint is missing or damaged or lacks
+    the rate it is asked for."""
+    from gmsa_rag.checkpoint import CheckpointError, read_record
+
+    for spec in specs:
+        if spec.kind == "base" or not spec.path:
+            continue
+        try:
+            rates = read_record(spec.path)["config"]["rates"]
+        except CheckpointError as err:
+            raise SystemExit(f"{spec.name}: {err}") from err
+        if spec.kind in ("gmsa", "tcp") and spec.rate is not None and spec.rate not in rates:
+            raise SystemExit(f"{spec.label}: rate {spec.rate} is not one of {spec.path}'s rates {sorted(rates)}")
 
 
 # --------------------------------------------------------------------------- timing and memory

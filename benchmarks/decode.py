@@ -58,10 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engines", type=lambda s: [e for e in s.split(",") if e], default=None,
                    help=f"subset of {','.join(ENGINES)} (default: hf,static,static-stop on GPU; hf,static on CPU)")
     p.add_argument("--prompt", type=int, default=200, help="decoder positions of the prompt, about (default 200)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens decoded, forced (default 32)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens decoded, forced (default 32; --quick 8)")
     p.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per engine, median reported (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed runs per engine first (default 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per engine, median reported (default 5; "
+                   "--quick 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs per engine first (default 2; --quick 1)")
     p.add_argument("--token-times", action=argparse.BooleanOptionalAction, default=None,
                    help="time every decode step through a streamer (default: on for CPU, off for GPU, where the "
                         "per-token host sync would change what is measured)")
@@ -79,8 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="passages (default: the bundled QA dev split)")
     p.add_argument("--name", default=None, help="output file stem (default decode-<backbone>)")
     args = p.parse_args(argv)
+    for flag, full, quick in (("new_tokens", 32, 8), ("repeats", 5, 2), ("warmup", 2, 1)):
+        if getattr(args, flag) is None:
+            setattr(args, flag, quick if args.quick else full)
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2")
+    if min(args.batch, args.repeats, args.prompt) < 1 or args.warmup < 0:
+        p.error("--prompt, --batch and --repeats must be at least 1, --warmup at least 0")
     if args.profile and args.profile not in (args.engines or ENGINES):
         p.error(f"--profile {args.profile}: not among the engines timed")
     if args.engines and set(args.engines) - set(ENGINES):

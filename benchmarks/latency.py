@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as bc  # noqa: E402
+from gmsa_rag.checkpoint import CheckpointError, read_record  # noqa: E402
+from gmsa_rag.errors import non_negative_int, positive_int  # noqa: E402
 
 NAME = "latency"
 METHODS = ("uncompressed", "gmsa-cached", "gmsa-online", "tcp-cached", "tcp-online")
@@ -51,15 +53,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rates", type=bc.parse_int_list, default=[4, 8, 16], help="compression rates (default 4,8,16)")
     p.add_argument("--methods", type=lambda s: [m for m in s.split(",") if m], default=list(METHODS),
                    help=f"subset of {','.join(METHODS)}")
-    p.add_argument("--doc-tokens", type=int, default=None,
+    p.add_argument("--doc-tokens", type=positive_int, default=None,
                    help="tokens per retrieved document, each compressed on its own (default 256; --quick 128)")
-    p.add_argument("--new-tokens", type=int, default=None, help="answer length, forced (default 16; --quick 8)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats, median reported (default 3 on GPU, 5 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up runs (default 2 on GPU, 1 on CPU)")
+    p.add_argument("--new-tokens", type=positive_int, default=None, help="answer length, forced (default 16; --quick 8)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed repeats, median reported (default 3 on GPU, 5 on CPU)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="untimed warm-up runs (default 2 on GPU, 1 on CPU)")
     p.add_argument("--checkpoint", default=None, help="GMSA checkpoint (default: untrained compressor; timing only)")
     p.add_argument("--tcp-checkpoint", default=None, help="TCP-AE checkpoint (default: untrained)")
-    p.add_argument("--encoder-layers", type=int, default=8, help="k for untrained compressors (default 8)")
-    p.add_argument("--lsa-layers", type=int, default=1, help="LSA blocks for untrained compressors (default 1)")
+    p.add_argument("--encoder-layers", type=positive_int, default=8, help="k for untrained compressors (default 8)")
+    p.add_argument("--lsa-layers", type=non_negative_int, default=1, help="LSA blocks for untrained compressors (default 1)")
     p.add_argument("--data", default=None, help="passages: QA jsonl / jsonl corpus / text (default: dev split)")
     p.add_argument("--name", default=NAME, help="output file stem (default latency), e.g. to split a long run")
     p.add_argument("--no-fast", action="store_true", help="skip the static-cache engine (the fast path)")
@@ -77,6 +79,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    for flag, path in (("--checkpoint", args.checkpoint), ("--tcp-checkpoint", args.tcp_checkpoint)):
+        if path:
+            try:
+                read_record(path)
+            except CheckpointError as err:
+                p.error(f"{flag}: {err}")
+    if args.data and not Path(args.data).exists():
+        p.error(f"--data {args.data}: no such file or folder")
     return args
 
 
@@ -98,9 +108,11 @@ def apply_defaults(args, device: torch.device) -> None:
 def engine_generate(engine, model, prompts_fn: Callable[[], list], new_tokens: int) -> torch.Tensor:
     """Build the prompt batch and decode exactly ``new_tokens`` greedy tokens (no stop token) through a
     ``GenerationEngine``: the product's path minus turning ids into text. Returns the new token ids."""
-    batch = model.build_batch(prompts_fn(), padding_side="left")
-    return engine.generate(batch.inputs_embeds, batch.attention_mask, new_tokens, stop_token_ids=(),
-                           pad_token_id=model.tokenizer.pad_token_id)
+    prompts = prompts_fn()
+    batch = model.build_batch(prompts, padding_side="left")
+    with model.decoder_adapter(model.adapter_wanted(prompts)):  # as the product: off for text (the base model)
+        return engine.generate(batch.inputs_embeds, batch.attention_mask, new_tokens, stop_token_ids=(),
+                               pad_token_id=model.tokenizer.pad_token_id)
 
 
 # --------------------------------------------------------------------------- contexts

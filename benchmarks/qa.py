@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as bc  # noqa: E402
+from gmsa_rag.errors import non_negative_int, positive_int  # noqa: E402
 
 NAME = "qa"
 
@@ -43,10 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(its --split laid out as the trainer's dev shows it: gold among the --max-docs - 1 hardest "
                    "distractors) (default: the bundled dev split)")
     p.add_argument("--split", default="dev", help="split of a pooled QA folder (default dev)")
-    p.add_argument("--max-docs", type=int, default=5, help="documents per question from a pooled QA folder (default 5)")
-    p.add_argument("--limit", type=int, default=None, help="first N questions (default 200; --quick 8)")
-    p.add_argument("--batch-size", type=int, default=None, help="questions per batch (default 8 on CPU, 16 on GPU)")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-docs", type=positive_int, default=5, help="documents per question from a pooled QA folder (default 5)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N questions (default 200; --quick 8)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="questions per batch (default 8 on CPU, 16 on GPU)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24)
     p.add_argument("--engine", default="auto", choices=["auto", "hf", "static"],
                    help="decoding path (gmsa_rag.engine); greedy output is the same, only speed differs")
     p.add_argument("--gold-only", action="store_true",
@@ -54,16 +55,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extractive", action="store_true",
                    help="hold every system's answers (text readers' too) to spans of the question's documents "
                         "(gmsa_rag.extractive)")
-    p.add_argument("--extract-top", type=int, default=0, metavar="K",
+    p.add_argument("--extract-top", type=non_negative_int, default=0, metavar="K",
                    help="with --extractive: answers held to the K documents of best BM25 match to the question "
                         "(gmsa_rag.lexical); the prompt keeps every document (default 0: all documents)")
-    p.add_argument("--extract-sentences", type=int, default=0, metavar="K",
+    p.add_argument("--extract-sentences", type=non_negative_int, default=0, metavar="K",
                    help="with --extractive: answers held to the K sentences of best BM25 match to the question among "
                         "the documents answers may quote (gmsa_rag.lexical; default 0: whole documents)")
-    p.add_argument("--keep-top", type=int, default=0, metavar="K",
+    p.add_argument("--keep-top", type=non_negative_int, default=0, metavar="K",
                    help="every system's prompt keeps only the K documents of best BM25 match to the question, best "
                         "first (a lexical rerank before the reader; default 0: all documents)")
-    p.add_argument("--num-beams", type=int, default=1,
+    p.add_argument("--num-beams", type=positive_int, default=1,
                    help="beam search over the answers (default 1: greedy); with --extractive, over spans")
     p.add_argument("--per-document", action="store_true",
                    help="answer from each document alone, keep the answer the decoder scores best (gmsa_rag.per_document)")
@@ -72,13 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--contrast", type=float, default=0.0, metavar="ALPHA",
                    help="context-aware decoding: each token by how much the documents raise it over the question "
                         "alone, (1 + ALPHA) x with - ALPHA x without (gmsa_rag.contrast; greedy; default off)")
-    p.add_argument("--expand-to", type=int, default=0, metavar="R",
+    p.add_argument("--expand-to", type=non_negative_int, default=0, metavar="R",
                    help="compressed systems: each document's best BM25-matching run of soft tokens read as its text, "
                         "as much as fits the decoder positions of rate R (gmsa_rag.expansion; default off)")
-    p.add_argument("--expand-rate", type=int, default=1, metavar="F",
+    p.add_argument("--expand-rate", type=positive_int, default=1, metavar="F",
                    help="with --expand-to: read the chosen run as soft tokens at rate F (the documents compressed "
                         "at F too; F divides the rate) instead of as text (default 1: text)")
-    p.add_argument("--rates", type=int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
+    p.add_argument("--rates", type=positive_int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
     p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
     p.add_argument("--nocompress-checkpoint", default=None)
     p.add_argument("--gmsa-checkpoint", default=None)
@@ -103,12 +104,13 @@ def systems_from_args(args) -> tuple[list[bc.SystemSpec], list[str]]:
         specs.append(bc.SystemSpec("TCP-AE", "tcp", args.tcp_checkpoint))
     if not specs:
         specs.append(bc.SystemSpec("base (uncompressed)", "base", args.backbone))
-        for method, name in (("gmsa", "GMSA"), ("tcp", "TCP-AE")):
-            ckpt = default_checkpoint(method)
-            if ckpt is not None:
-                specs.append(bc.SystemSpec(name, method, str(ckpt)))
+        bundled = [(name, method, default_checkpoint(method)) for method, name in (("gmsa", "GMSA"), ("tcp", "TCP-AE"))]
+        if args.backbone == "smollm2":  # (the bundled checkpoints were trained on SmolLM2: not beside another base)
+            specs += [bc.SystemSpec(name, method, str(ckpt)) for name, method, ckpt in bundled if ckpt is not None]
+        why = ("no bundled checkpoints found" if not any(c for *_, c in bundled) else
+               f"the bundled checkpoints are SmolLM2's, not {args.backbone}'s")
         notes.append("No system given: the base model" + (" and the bundled checkpoints" if len(specs) > 1 else
-                                                          " only (no bundled checkpoints found)") + ".")
+                                                          f" only ({why})") + ".")
     return bc.expand_rates(specs, args.rates), notes
 
 
@@ -273,6 +275,7 @@ def main(argv=None) -> dict[str, Any]:
     if args.keep_top:
         examples = keep_best_matching(examples, args.keep_top)
     specs, notes = systems_from_args(args)
+    bc.check_checkpoints(specs)  # (before any model loads)
 
     rows: list[dict[str, Any]] = []
     groups: dict[tuple, list[bc.SystemSpec]] = {}

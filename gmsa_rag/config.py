@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -104,9 +105,13 @@ class GMSAConfig:
 
     def check_rate(self, rate: int) -> int:
         """Return ``rate`` if the model was configured for it, else raise a ValueError naming the allowed ones."""
-        if isinstance(rate, bool) or not isinstance(rate, int) or rate not in self.rates:
+        try:  # (numpy and 0-d tensor integers too)
+            value = None if isinstance(rate, bool) else operator.index(rate)
+        except TypeError:
+            value = None
+        if value not in self.rates:
             raise ValueError(f"compression rate {rate!r} is not allowed; this model supports {list(self.rates)}")
-        return rate
+        return value
 
     def max_soft_tokens(self, rate: int) -> int:
         """Soft tokens one encoder window yields at ``rate``."""

@@ -9,6 +9,10 @@ reads the soft tokens and picks among what is allowed; nothing of the documents'
 Matching is on characters, not token ids, so an answer may open a document's mid-sentence word without its leading
 space and be spelled by other tokens than the document's own tokenization ("Gustave" opening a reply is ``G`` +
 ``ustave``; inside a document it is `` Gustave``). An answer starts at the start of a word.
+
+Limitation: a token whose text is part of one character (a byte-level piece of a CJK character, say) decodes to
+U+FFFD and is never offered, so characters a byte-level tokenizer spells in several tokens cannot be quoted: extractive
+answers suit scripts whose characters are whole tokens (Latin, accented Latin included), not Chinese or Japanese text.
 """
 from __future__ import annotations
 

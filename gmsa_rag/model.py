@@ -320,7 +320,9 @@ class GMSAModel(nn.Module):
 
         Texts longer than the encoder window are split into windows whose soft tokens are concatenated in order.
         """
-        self.config.check_rate(rate)
+        rate = self.config.check_rate(rate)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         per_text = [self.windows(ids) for ids in self.tokenize(texts)]
         flat = [(t, w) for t, ws in enumerate(per_text) for w in ws]
         order = sorted(range(len(flat)), key=lambda i: len(flat[i][1]))  # similar lengths share a batch
@@ -659,12 +661,30 @@ class GMSAModel(nn.Module):
 
     @staticmethod
     def _as_batch(questions, contexts) -> tuple[list[str], list[list[Context]]]:
+        """One question and its documents, or lists of both; refuses what would be silently misread (a string of
+        documents read one character each, a bare soft-token tensor read one row each)."""
         if isinstance(questions, str):
-            return [questions], [list(contexts)]
-        questions = list(questions)
+            questions, contexts = [questions], [contexts]
+        questions, contexts = list(questions), list(contexts)
+        if not questions:
+            raise ValueError("no questions given")
         if len(questions) != len(contexts):
             raise ValueError(f"{len(questions)} questions but {len(contexts)} context lists")
+        for docs in contexts:
+            if isinstance(docs, (str, torch.Tensor)):
+                raise TypeError(f"each question's contexts must be a list of documents (texts or [n, hidden] "
+                                f"soft-token tensors), got one {type(docs).__name__}: wrap it in a list")
+            for doc in docs:
+                if isinstance(doc, torch.Tensor) and doc.dim() != 2:
+                    raise ValueError(f"soft tokens must be [n, hidden] tensors, got shape {tuple(doc.shape)}")
         return questions, [list(c) for c in contexts]
+
+    def __getstate__(self) -> dict:
+        """For ``copy.deepcopy`` and pickling: the generation engine (its lock, threads and compiled steps) stays
+        behind; the copy builds its own on its first generation."""
+        state = self.__dict__.copy()
+        state.pop("_generation_engine", None)
+        return state
 
 
 def has_soft_tokens(prompts: Sequence[Sequence[Segment]]) -> bool:

@@ -177,8 +177,37 @@ def test_reconstruction_runs_end_to_end(qa_file, checkpoints, tmp_path):
     rows = result["rows"]
     assert len(rows) == 2 * 2 * 2
     assert {r["system"] for r in rows} == {"GMSA-AE", "TCP-AE"}
+    assert {r["checkpoint"] for r in rows} == {str(checkpoints["gmsa"]), str(checkpoints["tcp"])}
+    assert result["meta"]["checkpoints"]["GMSA-AE"] == str(checkpoints["gmsa"])
+    rec = _bench("reconstruction")  # no system given: the stage-1 compressor, not the stage-2 checkpoint
+    specs, _ = rec.systems_from_args(rec.parse_args(["--device", "cpu"]))
+    assert [s.path for s in specs if s.kind == "gmsa"] == [str(BENCH.parent / "checkpoints" / "smollm2-gmsa-ae")]
     for r in rows:
         assert 0 <= r["bleu"] <= 100 and 0 <= r["prefix_em"] <= 100
+
+
+def test_latency_times_text_prompts_on_the_base_model_and_soft_ones_with_the_adapter(tokenizer):
+    latency = _bench("latency")
+    model = tiny_gmsa(tokenizer, decoder_tuning="qkv_lora")  # a soft-token decoder adapter, as the shipped checkpoint
+    assert model._decoder_lora_layers
+    seen = []
+
+    class Recorder:
+        def generate(self, *args, **kwargs):
+            seen.append({m.disable_adapters for m in model._decoder_lora_layers})
+            return torch.zeros(1, 1, dtype=torch.long)
+
+    text = [model.qa_prompt("Who?", ["Paris is in France."])]
+    soft = [model.qa_prompt("Who?", model.compress(["Paris is in France."], 4))]
+    latency.engine_generate(Recorder(), model, lambda: text, 2)
+    latency.engine_generate(Recorder(), model, lambda: soft, 2)
+    assert seen == [{True}, {False}]  # adapter off for the uncompressed baseline, as in the product
+
+
+def test_qa_leaves_the_bundled_checkpoints_out_on_another_backbone():
+    qa = _bench("qa")
+    specs, notes = qa.systems_from_args(qa.parse_args(["--backbone", "tiny", "--device", "cpu"]))
+    assert [s.kind for s in specs] == ["base"] and "base model only" in notes[0]
 
 
 def test_reconstruction_untrained_on_a_tiny_backbone(tmp_path):
@@ -672,3 +701,22 @@ def test_qa_reads_the_best_matching_run_as_text_within_the_lower_rates_positions
         qa.main(common + ["--rates", "4", "--expand-to", "4"])
     with pytest.raises(SystemExit, match="dividing every"):
         qa.main(common + ["--rates", "8", "--expand-to", "4", "--expand-rate", "3"])
+
+
+def test_benchmark_arguments_are_checked_before_any_model_loads(qa_file, checkpoints, tmp_path, capsys):
+    qa, latency, decode = _bench("qa"), _bench("latency"), _bench("decode")
+    common = ["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file)]
+    with pytest.raises(SystemExit, match="is not a GMSA checkpoint"):
+        qa.main(common + ["--gmsa-checkpoint", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="rate 3 is not one of"):
+        qa.main(common + ["--gmsa-checkpoint", str(checkpoints["gmsa"]), "--rates", "3"])
+    for argv in (["--batch-size", "-2"], ["--max-new-tokens", "0"], ["--limit", "0"]):
+        with pytest.raises(SystemExit):
+            qa.parse_args(argv)
+    for argv in (["--lengths", "0"], ["--repeats", "0"], ["--checkpoint", str(tmp_path / "nowhere")],
+                 ["--data", str(tmp_path / "nowhere")]):
+        with pytest.raises(SystemExit):
+            latency.parse_args(argv)
+    assert "no such file" in capsys.readouterr().err
+    quick = decode.parse_args(["--quick"])
+    assert (quick.new_tokens, quick.repeats, quick.warmup) == (8, 2, 1)

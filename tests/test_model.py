@@ -281,3 +281,26 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tokenizer):
     with torch.compiler.set_stance("force_eager"):
         assert compiled.generate("Where is it?", soft, max_new_tokens=3) == eager.generate("Where is it?", soft,
                                                                                           max_new_tokens=3)
+
+
+def test_inputs_that_would_be_misread_are_refused_and_numpy_rates_taken(tokenizer):
+    import copy
+
+    import numpy as np
+
+    model = make_tiny(tokenizer)
+    soft = model.compress([TEXT], np.int64(4))  # a numpy integer is a rate like any other
+    assert len(soft) == 1 and soft[0].shape[0] > 0
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        model.generate("Where?", TEXT, max_new_tokens=1)  # (was read as one document per character)
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        model.generate(["Where?"], [soft[0]], max_new_tokens=1)  # (was read as one document per row)
+    with pytest.raises(ValueError, match=r"\[n, hidden\]"):
+        model.generate("Where?", [soft[0][0]], max_new_tokens=1)
+    with pytest.raises(ValueError, match="no questions"):
+        model.generate([], [], max_new_tokens=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        model.compress([TEXT], 4, batch_size=0)
+    model.generate("Where?", soft, max_new_tokens=2)
+    twin = copy.deepcopy(model)  # (the generation engine, with its lock, stays behind)
+    assert twin.generate("Where?", soft, max_new_tokens=2) == model.generate("Where?", soft, max_new_tokens=2)
