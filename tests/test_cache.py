@@ -529,7 +529,7 @@ def test_load_folder_reads_jsonl_records_and_their_metadata_does_not_change_chun
 @pytest.mark.parametrize("name, records, message", [
     ("bad.jsonl", [{"text": "fine"}, {"title": "no text"}], r"bad.jsonl:2: the record has no string \"text\" field"),
     ("bad.jsonl", [{"text": "fine"}, "", {"text": 3}], r"bad.jsonl:3: the record has no string \"text\" field"),
-    ("bad.jsonl.gz", ["[1, 2]"], r"bad.jsonl.gz:1: the record has no string \"text\" field"),
+    ("bad.jsonl.gz", ["[1, 2]"], r"bad.jsonl.gz:1: a record must be a JSON object, got list"),
     ("bad.jsonl.gz", [{"text": "fine"}, '{"text": "cut'], r"bad.jsonl.gz:2: not a JSON record \(Unterminated string"),
 ])
 def test_bad_jsonl_records_fail_in_one_line_naming_file_and_line(tmp_path: Path, name, records, message):

@@ -71,7 +71,7 @@ def test_load_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"bad\.jsonl:2:"):
         load_texts(path)
     path.write_text('{"text": "ok"}\n\n{not json\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: invalid JSON"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: not a JSON record"):
         list(iter_documents(path))
 
 
@@ -198,7 +198,7 @@ def test_qa_jsonl_roundtrip(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("{oops", "invalid JSON"),
+        ("{oops", "not a JSON record"),
         ('{"answers": ["a"]}', "'question'"),
         ('{"question": "q", "answers": "a"}', "'answers'"),
         ('{"question": "q", "answers": ["a"], "ctxs": [{"title": "t"}]}', r"ctxs\[0\]"),

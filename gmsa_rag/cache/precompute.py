@@ -24,19 +24,17 @@ everything and takes a share of the chunk keys instead.
 from __future__ import annotations
 
 import functools
-import gzip
 import heapq
 import inspect
-import json
 import logging
 import os
 import time
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
 
+from ..data.jsonl import iter_records
 from .store import SoftTokenCache, cache_key
 
 if TYPE_CHECKING:  # llama_index is imported lazily (it is slow to import)
@@ -242,22 +240,10 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
     Raises:
         ValueError: a line is not a JSON object with a string ``text`` field, or the gzip stream is damaged.
     """
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as lines:
-            for line_no, raw in enumerate(lines, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.strip())
-                except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-                    detail = f"{err.msg}: column {err.colno}" if isinstance(err, json.JSONDecodeError) else err
-                    raise ValueError(f"{path}:{line_no}: not a JSON record ({detail})") from err
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f'{path}:{line_no}: the record has no string "text" field')
-                yield line_no, record
-    except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: cannot be read as JSON lines ({err})") from err
+    for line_no, record in iter_records(path):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f'{path}:{line_no}: the record has no string "text" field')
+        yield line_no, record
 
 
 def load_file(path: Union[str, os.PathLike], name: str | None = None, kind: str | None = None) -> list["Document"]:

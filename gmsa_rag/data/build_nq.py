@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from gmsa_rag.backbone import minilm_path
 from gmsa_rag.data import DEFAULT_QA_DIR, REPO_ROOT
+from gmsa_rag.data.jsonl import iter_records
 from gmsa_rag.metrics import normalize_answer
 
 __all__ = [
@@ -130,21 +131,11 @@ def gold_positions(mode: GoldPosition, n_examples: int, num_docs: int, rng: rand
 def read_records(path: Path, need_gold: bool = True) -> list[dict[str, Any]]:
     """Read oracle records; each needs a question, answers and (unless ``need_gold`` is off) an ``isgold`` context."""
     records = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not a JSON record ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: a record must be a JSON object")
-            golds = [c for c in record.get("ctxs", []) if c.get("isgold")]
-            if not isinstance(record.get("question"), str) or not record.get("answers") or (need_gold and not golds):
-                raise ValueError(f"{path}:{line_no}: need 'question', 'answers'{' and a gold context' * need_gold}")
-            records.append(record)
+    for line_no, record in iter_records(path):
+        golds = [c for c in record.get("ctxs", []) if c.get("isgold")]
+        if not isinstance(record.get("question"), str) or not record.get("answers") or (need_gold and not golds):
+            raise ValueError(f"{path}:{line_no}: need 'question', 'answers'{' and a gold context' * need_gold}")
+        records.append(record)
     return records
 
 

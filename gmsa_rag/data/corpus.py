@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import gzip
 import io
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+from .jsonl import iter_records
 
 __all__ = [
     "TEXT_SUFFIXES",
@@ -105,17 +106,10 @@ def _open_text(path: Path) -> TextIO:
 
 
 def _iter_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
-    with _open_text(path) as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {err.msg}") from err
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"{path}:{line_no}: expected an object with a string field {text_field!r}")
-            yield record[text_field]
+    for line_no, record in iter_records(path):
+        if not isinstance(record.get(text_field), str):
+            raise ValueError(f"{path}:{line_no}: expected an object with a string field {text_field!r}")
+        yield record[text_field]
 
 
 def iter_documents(paths: PathLike | Iterable[PathLike], text_field: str = "text") -> Iterator[str]:

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .corpus import find_corpus_files, iter_documents, split_paragraphs
+from .jsonl import iter_records
 from .qa import TITLE_PREFIX
 
 CACHE_VERSION = 1
@@ -56,22 +57,10 @@ def cache_file_for(path: Path, cache_dir: Path, tokenizer_key: str) -> Path:
 
 def _records(path: Path):
     """(title, text) pairs of a corpus file: jsonl records with ``title``/``text``, or a whole text file."""
-    import gzip
-    import json
-
     if ".jsonl" in path.name or ".ndjson" in path.name:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from err
-                    if not isinstance(record, dict):
-                        raise ValueError(f"{path}:{number}: a record must be a JSON object with a \"text\" field")
-                    if isinstance(record.get("text"), str) and record["text"].strip():
-                        yield str(record.get("title") or ""), record["text"]
+        for _, record in iter_records(path):
+            if isinstance(record.get("text"), str) and record["text"].strip():
+                yield str(record.get("title") or ""), record["text"]
     else:
         for text in iter_documents(path):
             yield "", text

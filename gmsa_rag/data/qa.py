@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gmsa_rag.data.corpus import PathLike
+from gmsa_rag.data.jsonl import iter_records
 
 __all__ = [
     "QAExample",
@@ -123,17 +124,11 @@ def _example_from_record(record: Any) -> QAExample:
 
 def iter_qa_jsonl(path: PathLike) -> Iterator[QAExample]:
     """Yield the examples of a ``.jsonl`` / ``.jsonl.gz`` file; errors name the line."""
-    path = Path(path)
-    with _open(path, "r") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield _example_from_record(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {err.msg}") from err
-            except ValueError as err:
-                raise ValueError(f"{path}:{line_no}: {err}") from err
+    for line_no, record in iter_records(path):
+        try:
+            yield _example_from_record(record)
+        except ValueError as err:
+            raise ValueError(f"{path}:{line_no}: {err}") from err
 
 
 def load_qa_jsonl(path: PathLike, limit: int | None = None) -> list[QAExample]:
@@ -171,16 +166,6 @@ def is_qa_pool(path: PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / POOL_PASSAGES).is_file()
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with _open(path, "r") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if line.strip():
-                try:
-                    yield line_no, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON: {err.msg}") from err
-
-
 def load_qa_pool(folder: PathLike, split: str, limit: int | None = None) -> list[QAExample]:
     """Load ``{split}.jsonl.gz`` of a pooled QA folder (built by ``gmsa_rag.data.build_qa``).
 
@@ -191,14 +176,14 @@ def load_qa_pool(folder: PathLike, split: str, limit: int | None = None) -> list
     """
     folder = Path(folder)
     passages: dict[int, str] = {}
-    for line_no, record in _read_jsonl(folder / POOL_PASSAGES):
+    for line_no, record in iter_records(folder / POOL_PASSAGES):
         try:
             passages[int(record["id"])] = format_context(record.get("title"), record["text"])
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{folder / POOL_PASSAGES}:{line_no}: need 'id' and 'text'") from err
     path = folder / f"{split}.jsonl.gz"
     examples: list[QAExample] = []
-    for line_no, record in _read_jsonl(path):
+    for line_no, record in iter_records(path):
         if limit is not None and len(examples) >= limit:
             break
         try:
