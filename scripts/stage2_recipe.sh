@@ -57,9 +57,11 @@ nocompress_batch="--batch_size $NOCOMPRESS_BATCH --grad_accum $(( BATCH * ACCUM 
 # BOTH: flags for the GMSA and the no-compress run alike, e.g. the prompt shape (round 18, one document as behind a
 # BM25 rerank that keeps one: BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384")
 common="--stage keft --data data/qa-multidoc --dev_data data/qa-multidoc --max_docs 5 --rate_weights 1 4 3 2
-  --lr 5e-4 --warmup_steps 20 --seed ${SEED:-0} --log_every 5
+  --lr 5e-4 --warmup_steps 20 --schedule ${SCHEDULE:-cosine} --seed ${SEED:-0} --log_every 5
   --eval_samples ${EVAL_SAMPLES:-200} --eval_batch_size 50 --eval_gold_only true --save_dtype bfloat16
   --compile ${COMPILE:-false} ${BOTH:-}"
+# SCHEDULE=wsd (round 23): warmup-stable-decay, for a long run chained over machines that may be lost: raise
+# LONG_STEPS while it is still stable, or cool a stable checkpoint down alone (--init <it> --decay_fraction 1)
 # COMPILE=true compiles the Transformer blocks (3.3x stage-1 throughput with larger micro-batches on an H200,
 # benchmarks/results/h200-x2/stage1-throughput.md). Stage 2 with BATCH=32 ACCUM=2 compiled on one H200: 920 64-sample
 # steps in 17 training minutes, 1.1 s a step (benchmarks/results/h200/stage2-from-148m.md), where round 8's eager
