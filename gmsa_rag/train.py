@@ -697,6 +697,7 @@ def keep_log_until(log_file: Path, step: int) -> None:
     """Drop the rows a resumed run will log again (those of steps after the checkpoint it resumes from)."""
     if not log_file.is_file():
         return
+
     def logged_step(line: str) -> float:
         try:
             return json.loads(line).get("step", 0)
