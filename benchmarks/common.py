@@ -151,13 +151,16 @@ def check_checkpoints(specs: Sequence["SystemSpec"]) -> None:
     the rate it is asked for."""
     from gmsa_rag.checkpoint import CheckpointError, read_record
 
+    rates_of: dict[str, list[int]] = {}  # (a checkpoint evaluated at several rates is read once)
     for spec in specs:
         if spec.kind == "base" or not spec.path:
             continue
-        try:
-            rates = read_record(spec.path)["config"]["rates"]
-        except CheckpointError as err:
-            raise SystemExit(f"{spec.name}: {err}") from err
+        if spec.path not in rates_of:
+            try:
+                rates_of[spec.path] = read_record(spec.path)["config"]["rates"]
+            except CheckpointError as err:
+                raise SystemExit(f"{spec.name}: {err}") from err
+        rates = rates_of[spec.path]
         if spec.kind in ("gmsa", "tcp") and spec.rate is not None and spec.rate not in rates:
             raise SystemExit(f"{spec.label}: rate {spec.rate} is not one of {spec.path}'s rates {sorted(rates)}")
 

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as bc  # noqa: E402
+from gmsa_rag.errors import non_negative_int, positive_int  # noqa: E402
 
 NAME = "decode"
 ENGINES = ("hf", "static", "static-compiled", "static-stop")
@@ -57,12 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     bc.add_common_args(p)
     p.add_argument("--engines", type=lambda s: [e for e in s.split(",") if e], default=None,
                    help=f"subset of {','.join(ENGINES)} (default: hf,static,static-stop on GPU; hf,static on CPU)")
-    p.add_argument("--prompt", type=int, default=200, help="decoder positions of the prompt, about (default 200)")
-    p.add_argument("--new-tokens", type=int, default=None, help="tokens decoded, forced (default 32; --quick 8)")
-    p.add_argument("--batch", type=int, default=1, help="copies of the prompt decoded together (default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per engine, median reported (default 5; "
+    p.add_argument("--prompt", type=positive_int, default=200, help="decoder positions of the prompt, about (default 200)")
+    p.add_argument("--new-tokens", type=positive_int, default=None, help="tokens decoded, forced (default 32; --quick 8)")
+    p.add_argument("--batch", type=positive_int, default=1, help="copies of the prompt decoded together (default 1)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per engine, median reported (default 5; "
                    "--quick 2)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs per engine first (default 2; --quick 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=None, help="untimed runs per engine first (default 2; --quick 1)")
     p.add_argument("--token-times", action=argparse.BooleanOptionalAction, default=None,
                    help="time every decode step through a streamer (default: on for CPU, off for GPU, where the "
                         "per-token host sync would change what is measured)")
@@ -85,8 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, flag, quick if args.quick else full)
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2")
-    if min(args.batch, args.repeats, args.prompt) < 1 or args.warmup < 0:
-        p.error("--prompt, --batch and --repeats must be at least 1, --warmup at least 0")
     if args.profile and args.profile not in (args.engines or ENGINES):
         p.error(f"--profile {args.profile}: not among the engines timed")
     if args.engines and set(args.engines) - set(ENGINES):

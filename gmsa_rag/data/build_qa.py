@@ -66,6 +66,7 @@ from gmsa_rag.data.build_nq import (
     write_jsonl_gz,
 )
 from gmsa_rag.data.corpus import chunk_texts
+from gmsa_rag.errors import positive_int
 from gmsa_rag.metrics import normalize_answer
 
 __all__ = [
@@ -392,14 +393,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="oracle-format files whose questions join train only (e.g. build_retrieved's output)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     d = QABuildConfig()
-    p.add_argument("--num-distractors", type=int, default=d.num_distractors)
-    p.add_argument("--dev-size", type=int, default=d.dev_size)
+    p.add_argument("--num-distractors", type=positive_int, default=d.num_distractors)
+    p.add_argument("--dev-size", type=positive_int, default=d.dev_size)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--wiki-chunks", type=int, default=d.wiki_chunks, help="chunks sampled into the pool")
-    p.add_argument("--min-words", type=int, default=d.min_words)
-    p.add_argument("--max-words", type=int, default=d.max_words)
+    p.add_argument("--wiki-chunks", type=positive_int, default=d.wiki_chunks, help="chunks sampled into the pool")
+    p.add_argument("--min-words", type=positive_int, default=d.min_words)
+    p.add_argument("--max-words", type=positive_int, default=d.max_words)
     p.add_argument("--max-seq-length", type=int, default=d.max_seq_length, help="MiniLM input truncation (word pieces)")
-    p.add_argument("--batch-size", type=int, default=64, help="MiniLM encoding batch size")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="MiniLM encoding batch size")
     p.add_argument("--cache", type=Path, default=None,
                    help="embedding cache file (default $GMSA_RAG_HOME/embeddings/minilm-<max-seq-length>.npz)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -407,11 +408,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    for flag in ("num_distractors", "dev_size", "wiki_chunks", "min_words", "max_words", "batch_size"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    args = _parser().parse_args(argv)
     config = QABuildConfig(num_distractors=args.num_distractors, dev_size=args.dev_size, seed=args.seed,
                            wiki_chunks=args.wiki_chunks, min_words=args.min_words, max_words=args.max_words,
                            max_seq_length=args.max_seq_length)
