@@ -75,9 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune-kernels", action="store_true",
                    help="the compiled engines tune their kernels (GEMM autotuning and coordinate descent; "
                         "GenerationEngine(tune_kernels=True), GMSAModel.generation_tune_kernels)")
-    p.add_argument("--fuse-projections", action="store_true",
-                   help="every engine decodes with the decoder's W_Q/W_K/W_V and gate/up fused into one matrix each "
-                        "(GenerationEngine(fuse_projections=True), GMSAModel.generation_fuse_projections)")
+    p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
+                   help="every engine decodes with the decoder's W_Q/W_K/W_V and gate/up fused into one matrix each, "
+                        "or not (default: the product's choice, fused on CUDA only; "
+                        "GenerationEngine(fuse_projections=...), GMSAModel.generation_fuse_projections)")
     p.add_argument("--data", default=None, help="passages (default: the bundled QA dev split)")
     p.add_argument("--name", default=None, help="output file stem (default decode-<backbone>)")
     args = p.parse_args(argv)
@@ -121,7 +122,7 @@ class StepTimer:
         return [b - a for a, b in zip(self.times, self.times[1:])]
 
 
-def make_engines(names: list[str], decoder, tune_kernels: bool = False, fuse: bool = False) -> dict[str, Any]:
+def make_engines(names: list[str], decoder, tune_kernels: bool = False, fuse: bool | None = None) -> dict[str, Any]:
     from gmsa_rag.engine import GenerationEngine
 
     made = {}
@@ -231,7 +232,7 @@ def main(argv=None) -> dict[str, Any]:
             "auto_engine_here": select_engine(device), "weight_gib": round(weight_bytes / 2**30, 3),
             "bandwidth_gbs": bandwidth, "weight_bandwidth_limit_ms": limit_ms, "model_load_s": round(load_s, 1),
             "tune_kernels": args.tune_kernels,
-            "fuse_projections": args.fuse_projections,
+            "fuse_projections": any(engine.fuse_projections for engine in made.values()),
             "load_average_at_end": bc.load_average()}
     notes = notes + [
         f"Greedy, exactly {n} new tokens (no stop token), batch {args.batch}, through GenerationEngine.generate "

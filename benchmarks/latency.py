@@ -72,9 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tune-kernels", action="store_true",
                    help="the static-cache engine's compiled step tunes its kernels (GEMM autotuning and coordinate descent; "
                         "GMSAModel.generation_tune_kernels)")
-    p.add_argument("--fuse-projections", action="store_true",
+    p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
                    help="decode with the decoder's W_Q/W_K/W_V and gate/up fused into one matrix each, on both "
-                        "engines (one decoder; GMSAModel.generation_fuse_projections)")
+                        "engines, or not (one decoder; default: the product's choice, fused on CUDA only; "
+                        "GMSAModel.generation_fuse_projections)")
     args = p.parse_args(argv)
     unknown = set(args.methods) - set(METHODS)
     if unknown:
@@ -217,7 +218,7 @@ def main(argv=None) -> dict[str, Any]:
                 "fast_compiled": bool(fast is not None and fast.static.compiled),
                 "fast_prefill": fast.static.prefill if fast is not None else None,
                 "fast_tune_kernels": bool(fast is not None and fast.static.tune_kernels),
-                "fuse_projections": args.fuse_projections,
+                "fuse_projections": hf.fuse_projections,
                 "model_load_s": round(load_s, 1), "run_s": round(time.perf_counter() - t0, 1),
                 "load_average_at_end": bc.load_average()}
         all_notes = notes + _definitions(args, device, fast)

@@ -107,6 +107,16 @@ def select_engine(device: torch.device | str, choice: str = "auto") -> EngineKin
     return CPU_ENGINE if kind == "cpu" else "hf"
 
 
+def should_fuse_projections(device: torch.device | str, request: bool | None = None) -> bool:
+    """Whether generation on ``device`` fuses the decoder's sibling projections: ``request`` itself, or for ``None``
+    on CUDA only. There the static step decoded 15% faster fused (LLaMA-2-7B shape, one H200: 5.40 -> 4.60
+    ms/token; benchmarks/results/h200/decode-7b-r23-compare.md) and fusing holds no second copy of the weights; on
+    the 2-core CPU it changed nothing (benchmarks/results/cpu-2core/decode-fused.md), so the CPU path stays plain."""
+    if request is not None:
+        return bool(request)
+    return torch.device(device).type == "cuda"
+
+
 def is_greedy(generate_kwargs: dict[str, Any]) -> bool:
     """Whether ``generate_kwargs`` ask for greedy decoding, all the static path does: plain, or over scores that
     ``logits_processor`` reshapes (such as extractive answers' spans)."""
@@ -401,9 +411,8 @@ class GenerationEngine:
     that recorded them, and callers such as ``GMSALLM.stream_complete`` decode from a new thread each time.
     With ``fuse_projections`` every call first makes sure the decoder's sibling projections are fused in place
     (:class:`gmsa_rag.fused_projections.KeptFused`: W_Q/W_K/W_V and gate/up stored once, one matrix multiply each;
-    the same outputs), on either path. Off by default: on the 2-core CPU it did not change SmolLM2's decode
-    speed (HF path, median step 57.7 and 57.7 ms fused against 56.7 and 58.0 in alternating runs,
-    benchmarks/results/cpu-2core/decode-fused.md: a memory-bound step reads the same bytes); on a GPU, unmeasured.
+    the same outputs), on either path. ``None`` (the default): on CUDA only (:func:`should_fuse_projections`: 15% off the
+    decode step on an H200; on the 2-core CPU no change, a memory-bound step reads the same bytes).
 
     Attributes:
         kind: ``static`` or ``hf``, the path greedy requests take.
@@ -412,13 +421,14 @@ class GenerationEngine:
 
     def __init__(self, decoder: Any, choice: str = "auto", compile_step: bool | None = None,
                  min_bucket: int = MIN_BUCKET, prefill: str = "prompt", tune_kernels: bool = False,
-                 fuse_projections: bool = False) -> None:
+                 fuse_projections: bool | None = None) -> None:
         self.decoder = decoder
-        self.fuse_projections = fuse_projections
-        self._fused = KeptFused(decoder) if fuse_projections else None
+        self.device = torch.device(decoder.device)
+        self.fuse_request = fuse_projections
+        self.fuse_projections = should_fuse_projections(self.device, fuse_projections)
+        self._fused = KeptFused(decoder) if self.fuse_projections else None
         self.compile_request = compile_step
         self.choice = choice
-        self.device = torch.device(decoder.device)
         self.kind: EngineKind = select_engine(self.device, choice)
         if choice == "auto" and self.kind == "static" and not getattr(decoder, "_can_compile_fullgraph", False):
             self.kind = "hf"  # an architecture transformers does not mark as compilable with a static cache
@@ -478,11 +488,11 @@ class GenerationEngine:
                                          pad_token_id=pad_token_id, streamer=streamer, **generate_kwargs)
 
     def matches(self, decoder: Any, choice: str, prefill: str = "prompt", tune_kernels: bool = False,
-                fuse_projections: bool = False, compile_step: bool | None = None) -> bool:
+                fuse_projections: bool | None = None, compile_step: bool | None = None) -> bool:
         """Whether this engine serves ``decoder`` as it is now (same object and device) with ``choice``, ``prefill``,
         ``tune_kernels``, ``fuse_projections`` and ``compile_step``."""
         return (decoder is self.decoder and choice == self.choice and prefill == self.prefill
-                and tune_kernels == self.tune_kernels and fuse_projections == self.fuse_projections
+                and tune_kernels == self.tune_kernels and fuse_projections == self.fuse_request
                 and compile_step == self.compile_request and torch.device(decoder.device) == self.device)
 
 
@@ -503,7 +513,7 @@ def engine_for(model: Any) -> GenerationEngine:
     choice = getattr(model, "generation_engine", "auto")
     prefill = getattr(model, "generation_prefill", "prompt")
     tune = bool(getattr(model, "generation_tune_kernels", False))
-    fuse = bool(getattr(model, "generation_fuse_projections", False))
+    fuse = getattr(model, "generation_fuse_projections", None)
     compile_step = getattr(model, "generation_compile", None)
     engine = model.__dict__.get("_generation_engine")
     if engine is None or not engine.matches(model.decoder, choice, prefill, tune, fuse, compile_step):

@@ -603,9 +603,10 @@ class GMSAModel(nn.Module):
     generation_tune_kernels: bool = False
     """Whether the static path's compiled decode step tunes its kernels (GEMM autotuning and coordinate descent;
     see :class:`gmsa_rag.engine.StaticCacheDecoder`): faster decode on a GPU for a longer first call."""
-    generation_fuse_projections: bool = False
+    generation_fuse_projections: bool | None = None
     """Whether generation first fuses the decoder's W_Q/W_K/W_V and gate/up projections into one matrix each, stored
-    once (:mod:`gmsa_rag.fused_projections`; the same outputs, fewer and larger matrix multiplies per step)."""
+    once (:mod:`gmsa_rag.fused_projections`; the same outputs, fewer and larger matrix multiplies per step). ``None``:
+    on CUDA only, where it decodes faster (:func:`gmsa_rag.engine.should_fuse_projections`)."""
 
     @torch.no_grad()
     def generate_from_segments(

@@ -9,7 +9,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from torch.overrides import TorchFunctionMode
 
 from gmsa_rag.backbone import tiny_backbone
-from gmsa_rag.engine import engine_for
+from gmsa_rag.engine import engine_for, should_fuse_projections
 from gmsa_rag import fused_projections as fp
 from gmsa_rag.fused_projections import FusedHead, KeptFused, fuse_projections, is_fused, unfuse_projections
 from gmsa_rag.prompt import qa_segments
@@ -181,6 +181,29 @@ def test_generation_with_fused_projections_gives_the_same_tokens(tokenizer, choi
     assert engine_for(model).fuse_projections
     assert [model.generate_from_segments([p], max_new_tokens=8) for p in prompts] == expected
     assert is_fused(model.decoder)
+
+
+def test_projections_are_fused_by_default_on_cuda_only():
+    assert should_fuse_projections("cuda") and should_fuse_projections(torch.device("cuda", 1))
+    assert not should_fuse_projections("cpu") and not should_fuse_projections("mps")
+    assert not should_fuse_projections("cuda", False) and should_fuse_projections("cpu", True)  # a request wins
+
+
+def test_the_product_engine_fuses_by_default_on_cuda_and_not_on_cpu(tokenizer, monkeypatch):
+    model = lively(tiny_gmsa(tokenizer))
+    model.generation_engine = "hf"  # (the device below is only reported: nothing may run on it)
+    assert model.generation_fuse_projections is None
+    cpu_engine = engine_for(model)
+    assert not cpu_engine.fuse_projections
+    model.generate("Who built it?", model.compress([SAMPLE_TEXT], 4), max_new_tokens=2)
+    assert not is_fused(model.decoder)  # the CPU path stays plain
+    monkeypatch.setattr(type(model.decoder), "device", property(lambda self: torch.device("cuda")))
+    cuda_engine = engine_for(model)  # the device changed: a new engine, which fuses
+    assert cuda_engine is not cpu_engine and cuda_engine.fuse_projections
+    cuda_engine._fused.ensure()  # what its every call does first
+    assert is_fused(model.decoder)
+    model.generation_fuse_projections = False  # an explicit choice is kept on CUDA too
+    assert not engine_for(model).fuse_projections
 
 
 def test_a_checkpoint_of_a_fused_trained_decoder_saves_and_loads(tokenizer, tmp_path):
