@@ -5,6 +5,7 @@ The TCP-AE baseline (ICAE-style learnable memory tokens) lives behind the same i
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,10 @@ from .prompt import (Context, DecoderBatch, Segment, assemble, flat_index, promp
                      qa_segments, shared_tail, soft_token_groups, to_device)
 from .samples import Sample, build_prompts, token_ids
 
+logger = logging.getLogger(__name__)
+
 Stage = Literal["ae", "keft", "frozen"]
+
 ENCODER_ADAPTER = "gmsa_encoder"
 DECODER_ADAPTER = "gmsa_decoder"
 DECODER_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -463,6 +467,26 @@ class GMSAModel(nn.Module):
         return qa_segments(self.tokenizer, question, contexts, answer, instruction=instruction,
                            question_first=question_first)
 
+    def trained_max_documents(self) -> int | None:
+        """The most documents a prompt held in this checkpoint's stage-2 training (its recorded ``--max_docs``), or
+        ``None`` where nothing says (a stage-1 or untrained compressor, a no-compress fine-tune)."""
+        train = (self.config.extra or {}).get("train_config") or {}
+        if train.get("stage") != "keft" or train.get("no_compress") or not train.get("max_docs"):
+            return None
+        return int(train["max_docs"])
+
+    def warn_if_untrained_shape(self, prompts: Sequence[Sequence[Segment]]) -> None:
+        """Log once per model when a prompt holds more soft-token documents than stage 2 trained it on: such a
+        reader answers far worse (a one-document checkpoint over five documents; its model card says how much)."""
+        trained = self.trained_max_documents()
+        most = max((sum(s.embeds is not None for s in p) for p in prompts), default=0)
+        if trained is None or most <= trained or self.__dict__.get("_warned_documents"):
+            return
+        self.__dict__["_warned_documents"] = True
+        logger.warning("this GMSA checkpoint was trained on prompts of at most %d document(s) and this one holds %d: "
+                       "expect worse answers; keep the best-matching chunk(s) first (BM25Rerank(top_n=%d) before "
+                       "GMSACompressor, gmsa-rag ask --rerank-top %d)", trained, most, trained, trained)
+
     def adapter_wanted(self, prompts: Sequence[Sequence[Segment]]) -> bool:
         """Whether the decoder adapter serves these prompts (see ``GMSAConfig.decoder_adapter``)."""
         return self.config.decoder_adapter == "always" or has_soft_tokens(prompts)
@@ -631,6 +655,7 @@ class GMSAModel(nn.Module):
                 outs = self.generate_from_segments([prompts[i] for i in group], max_new_tokens, **generate_kwargs)
                 answers.update(zip(group, outs))
             return [answers[i] for i in range(len(prompts))]
+        self.warn_if_untrained_shape(prompts)
         batch = self.build_batch(prompts, padding_side="left")
         self.check_length(batch.inputs_embeds.shape[1] + max_new_tokens)
         stop = generate_kwargs.pop("eos_token_id", None)

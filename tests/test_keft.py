@@ -48,6 +48,25 @@ def test_mixed_batches_switch_the_adapter_per_prompt(tokenizer):
     assert together == alone
 
 
+def test_more_documents_than_stage_2_trained_on_are_warned_about_once(tokenizer, caplog):
+    model = with_trained_adapter(tokenizer)
+    soft = model.compress(DOCS, 4)
+    assert len(DOCS) > 1 and model.trained_max_documents() is None  # nothing recorded: no warning
+    with caplog.at_level("WARNING", logger="gmsa_rag.model"):
+        model.generate_from_segments([qa_segments(tokenizer, "q?", soft)], max_new_tokens=2)
+    assert not caplog.records
+    model.config.extra = {"train_config": {"stage": "keft", "max_docs": 1, "no_compress": False}}
+    assert model.trained_max_documents() == 1
+    with caplog.at_level("WARNING", logger="gmsa_rag.model"):
+        model.generate_from_segments([qa_segments(tokenizer, "q?", soft[:1])], max_new_tokens=2)  # as trained
+        model.generate_from_segments([qa_segments(tokenizer, "q?", DOCS)], max_new_tokens=2)  # text: not soft tokens
+        assert not caplog.records
+        model.generate_from_segments([qa_segments(tokenizer, "q?", soft)], max_new_tokens=2)
+        model.generate_from_segments([qa_segments(tokenizer, "q?", soft)], max_new_tokens=2)
+    assert len(caplog.records) == 1  # once per model
+    assert f"at most 1 document(s) and this one holds {len(DOCS)}" in caplog.text and "--rerank-top 1" in caplog.text
+
+
 def test_always_mode_keeps_the_adapter_on_for_text(tokenizer):
     tuned = with_trained_adapter(tokenizer, decoder_adapter="always")
     plain = tiny_gmsa(tokenizer)
