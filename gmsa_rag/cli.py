@@ -142,7 +142,7 @@ def check_ask(args: argparse.Namespace) -> AskInputs:
         raise UsageError(f"--extract-top must be 0 (all documents) or more, got {args.extract_top}")
     if args.extract_top and not args.extractive:
         raise UsageError("--extract-top K narrows extractive answers: add --extractive")
-    if args.rerank_top < 0:
+    if args.rerank_top is not None and args.rerank_top < 0:
         raise UsageError(f"--rerank-top must be 0 (keep all) or more, got {args.rerank_top}")
     docs = Path(args.docs).expanduser() if args.docs else bundled_docs_dir()
     if docs is None:
@@ -222,6 +222,14 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
         say(f"index:    {info.nodes} chunks from {inputs.docs} ({'built and persisted' if info.built else 'loaded'} in "
             f"{info.seconds:.1f} s: {info.persist_dir})")
 
+        rerank_top = args.rerank_top
+        if rerank_top is None:  # the prompt shape the checkpoint's stage 2 trained on (0: all chunks)
+            rerank_top = model.trained_max_documents() or 0
+            if rerank_top and rerank_top < args.top_k:
+                say(f"rerank:   BM25 keeps the {rerank_top} of the {args.top_k} retrieved chunks that best match the "
+                    f"question: the checkpoint was trained on prompts of {rerank_top} document(s) (--rerank-top 0 "
+                    "keeps all)")
+
         # One tiny generation first, so that one-time framework start-up does not land on the first timing.
         model.generate("Hello", [], max_new_tokens=2)
 
@@ -240,11 +248,11 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             "engine": engine_for(model).kind,
             "extractive": args.extractive,
             "extract_top": args.extract_top,
-            "rerank_top": args.rerank_top,
+            "rerank_top": rerank_top,
             "threads": torch.get_num_threads(),
         }
         common = dict(top_k=args.top_k, response_mode=args.response_mode, streaming=True,
-                      max_new_tokens=args.max_new_tokens, rerank_top=args.rerank_top)
+                      max_new_tokens=args.max_new_tokens, rerank_top=rerank_top)
         engine, compressor, llm = make_query_engine(info.index, model, rate=args.rate, cache=cache,
                                                     extractive=args.extractive, extract_top=args.extract_top,
                                                     **common)
@@ -352,9 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--extract-top", type=int, default=0, metavar="K",
                    help="with --extractive: quote only the K retrieved chunks of best BM25 match to the question "
                         "(default 0: any of them)")
-    a.add_argument("--rerank-top", type=int, default=0, metavar="K",
+    a.add_argument("--rerank-top", type=int, default=None, metavar="K",
                    help="keep only the K retrieved chunks of best BM25 match to the question (BM25Rerank) before "
-                        "compressing; both runs (default 0: all --top-k chunks)")
+                        "compressing; both runs; 0: all --top-k chunks (default: as many as the checkpoint's stage 2 "
+                        "read a prompt, 1 for the bundled one; all for a checkpoint that does not say)")
     a.add_argument("--no-compare", action="store_true", help="skip the cached and uncompressed timing runs")
     a.add_argument("--no-progress", action="store_true", help="hide the progress bars of an index build")
     a.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -109,6 +109,26 @@ def test_ask_extractive_answers_quote_the_retrieved_chunks(tiny_model, small_doc
     assert cli.main(argv + ["--rerank-top", "-1"]) == 2
 
 
+def test_ask_keeps_by_default_as_many_chunks_as_the_checkpoint_was_trained_to_read(tiny_model, small_docs, tmp_path,
+                                                                                   capsys):
+    argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
+            str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2",
+            "--max-new-tokens", "2", "--no-compare", "--json"]
+    assert cli.main(argv) == 0  # nothing recorded (an untrained model): every retrieved chunk is read
+    report = json.loads(capsys.readouterr().out)
+    assert report["rerank_top"] == 0 and len(report["runs"][0]["sources"]) == 2
+    tiny_model.config.extra = {"train_config": {"stage": "keft", "max_docs": 1, "no_compress": False}}
+    assert cli.main(argv) == 0  # a one-document stage 2: BM25 keeps the best-matching chunk
+    report = json.loads(capsys.readouterr().out)
+    assert report["rerank_top"] == 1 and len(report["runs"][0]["sources"]) == 1
+    assert "32-the-art-of-war.txt" in report["runs"][0]["sources"][0]
+    assert cli.main(argv[:-1]) == 0
+    assert "rerank:   BM25 keeps the 1 of the 2 retrieved chunks" in capsys.readouterr().out  # and says so
+    assert cli.main(argv + ["--rerank-top", "0"]) == 0  # asked for all: all
+    report = json.loads(capsys.readouterr().out)
+    assert report["rerank_top"] == 0 and len(report["runs"][0]["sources"]) == 2
+
+
 def test_ask_engine_choice(tiny_model, small_docs, tmp_path, capsys):
     from gmsa_rag.engine import select_engine
 
