@@ -46,6 +46,16 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # passage alone): answers given as a quote of up to 12 (or 4) words before them, the answer in bold; GMSA runs only:
 # INIT=<the 302M stage 1> COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS=0 LONG_STEPS=600 LONG_MINUTES=10 RUNS=runs/quote12 \
 #   RECIPE="--compressor_lr 2e-4" BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384 --quote_evidence true"
+# round 24 (benchmarks/results/h200/stage2-lr-sweep.md, stage2-lr-long.md): the learning-rate sweep below ("joint lr-1e-3
+# lr-2e-3 clr-1e-3", 600 steps, side by side on one H200) from the 302M stage 1, then the lr-2e-3 run's step 600 trained on
+# alone at the higher rates with a WSD schedule: the shipped checkpoints/smollm2-gmsa (its model card):
+# INIT=checkpoints/smollm2-gmsa-ae COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=600 ABL_EVAL_EVERY=100 \
+#   ABL_SAVE_EVERY=100 BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384" RUNS=runs/lr \
+#   ABL_ONLY="joint lr-1e-3 lr-2e-3 clr-1e-3" scripts/stage2_recipe.sh ablations
+# INIT=runs/lr/s2-lr-2e-3/checkpoints/step-0000600 COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS=0 LONG_STEPS=1600 \
+#   LONG_MINUTES=9 SCHEDULE=wsd SEED=1 RUNS=runs/r24 RECIPE="--lr 2e-3 --compressor_lr 1e-3" \
+#   BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384" scripts/stage2_recipe.sh long
+#   (run by hand with the same flags and --eval_every 100000: one evaluation, at the end)
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
