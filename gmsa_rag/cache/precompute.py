@@ -32,7 +32,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 from ..data.jsonl import iter_records
 from .store import SoftTokenCache, cache_key
@@ -234,18 +234,6 @@ def _read_text_file(path: Path) -> str | None:
         return raw.decode("utf-8", errors="replace")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of each non-blank line of a JSON-lines file (gzip-compressed if it ends in ``.gz``).
-
-    Raises:
-        ValueError: a line is not a JSON object with a string ``text`` field, or the gzip stream is damaged.
-    """
-    for line_no, record in iter_records(path):
-        if not isinstance(record.get("text"), str):
-            raise ValueError(f'{path}:{line_no}: the record has no string "text" field')
-        yield line_no, record
-
-
 def load_file(path: Union[str, os.PathLike], name: str | None = None, kind: str | None = None) -> list["Document"]:
     """The documents of one source file: one per record of a ``.jsonl`` / ``.jsonl.gz`` file, else the whole
     file as one UTF-8 text (none for a binary file, with a warning).
@@ -266,7 +254,7 @@ def load_file(path: Union[str, os.PathLike], name: str | None = None, kind: str 
         text = _read_text_file(path)
         return [] if text is None else [_excluded_metadata_document(text, {"file_path": name})]
     docs = []
-    for _, record in _jsonl_records(path):
+    for _, record in iter_records(path, text_field="text"):
         metadata: dict = {"file_path": name}
         if record.get("title") is not None:
             metadata["title"] = str(record["title"])

@@ -105,18 +105,11 @@ def _open_text(path: Path) -> TextIO:
     return path.open("r", encoding="utf-8")
 
 
-def _iter_jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
-    for line_no, record in iter_records(path):
-        if not isinstance(record.get(text_field), str):
-            raise ValueError(f"{path}:{line_no}: expected an object with a string field {text_field!r}")
-        yield record[text_field]
-
-
 def iter_documents(paths: PathLike | Iterable[PathLike], text_field: str = "text") -> Iterator[str]:
     """Yield the raw documents of the given files/folders (see module docstring)."""
     for path in find_corpus_files(paths):
         if _base_suffix(path) in JSONL_SUFFIXES:
-            yield from _iter_jsonl_texts(path, text_field)
+            yield from (record[text_field] for _, record in iter_records(path, text_field))
         else:
             with _open_text(path) as fh:
                 yield fh.read()

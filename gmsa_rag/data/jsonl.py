@@ -11,11 +11,12 @@ from typing import Any, Iterator
 PathLike = str | Path
 
 
-def iter_records(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) of each non-blank line.
+def iter_records(path: PathLike, text_field: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) of each non-blank line; with ``text_field``, every record must hold a string there.
 
     Raises:
-        ValueError: a line is not a JSON object (``path:line: ...``), or the file cannot be read as UTF-8 or gzip.
+        ValueError: a line is not a JSON object (``path:line: ...``) or lacks the string ``text_field``, or the file
+            cannot be read as UTF-8 or gzip.
     """
     path = Path(path)
     opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -31,6 +32,8 @@ def iter_records(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise ValueError(f"{path}:{line_no}: not a JSON record ({detail})") from err
                 if not isinstance(record, dict):
                     raise ValueError(f"{path}:{line_no}: a record must be a JSON object, got {type(record).__name__}")
+                if text_field is not None and not isinstance(record.get(text_field), str):
+                    raise ValueError(f'{path}:{line_no}: the record has no string "{text_field}" field')
                 yield line_no, record
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise ValueError(f"{path}: cannot be read as JSON lines ({err})") from err
