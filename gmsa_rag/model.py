@@ -478,9 +478,11 @@ class GMSAModel(nn.Module):
     def warn_if_untrained_shape(self, prompts: Sequence[Sequence[Segment]]) -> None:
         """Log once per model when a prompt holds more soft-token documents than stage 2 trained it on: such a
         reader answers far worse (a one-document checkpoint over five documents; its model card says how much)."""
-        trained = self.trained_max_documents()
+        trained = None if self.__dict__.get("_warned_documents") else self.trained_max_documents()
+        if trained is None:
+            return
         most = max((sum(s.embeds is not None for s in p) for p in prompts), default=0)
-        if trained is None or most <= trained or self.__dict__.get("_warned_documents"):
+        if most <= trained:
             return
         self.__dict__["_warned_documents"] = True
         logger.warning("this GMSA checkpoint was trained on prompts of at most %d document(s) and this one holds %d: "
