@@ -3,7 +3,8 @@
 # Each call there carries at most 64 MiB and the copied tree loses, at every call, what the call's own tree
 # lacks. So big inputs travel once, in separate calls, and are kept outside the tree under $GPU_HOME; this puts
 # them in place again at the start of every call:
-#   .gpu/pylib.tgz carried    -> unpacked to $GPU_HOME/pylib (gguf, rouge_score, nltk, diskcache; the image lacks them)
+#   .gpu/pylib.tgz carried    -> unpacked to $GPU_HOME/pylib (gguf, rouge_score, nltk, diskcache, bm25s: the image
+#                                lacks them; scripts/gpu_pack.sh builds it and the GGUF parts below)
 #   .devmodel/a|b carried     -> the SmolLM2 GGUF assembled at $GPU_HOME/m/smollm2.gguf (shared/hooks/device-model-parts.sh)
 #   data/<name>, checkpoints/<name> present in the tree -> kept under $GPU_HOME; absent -> linked back from there
 # and exports the environment the trainer and benchmarks need.
