@@ -5,6 +5,7 @@
 #   scripts/gpu_job.sh wait NAME [SECONDS]     follow its log until it ends or SECONDS pass (default 540), then the
 #                                              last lines, `nvidia-smi` and whether it still runs; exit 0 once ended
 #   scripts/gpu_job.sh status                  every job: running or its exit code
+# (POLL: seconds between looks at a running job, default 10)
 # e.g. a stage-2 run chained over calls (each call `. scripts/gpu_env.sh && scripts/gpu_job.sh wait s2`):
 #   scripts/gpu_job.sh start s2 env INIT=checkpoints/smollm2-gmsa COMPILE=true ... scripts/stage2_recipe.sh long
 set -euo pipefail
@@ -27,7 +28,7 @@ case "$command" in
     name=${1:?a job name}; seconds=${2:-540}; dir=$JOBS/$name
     [ -f "$dir/pid" ] || { echo "gpu_job: no job $name" >&2; exit 2; }
     end=$(( SECONDS + seconds ))
-    while [ ! -f "$dir/rc" ] && (( SECONDS < end )); do sleep 10; done
+    while [ ! -f "$dir/rc" ] && (( SECONDS < end )); do sleep "${POLL:-10}"; done
     tail -n 25 "$dir/log" 2>/dev/null || true
     nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
     if [ -f "$dir/rc" ]; then echo "gpu_job: $name ended with exit code $(cat "$dir/rc")"; exit 0; fi
