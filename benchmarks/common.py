@@ -467,20 +467,28 @@ def add_qa_outputs_args(parser: argparse.ArgumentParser, name: str) -> None:
                              "'<file stem>: <system>'")
     parser.add_argument("--data", type=Path, required=True,
                         help="the QA file (or pooled QA folder, its dev split) those outputs answered (same order)")
+    parser.add_argument("--max-docs", type=int, default=5,
+                        help="documents per question of a pooled QA folder, as qa.py's --max-docs (default 5)")
     parser.add_argument("--name", default=name)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<machine>/)")
 
 
 def qa_outputs_examples(args: argparse.Namespace) -> list:
     """The QA examples behind ``--results``, as the prompts showed them; a missing file is a one-line exit."""
-    from gmsa_rag.data.qa import load_as_shown
+    from gmsa_rag.data.qa import is_qa_pool, load_as_shown
 
     for path in args.results:
         if not path.is_file():
             raise SystemExit(f"no such file: {path}")
     if not args.data.exists():
         raise SystemExit(f"no QA data at {args.data}")
-    return load_as_shown(args.data)
+    for path in args.results:  # a pooled folder is laid out per --max-docs: the same layout as the outputs'
+        meta = json.loads(path.read_text()).get("meta", {})
+        shown = meta.get("documents_per_question")
+        if (is_qa_pool(args.data) and isinstance(shown, int) and shown != args.max_docs
+                and meta.get("documents") == "as in the file (gold among distractors)"):
+            raise SystemExit(f"{path} answered {shown} documents per question: pass --max-docs {shown}")
+    return load_as_shown(args.data, max_docs=args.max_docs)
 
 
 def qa_outputs(results: Path, examples: Sequence[Any]) -> tuple[list[str], list[tuple[dict[str, Any], Any]]]:

@@ -595,6 +595,24 @@ def test_answer_errors_sorts_answers_by_what_they_are(tmp_path):
         _bench("answer_errors").main(["--results", str(results), "--data", str(data), "--out", str(tmp_path / "o")])
 
 
+def test_answer_errors_lays_a_pooled_folder_out_as_the_outputs_were_made(qa_file, tmp_path):
+    """--max-docs lays a pooled folder out as qa.py's did; outputs made with other documents per question are refused
+    in one line rather than scored against the wrong distractors."""
+    from gmsa_rag.data.qa import load_as_shown
+
+    pool = pooled_folder(qa_file, tmp_path / "pool")
+    shown = load_as_shown(pool, max_docs=2)
+    results = tmp_path / "qa.json"
+    results.write_text(json.dumps({
+        "meta": {"documents_per_question": 2, "documents": "as in the file (gold among distractors)"},
+        "outputs": [{"question": e.question, "answers": e.answers, "base": e.answers[0]} for e in shown]}))
+    args = ["--results", str(results), "--data", str(pool), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="answered 2 documents per question: pass --max-docs 2"):
+        _bench("answer_errors").main(args)
+    rows = _bench("answer_errors").main(args + ["--max-docs", "2"])["rows"]
+    assert rows[0]["n"] == len(shown) and rows[0]["right"] == 100.0
+
+
 
 def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoints, tmp_path):
     from gmsa_rag.data.qa import load_qa_jsonl
