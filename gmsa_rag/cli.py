@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --extractive: quote only the K retrieved chunks of best BM25 match to the question "
                         "(default 0: any of them)")
     a.add_argument("--rerank-top", type=int, default=None, metavar="K",
-                   help="keep only the K retrieved chunks of best BM25 match to the question (BM25Rerank) before "
+                   help="keep only the K retrieved chunks of best BM25 match to the question (GMSACompressor's top_n) before "
                         "compressing; both runs; 0: all --top-k chunks (default: as many as the checkpoint's stage 2 "
                         "read a prompt, 1 for the bundled one; all for a checkpoint that does not say)")
     a.add_argument("--no-compare", action="store_true", help="skip the cached and uncompressed timing runs")

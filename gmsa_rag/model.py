@@ -486,8 +486,8 @@ class GMSAModel(nn.Module):
             return
         self.__dict__["_warned_documents"] = True
         logger.warning("this GMSA checkpoint was trained on prompts of at most %d document(s) and this one holds %d: "
-                       "expect worse answers; keep the best-matching chunk(s) first (BM25Rerank(top_n=%d) before "
-                       "GMSACompressor, gmsa-rag ask --rerank-top %d)", trained, most, trained, trained)
+                       "expect worse answers; keep the best-matching chunk(s) (GMSACompressor(top_n=%d), the default; "
+                       "gmsa-rag ask --rerank-top %d)", trained, most, trained, trained)
 
     def adapter_wanted(self, prompts: Sequence[Sequence[Segment]]) -> bool:
         """Whether the decoder adapter serves these prompts (see ``GMSAConfig.decoder_adapter``)."""

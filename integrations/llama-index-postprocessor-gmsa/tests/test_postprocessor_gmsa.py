@@ -142,3 +142,27 @@ def test_bm25_rerank_keeps_the_nodes_sharing_the_query_words(tiny_model, texts):
         BM25Rerank().postprocess_nodes(nodes)
     with pytest.raises(ValueError):
         BM25Rerank(top_n=0)
+
+
+def test_keeps_as_many_nodes_as_the_checkpoint_was_trained_to_read(tiny_model, texts):
+    """By default the compressor hands on the checkpoint's trained number of documents, best BM25 match first;
+    ``top_n`` overrides it (0: all); without a query it keeps the first ones in the order given."""
+    from llama_index.core.schema import QueryBundle
+
+    nodes = [NodeWithScore(node=TextNode(text=t), score=1.0 - i / 10) for i, t in enumerate(texts)]
+    query = QueryBundle("Which river flows into the Mediterranean Sea?")
+    comp = GMSACompressor(tiny_model, rate=4)
+    assert comp.documents_kept == 0 and len(comp.postprocess_nodes(nodes, query)) == 3  # nothing recorded: all
+    tiny_model.config.extra = {"train_config": {"stage": "keft", "max_docs": 1, "no_compress": False}}
+    assert comp.documents_kept == 1
+    (kept,) = comp.postprocess_nodes(nodes, query)
+    assert original_text(kept) == texts[2] and comp.last_stats.nodes == 1  # the others are neither fetched nor read
+    (first,) = comp.postprocess_nodes(nodes)  # no query to match: the retriever's first
+    assert original_text(first) == texts[0]
+    two = GMSACompressor(tiny_model, rate=4, top_n=2).postprocess_nodes(nodes, QueryBundle("capital of France"))
+    assert [original_text(n) for n in two] == [texts[0], texts[1]]
+    assert len(GMSACompressor(tiny_model, rate=4, top_n=0).postprocess_nodes(nodes, query)) == 3
+    baseline = GMSACompressor(tiny_model, passthrough=True).postprocess_nodes(nodes, query)  # the same chunk as text
+    assert [original_text(n) for n in baseline] == [texts[2]]
+    with pytest.raises(ValueError):
+        GMSACompressor(tiny_model, rate=4, top_n=-1)

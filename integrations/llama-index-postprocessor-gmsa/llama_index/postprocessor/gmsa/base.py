@@ -18,6 +18,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 
 from gmsa_rag.cache import SoftTokenCache, cache_key
+from gmsa_rag.lexical import best_first, bm25_scores
 from gmsa_rag.markers import SoftTokenStore, marker, store_for, text_key
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,14 @@ class CompressionStats:
         return asdict(self)
 
 
+def best_matching_nodes(nodes: List[NodeWithScore], query: str, top_n: int) -> List[NodeWithScore]:
+    """The ``top_n`` of ``nodes`` whose chunk text matches ``query`` best by BM25 (the nodes themselves the
+    collection), best first, each scored with its BM25 score."""
+    texts = [original_text(n) for n in nodes]
+    scores = bm25_scores(query, texts)
+    return [NodeWithScore(node=nodes[i].node, score=scores[i]) for i in best_first(scores)[:top_n]]
+
+
 def original_text(node: Any) -> str:
     """The chunk text behind a (possibly compressed) node, for showing sources."""
     inner = getattr(node, "node", node)
@@ -72,6 +81,11 @@ class GMSACompressor(BaseNodePostprocessor):
         batch_size: chunks per ``model.compress`` call.
         passthrough: do not compress: the marker stands for the raw chunk text. With the same LLM this
             is the uncompressed baseline read through the very same prompt builder.
+        top_n: of more retrieved nodes, hand on only the ``top_n`` of best BM25 match to the query, best first
+            (as :class:`BM25Rerank` does; without a query, the first ``top_n`` in the order given). ``None``
+            (default): as many as the checkpoint's stage 2 trained its reader on
+            (``GMSAModel.trained_max_documents()``; all when the checkpoint does not say), since a reader trained
+            on one document answers far worse over several (the model card). ``0``: all of them.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -82,6 +96,8 @@ class GMSACompressor(BaseNodePostprocessor):
     rate: int = Field(default=4, description="compression rate (one of the model's rates)")
     batch_size: int = Field(default=8, ge=1, description="chunks per compress call")
     passthrough: bool = Field(default=False, description="hand over raw text instead of soft tokens")
+    top_n: Optional[int] = Field(default=None, ge=0, description="nodes handed on, best BM25 match first (None: as "
+                                 "many as the checkpoint's stage 2 trained on; 0: all)")
 
     _last_stats: CompressionStats = PrivateAttr(default_factory=CompressionStats)
 
@@ -93,6 +109,7 @@ class GMSACompressor(BaseNodePostprocessor):
         store: Optional[SoftTokenStore] = None,
         batch_size: int = 8,
         passthrough: bool = False,
+        top_n: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         if not passthrough:
@@ -106,12 +123,29 @@ class GMSACompressor(BaseNodePostprocessor):
             store=store if store is not None else store_for(model),
             batch_size=batch_size,
             passthrough=passthrough,
+            top_n=top_n,
             **kwargs,
         )
 
     @classmethod
     def class_name(cls) -> str:
         return "GMSACompressor"
+
+    @property
+    def documents_kept(self) -> int:
+        """How many retrieved nodes each query hands on (0: all): ``top_n``, or the checkpoint's trained shape."""
+        if self.top_n is not None:
+            return self.top_n
+        return self.model.trained_max_documents() or 0
+
+    def _keep_best_matching(self, nodes: List[NodeWithScore],
+                            query_bundle: Optional[QueryBundle]) -> List[NodeWithScore]:
+        keep = self.documents_kept
+        if not keep or len(nodes) <= keep:
+            return list(nodes)
+        if query_bundle is None:
+            return list(nodes[:keep])
+        return best_matching_nodes(list(nodes), query_bundle.query_str, keep)
 
     @property
     def last_stats(self) -> CompressionStats:
@@ -156,6 +190,7 @@ class GMSACompressor(BaseNodePostprocessor):
     ) -> List[NodeWithScore]:
         start = time.perf_counter()
         stats = CompressionStats()
+        nodes = self._keep_best_matching(nodes, query_bundle)
         todo = [
             i
             for i, n in enumerate(nodes)

@@ -3,7 +3,8 @@
 Dense retrieval returns chunks about the same thing; among them, the one that holds the answer most often also
 shares the question's rarer words (measured on held-out NQ questions among MiniLM's hardest distractors: BM25 over a
 question's five chunks puts the answer's passage first 84.5% of the time; ``benchmarks/results/README.md``, round 15).
-Placed before ``GMSACompressor``, it also spares compressing the chunks it drops.
+``GMSACompressor`` keeps the best-matching nodes the same way by itself (its ``top_n``); this postprocessor does it
+anywhere else in a pipeline.
 """
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ from llama_index.core.bridge.pydantic import Field
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
-from gmsa_rag.lexical import best_first, bm25_scores
-
-from .base import original_text
+from .base import best_matching_nodes
 
 
 class BM25Rerank(BaseNodePostprocessor):
@@ -35,6 +34,4 @@ class BM25Rerank(BaseNodePostprocessor):
     ) -> List[NodeWithScore]:
         if query_bundle is None:
             raise ValueError("BM25Rerank needs the query: call it with a query bundle (query engines do)")
-        texts = [original_text(n) for n in nodes]
-        scores = bm25_scores(query_bundle.query_str, texts)
-        return [NodeWithScore(node=nodes[i].node, score=scores[i]) for i in best_first(scores)[: self.top_n]]
+        return best_matching_nodes(nodes, query_bundle.query_str, self.top_n)
