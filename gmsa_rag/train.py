@@ -55,6 +55,9 @@ from .samples import Sample, build_prompts, sample_rate, token_ids
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 COUNTS = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "save_every", "log_every")
+POSITIVE = ("lr", "max_grad_norm")
+NON_NEGATIVE = ("compressor_lr", "weight_decay", "warmup_steps", "distill_weight", "distill_hidden_weight",
+                "distill_soft_weight")
 FRACTIONS = ("title_fraction", "continuation_fraction", "span_fraction", "multi_doc_fraction", "docs_curriculum",
              "min_lr_ratio")
 # what a run resumed into its --out_dir must keep: the flags that shape its model and prompts (whether the compressor
@@ -170,6 +173,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for flag in COUNTS:
         if getattr(cfg, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(cfg, flag)}")
+    for flag in POSITIVE:
+        if not getattr(cfg, flag) > 0:
+            parser.error(f"--{flag} must be above 0, got {getattr(cfg, flag)}")
+    for flag in NON_NEGATIVE:
+        if not getattr(cfg, flag) >= 0:
+            parser.error(f"--{flag} must be 0 or more, got {getattr(cfg, flag)}")
     for flag in FRACTIONS:
         if not 0 <= getattr(cfg, flag) <= 1:
             parser.error(f"--{flag} is a share between 0 and 1, got {getattr(cfg, flag)}")
