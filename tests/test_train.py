@@ -383,9 +383,9 @@ def test_bad_flags_and_data_are_refused_in_one_line_before_a_model_loads(base_di
         (["--data", str(tmp_path / "nowhere.jsonl")], "no such file"),
         (["--config", str(tmp_path / "typo.yaml")], "unknown: ['stesp']"),
         (["--rate_weights", "1", "2"], "one weight >= 0 per rate"),
-        (["--lr", "-1e-4"], "--lr must be above 0"), (["--max_grad_norm", "0"], "--max_grad_norm must be above 0"),
-        (["--compressor_lr", "-1"], "--compressor_lr must be 0 or more"),
-        (["--distill_weight", "-0.5"], "--distill_weight must be 0 or more"),
+        (["--lr=-1e-4"], "--lr must be above 0"), (["--max_grad_norm", "0"], "--max_grad_norm must be above 0"),
+        (["--compressor_lr=-1"], "--compressor_lr must be 0 or more"),
+        (["--distill_weight=-0.5"], "--distill_weight must be 0 or more"),
     ):
         with pytest.raises(SystemExit):
             parse_args(argv)
