@@ -738,3 +738,38 @@ def test_benchmark_arguments_are_checked_before_any_model_loads(qa_file, checkpo
     assert "no such file" in capsys.readouterr().err
     quick = decode.parse_args(["--quick"])
     assert (quick.new_tokens, quick.repeats, quick.warmup) == (8, 2, 1)
+
+
+def test_parallel_documents_lays_out_a_one_document_reader_over_several(qa_file, checkpoints, tokenizer, tmp_path):
+    """Sequential: the product's prompt and answers; parallel: one document is the sequential prompt itself, and with
+    several each is seen by the question alone, so their order does not change what it reads."""
+    bench = _bench("parallel_documents")
+    model = _bench("common").load_system(checkpoints["gmsa"], torch.device("cpu"), torch.float32, "tiny")
+    documents = model.compress(["The Eiffel Tower is in Paris.", "Mount Everest is in Nepal.", "The Nile is long."], 4)
+    question = "Where is the Eiffel Tower?"
+    sequential = bench.sequential_layout(model, question, documents)
+    product = model.generate_from_segments([sequential[0]], max_new_tokens=6)[0]
+    assert bench.greedy_answer(model, *sequential, max_new_tokens=6) == product
+    one = bench.parallel_layout(model, question, documents[:1])
+    alone = bench.sequential_layout(model, question, documents[:1])
+    assert one[2] == alone[2] and torch.equal(bench.attention_mask(one[1]), bench.attention_mask(alone[1]))
+    assert bench.greedy_answer(model, *one, 6) == model.generate_from_segments([one[0]], max_new_tokens=6)[0]
+    segments, blocks, positions = bench.parallel_layout(model, question, documents)
+    lengths = [len(d) for d in documents]
+    opening = blocks.count(bench.SHARED)
+    assert [blocks.count(i) for i in range(3)] == lengths
+    assert positions[opening + lengths[0]] == opening  # the second document starts where the first did
+    assert positions[opening + sum(lengths)] == opening + max(lengths)  # the question right after the longest
+    mask = bench.attention_mask(blocks)
+    first, second = opening, opening + lengths[0]
+    assert mask[second, opening - 1] and not mask[second, first] and mask[-1, first] and mask[-1, second]
+    with torch.no_grad():
+        forward = bench.prefill(model, segments, blocks, positions)[0][0, -1]
+        backward = bench.prefill(model, *bench.parallel_layout(model, question, documents[::-1]))[0][0, -1]
+    assert torch.allclose(forward, backward, atol=1e-5)
+    result = bench.main(["--device", "cpu", "--checkpoint", str(checkpoints["gmsa"]), "--backbone", "tiny",
+                         "--data", str(qa_file), "--max-docs", "2", "--limit", "2", "--rates", "4",
+                         "--max-new-tokens", "3", "--out", str(tmp_path)])
+    data = _check_outputs(tmp_path, "parallel-documents")
+    assert [r["condition"] for r in result["rows"]] == ["sequential@4", "parallel@4"]
+    assert len(data["outputs"]) == 2 and all(r["n"] == 2 for r in result["rows"])
