@@ -773,3 +773,22 @@ def test_parallel_documents_lays_out_a_one_document_reader_over_several(qa_file,
     data = _check_outputs(tmp_path, "parallel-documents")
     assert [r["condition"] for r in result["rows"]] == ["sequential@4", "parallel@4"]
     assert len(data["outputs"]) == 2 and all(r["n"] == 2 for r in result["rows"])
+
+
+def test_rerank_probe_ranks_documents_by_bm25_and_by_question_likelihood(qa_file, checkpoints, tmp_path):
+    bench = _bench("rerank_probe")
+    assert list(bench.ranks([0.1, 0.9, 0.5])) == [2, 0, 1] and list(bench.ranks([1.0, 1.0])) == [0, 1]
+    # fusion: first for one ranker and third for the other beats second for both (1/60 + 1/62 > 2/61); the two
+    # documents so placed tie, and the first ranker's order decides
+    assert list(bench.ranks(bench.fused([3, 2, 1], [1, 2, 3]))) == [0, 2, 1]
+    assert list(bench.ranks(bench.fused([3, 2, 1], [2, 3, 1]))) == [0, 1, 2]
+    assert bench.recall([[0.1, 0.9], [0.8, 0.2]], [1, 1], 1) == 50.0 and bench.recall([[0.1, 0.9]], [0], 2) == 100.0
+    model = _bench("common").load_system(checkpoints["gmsa"], torch.device("cpu"), torch.float32, "tiny")
+    prompts = bench.question_prompts(model, "Who built it?", ["A text.", "Another text."])
+    asked = model.tokenizer.encode(" Who built it?", add_special_tokens=False)
+    assert [[s.token_ids for s in p if s.is_target] for p in prompts] == [[asked], [asked]]
+    result = bench.main(["--device", "cpu", "--checkpoint", str(checkpoints["gmsa"]), "--backbone", "tiny",
+                         "--data", str(qa_file), "--max-docs", "2", "--rates", "4", "--text", "--out", str(tmp_path)])
+    _check_outputs(tmp_path, "rerank-probe")
+    assert [r["ranker"] for r in result["rows"]] == ["bm25", "soft@4", "text", "bm25+soft@4", "bm25+text"]
+    assert all(r["n"] == 3 and 0 <= r["recall@1"] <= r["recall@2"] <= 100 for r in result["rows"])
