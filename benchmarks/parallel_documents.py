@@ -12,7 +12,6 @@ by the same greedy loop (the sequential one gives the product's answers), per qu
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -75,10 +74,11 @@ def prefill(model, segments: list, blocks: Sequence[int], positions: Sequence[in
     prompt): (logits [1, T, V], its KV cache, the cache's keyword for the decoder)."""
     from transformers import DynamicCache
 
+    from gmsa_rag.engine import cache_keyword
+
     batch = model.build_batch([segments])
     device = batch.inputs_embeds.device
-    # (transformers 5.x renames the cache keyword)
-    cache_arg = "cache" if "cache" in inspect.signature(model.decoder.forward).parameters else "past_key_values"
+    cache_arg = cache_keyword(model.decoder)
     cache = DynamicCache()
     mask = attention_mask(blocks).to(device)[None, None]
     with model.decoder_adapter(True):

@@ -64,9 +64,10 @@ def question_likelihoods(model, question: str, documents: Sequence[Any]) -> list
 
 def ranks(scores: Sequence[float]) -> np.ndarray:
     """Rank of each document, 0 the best (ties: the given order)."""
-    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
-    out = np.empty(len(order), dtype=int)
-    out[order] = np.arange(len(order))
+    from gmsa_rag.lexical import best_first
+
+    out = np.empty(len(scores), dtype=int)
+    out[best_first(scores)] = np.arange(len(scores))
     return out
 
 

@@ -169,6 +169,12 @@ class _HostReader:
             yield step, host[:-1], bool(host[-1])
 
 
+def cache_keyword(decoder: torch.nn.Module) -> str:
+    """The keyword a decoder's forward takes its KV cache by (``past_key_values`` renamed ``cache`` in transformers
+    5.x)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
 class StaticCacheDecoder:
     """Greedy decoding with a static KV cache; the one-token step optionally compiled (CUDA graphs on CUDA).
 
@@ -212,8 +218,7 @@ class StaticCacheDecoder:
         self.prefill_multiple = prefill_multiple
         self.compiled = compile_step
         self._caches: collections.OrderedDict = collections.OrderedDict()
-        params = inspect.signature(decoder.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self._cache_arg = cache_keyword(decoder)
         layer_types = getattr(decoder.config.get_text_config(decoder=True), "layer_types", None) or ()
         if prefill == "prompt" and not all(kind == "full_attention" for kind in layer_types):
             prefill = "bucket"  # copying a prompt's keys and values in assumes every layer keeps all positions

@@ -57,7 +57,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 COUNTS = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "save_every", "log_every")
 POSITIVE = ("lr", "max_grad_norm")
 NON_NEGATIVE = ("compressor_lr", "weight_decay", "warmup_steps", "distill_weight", "distill_hidden_weight",
-                "distill_soft_weight")
+                "distill_soft_weight", "quote_words")
 FRACTIONS = ("title_fraction", "continuation_fraction", "span_fraction", "multi_doc_fraction", "docs_curriculum",
              "min_lr_ratio")
 # what a run resumed into its --out_dir must keep: the flags that shape its model and prompts (whether the compressor
@@ -189,8 +189,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error("--stage keft needs --init <stage-1 checkpoint> (or --no-compress)")
     if cfg.cite_document and cfg.quote_evidence:
         parser.error("--cite_document and --quote_evidence: choose one answer form")
-    if cfg.quote_words < 0:
-        parser.error(f"--quote_words must be 0 or more, got {cfg.quote_words}")
     if cfg.continuation_fraction + cfg.span_fraction > 1:
         parser.error("--continuation_fraction + --span_fraction must be at most 1")
     for flag in ("cite_document", "question_first", "quote_evidence"):
