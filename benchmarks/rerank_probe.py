@@ -5,6 +5,8 @@ For each question (its gold passage among its hardest distractors, as the traine
 ranked by
 
   bm25        BM25 of the question against its documents (gmsa_rag.lexical; what the product's rerank uses)
+  dense       cosine of MiniLM embeddings of the question and each document (the product's retriever, whose score
+              every retrieved node carries; with --dense)
   soft@r      the checkpoint's decoder: how likely the question is after each document's r-x soft tokens (question
               likelihood, UPR; Sachan et al., 2022), its adapter on as for any soft-token prompt
   text        the base model: the same after each document as text (it reads every document's text, so it is a
@@ -14,6 +16,7 @@ ranked by
 and the share of questions whose gold passage each ranks first (recall@1) or in its top two (recall@2) is reported.
 
     python benchmarks/rerank_probe.py --data data/qa-multidoc --limit 200 --rates 4 --text
+    python benchmarks/rerank_probe.py --data data/qa-multidoc --limit 300 --rates --dense   # no decoder scores
 """
 from __future__ import annotations
 
@@ -36,8 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bc.add_probe_args(p, NAME, "first N questions (default 200)", limit_default=200)
     p.add_argument("--max-docs", type=int, default=5, help="documents per question of a pooled QA folder (default 5)")
-    p.add_argument("--rates", type=int, nargs="+", default=[4])
+    p.add_argument("--rates", type=int, nargs="*", default=[4], help="soft@r rankers (none: no decoder scores)")
     p.add_argument("--text", action="store_true", help="also rank by the base model reading each document as text")
+    p.add_argument("--dense", action="store_true", help="also rank by MiniLM cosine (gmsa_rag.rag.load_embed_model)")
     return p.parse_args(argv)
 
 
@@ -60,6 +64,13 @@ def question_prompts(model, question: str, documents: Sequence[Any]) -> list:
 def question_likelihoods(model, question: str, documents: Sequence[Any]) -> list[float]:
     """Mean log-probability of the question's tokens after each document (soft tokens: adapter on; text: off)."""
     return (-model.answer_losses(question_prompts(model, question, documents))).tolist()
+
+
+def dense_scores(embed, question: str, documents: Sequence[str]) -> list[float]:
+    """Cosine of the question's and each document's embedding (a LlamaIndex embedding that normalises, as the
+    product's MiniLM does: the inner product is the cosine)."""
+    asked = np.asarray(embed.get_query_embedding(question))
+    return [float(np.dot(asked, d)) for d in embed.get_text_embedding_batch(list(documents))]
 
 
 def ranks(scores: Sequence[float]) -> np.ndarray:
@@ -87,18 +98,22 @@ def main(argv=None) -> dict[str, Any]:
     device, dtype, checkpoint, data, limit = bc.probe_setup(args, cpu_limit=200, gpu_limit=200)
     from gmsa_rag.data.qa import load_as_shown
     from gmsa_rag.lexical import bm25_scores
+    from gmsa_rag.rag import load_embed_model
 
     if not data.exists():
         raise SystemExit(f"no QA data at {data}")
     examples = [e for e in load_as_shown(data, args.split, limit, args.max_docs) if e.gold_index is not None]
     if not examples:
         raise SystemExit(f"{data} has no questions with a marked gold passage")
-    model = bc.load_system(checkpoint, device, dtype, args.backbone)
+    model = bc.load_system(checkpoint, device, dtype, args.backbone) if args.rates or args.text else None
     for rate in args.rates:
         model.config.check_rate(rate)
+    embed = load_embed_model() if args.dense else None
     scores: dict[str, list[list[float]]] = {"bm25": []}
     for number, example in enumerate(examples, 1):
         scores["bm25"].append(bm25_scores(example.question, example.contexts))
+        if embed is not None:
+            scores.setdefault("dense", []).append(dense_scores(embed, example.question, example.contexts))
         for rate in args.rates:
             soft = model.compress(list(example.contexts), rate)
             scores.setdefault(f"soft@{rate}", []).append(question_likelihoods(model, example.question, soft))
@@ -118,11 +133,12 @@ def main(argv=None) -> dict[str, Any]:
     ax.invert_yaxis()
     ax.set_xlabel("gold passage ranked first, % of questions")
     ax.legend()
-    meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint), "data": str(data), "split": args.split,
+    meta = {**bc.env_info(device, dtype), "checkpoint": str(checkpoint) if model is not None else "(no decoder scores)",
+            "data": str(data), "split": args.split,
             "questions": len(gold), "documents_per_question": args.max_docs,
             "command": "rerank_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     notes = ["Each question's gold passage among its hardest distractors, at place index mod documents (the trainer's "
-             "dev layout). soft@r / text: mean log-probability of the question's tokens after the document in the QA "
+             "dev layout). dense: MiniLM cosine of question and document, as the product's retriever scores chunks. soft@r / text: mean log-probability of the question's tokens after the document in the QA "
              "prompt's layout (soft tokens: the checkpoint's decoder, adapter on; text: the base model). "
              f"bm25+X: reciprocal-rank fusion (k = {RRF_K}), ties in the BM25 order."]
     columns = [bc.Column("ranker", "ranker"), bc.Column("n", "n", 0), bc.Column("recall@1", "recall@1 %", 1),

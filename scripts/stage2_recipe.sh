@@ -120,6 +120,13 @@ ablations=(
   "more-1doc:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384"
   "more-1to5:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors hardest"
   "more-2to5:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 2 --max_docs 5 --docs_curriculum 0 --distractors hardest"
+  # round 26: the distractors drawn at random from each question's ranked pool instead of its hardest (an easier choice
+  # to learn first; dev and NQ dev still judge over the hardest). Run on one GPU with the multi-document micro-batches
+  # bounded (BOTH="--micro_batch_tokens 6144": round 10's 5-document 32 x 2 steps peaked at 127 GB) and 400 steps:
+  # INIT=checkpoints/smollm2-gmsa COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=400 ABL_EVAL_EVERY=200 \
+  #   ABL_SAVE_EVERY=100 SCHEDULE=wsd RUNS=runs/r26 BOTH="--micro_batch_tokens 6144" \
+  #   ABL_ONLY="more-1to5 more-1to5-random" scripts/stage2_recipe.sh ablations
+  "more-1to5-random:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random"
 )
 cuda=${CUDA_VISIBLE_DEVICES:-0}
 ABL_GPUS=(${ABL_GPUS:-${cuda//,/ }})  # the GPUs the ablations share, round-robin (space-separated)

@@ -792,3 +792,18 @@ def test_rerank_probe_ranks_documents_by_bm25_and_by_question_likelihood(qa_file
     _check_outputs(tmp_path, "rerank-probe")
     assert [r["ranker"] for r in result["rows"]] == ["bm25", "soft@4", "text", "bm25+soft@4", "bm25+text"]
     assert all(r["n"] == 3 and 0 <= r["recall@1"] <= r["recall@2"] <= 100 for r in result["rows"])
+
+
+def test_rerank_probe_dense_ranker_needs_no_decoder(qa_file, tmp_path, monkeypatch):
+    import gmsa_rag.rag as rag
+
+    bench = _bench("rerank_probe")
+    embed = rag.hash_embedding()
+    scores = bench.dense_scores(embed, "who built the bridge", ["the bridge was built by Roebling", "rain in May"])
+    assert scores[0] > scores[1] and abs(bench.dense_scores(embed, "rain", ["rain"])[0] - 1.0) < 1e-6  # cosine
+    monkeypatch.setattr(rag, "load_embed_model", lambda: embed)  # (the probe's MiniLM; hashed words here)
+    monkeypatch.setattr(_bench("common"), "load_system", lambda *a, **k: pytest.fail("no decoder was asked for"))
+    result = bench.main(["--device", "cpu", "--data", str(qa_file), "--max-docs", "2", "--rates", "--dense",
+                         "--out", str(tmp_path)])
+    assert [r["ranker"] for r in result["rows"]] == ["bm25", "dense", "bm25+dense"]
+    assert result["meta"]["checkpoint"] == "(no decoder scores)"
