@@ -109,7 +109,7 @@ ablations=(
   "clr-5e-4:--init $INIT --compressor_lr 5e-4"
   "clr-1e-3:--init $INIT --compressor_lr 1e-3"
   "clr-0:--init $INIT"  # the compressor frozen (the paper), same prompts: "frozen" under BOTH
-  # round 25 (prepared, not yet run; no GPU was lent in round 25): from the shipped one-document reader, round 24's rates
+  # round 25 (prepared; round 26 ran more-1to5 alone, below): from the shipped one-document reader, round 24's rates
   # on prompts of 1 document (the control) against 1-5 documents, the gold among the hardest distractors. Round 25
   # measured why five documents fail (benchmarks/results/cpu-2core/qa-dev-docs-curve.md): from 1, 2, 3 documents it
   # answers 35.0, 18.5, 11.5% at 4x, about 35% / n, as if it read one document at random; these runs teach it to choose.
@@ -120,11 +120,13 @@ ablations=(
   "more-1doc:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384"
   "more-1to5:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors hardest"
   "more-2to5:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 2 --max_docs 5 --docs_curriculum 0 --distractors hardest"
-  # round 26: the distractors drawn at random from each question's ranked pool instead of its hardest (an easier choice
-  # to learn first; dev and NQ dev still judge over the hardest). Run on one GPU with the multi-document micro-batches
-  # bounded (BOTH="--micro_batch_tokens 6144": round 10's 5-document 32 x 2 steps peaked at 127 GB) and 400 steps:
-  # INIT=checkpoints/smollm2-gmsa COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=400 ABL_EVAL_EVERY=200 \
-  #   ABL_SAVE_EVERY=100 SCHEDULE=wsd RUNS=runs/r26 BOTH="--micro_batch_tokens 6144" \
+  # round 26 (benchmarks/results/h200/stage2-multidoc-r26.md: over five documents dev 4x 7.5 -> 12.0, NQ dev 11.5 ->
+  # 17.5, behind BM25 keep 1 41.5 -> 39.5: not shipped): more-1to5 against more-1to5-random, the distractors drawn at
+  # random from each question's ranked pool instead of its hardest (an easier choice to learn first; dev and NQ dev
+  # still judge over the hardest), 300 steps each side by side on one H200 (~1.3 s a step each, 11 GiB each), the
+  # multi-document micro-batches bounded (round 10's 5-document 32 x 2 steps peaked at 127 GB):
+  # INIT=checkpoints/smollm2-gmsa COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=300 ABL_EVAL_EVERY=150 \
+  #   ABL_SAVE_EVERY=150 SCHEDULE=wsd RUNS=runs/r26 BOTH="--micro_batch_tokens 6144" \
   #   ABL_ONLY="more-1to5 more-1to5-random" scripts/stage2_recipe.sh ablations
   "more-1to5-random:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random"
 )
