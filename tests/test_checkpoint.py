@@ -61,6 +61,30 @@ def test_fingerprint_ignores_dtype_but_not_weights(tokenizer):
     assert tiny_gmsa(tokenizer, seed=3).base_fingerprint != model.base_fingerprint
 
 
+def test_fingerprint_is_the_digest_every_saved_cache_was_keyed_by():
+    """One host copy per device must not change the value: caches precomputed before are keyed by it."""
+    import hashlib
+
+    from gmsa_rag.fingerprint import weights_fingerprint
+
+    def one_tensor_at_a_time(named, salt):  # the digest as first defined: each tensor sampled and copied alone
+        digest = hashlib.sha256(salt.encode())
+        for name, tensor in sorted(named, key=lambda item: item[0]):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            sample = flat[::step][:4096].to(device="cpu", dtype=torch.bfloat16)
+            digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+            digest.update(sample.view(torch.int16).numpy().tobytes())
+        return digest.hexdigest()
+
+    g = torch.Generator().manual_seed(0)
+    named = [("b.weight", torch.randn(300, 50, generator=g)), ("a.bias", torch.randn(7, generator=g)),
+             ("c.weight", torch.randn(5000, 3, generator=g).to(torch.bfloat16)), ("d", torch.randn(2, 3, generator=g)[:, 1])]
+    assert weights_fingerprint(named, salt="s") == one_tensor_at_a_time(named, "s")
+    assert weights_fingerprint(named[:3], salt="s") != weights_fingerprint(named, salt="s")
+    assert weights_fingerprint([], salt="s") == hashlib.sha256(b"s").hexdigest()
+
+
 def test_corrupted_shard_is_detected(tokenizer, tmp_path):
     tiny_gmsa(tokenizer).save_pretrained(tmp_path)
     shard = next(tmp_path.glob("model*.safetensors"))
