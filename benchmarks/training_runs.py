@@ -8,6 +8,12 @@ the dev corpus for stage 1, EM/F1/accuracy for stage 2), the tokens seen and the
     python benchmarks/training_runs.py --runs runs/long runs/abl-tcp --name stage1-curves --curves --out ...
     python benchmarks/training_runs.py --throughput --runs runs/sweep/* --baseline eager16x4 --name stage1-throughput ...
 
+``--winner KEY [KEY ...]`` prints the latest checkpoint of the run whose last evaluation is best by KEY (more keys
+break ties; a tie that remains goes to the first run given) and nothing else, for a script that judges the winner
+on held-out data next, e.g. after stage-2 ablations chosen on dev:
+
+    ckpt=$(python benchmarks/training_runs.py --runs runs/r26/s2-* --winner accuracy@4x gold_accuracy@4x)
+
 ``--throughput`` compares training speed instead: the median of the tokens/s windows the trainer logged after the first
 few (compile and warm-up), per run, against the baseline run, with each run's micro-batch, accumulation and --compile.
 """
@@ -61,7 +67,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--name", default="training-runs")
     p.add_argument("--title", default="Training runs")
     p.add_argument("--machine", default="", help="where the runs trained (for the header)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None, help="output folder (needed but with --winner)")
     p.add_argument("--note", action="append", default=[], help="a note for the markdown (repeatable)")
     p.add_argument("--offset", action="append", default=[], metavar="RUN=MILLIONS",
                    help="tokens (millions) a run had seen before its log starts, e.g. one trained further with --init "
@@ -70,11 +76,18 @@ def main(argv=None) -> dict[str, Any]:
                    help="what the curves are drawn against (steps: runs whose steps saw different token counts)")
     p.add_argument("--throughput", action="store_true", help="tabulate and plot training speed (tokens/s) instead")
     p.add_argument("--skip", type=int, default=3, help="--throughput: logged windows left out at the start (default 3)")
+    p.add_argument("--winner", nargs="+", default=None, metavar="KEY",
+                   help="print the latest checkpoint of the run whose last evaluation is best by KEY (e.g. accuracy@4x; "
+                        "more keys break ties) and stop")
     args = p.parse_args(argv)
+    if args.out is None and not args.winner:
+        p.error("--out is required (but with --winner)")
 
     runs = [read_run(r) for r in args.runs if (r / "metrics.jsonl").is_file()]
     if not runs:
         raise SystemExit("no run folder with a metrics.jsonl among --runs")
+    if args.winner:
+        return {"winner": winner(args.runs, args.winner)}
     if args.throughput:
         return throughput(runs, args)
     for spec in args.offset:  # a run that continued another (--init): count the tokens that came before it
@@ -122,6 +135,29 @@ def main(argv=None) -> dict[str, Any]:
         print(bc.markdown_table(columns, rows))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return {"rows": tables[0][1], "tables": [rows for _, rows in tables], "curves": curves, "paths": paths}
+
+
+def winner(paths: list[Path], keys: list[str]) -> Path:
+    """The latest checkpoint of the run (of ``paths``) whose last evaluation holding every key is best by ``keys``
+    in order; printed. A clear exit where no run has such an evaluation or the best has no checkpoint."""
+    from gmsa_rag.train import latest_checkpoint
+
+    scored = []
+    for path in paths:
+        last = next((e for e in reversed(read_run(path)["evals"]) if all(k in e for k in keys)), None) \
+            if (path / "metrics.jsonl").is_file() else None
+        if last is not None:
+            scored.append((tuple(last[k] for k in keys), path))
+    if not scored:
+        raise SystemExit(f"no run among --runs has an evaluation with {', '.join(keys)}")
+    best = max(scored, key=lambda item: item[0])[1]  # (max keeps the first of equal scores)
+    checkpoint = latest_checkpoint(str(best))
+    if checkpoint is None:
+        raise SystemExit(f"{best} scored best by {', '.join(keys)} but has no checkpoint")
+    for score, path in scored:
+        print(f"{path}: {', '.join(f'{k} {v:g}' for k, v in zip(keys, score))}", file=sys.stderr)
+    print(checkpoint)
+    return checkpoint
 
 
 def throughput(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:

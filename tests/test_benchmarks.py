@@ -504,6 +504,35 @@ def test_training_runs_tabulates_each_metric_against_the_baseline(tmp_path):
     assert by_step["curves"]["accuracy"]["base"] == [(10, 4.0)]
 
 
+def test_training_runs_names_the_winner_by_its_last_evaluation(tmp_path, capsys):
+    def run(name, evals, checkpoint="step-0000300"):
+        folder = tmp_path / name
+        (folder / "checkpoints" / checkpoint).mkdir(parents=True)
+        (folder / "latest").write_text(checkpoint)
+        records = [{"step": 5, "tokens": 1, "loss": 2.0, "lr": 1e-4, "tokens_per_s": 1.0}, *evals]
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+        return str(folder)
+
+    early_best = run("a", [{"step": 150, "accuracy@4x": 20.0}, {"step": 300, "accuracy@4x": 8.0, "gold_accuracy@4x": 40}])
+    tie_better_gold = run("b", [{"step": 300, "accuracy@4x": 8.0, "gold_accuracy@4x": 41}])
+    later_but_worse = run("c", [{"step": 300, "accuracy@4x": 7.5, "gold_accuracy@4x": 50}])
+    bench = _bench("training_runs")
+    keys = ["--winner", "accuracy@4x", "gold_accuracy@4x"]
+    result = bench.main(["--runs", early_best, tie_better_gold, later_but_worse, *keys])
+    assert result["winner"] == tmp_path / "b" / "checkpoints" / "step-0000300"  # the last evaluation, not the best one
+    assert capsys.readouterr().out.strip() == str(result["winner"])  # stdout: the path alone, for a script
+    assert bench.main(["--runs", early_best, tie_better_gold, "--winner", "accuracy@4x"])["winner"].parent.parent.name == "a"
+    better_last = run("d", [{"step": 300, "accuracy@4x": 9.0}])  # a's step 150 (20.0) is not what a ended with
+    assert bench.main(["--runs", early_best, better_last, "--winner", "accuracy@4x"])["winner"].parent.parent.name == "d"
+    with pytest.raises(SystemExit, match="no run among --runs has an evaluation with bleu@4x"):
+        bench.main(["--runs", early_best, "--winner", "bleu@4x"])
+    (tmp_path / "b" / "latest").unlink()
+    with pytest.raises(SystemExit, match="has no checkpoint"):
+        bench.main(["--runs", tie_better_gold, *keys])
+    with pytest.raises(SystemExit):  # tables need --out
+        bench.main(["--runs", early_best, "--metric", "accuracy"])
+
+
 def test_training_runs_compares_throughput_after_the_warm_up_windows(tmp_path):
     for name, batch, compiled, speeds in (("eager", 16, False, [1.0, 50.0, 50.0, 60.0]),
                                           ("compiled", 64, True, [0.5, 150.0, 140.0, 160.0])):

@@ -41,3 +41,29 @@ def test_wait_reports_a_job_still_running(tmp_path):
 def test_bad_use_is_refused_in_one_line(tmp_path, args, message):
     result = job(tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+JUDGE = SCRIPT.with_name("judge_runs.sh")
+
+
+def test_judge_runs_evaluates_the_dev_winner_on_nq_dev_three_ways(tmp_path):
+    import json
+
+    for name, accuracy in (("s2-a", 8.0), ("s2-b", 12.0)):
+        run = tmp_path / name
+        (run / "checkpoints" / "step-0000300").mkdir(parents=True)
+        (run / "latest").write_text("step-0000300")
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 300, "accuracy@4x": accuracy, "gold_accuracy@4x": 30.0}))
+    env = {**os.environ, "DRY": "1", "RATES": "4 8", "QA_ARGS": "--device cpu"}
+    judged = subprocess.run(["bash", str(JUDGE), str(tmp_path / "qa"), str(tmp_path / "s2-a"), str(tmp_path / "s2-b")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert judged.returncode == 0, judged.stderr
+    commands = judged.stdout.strip().splitlines()
+    winner = str(tmp_path / "s2-b" / "checkpoints" / "step-0000300")
+    assert len(commands) == 3 and all(f"--gmsa-checkpoint {winner} " in c for c in commands)
+    assert all("--data data/nq-multidoc/dev.jsonl.gz" in c and "--device cpu" in c for c in commands)
+    assert commands[0].endswith("--rates 4 8 --name qa-judged")
+    assert commands[1].endswith("--gold-only --name qa-judged-gold")
+    assert commands[2].endswith("--keep-top 1 --name qa-judged-keep1")
+    missing = subprocess.run(["bash", str(JUDGE), str(tmp_path / "qa")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no run folders" in missing.stderr
