@@ -123,7 +123,7 @@ ablations=(
   # round 26 (benchmarks/results/h200/stage2-multidoc-r26.md: over five documents dev 4x 7.5 -> 12.0, NQ dev 11.5 ->
   # 17.5, behind BM25 keep 1 41.5 -> 39.5: not shipped): more-1to5 against more-1to5-random, the distractors drawn at
   # random from each question's ranked pool instead of its hardest (an easier choice to learn first; dev and NQ dev
-  # still judge over the hardest), 300 steps each side by side on one H200 (~1.3 s a step each, 11 GiB each), the
+  # still judge over the hardest), 300 steps each side by side on one H200 (~1 s a step each, 11 GiB each), the
   # multi-document micro-batches bounded (round 10's 5-document 32 x 2 steps peaked at 127 GB):
   # INIT=checkpoints/smollm2-gmsa COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=300 ABL_EVAL_EVERY=150 \
   #   ABL_SAVE_EVERY=150 SCHEDULE=wsd RUNS=runs/r26 BOTH="--micro_batch_tokens 6144" \
