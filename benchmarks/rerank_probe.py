@@ -138,8 +138,9 @@ def main(argv=None) -> dict[str, Any]:
             "questions": len(gold), "documents_per_question": args.max_docs,
             "command": "rerank_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     notes = ["Each question's gold passage among its hardest distractors, at place index mod documents (the trainer's "
-             "dev layout). dense: MiniLM cosine of question and document, as the product's retriever scores chunks. soft@r / text: mean log-probability of the question's tokens after the document in the QA "
-             "prompt's layout (soft tokens: the checkpoint's decoder, adapter on; text: the base model). "
+             "dev layout). dense: MiniLM cosine of question and document, as the product's retriever scores chunks. "
+             "soft@r / text: mean log-probability of the question's tokens after the document in the QA prompt's "
+             "layout (soft tokens: the checkpoint's decoder, adapter on; text: the base model). "
              f"bm25+X: reciprocal-rank fusion (k = {RRF_K}), ties in the BM25 order."]
     columns = [bc.Column("ranker", "ranker"), bc.Column("n", "n", 0), bc.Column("recall@1", "recall@1 %", 1),
                bc.Column("recall@2", "recall@2 %", 1)]

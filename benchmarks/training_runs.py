@@ -77,8 +77,8 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--throughput", action="store_true", help="tabulate and plot training speed (tokens/s) instead")
     p.add_argument("--skip", type=int, default=3, help="--throughput: logged windows left out at the start (default 3)")
     p.add_argument("--winner", nargs="+", default=None, metavar="KEY",
-                   help="print the latest checkpoint of the run whose last evaluation is best by KEY (e.g. accuracy@4x; "
-                        "more keys break ties) and stop")
+                   help="print the latest checkpoint of the run whose last evaluation is best by KEY "
+                        "(e.g. accuracy@4x; more keys break ties) and stop")
     args = p.parse_args(argv)
     if args.out is None and not args.winner:
         p.error("--out is required (but with --winner)")
