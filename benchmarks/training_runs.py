@@ -83,11 +83,12 @@ def main(argv=None) -> dict[str, Any]:
     if args.out is None and not args.winner:
         p.error("--out is required (but with --winner)")
 
-    runs = [read_run(r) for r in args.runs if (r / "metrics.jsonl").is_file()]
+    folders = [r for r in args.runs if (r / "metrics.jsonl").is_file()]
+    runs = [read_run(r) for r in folders]
     if not runs:
         raise SystemExit("no run folder with a metrics.jsonl among --runs")
     if args.winner:
-        return {"winner": winner(args.runs, args.winner)}
+        return {"winner": winner(folders, runs, args.winner)}
     if args.throughput:
         return throughput(runs, args)
     for spec in args.offset:  # a run that continued another (--init): count the tokens that came before it
@@ -137,15 +138,15 @@ def main(argv=None) -> dict[str, Any]:
     return {"rows": tables[0][1], "tables": [rows for _, rows in tables], "curves": curves, "paths": paths}
 
 
-def winner(paths: list[Path], keys: list[str]) -> Path:
-    """The latest checkpoint of the run (of ``paths``) whose last evaluation holding every key is best by ``keys``
-    in order; printed. A clear exit where no run has such an evaluation or the best has no checkpoint."""
+def winner(folders: list[Path], runs: list[dict[str, Any]], keys: list[str]) -> Path:
+    """The latest checkpoint of the run (``runs``, read from ``folders``) whose last evaluation holding every key is
+    best by ``keys`` in order; printed. A clear exit where no run has such an evaluation or the best has no
+    checkpoint."""
     from gmsa_rag.train import latest_checkpoint
 
     scored = []
-    for path in paths:
-        last = next((e for e in reversed(read_run(path)["evals"]) if all(k in e for k in keys)), None) \
-            if (path / "metrics.jsonl").is_file() else None
+    for path, run in zip(folders, runs):
+        last = next((e for e in reversed(run["evals"]) if all(k in e for k in keys)), None)
         if last is not None:
             scored.append((tuple(last[k] for k in keys), path))
     if not scored:
