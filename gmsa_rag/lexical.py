@@ -57,6 +57,22 @@ def ranked(question: str, documents: Sequence[str]) -> list[int]:
     return best_first(bm25_scores(question, documents))
 
 
+#: How a prompt orders its documents: as given (retrieval's order; in training the gold passage at a random place), or
+#: by BM25 match to the question, best first (a reranker's order) or best last (nearest the question).
+DOCUMENT_ORDERS = ("given", "bm25_first", "bm25_last")
+
+
+def ordered(question: str, documents: Sequence[str], order: str) -> list[int]:
+    """Places of ``documents`` in the order ``order`` (one of :data:`DOCUMENT_ORDERS`) shows them; ``bm25_last`` is
+    ``bm25_first`` reversed."""
+    if order not in DOCUMENT_ORDERS:
+        raise ValueError(f"document order must be one of {', '.join(DOCUMENT_ORDERS)}; got {order!r}")
+    if order == "given":
+        return list(range(len(documents)))
+    places = ranked(question, documents)
+    return places[::-1] if order == "bm25_last" else places
+
+
 def best_matching(question: str, documents: Sequence[str], top: int) -> list[int]:
     """Places of the ``top`` documents that match ``question`` best (ties: retrieval order), in retrieval order."""
     if top < 1:

@@ -47,7 +47,8 @@ from .errors import UsageError
 from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
 from .data.cloze import cloze_example
 from .data.passages import Passage, PassageCorpus
-from .data.qa import QAExample, dev_layout, load_qa
+from .data.qa import QAExample, dev_layout, load_qa, reordered
+from .lexical import DOCUMENT_ORDERS
 from .metrics import qa_metrics, reconstruction_metrics
 from .model import GMSAModel
 from .samples import Sample, build_prompts, sample_rate, token_ids
@@ -65,7 +66,7 @@ FRACTIONS = ("title_fraction", "continuation_fraction", "span_fraction", "multi_
 RUN_DEFINING = ("stage", "method", "base_model", "init", "no_compress", "encoder_layers", "lsa_layers", "rates",
                 "window", "lora_rank", "lora_alpha", "encoder_prefix", "encoder_norm", "soft_token_norm",
                 "soft_token_center", "decoder_tuning", "decoder_lora_rank", "decoder_mlp_lora_rank", "ae_decoder_lora",
-                "cite_document", "question_first", "quote_evidence")
+                "cite_document", "question_first", "quote_evidence", "doc_order")
 
 
 @dataclass
@@ -114,6 +115,7 @@ class TrainConfig:
     quote_words: int = field(default=QUOTE_WORDS, metadata={"help": "keft, with --quote_evidence: most words of the answer's sentence quoted before it (fewer: fewer decode steps, less to locate the answer by)"})
     question_first: bool = field(default=False, metadata={"help": "keft: QA prompts state the question before the documents as well as after them, so the decoder reads the documents (soft tokens) knowing the question; the soft tokens and their cache do not change (the checkpoint remembers the layout; generation follows it)"})
     distractors: str = field(default="random", metadata={"help": "keft: which distractors a sample shows: random ones of the example's, or the hardest (stored order, as retrieval ranks them)", "choices": ["random", "hardest"]})
+    doc_order: str = field(default="given", metadata={"help": "keft: the order of a prompt's documents, in training and dev alike: given (training: the gold passage at a random place; dev: at place i mod count), or by BM25 match to the question, best first (a reranker's order) or best last (nearest the question); the product orders retrieved chunks the same way (the checkpoint remembers it)", "choices": list(DOCUMENT_ORDERS)})
     eval_chunk_tokens: int = 128
     eval_among: bool = field(default=False, metadata={"help": "ae: also restore each dev passage among 3 other passages of its article, each compressed on its own, at place i mod 4 (among_bleu@r ...): telling documents apart, as a retrieved prompt needs"})
     eval_spans: bool = field(default=False, metadata={"help": "ae: also score quoting on the dev passages (span_bleu@r ...): 6 tokens from the middle of each, then the 16 that follow"})
@@ -194,6 +196,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for flag in ("cite_document", "question_first", "quote_evidence"):
         if getattr(cfg, flag) and cfg.stage != "keft":
             parser.error(f"--{flag} is a stage-2 (keft) option")
+    if cfg.doc_order != "given" and cfg.stage != "keft":
+        parser.error("--doc_order is a stage-2 (keft) option")
     if not 0 <= cfg.cloze_fraction <= 1 or (cfg.cloze_fraction and cfg.stage != "keft"):
         parser.error(f"--cloze_fraction is a share of stage-2 (keft) samples, between 0 and 1; got {cfg.cloze_fraction}")
     if cfg.span_tokens < 8:
@@ -355,12 +359,14 @@ def quote(token_ids: list[int], most: int, rng: random.Random) -> tuple[list[int
 
 
 def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random, min_docs: int = 1,
-              hardest: bool = False, cite: bool = False, quote_words: int | None = None) -> Sample:
+              hardest: bool = False, cite: bool = False, quote_words: int | None = None,
+              order: str = "given") -> Sample:
     """A QA sample: the gold passage among ``min_docs - 1`` to ``max_docs - 1`` of the example's distractors (random
     ones, or with ``hardest`` the first in stored order, as retrieval ranks them), gold at a random place (examples
     without a marked gold passage keep their documents as they are). With ``cite`` the target opens with the gold
     passage's number; with ``quote_words`` it is up to that many words of the gold passage that lead to the answer,
-    then the answer in bold (examples without a gold passage, or whose gold passage lacks the answer, answer plainly)."""
+    then the answer in bold (examples without a gold passage, or whose gold passage lacks the answer, answer plainly).
+    ``order`` then orders the documents (:func:`gmsa_rag.lexical.ordered`; ``given`` keeps the random place)."""
     documents = list(example.contexts)
     answer = example.answers[0]
     if example.gold_index is not None:
@@ -373,25 +379,26 @@ def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.R
             rng.shuffle(keep)
         place = rng.randint(0, len(keep))
         keep.insert(place, gold)
-        documents = keep
+        shown = reordered(QAExample(example.question, example.answers, keep, place), order)
+        documents, place = shown.contexts, shown.gold_index
         answer = cited(answer, place) if cite else answer
         if quote_words is not None:
             answer = quoted(example.answers, gold, quote_words) or answer
     return Sample(documents=documents, target=answer, question=example.question, rate=rate)
 
 
-def dev_qa_sample(example: QAExample, rate: int | None, max_docs: int, index: int) -> Sample:
+def dev_qa_sample(example: QAExample, rate: int | None, max_docs: int, index: int, order: str = "given") -> Sample:
     """A fixed dev prompt: the gold passage among the example's first ``max_docs - 1`` distractors (the hardest,
-    in stored order), gold at place ``index mod count`` so every place is scored equally often."""
-    documents = list(dev_layout(example, max_docs, index).contexts)
+    in stored order), gold at place ``index mod count`` so every place is scored equally often, then in ``order``."""
+    documents = list(dev_layout(example, max_docs, index, order).contexts)
     return Sample(documents=documents, target=None, question=example.question, rate=rate)
 
 
-def dev_gold_place(example: QAExample, max_docs: int, index: int) -> int | None:
+def dev_gold_place(example: QAExample, max_docs: int, index: int, order: str = "given") -> int | None:
     """Where the gold passage stands among a dev prompt's documents (:func:`dev_qa_sample`), or None."""
     if example.gold_index is None:
         return None
-    return dev_layout(example, max_docs, index).gold_index
+    return dev_layout(example, max_docs, index, order).gold_index
 
 
 def docs_cap(cfg: TrainConfig, progress: float) -> int:
@@ -419,7 +426,8 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
                 example = cloze_example(example, rng) or example
             samples.append(qa_sample(example, rate, docs_cap(cfg, progress), rng, cfg.min_docs,
                                      cfg.distractors == "hardest", cite=cfg.cite_document,
-                                     quote_words=cfg.quote_words if cfg.quote_evidence else None))
+                                     quote_words=cfg.quote_words if cfg.quote_evidence else None,
+                                     order=cfg.doc_order))
     if cfg.grad_accum > 1 or cfg.micro_batch_tokens:
         samples.sort(key=decoder_positions)
     if cfg.micro_batch_tokens:
@@ -603,7 +611,8 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
             index, count, size = *shard, cfg.eval_batch_size
             batches = []  # (start, predictions, references) of this process's batches
             for start in range(index * size, len(items), count * size):
-                samples, references, new_tokens = dev_batch(items[start : start + size], task, docs, rate, start, model)
+                samples, references, new_tokens = dev_batch(items[start : start + size], task, docs, rate, start, model,
+                                                            cfg.doc_order)
                 batches.append((start, model.generate_from_segments(build_prompts(model, samples),
                                                                     max_new_tokens=new_tokens), references))
             if count > 1:
@@ -612,7 +621,7 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
             refs = [r for _, _, references in batches for r in references]
             suffix = f"@{rate}x" if rate else ""
             if task == "qa" and model.config.answer_cites:
-                places = [dev_gold_place(e, docs, j) for j, e in enumerate(items)]
+                places = [dev_gold_place(e, docs, j, cfg.doc_order) for j, e in enumerate(items)]
                 cites, preds = zip(*(split_citation(p, docs) for p in preds)) if preds else ((), ())
                 marked = [(c, g) for c, g in zip(cites, places) if g is not None]
                 results[f"{prefix}cite_accuracy{suffix}"] = 100.0 * sum(c == g for c, g in marked) / max(len(marked), 1)
@@ -627,9 +636,10 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
 
 
 def dev_batch(items: list, task: str, docs: int, rate: int | None, offset: int,
-              model: GMSAModel) -> tuple[list[Sample], list, int]:
+              model: GMSAModel, order: str = "given") -> tuple[list[Sample], list, int]:
     """Generation prompts, references and an answer length for a slice of dev items: restore a passage, quote the
-    16 tokens that follow 6 tokens from its middle (``span``), or answer a question over ``docs`` documents."""
+    16 tokens that follow 6 tokens from its middle (``span``), or answer a question over ``docs`` documents in
+    ``order``."""
     if task == "restore":  # with docs > 1 items are (passage, its distractors), the passage at place (offset + j) mod docs
         pairs = items if docs > 1 else [(ids, []) for ids in items]
         samples = []
@@ -642,7 +652,7 @@ def dev_batch(items: list, task: str, docs: int, rate: int | None, offset: int,
         return ([Sample([ids], None, rate=rate, task="span", cue=ids[s : s + 6]) for ids, s in zip(items, starts)],
                 [model.tokenizer.decode(ids[s + 6 : s + 22]).strip() for ids, s in zip(items, starts)], 20)
     new_tokens = 24 + (QUOTE_TOKENS if model.config.answer_quotes else 0)
-    return ([dev_qa_sample(e, rate, docs, offset + j) for j, e in enumerate(items)], [e.answers for e in items],
+    return ([dev_qa_sample(e, rate, docs, offset + j, order) for j, e in enumerate(items)], [e.answers for e in items],
             new_tokens)
 
 

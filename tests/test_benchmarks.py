@@ -652,6 +652,11 @@ def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoi
     kept = qa.keep_best_matching(examples, 1)
     assert [len(e.contexts) for e in kept] == [1, 1, 1] and [e.gold_index for e in kept] == [0, 0, 0]
     assert kept[1].contexts == [examples[1].contexts[1]]  # the reef passage, not the first retrieved
+    two, last = qa.keep_best_matching(examples, 2), qa.keep_best_matching(examples, 2, best_last=True)
+    assert all(b.contexts == a.contexts[::-1] and b.contexts[-1] == k.contexts[0] for a, b, k in zip(two, last, kept))
+    assert [b.gold_index for b in last] == [len(a.contexts) - 1 - a.gold_index for a in two]  # the gold follows
+    with pytest.raises(SystemExit, match="add --keep-top"):
+        qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--best-last"])
     result = qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--keep-top", "1",
                       "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "kept")])
     assert result["meta"]["documents_per_question"] == 1 and "best BM25 match kept" in result["meta"]["documents"]

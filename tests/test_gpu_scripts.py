@@ -54,7 +54,7 @@ def test_judge_runs_evaluates_the_dev_winner_on_nq_dev_three_ways(tmp_path):
         (run / "checkpoints" / "step-0000300").mkdir(parents=True)
         (run / "latest").write_text("step-0000300")
         (run / "metrics.jsonl").write_text(json.dumps({"step": 300, "accuracy@4x": accuracy, "gold_accuracy@4x": 30.0}))
-    env = {**os.environ, "DRY": "1", "RATES": "4 8", "QA_ARGS": "--device cpu"}
+    env = {**os.environ, "DRY": "1", "RATES": "4 8", "QA_ARGS": "--device cpu", "FIVE_ARGS": "--keep-top 5 --best-last"}
     judged = subprocess.run(["bash", str(JUDGE), str(tmp_path / "qa"), str(tmp_path / "s2-a"), str(tmp_path / "s2-b")],
                             env=env, capture_output=True, text=True, timeout=120)
     assert judged.returncode == 0, judged.stderr
@@ -62,8 +62,14 @@ def test_judge_runs_evaluates_the_dev_winner_on_nq_dev_three_ways(tmp_path):
     winner = str(tmp_path / "s2-b" / "checkpoints" / "step-0000300")
     assert len(commands) == 3 and all(f"--gmsa-checkpoint {winner} " in c for c in commands)
     assert all("--data data/nq-multidoc/dev.jsonl.gz" in c and "--device cpu" in c for c in commands)
-    assert commands[0].endswith("--rates 4 8 --name qa-judged")
+    assert commands[0].endswith("--rates 4 8 --name qa-judged --keep-top 5 --best-last")  # FIVE_ARGS: this run only
     assert commands[1].endswith("--gold-only --name qa-judged-gold")
     assert commands[2].endswith("--keep-top 1 --name qa-judged-keep1")
+    (tmp_path / "s2-b" / "checkpoints" / "step-0000300" / "gmsa_config.json").write_text(
+        json.dumps({"extra": {"train_config": {"doc_order": "bm25_first"}}}))
+    del env["FIVE_ARGS"]  # unset: the order the winner trained on
+    ordered = subprocess.run(["bash", str(JUDGE), str(tmp_path / "qa"), str(tmp_path / "s2-a"), str(tmp_path / "s2-b")],
+                             env=env, capture_output=True, text=True, timeout=120).stdout.strip().splitlines()
+    assert ordered[0].endswith("--name qa-judged --keep-top 5") and ordered[1:] == commands[1:]
     missing = subprocess.run(["bash", str(JUDGE), str(tmp_path / "qa")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no run folders" in missing.stderr

@@ -11,7 +11,7 @@ from gmsa_rag.model import group_means, hidden_state_distance
 from gmsa_rag.prompt import qa_segments, shared_tail, soft_token_groups
 from gmsa_rag.samples import Sample
 from gmsa_rag.testing import tiny_gmsa
-from gmsa_rag.train import TrainConfig, dev_qa_sample, docs_cap, parse_args, qa_sample
+from gmsa_rag.train import TrainConfig, dev_gold_place, dev_qa_sample, docs_cap, parse_args, qa_sample
 
 DOCS = ["Hamlet is a tragedy written by William Shakespeare.", "Paris is the capital of France."]
 
@@ -220,6 +220,31 @@ def test_dev_prompts_show_the_hardest_distractors_with_the_gold_at_every_place_i
     shown = [dev_qa_sample(example, 4, 3, j).documents for j in range(6)]
     assert shown[:3] == [["gold", "d1", "d2"], ["d1", "gold", "d2"], ["d1", "d2", "gold"]] and shown[3] == shown[0]
     assert dev_qa_sample(example, None, 1, 5).documents == ["gold"]  # gold only
+
+
+ORDER_EXAMPLE = QAExample("who wrote the art of war", ["Sun Tzu"],
+                          ["The Art of War was written by Sun Tzu", "Pasta recipes", "War and Peace, a novel of war",
+                           "Art museums of Paris"], gold_index=0)
+
+
+@pytest.mark.parametrize("order", ["bm25_first", "bm25_last"])
+def test_documents_in_bm25_order_put_the_best_match_first_or_last_in_training_and_dev_alike(order):
+    rng = random.Random(0)
+    end = 0 if order == "bm25_first" else -1
+    samples = [qa_sample(ORDER_EXAMPLE, 4, 4, rng, min_docs=4, cite=True, order=order) for _ in range(20)]
+    assert all(s.documents[end] == ORDER_EXAMPLE.contexts[0] for s in samples)  # the gold shares the question's words
+    place = 1 if order == "bm25_first" else 4
+    assert all(s.target == f"[{place}] Sun Tzu" for s in samples)  # the citation follows the gold's new place
+    assert len({tuple(s.documents) for s in samples}) == 1  # one order, whatever the random layout
+    for j in range(4):
+        assert dev_qa_sample(ORDER_EXAMPLE, 4, 4, j, order).documents == samples[0].documents
+        assert dev_gold_place(ORDER_EXAMPLE, 4, j, order) == place - 1
+    given = [qa_sample(ORDER_EXAMPLE, 4, 4, rng, min_docs=4).documents for _ in range(40)]
+    assert len({docs.index(ORDER_EXAMPLE.contexts[0]) for docs in given}) == 4  # given: the gold anywhere
+    cfg = parse_args(["--stage", "keft", "--no_compress", "true", "--doc_order", order])
+    assert cfg.doc_order == order
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "ae", "--doc_order", order])
 
 
 def test_full_decoder_tuning_trains_every_decoder_weight_but_the_shared_embedding(tokenizer):

@@ -37,6 +37,8 @@ __all__ = [
     "is_qa_pool",
     "load_qa_pool",
     "load_qa",
+    "dev_layout",
+    "reordered",
 ]
 
 TITLE_PREFIX = "Title: "
@@ -63,16 +65,30 @@ class QAExample:
         return None if self.gold_index is None else self.contexts[self.gold_index]
 
 
-def dev_layout(example: QAExample, max_docs: int, index: int) -> QAExample:
+def dev_layout(example: QAExample, max_docs: int, index: int, order: str = "given") -> QAExample:
     """The example as a dev prompt shows it: its gold passage among its first ``max_docs - 1`` distractors (the
     hardest, in stored order) at place ``index mod count``, so that every place is scored equally often (examples
-    without a marked gold passage are returned as they are)."""
+    without a marked gold passage are returned as they are); then ordered by ``order``
+    (:data:`gmsa_rag.lexical.DOCUMENT_ORDERS`: ``given`` keeps that layout)."""
     if example.gold_index is None:
         return example
     others = [c for i, c in enumerate(example.contexts) if i != example.gold_index][: max_docs - 1]
     place = index % (len(others) + 1)
-    return QAExample(example.question, example.answers, [*others[:place], example.gold_context, *others[place:]],
-                     place)
+    laid_out = QAExample(example.question, example.answers, [*others[:place], example.gold_context, *others[place:]],
+                         place)
+    return reordered(laid_out, order)
+
+
+def reordered(example: QAExample, order: str) -> QAExample:
+    """``example`` with its documents in ``order`` (:func:`gmsa_rag.lexical.ordered`), the gold place following its
+    passage."""
+    if order == "given":
+        return example
+    from gmsa_rag.lexical import ordered
+
+    places = ordered(example.question, example.contexts, order)
+    gold = None if example.gold_index is None else places.index(example.gold_index)
+    return QAExample(example.question, example.answers, [example.contexts[i] for i in places], gold)
 
 
 def format_context(title: str | None, text: str) -> str:
