@@ -229,6 +229,10 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
                 say(f"rerank:   BM25 keeps the {rerank_top} of the {args.top_k} retrieved chunks that best match the "
                     f"question: the checkpoint was trained on prompts of {rerank_top} document(s) (--rerank-top 0 "
                     "keeps all)")
+        order = model.trained_document_order()
+        if order != "given":
+            say(f"order:    the chunks reach the reader in BM25 order, best match {order.split('_')[1]}, as its stage 2 "
+                "was trained")
 
         # One tiny generation first, so that one-time framework start-up does not land on the first timing.
         model.generate("Hello", [], max_new_tokens=2)
@@ -249,6 +253,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             "extractive": args.extractive,
             "extract_top": args.extract_top,
             "rerank_top": rerank_top,
+            "document_order": order,
             "threads": torch.get_num_threads(),
         }
         common = dict(top_k=args.top_k, response_mode=args.response_mode, streaming=True,

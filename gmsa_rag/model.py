@@ -475,6 +475,15 @@ class GMSAModel(nn.Module):
             return None
         return int(train["max_docs"])
 
+    def trained_document_order(self) -> str:
+        """How this checkpoint's stage 2 ordered a prompt's documents (its recorded ``--doc_order``, one of
+        :data:`gmsa_rag.lexical.DOCUMENT_ORDERS`): ``bm25_first`` / ``bm25_last`` readers expect retrieved chunks in
+        BM25 order, as ``GMSACompressor`` hands them; ``given`` where nothing says."""
+        train = (self.config.extra or {}).get("train_config") or {}
+        if train.get("stage") != "keft":
+            return "given"
+        return str(train.get("doc_order") or "given")
+
     def warn_if_untrained_shape(self, prompts: Sequence[Sequence[Segment]]) -> None:
         """Log once per model when a prompt holds more soft-token documents than stage 2 trained it on: such a
         reader answers far worse (a one-document checkpoint over five documents; its model card says how much)."""

@@ -127,6 +127,14 @@ def test_ask_keeps_by_default_as_many_chunks_as_the_checkpoint_was_trained_to_re
     assert cli.main(argv + ["--rerank-top", "0"]) == 0  # asked for all: all
     report = json.loads(capsys.readouterr().out)
     assert report["rerank_top"] == 0 and len(report["runs"][0]["sources"]) == 2
+    tiny_model.config.extra["train_config"].update(max_docs=5, doc_order="bm25_last")  # a reader of ranked chunks
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rerank_top"] == 5 and report["document_order"] == "bm25_last"
+    sources = report["runs"][0]["sources"]
+    assert len(sources) == 2 and "32-the-art-of-war.txt" in sources[1]  # the best match last, nearest the question
+    assert cli.main(argv[:-1]) == 0
+    assert "order:    the chunks reach the reader in BM25 order, best match last" in capsys.readouterr().out
 
 
 def test_ask_engine_choice(tiny_model, small_docs, tmp_path, capsys):

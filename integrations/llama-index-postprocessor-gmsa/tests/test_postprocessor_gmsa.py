@@ -166,3 +166,30 @@ def test_keeps_as_many_nodes_as_the_checkpoint_was_trained_to_read(tiny_model, t
     assert [original_text(n) for n in baseline] == [texts[2]]
     with pytest.raises(ValueError):
         GMSACompressor(tiny_model, rate=4, top_n=-1)
+
+
+def test_hands_the_nodes_on_in_the_order_the_checkpoint_was_trained_to_read(tiny_model, texts, monkeypatch):
+    """A reader trained on documents in BM25 order (``--doc_order``) gets every retrieved node in that order, best
+    first or best last; ``document_order`` overrides it; the uncompressed baseline reads the same order."""
+    from llama_index.core.schema import QueryBundle
+
+    nodes = [NodeWithScore(node=TextNode(text=t), score=1.0 - i / 10) for i, t in enumerate(texts)]
+    query = QueryBundle("capital of France")  # BM25: France, then Berlin ("capital"), then the Nile
+    best_first = [texts[0], texts[1], texts[2]]
+    shuffled = [nodes[2], nodes[1], nodes[0]]
+    monkeypatch.setattr(tiny_model.config, "extra", {"train_config": {"stage": "keft", "max_docs": 5,
+                                                                      "doc_order": "bm25_first"}})
+    comp = GMSACompressor(tiny_model, rate=4)
+    assert comp.documents_order == "bm25_first"
+    assert [original_text(n) for n in comp.postprocess_nodes(shuffled, query)] == best_first
+    baseline = GMSACompressor(tiny_model, passthrough=True).postprocess_nodes(shuffled, query)
+    assert [original_text(n) for n in baseline] == best_first
+    last = GMSACompressor(tiny_model, rate=4, document_order="bm25_last").postprocess_nodes(shuffled, query)
+    assert [original_text(n) for n in last] == best_first[::-1]
+    given = GMSACompressor(tiny_model, rate=4, document_order="given").postprocess_nodes(shuffled, query)
+    assert [original_text(n) for n in given] == [texts[2], texts[1], texts[0]]  # as retrieved
+    assert len(comp.postprocess_nodes(shuffled)) == 3  # no query to match: as given
+    monkeypatch.setattr(tiny_model.config, "extra", {"train_config": {"stage": "keft", "max_docs": 1}})
+    assert GMSACompressor(tiny_model, rate=4).documents_order == "given"  # older checkpoints: as before
+    with pytest.raises(ValueError, match="document_order"):
+        GMSACompressor(tiny_model, rate=4, document_order="alphabetical")

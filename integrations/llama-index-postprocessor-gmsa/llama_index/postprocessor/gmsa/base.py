@@ -18,7 +18,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 
 from gmsa_rag.cache import SoftTokenCache, cache_key
-from gmsa_rag.lexical import best_first, bm25_scores
+from gmsa_rag.lexical import DOCUMENT_ORDERS, best_first, bm25_scores
 from gmsa_rag.markers import SoftTokenStore, marker, store_for, text_key
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ class GMSACompressor(BaseNodePostprocessor):
             (default): as many as the checkpoint's stage 2 trained its reader on
             (``GMSAModel.trained_max_documents()``; all when the checkpoint does not say), since a reader trained
             on one document answers far worse over several (the model card). ``0``: all of them.
+        document_order: the order of the nodes handed on: ``bm25_first`` (best BM25 match to the query first),
+            ``bm25_last`` (best last, nearest the question) or ``given`` (as retrieved; with ``top_n``, best first).
+            ``None`` (default): the order the checkpoint's stage 2 trained its reader on
+            (``GMSAModel.trained_document_order()``), since a reader trained on ranked documents leans on their order.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -98,6 +102,8 @@ class GMSACompressor(BaseNodePostprocessor):
     passthrough: bool = Field(default=False, description="hand over raw text instead of soft tokens")
     top_n: Optional[int] = Field(default=None, ge=0, description="nodes handed on, best BM25 match first (None: as "
                                  "many as the checkpoint's stage 2 trained on; 0: all)")
+    document_order: Optional[str] = Field(default=None, description="order of the nodes handed on: bm25_first, "
+                                          "bm25_last or given (None: the checkpoint's trained order)")
 
     _last_stats: CompressionStats = PrivateAttr(default_factory=CompressionStats)
 
@@ -110,10 +116,13 @@ class GMSACompressor(BaseNodePostprocessor):
         batch_size: int = 8,
         passthrough: bool = False,
         top_n: Optional[int] = None,
+        document_order: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         if not passthrough:
             model.config.check_rate(rate)
+        if document_order is not None and document_order not in DOCUMENT_ORDERS:
+            raise ValueError(f"document_order must be one of {', '.join(DOCUMENT_ORDERS)} or None; got {document_order!r}")
         if cache is not None and not isinstance(cache, SoftTokenCache):
             raise TypeError(f"cache must be a gmsa_rag.cache.SoftTokenCache, got {type(cache).__name__}")
         super().__init__(
@@ -124,6 +133,7 @@ class GMSACompressor(BaseNodePostprocessor):
             batch_size=batch_size,
             passthrough=passthrough,
             top_n=top_n,
+            document_order=document_order,
             **kwargs,
         )
 
@@ -138,14 +148,20 @@ class GMSACompressor(BaseNodePostprocessor):
             return self.top_n
         return self.model.trained_max_documents() or 0
 
+    @property
+    def documents_order(self) -> str:
+        """The order of the nodes each query hands on: ``document_order``, or the checkpoint's trained order."""
+        return self.document_order or self.model.trained_document_order()
+
     def _keep_best_matching(self, nodes: List[NodeWithScore],
                             query_bundle: Optional[QueryBundle]) -> List[NodeWithScore]:
-        keep = self.documents_kept
-        if not keep or len(nodes) <= keep:
-            return list(nodes)
+        keep, order = self.documents_kept, self.documents_order
         if query_bundle is None:
-            return list(nodes[:keep])
-        return best_matching_nodes(list(nodes), query_bundle.query_str, keep)
+            return list(nodes[:keep] if keep else nodes)
+        if order == "given" and (not keep or len(nodes) <= keep):
+            return list(nodes)
+        ranked = best_matching_nodes(list(nodes), query_bundle.query_str, keep or len(nodes))
+        return ranked[::-1] if order == "bm25_last" else ranked
 
     @property
     def last_stats(self) -> CompressionStats:
