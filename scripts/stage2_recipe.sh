@@ -61,6 +61,13 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # GMSA=0 COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS_BATCH=32 LONG_STEPS=1713 LONG_MINUTES=0 SCHEDULE=wsd RUNS=runs/nc25 \
 #   BOTH="--min_docs 1 --max_docs 1 --docs_curriculum 0 --micro_batch_tokens 16384 --lr 2e-3" scripts/stage2_recipe.sh long
 # and round 25's ablations below ("more-1doc more-1to5 more-2to5")
+# round 27 (prepared, not yet run): the no-compress fine-tune on the shipped checkpoint's whole stage-2 budget (2,013 steps:
+# round 24's 1,713 on one document, round 27's 300 on 1-5 ranked documents) and its last prompts (1-5 documents, random
+# distractors, BM25 order best first), for issue 11's 0.8x bar over five documents at an equal budget (NQ dev over five
+# documents then with qa.py --keep-top 5, as the GMSA checkpoint was judged):
+# GMSA=0 COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS_BATCH=32 LONG_STEPS=2013 LONG_MINUTES=0 SCHEDULE=wsd RUNS=runs/nc27 \
+#   BOTH="--min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --micro_batch_tokens 16384 --lr 2e-3" \
+#   scripts/stage2_recipe.sh long
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
