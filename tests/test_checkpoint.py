@@ -125,3 +125,31 @@ def test_damaged_records_are_checkpoint_errors(tokenizer, tmp_path, damage):
     (tmp_path / CONFIG_FILE).write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="unsupported checkpoint format"):
         read_record(tmp_path)
+
+
+def test_fingerprint_is_computed_again_only_when_a_compressor_tensor_changed(tokenizer, monkeypatch):
+    """GMSACompressor asks for it every query: it is cached while the compressor's tensors stand as they were."""
+    import gmsa_rag.model as model_module
+
+    model = tiny_gmsa(tokenizer)
+    computed = []
+    real = model_module.weights_fingerprint
+    monkeypatch.setattr(model_module, "weights_fingerprint", lambda *a, **k: computed.append(1) or real(*a, **k))
+    first = model.fingerprint
+    assert model.fingerprint == first and len(computed) == 1  # asked again: not recomputed
+    name, weight = next(iter(model.compressor_parameters().items()))
+    saved = weight.detach().clone()
+    weight.requires_grad_(True)
+    weight.grad = torch.ones_like(weight)
+    torch.optim.SGD([weight], lr=0.5).step()  # an optimizer step: counted by PyTorch
+    stepped = model.fingerprint
+    assert stepped != first and len(computed) == 2
+    with torch.no_grad():
+        weight.copy_(saved)  # the weights as loaded again
+    assert model.fingerprint == first
+    weight.data.add_(1.0)  # a write PyTorch does not count: stale until forgotten
+    assert model.fingerprint == first
+    model.forget_fingerprint()
+    assert model.fingerprint not in (first, stepped)
+    weight.data = saved.clone()  # a new storage: noticed
+    assert model.fingerprint == first
