@@ -13,7 +13,9 @@ and the QA file they answered, and sorts every answer by what it is, after SQuAD
   empty                    nothing
 
 Picking the wrong document shows up as distractor spans; reading the right one badly, as gold spans, partial copies
-and words from nowhere. No model is run: the command takes seconds on any machine.
+and words from nowhere. ``--by-bm25-rank`` splits every system's row in two: the questions whose gold passage BM25
+ranks first among their documents (what a reranker keeping one would keep) and the rest, so a reader of ranked
+documents shows whether it reads past the first one. No model is run: the command takes seconds on any machine.
 
     python benchmarks/answer_errors.py --results benchmarks/results/cpu-2core/qa-stage2-continued.json \\
         --data data/nq-multidoc/dev.jsonl.gz --name answer-errors-stage2-continued
@@ -38,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bc.add_qa_outputs_args(p, NAME)
     p.add_argument("--gold-only", action="store_true", help="the outputs were made from the gold passage alone")
+    p.add_argument("--by-bm25-rank", action="store_true",
+                   help="a row per system for the questions whose gold passage BM25 ranks first among their documents "
+                        "and one for the rest (gmsa_rag.lexical)")
     return p.parse_args(argv)
 
 
@@ -66,16 +71,29 @@ def error_kind(answer: str, answers: Sequence[str], gold: str | None, others: Se
     return "not in the documents"
 
 
-def classify(results: Path, examples: Sequence[Any], gold_only: bool) -> dict[str, Counter]:
-    """Counts of each kind per system of a qa.py JSON (``results``) against their ``examples``."""
+def bm25_group(example: Any) -> str:
+    """Whether BM25 ranks the example's gold passage first among its documents (``gmsa_rag.lexical.ranked``)."""
+    from gmsa_rag.lexical import ranked
+
+    if example.gold_index is None:
+        return "gold unknown"
+    first = ranked(example.question, example.contexts)[0] == example.gold_index
+    return "gold ranked first by BM25" if first else "gold ranked lower by BM25"
+
+
+def classify(results: Path, examples: Sequence[Any], gold_only: bool,
+             by_bm25_rank: bool = False) -> dict[str, Counter]:
+    """Counts of each kind per system of a qa.py JSON (``results``) against their ``examples``; with ``by_bm25_rank``
+    per system and :func:`bm25_group` (``"<system>, <group>"``)."""
     systems, pairs = bc.qa_outputs(results, examples)
-    counts: dict[str, Counter] = {s: Counter() for s in systems}
+    counts: dict[str, Counter] = {}
     for record, example in pairs:
         gold = example.contexts[example.gold_index] if example.gold_index is not None else None
         others = [] if gold_only else [c for i, c in enumerate(example.contexts) if i != example.gold_index]
+        group = f", {bm25_group(example)}" if by_bm25_rank else ""
         for system in systems:
-            counts[system][error_kind(record[system], example.answers, gold, others)] += 1
-    return counts
+            counts.setdefault(system + group, Counter())[error_kind(record[system], example.answers, gold, others)] += 1
+    return dict(sorted(counts.items())) if by_bm25_rank else counts
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -83,7 +101,7 @@ def main(argv=None) -> dict[str, Any]:
     examples = bc.qa_outputs_examples(args)
     counts: dict[str, Counter] = {}
     for path in args.results:
-        for system, c in classify(path, examples, args.gold_only).items():
+        for system, c in classify(path, examples, args.gold_only, args.by_bm25_rank).items():
             counts[system if len(args.results) == 1 else f"{path.stem}: {system}"] = c
     rows = [{"system": s, "n": sum(c.values()), **{k: 100 * c[k] / max(sum(c.values()), 1) for k in KINDS}}
             for s, c in counts.items()]
@@ -105,6 +123,9 @@ def main(argv=None) -> dict[str, Any]:
              "wrong span of the gold / span of a distractor = the whole answer occurs (as whole tokens) in the gold "
              "passage / another document shown; mostly gold / distractor words = at least half of the answer's words "
              "are in that passage (the gold when tied); not in the documents = the rest; empty = no answer."]
+    if args.by_bm25_rank:
+        notes.append("Rows split by whether BM25 (gmsa_rag.lexical, the question against its own documents) ranks the "
+                     "gold passage first.")
     columns = [bc.Column("system", "system"), bc.Column("n", "n", 0)] + [bc.Column(k, f"{k} %", 1) for k in KINDS]
     out = args.out or bc.default_out_dir(bc.resolve_device("cpu"))
     paths = bc.write_outputs(out, args.name, "Kinds of answers (from qa.py outputs)", meta,

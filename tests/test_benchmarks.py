@@ -619,6 +619,11 @@ def test_answer_errors_sorts_answers_by_what_they_are(tmp_path):
         ["--results", str(results), "--data", str(data), "--out", str(tmp_path / "out")])["rows"]}
     assert rows["GMSA r=4"]["span of a distractor"] == 100.0 and rows["base"]["right"] == 100.0
     assert (tmp_path / "out" / "answer-errors.md").is_file()
+    split = {r["system"]: r for r in _bench("answer_errors").main(
+        ["--results", str(results), "--data", str(data), "--out", str(tmp_path / "split"), "--by-bm25-rank"])["rows"]}
+    assert set(split) == {"GMSA r=4, gold ranked first by BM25", "base, gold ranked first by BM25"}  # "designed"
+    lower = QAExample("where is it?", ["London"], [gold, others[0]], gold_index=1)  # shares no word with either
+    assert _bench("answer_errors").bm25_group(lower) == "gold ranked lower by BM25"
     results.write_text(json.dumps({"outputs": [{"question": "another?", "answers": ["x"], "base": "x"}]}))
     with pytest.raises(ValueError, match="do not follow the data file"):
         _bench("answer_errors").main(["--results", str(results), "--data", str(data), "--out", str(tmp_path / "o")])
