@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--rerank-top", type=int, default=None, metavar="K",
                    help="keep only the K retrieved chunks of best BM25 match to the question (GMSACompressor's top_n) before "
                         "compressing; both runs; 0: all --top-k chunks (default: as many as the checkpoint's stage 2 "
-                        "read a prompt, 1 for the bundled one; all for a checkpoint that does not say)")
+                        "read a prompt, 5 for the bundled one; all for a checkpoint that does not say); the chunks "
+                        "reach the reader in the order its stage 2 read (the bundled one: BM25 order, best first)")
     a.add_argument("--no-compare", action="store_true", help="skip the cached and uncompressed timing runs")
     a.add_argument("--no-progress", action="store_true", help="hide the progress bars of an index build")
     a.add_argument("--json", action="store_true", help="print the report as JSON")
