@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-top", type=non_negative_int, default=0, metavar="K",
                    help="every system's prompt keeps only the K documents of best BM25 match to the question, best "
                         "first (a lexical rerank before the reader; default 0: all documents)")
+    p.add_argument("--keep-confident", type=float, default=None, metavar="MARGIN",
+                   help="with --keep-top: keep only the best match where its BM25 score leads the next by more than "
+                        "MARGIN (gmsa_rag.lexical.lead; default: off)")
     p.add_argument("--best-last", action="store_true",
                    help="with --keep-top: the kept documents in the reverse order, the best match last (nearest "
                         "the question)")
@@ -217,16 +220,19 @@ def gold_only(examples: list) -> list:
     return [QAExample(e.question, e.answers, [e.gold_context], 0) for e in examples if e.gold_index is not None]
 
 
-def keep_best_matching(examples: list, top: int, best_last: bool = False) -> list:
+def keep_best_matching(examples: list, top: int, best_last: bool = False,
+                       confident_margin: float | None = None) -> list:
     """Each example with only its ``top`` documents of best BM25 match to the question, best first (a reranker's
     order, as ``BM25Rerank`` gives them) or with ``best_last`` best last (the gold place follows its passage, None
-    when it is dropped)."""
+    when it is dropped); with ``confident_margin``, only the best where its score leads the next by more than that."""
     from gmsa_rag.data.qa import QAExample
-    from gmsa_rag.lexical import ranked
+    from gmsa_rag.lexical import bm25_scores, best_first, lead
 
     kept = []
     for e in examples:
-        places = ranked(e.question, e.contexts)[:top]
+        scores = bm25_scores(e.question, e.contexts)
+        confident = confident_margin is not None and lead(scores) > confident_margin
+        places = best_first(scores)[: 1 if confident else top]
         places = places[::-1] if best_last else places
         gold = places.index(e.gold_index) if e.gold_index in places else None
         kept.append(QAExample(e.question, e.answers, [e.contexts[i] for i in places], gold))
@@ -241,8 +247,10 @@ def main(argv=None) -> dict[str, Any]:
         raise SystemExit(f"--max-docs must be at least 1, got {args.max_docs}")
     if args.extract_top < 0 or args.keep_top < 0 or args.extract_sentences < 0:
         raise SystemExit("--extract-top, --extract-sentences and --keep-top must be 0 (all) or more")
-    if args.best_last and not args.keep_top:
-        raise SystemExit("--best-last orders the documents --keep-top keeps: add --keep-top")
+    if (args.best_last or args.keep_confident is not None) and not args.keep_top:
+        raise SystemExit("--best-last and --keep-confident act on the documents --keep-top keeps: add --keep-top")
+    if args.keep_confident is not None and args.keep_confident < 0:
+        raise SystemExit(f"--keep-confident must be 0 or more, got {args.keep_confident}")
     for flag, value in (("--extract-top", args.extract_top), ("--extract-sentences", args.extract_sentences)):
         if value and not args.extractive:
             raise SystemExit(f"{flag} narrows extractive answers: add --extractive")
@@ -280,7 +288,7 @@ def main(argv=None) -> dict[str, Any]:
         if not examples:
             raise SystemExit(f"{data}: no example marks a gold passage (isgold), so --gold-only has nothing to show")
     if args.keep_top:
-        examples = keep_best_matching(examples, args.keep_top, args.best_last)
+        examples = keep_best_matching(examples, args.keep_top, args.best_last, args.keep_confident)
     specs, notes = systems_from_args(args)
     bc.check_checkpoints(specs)  # (before any model loads)
 
@@ -305,7 +313,9 @@ def main(argv=None) -> dict[str, Any]:
             "documents_per_question": ctx_counts if len(ctx_counts) > 1 else ctx_counts[0],
             "documents": ("gold passage only" if args.gold_only else "as in the file (gold among distractors)")
                          + (f", the {args.keep_top} of best BM25 match kept" if args.keep_top else "")
-                         + (", best last" if args.best_last else ""),
+                         + (", best last" if args.best_last else "")
+                         + (f", only the best where its BM25 score leads by more than {args.keep_confident}"
+                            if args.keep_confident is not None else ""),
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "engine": args.engine,
             "decoding": ("greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams")
                         + (f", context-aware (alpha {args.contrast}: against the question without documents)"

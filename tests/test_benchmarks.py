@@ -662,6 +662,17 @@ def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoi
     assert [b.gold_index for b in last] == [len(a.contexts) - 1 - a.gold_index for a in two]  # the gold follows
     with pytest.raises(SystemExit, match="add --keep-top"):
         qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--best-last"])
+    from gmsa_rag.lexical import bm25_scores, lead
+
+    leads = [lead(bm25_scores(e.question, e.contexts)) for e in examples]
+    margin = sorted(leads)[0]  # the smallest lead: every other example is confident
+    confident = qa.keep_best_matching(examples, 2, confident_margin=margin)
+    assert [len(c.contexts) for c in confident] == [min(len(e.contexts), 1 if d > margin else 2)
+                                                  for e, d in zip(examples, leads)]
+    assert any(len(c.contexts) == 1 < len(e.contexts) for c, e in zip(confident, examples))
+    assert [c.contexts[0] for c in confident] == [t.contexts[0] for t in two]  # the best kept either way
+    with pytest.raises(SystemExit, match="add --keep-top"):
+        qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--keep-confident", "1"])
     result = qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--keep-top", "1",
                       "--max-new-tokens", "2", "--batch-size", "2", "--out", str(tmp_path / "kept")])
     assert result["meta"]["documents_per_question"] == 1 and "best BM25 match kept" in result["meta"]["documents"]

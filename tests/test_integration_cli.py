@@ -135,6 +135,11 @@ def test_ask_keeps_by_default_as_many_chunks_as_the_checkpoint_was_trained_to_re
     assert len(sources) == 2 and "32-the-art-of-war.txt" in sources[1]  # the best match last, nearest the question
     assert cli.main(argv[:-1]) == 0
     assert "order:    the chunks reach the reader in BM25 order, best match last" in capsys.readouterr().out
+    assert cli.main(argv + ["--keep-confident", "0"]) == 0  # the art-of-war chunk leads: it alone is read
+    report = json.loads(capsys.readouterr().out)
+    assert report["keep_confident"] == 0.0 and len(report["runs"][0]["sources"]) == 1
+    assert "32-the-art-of-war.txt" in report["runs"][0]["sources"][0]
+    assert cli.main(argv + ["--keep-confident", "-1"]) == 2
 
 
 def test_ask_engine_choice(tiny_model, small_docs, tmp_path, capsys):

@@ -193,3 +193,21 @@ def test_hands_the_nodes_on_in_the_order_the_checkpoint_was_trained_to_read(tiny
     assert GMSACompressor(tiny_model, rate=4).documents_order == "given"  # older checkpoints: as before
     with pytest.raises(ValueError, match="document_order"):
         GMSACompressor(tiny_model, rate=4, document_order="alphabetical")
+
+
+def test_a_confident_best_match_is_handed_on_alone(tiny_model, texts):
+    """confident_margin: where the best BM25 match leads the next by more than the margin, only it goes on."""
+    from llama_index.core.schema import QueryBundle
+
+    from gmsa_rag.lexical import bm25_scores, lead
+
+    nodes = [NodeWithScore(node=TextNode(text=t), score=1.0) for t in texts]
+    query = QueryBundle("capital of France")
+    margin = lead(bm25_scores(query.query_str, texts))
+    assert 0 < margin < float("inf")
+    (alone,) = GMSACompressor(tiny_model, rate=4, confident_margin=margin / 2).postprocess_nodes(nodes, query)
+    assert original_text(alone) == texts[0]
+    assert len(GMSACompressor(tiny_model, rate=4, confident_margin=margin * 2).postprocess_nodes(nodes, query)) == 3
+    assert len(GMSACompressor(tiny_model, rate=4).postprocess_nodes(nodes, query)) == 3  # off by default
+    with pytest.raises(ValueError):
+        GMSACompressor(tiny_model, rate=4, confident_margin=-1.0)

@@ -18,7 +18,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 
 from gmsa_rag.cache import SoftTokenCache, cache_key
-from gmsa_rag.lexical import DOCUMENT_ORDERS, best_first, bm25_scores
+from gmsa_rag.lexical import DOCUMENT_ORDERS, best_first, bm25_scores, lead
 from gmsa_rag.markers import SoftTokenStore, marker, store_for, text_key
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,10 @@ class GMSACompressor(BaseNodePostprocessor):
             ``bm25_last`` (best last, nearest the question) or ``given`` (as retrieved; with ``top_n``, best first).
             ``None`` (default): the order the checkpoint's stage 2 trained its reader on
             (``GMSAModel.trained_document_order()``), since a reader trained on ranked documents leans on their order.
+        confident_margin: hand on only the best BM25 match where its score leads the next by more than this
+            (``gmsa_rag.lexical.lead``); ``None`` (default): off. Round 27 chose 0.57 on qa-multidoc dev for five
+            retrieved documents (held-out NQ dev at 4x: see ``benchmarks/results/README.md``); BM25 scores depend on
+            the documents compared, so another ``similarity_top_k`` may want another margin.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -104,6 +108,8 @@ class GMSACompressor(BaseNodePostprocessor):
                                  "many as the checkpoint's stage 2 trained on; 0: all)")
     document_order: Optional[str] = Field(default=None, description="order of the nodes handed on: bm25_first, "
                                           "bm25_last or given (None: the checkpoint's trained order)")
+    confident_margin: Optional[float] = Field(default=None, ge=0, description="hand on only the best BM25 match "
+                                              "where its score leads the next by more than this (None: off)")
 
     _last_stats: CompressionStats = PrivateAttr(default_factory=CompressionStats)
 
@@ -117,6 +123,7 @@ class GMSACompressor(BaseNodePostprocessor):
         passthrough: bool = False,
         top_n: Optional[int] = None,
         document_order: Optional[str] = None,
+        confident_margin: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         if not passthrough:
@@ -134,6 +141,7 @@ class GMSACompressor(BaseNodePostprocessor):
             passthrough=passthrough,
             top_n=top_n,
             document_order=document_order,
+            confident_margin=confident_margin,
             **kwargs,
         )
 
@@ -158,9 +166,11 @@ class GMSACompressor(BaseNodePostprocessor):
         keep, order = self.documents_kept, self.documents_order
         if query_bundle is None:
             return list(nodes[:keep] if keep else nodes)
-        if order == "given" and (not keep or len(nodes) <= keep):
+        if order == "given" and self.confident_margin is None and (not keep or len(nodes) <= keep):
             return list(nodes)
         ranked = best_matching_nodes(list(nodes), query_bundle.query_str, keep or len(nodes))
+        if self.confident_margin is not None and lead([n.score for n in ranked]) > self.confident_margin:
+            return ranked[:1]
         return ranked[::-1] if order == "bm25_last" else ranked
 
     @property
