@@ -138,7 +138,8 @@ ablations=(
   "more-1to5-random:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random"
   # round 27: round 26's runs with the documents in BM25 order (--doc_order, dev alike), best first (the reranker's
   # order) or best last (nearest the question): the reader can learn where the answer most often is (BM25 ranks the
-  # gold first for 77% of qa-multidoc dev) and still read the others. 300 steps each, side by side on one H200:
+  # gold first for 77% of qa-multidoc dev) and still read the others. 300 steps each, side by side on one H200
+  # (benchmarks/results/h200/stage2-order-r27.md; order-first-random at step 300 is the shipped checkpoints/smollm2-gmsa):
   # INIT=checkpoints/smollm2-gmsa COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=300 ABL_EVAL_EVERY=150 \
   #   ABL_SAVE_EVERY=150 SCHEDULE=wsd RUNS=runs/r27 BOTH="--micro_batch_tokens 6144" \
   #   ABL_ONLY="order-first order-last order-first-random" scripts/stage2_recipe.sh ablations
