@@ -226,14 +226,11 @@ def keep_best_matching(examples: list, top: int, best_last: bool = False,
     order, as ``BM25Rerank`` gives them) or with ``best_last`` best last (the gold place follows its passage, None
     when it is dropped); with ``confident_margin``, only the best where its score leads the next by more than that."""
     from gmsa_rag.data.qa import QAExample
-    from gmsa_rag.lexical import bm25_scores, best_first, lead
+    from gmsa_rag.lexical import bm25_scores, kept_places
 
     kept = []
     for e in examples:
-        scores = bm25_scores(e.question, e.contexts)
-        confident = confident_margin is not None and lead(scores) > confident_margin
-        places = best_first(scores)[: 1 if confident else top]
-        places = places[::-1] if best_last else places
+        places = kept_places(bm25_scores(e.question, e.contexts), top, best_last, confident_margin)
         gold = places.index(e.gold_index) if e.gold_index in places else None
         kept.append(QAExample(e.question, e.answers, [e.contexts[i] for i in places], gold))
     return kept

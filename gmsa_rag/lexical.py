@@ -69,8 +69,7 @@ def ordered(question: str, documents: Sequence[str], order: str) -> list[int]:
         raise ValueError(f"document order must be one of {', '.join(DOCUMENT_ORDERS)}; got {order!r}")
     if order == "given":
         return list(range(len(documents)))
-    places = ranked(question, documents)
-    return places[::-1] if order == "bm25_last" else places
+    return kept_places(bm25_scores(question, documents), best_last=order == "bm25_last")
 
 
 def lead(scores: Sequence[float]) -> float:
@@ -79,6 +78,17 @@ def lead(scores: Sequence[float]) -> float:
     points to the other four where the best is the gold one)."""
     top = sorted((float(s) for s in scores), reverse=True)
     return top[0] - top[1] if len(top) > 1 else float("inf")
+
+
+def kept_places(scores: Sequence[float], keep: int = 0, best_last: bool = False,
+                confident_margin: float | None = None) -> list[int]:
+    """What a BM25 rerank hands on, from each document's score: the places of the ``keep`` best (0: all), best first
+    or with ``best_last`` best last; with ``confident_margin``, only the best where its score leads the next by more
+    than that (:func:`lead`)."""
+    if confident_margin is not None and lead(scores) > confident_margin:
+        return best_first(scores)[:1]
+    places = best_first(scores)[: keep or None]
+    return places[::-1] if best_last else places
 
 
 def best_matching(question: str, documents: Sequence[str], top: int) -> list[int]:

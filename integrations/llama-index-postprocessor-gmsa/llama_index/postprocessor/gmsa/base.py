@@ -18,7 +18,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 
 from gmsa_rag.cache import SoftTokenCache, cache_key
-from gmsa_rag.lexical import DOCUMENT_ORDERS, best_first, bm25_scores, lead
+from gmsa_rag.lexical import DOCUMENT_ORDERS, bm25_scores, kept_places
 from gmsa_rag.markers import SoftTokenStore, marker, store_for, text_key
 
 logger = logging.getLogger(__name__)
@@ -51,12 +51,14 @@ class CompressionStats:
         return asdict(self)
 
 
-def best_matching_nodes(nodes: List[NodeWithScore], query: str, top_n: int) -> List[NodeWithScore]:
-    """The ``top_n`` of ``nodes`` whose chunk text matches ``query`` best by BM25 (the nodes themselves the
-    collection), best first, each scored with its BM25 score."""
-    texts = [original_text(n) for n in nodes]
-    scores = bm25_scores(query, texts)
-    return [NodeWithScore(node=nodes[i].node, score=scores[i]) for i in best_first(scores)[:top_n]]
+def best_matching_nodes(nodes: List[NodeWithScore], query: str, top_n: int, best_last: bool = False,
+                        confident_margin: Optional[float] = None) -> List[NodeWithScore]:
+    """The ``top_n`` (0: all) of ``nodes`` whose chunk text matches ``query`` best by BM25 (the nodes themselves the
+    collection), best first or with ``best_last`` best last, each scored with its BM25 score; with
+    ``confident_margin`` only the best where it leads the next by more than that (``gmsa_rag.lexical.kept_places``)."""
+    scores = bm25_scores(query, [original_text(n) for n in nodes])
+    return [NodeWithScore(node=nodes[i].node, score=scores[i])
+            for i in kept_places(scores, top_n, best_last, confident_margin)]
 
 
 def original_text(node: Any) -> str:
@@ -161,17 +163,16 @@ class GMSACompressor(BaseNodePostprocessor):
         """The order of the nodes each query hands on: ``document_order``, or the checkpoint's trained order."""
         return self.document_order or self.model.trained_document_order()
 
-    def _keep_best_matching(self, nodes: List[NodeWithScore],
-                            query_bundle: Optional[QueryBundle]) -> List[NodeWithScore]:
+    def _rerank(self, nodes: List[NodeWithScore], query_bundle: Optional[QueryBundle]) -> List[NodeWithScore]:
+        """The nodes handed on: as many as :attr:`documents_kept`, in :attr:`documents_order` (a ``given`` order that
+        drops some or keeps a confident best is the reranker's, best first), each scored with its BM25 score."""
         keep, order = self.documents_kept, self.documents_order
         if query_bundle is None:
             return list(nodes[:keep] if keep else nodes)
         if order == "given" and self.confident_margin is None and (not keep or len(nodes) <= keep):
             return list(nodes)
-        ranked = best_matching_nodes(list(nodes), query_bundle.query_str, keep or len(nodes))
-        if self.confident_margin is not None and lead([n.score for n in ranked]) > self.confident_margin:
-            return ranked[:1]
-        return ranked[::-1] if order == "bm25_last" else ranked
+        return best_matching_nodes(list(nodes), query_bundle.query_str, keep, order == "bm25_last",
+                                   self.confident_margin)
 
     @property
     def last_stats(self) -> CompressionStats:
@@ -216,7 +217,7 @@ class GMSACompressor(BaseNodePostprocessor):
     ) -> List[NodeWithScore]:
         start = time.perf_counter()
         stats = CompressionStats()
-        nodes = self._keep_best_matching(nodes, query_bundle)
+        nodes = self._rerank(nodes, query_bundle)
         todo = [
             i
             for i, n in enumerate(nodes)
