@@ -394,7 +394,12 @@ def parse_compare_args(argv: list[str] | None, description: str, script: str, wh
     p.add_argument("--name", default=name, help=f"output file stem (default {name})")
     p.add_argument("--title", default=title)
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    written = (args.out / f"{args.name}.json").resolve()
+    for _, path, _ in args.run:
+        if path.resolve() == written:  # the table would overwrite the run it reads (and its per-question answers)
+            p.error(f"--name {args.name} in {args.out} would overwrite the run {path}: choose another --name")
+    return args
 
 
 def run_row(path: Path, key: str, wanted: str | None, what: str) -> tuple[dict[str, Any], dict[str, Any]]:

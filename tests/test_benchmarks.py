@@ -718,6 +718,10 @@ def test_qa_compare_tabulates_rows_of_several_runs(qa_file, checkpoints, tmp_pat
         compare.main(["--run", f"x={tmp_path / 'gmsa.json'}", "--out", str(tmp_path / "cmp")])
     with pytest.raises(SystemExit, match="no system"):
         compare.main(["--run", f"x={tmp_path / 'gmsa.json'}:GMSA r=16", "--out", str(tmp_path / "cmp")])
+    before = (tmp_path / "gmsa.json").read_bytes()
+    with pytest.raises(SystemExit):  # the table would overwrite a run it reads: refused, the run kept
+        compare.main(["--run", f"x={tmp_path / 'gmsa.json'}:GMSA r=8", "--out", str(tmp_path), "--name", "gmsa"])
+    assert (tmp_path / "gmsa.json").read_bytes() == before
 
 
 def test_lexical_rank_counts_the_gold_passage_among_the_best_matches(qa_file, tmp_path):
