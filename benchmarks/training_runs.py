@@ -45,7 +45,7 @@ def summary_row(run: dict[str, Any], metric: str) -> dict[str, Any]:
     last_eval = run["evals"][-1] if run["evals"] else {}
     train = run["train"]
     tail = train[-5:]
-    row = {"run": run["name"], "steps": train[-1]["step"] if train else 0,
+    row = {"run": run["name"], "steps": max([r["step"] for r in train[-1:] + run["evals"][-1:]], default=0),
            "tokens_m": (last_eval.get("tokens") or (train[-1]["tokens"] if train else 0)) / 1e6,
            "loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
            "tok_s": sum(r["tokens_per_s"] for r in tail) / len(tail) if tail else None}
@@ -72,6 +72,9 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--offset", action="append", default=[], metavar="RUN=MILLIONS",
                    help="tokens (millions) a run had seen before its log starts, e.g. one trained further with --init "
                         "(repeatable; shifts its curves and its tokens column)")
+    p.add_argument("--step_offset", action="append", default=[], metavar="RUN=STEPS",
+                   help="optimizer steps a run had taken before its log starts (repeatable; shifts its curves and its "
+                        "steps column, e.g. the last of several chained runs on a whole-budget step axis)")
     p.add_argument("--x_axis", default="tokens", choices=["tokens", "steps"],
                    help="what the curves are drawn against (steps: runs whose steps saw different token counts)")
     p.add_argument("--throughput", action="store_true", help="tabulate and plot training speed (tokens/s) instead")
@@ -91,13 +94,19 @@ def main(argv=None) -> dict[str, Any]:
         return {"winner": winner(folders, runs, args.winner)}
     if args.throughput:
         return throughput(runs, args)
-    for spec in args.offset:  # a run that continued another (--init): count the tokens that came before it
-        name, _, millions = spec.partition("=")
-        run = next((r for r in runs if r["name"] == name), None)
-        if run is None or not millions:
-            raise SystemExit(f"--offset {spec!r}: expected RUN=MILLIONS with RUN one of {[r['name'] for r in runs]}")
-        for record in run["train"] + run["evals"]:
-            record["tokens"] = record.get("tokens", 0) + float(millions) * 1e6
+    # a run that continued another (--init): count the tokens and steps that came before it
+    for flag, specs, key, unit in (("--offset", args.offset, "tokens", 1e6), ("--step_offset", args.step_offset, "step", 1)):
+        for spec in specs:
+            name, _, amount = spec.partition("=")
+            run = next((r for r in runs if r["name"] == name), None)
+            try:
+                shift = float(amount) * unit
+            except ValueError:
+                run = None
+            if run is None:
+                raise SystemExit(f"{flag} {spec!r}: expected RUN=NUMBER with RUN one of {[r['name'] for r in runs]}")
+            for record in run["train"] + run["evals"]:
+                record[key] = record.get(key, 0) + (int(shift) if key == "step" else shift)
     tables = [metric_table(runs, metric, args.baseline) for metric in args.metric]
 
     def x_of(record: dict[str, Any]) -> float:

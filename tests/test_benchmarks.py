@@ -503,6 +503,16 @@ def test_training_runs_tabulates_each_metric_against_the_baseline(tmp_path):
         "--out", str(tmp_path / "out")])
     assert by_step["curves"]["accuracy"]["base"] == [(10, 4.0)]
 
+    shifted = _bench("training_runs").main([  # the last of chained runs, on the whole budget's axes
+        "--runs", str(tmp_path / "runs" / "base"), "--metric", "accuracy", "--x_axis", "steps", "--step_offset",
+        "base=1713", "--offset", "base=2.5", "--name", "o", "--out", str(tmp_path / "out")])
+    assert shifted["curves"]["accuracy"]["base"] == [(1723, 4.0)]
+    (row,) = shifted["tables"][0]
+    assert row["steps"] == 1723 and row["tokens_m"] == pytest.approx(2.502)
+    with pytest.raises(SystemExit, match="RUN=NUMBER"):
+        _bench("training_runs").main(["--runs", str(tmp_path / "runs" / "base"), "--step_offset", "other=5",
+                                      "--name", "o", "--out", str(tmp_path / "out")])
+
 
 def test_training_runs_names_the_winner_by_its_last_evaluation(tmp_path, capsys):
     def run(name, evals, checkpoint="step-0000300"):
