@@ -70,6 +70,14 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # GMSA=0 COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS_BATCH=64 LONG_STEPS=2013 LONG_MINUTES=0 LONG_EVAL_EVERY=100000 \
 #   SCHEDULE=wsd RUNS=runs/nc27 BOTH="--min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random \
 #   --doc_order bm25_first --micro_batch_tokens 32768 --lr 2e-3" scripts/stage2_recipe.sh long
+# (run in round 28 on one H100, ~0.55-0.6 s a step, 22 minutes: NQ dev 60.5% over five ranked documents against GMSA
+# 4x's 40.5%, benchmarks/results/h100/stage2-equal-budget-r28.md and cpu-2core/qa-nq-equal-budget-r28.md)
+# round 29 (prepared, not yet run): GMSA given the same budget all on those prompts, from stage 1 at round 24's rates
+# (the shipped reader had 300 of its 2,013 steps on them), to set beside round 28's text run step for step:
+# INIT=checkpoints/smollm2-gmsa-ae COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS=0 LONG_STEPS=2013 LONG_MINUTES=0 \
+#   LONG_EVAL_EVERY=500 SCHEDULE=wsd RUNS=runs/r29 RECIPE="--lr 2e-3 --compressor_lr 1e-3" BOTH="--min_docs 1 \
+#   --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --micro_batch_tokens 16384" \
+#   scripts/stage2_recipe.sh long
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
