@@ -57,6 +57,21 @@ def summary_row(run: dict[str, Any], metric: str) -> dict[str, Any]:
     return row
 
 
+def shift_records(runs: list[dict[str, Any]], flag: str, specs: list[str], key: str, unit: float) -> None:
+    """Add what came before a run's log to ``key`` of its records: ``specs`` are ``RUN=NUMBER`` (NUMBER in ``unit``)."""
+    for spec in specs:
+        name, _, amount = spec.partition("=")
+        run = next((r for r in runs if r["name"] == name), None)
+        try:
+            shift = float(amount) * unit
+        except ValueError:
+            run = None
+        if run is None:
+            raise SystemExit(f"{flag} {spec!r}: expected RUN=NUMBER with RUN one of {[r['name'] for r in runs]}")
+        for record in run["train"] + run["evals"]:
+            record[key] = record.get(key, 0) + (round(shift) if key == "step" else shift)
+
+
 def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="run folders (each with metrics.jsonl)")
@@ -94,19 +109,8 @@ def main(argv=None) -> dict[str, Any]:
         return {"winner": winner(folders, runs, args.winner)}
     if args.throughput:
         return throughput(runs, args)
-    # a run that continued another (--init): count the tokens and steps that came before it
-    for flag, specs, key, unit in (("--offset", args.offset, "tokens", 1e6), ("--step_offset", args.step_offset, "step", 1)):
-        for spec in specs:
-            name, _, amount = spec.partition("=")
-            run = next((r for r in runs if r["name"] == name), None)
-            try:
-                shift = float(amount) * unit
-            except ValueError:
-                run = None
-            if run is None:
-                raise SystemExit(f"{flag} {spec!r}: expected RUN=NUMBER with RUN one of {[r['name'] for r in runs]}")
-            for record in run["train"] + run["evals"]:
-                record[key] = record.get(key, 0) + (int(shift) if key == "step" else shift)
+    shift_records(runs, "--offset", args.offset, "tokens", 1e6)  # a run that continued another (--init)
+    shift_records(runs, "--step_offset", args.step_offset, "step", 1)
     tables = [metric_table(runs, metric, args.baseline) for metric in args.metric]
 
     def x_of(record: dict[str, Any]) -> float:
