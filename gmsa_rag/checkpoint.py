@@ -141,6 +141,9 @@ def load_checkpoint(
     from the base model since the checkpoint has none. ``"full"`` on a checkpoint with a decoder LoRA adapter
     folds the adapter into the weights first. ``decoder_mlp_lora_rank`` adds LoRA on the decoder's MLP to a
     soft-token adapter without it (starting at zero: the loaded model answers as the checkpoint does).
+    ``decoder_lora_rank`` above a soft-token adapter's rank widens its W_Q/W_K/W_V LoRA: the checkpoint's factors fill
+    the first rows of A and columns of B, the new columns of B start at zero and alpha / r is kept, so the loaded model
+    answers as the checkpoint does until it trains (a smaller rank keeps the checkpoint's).
     """
     from .backbone import load_backbone
     from .model import DECODER_MLP_TARGETS, GMSAModel
@@ -158,6 +161,11 @@ def load_checkpoint(
         config.decoder_tuning = decoder_tuning
         if decoder_lora_rank:
             config.decoder_lora_rank, config.decoder_lora_alpha = decoder_lora_rank, 2 * decoder_lora_rank
+    widen = (not new_decoder_params and config.decoder_tuning == "qkv_lora" and decoder_lora_rank is not None
+             and decoder_lora_rank > config.decoder_lora_rank)
+    if widen:  # the same scale alpha / r on the wider adapter
+        config.decoder_lora_alpha = config.decoder_lora_alpha * decoder_lora_rank / config.decoder_lora_rank
+        config.decoder_lora_rank = decoder_lora_rank
     new_mlp = bool(decoder_mlp_lora_rank) and decoder_mlp_lora_rank != config.decoder_mlp_lora_rank
     if new_mlp:
         if config.decoder_mlp_lora_rank:
@@ -175,16 +183,20 @@ def load_checkpoint(
     partial = set(model.decoder_parameters()) if new_decoder_params else set()
     if new_mlp:
         partial |= {n for n in model.decoder_parameters() if any(f".{t}." in n for t in DECODER_MLP_TARGETS)}
-    model = attach_checkpoint(model, record, state, path, partial=partial | ({"soft_center"} if new_center else set()))
+    widened = {n for n in model.decoder_parameters() if any(f".{t}.lora_" in n for t in config.decoder_targets)} if widen else set()
+    model = attach_checkpoint(model, record, state, path, partial=partial | ({"soft_center"} if new_center else set()),
+                              widened=widened)
     if merge_adapter:
         model.merge_decoder_adapter()
     return model
 
 
 def attach_checkpoint(
-    model: "GMSAModel", record: dict[str, Any], state: dict[str, torch.Tensor], path: Any, partial: set[str] = frozenset()
+    model: "GMSAModel", record: dict[str, Any], state: dict[str, torch.Tensor], path: Any, partial: set[str] = frozenset(),
+    widened: set[str] = frozenset(),
 ) -> "GMSAModel":
-    """Check the base fingerprint, then copy the checkpoint's tensors into ``model`` (``partial``: may be absent)."""
+    """Check the base fingerprint, then copy the checkpoint's tensors into ``model`` (``partial``: may be absent;
+    ``widened``: LoRA factors of a higher rank in the model, filled from the first rows of A / columns of B)."""
     if model.base_fingerprint != record["base_fingerprint"]:
         raise CheckpointError(
             f"checkpoint {path} was trained on base model {record['base_model']!r} "
@@ -198,6 +210,13 @@ def attach_checkpoint(
                               f"unexpected {sorted(unexpected)[:5]})")
     with torch.no_grad():
         for name, tensor in state.items():
+            if name in widened:
+                target = params[name][: tensor.shape[0]] if "lora_A" in name else params[name][:, : tensor.shape[1]]
+                if "lora_B" in name:
+                    params[name].zero_()  # the new columns: the wider adapter adds nothing until it trains
+                if target.shape == tensor.shape:
+                    target.copy_(tensor)
+                    continue
             if params[name].shape != tensor.shape:
                 raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(params[name].shape)}")
             params[name].copy_(tensor)

@@ -61,7 +61,7 @@ class GMSAConfig:
     """When the decoder's LoRA adapter is on: ``soft``, only for prompts with soft tokens (plain-text prompts run
     on the pristine base model); ``always`` (the uncompressed fine-tuning baseline, trained on text)."""
     decoder_lora_rank: int = 16
-    decoder_lora_alpha: int = 32
+    decoder_lora_alpha: float = 32
     decoder_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
     decoder_mlp_lora_rank: int = 0
     """Rank of the soft-token adapter's LoRA on the decoder's MLP (gate/up/down projections) beside W_Q/W_K/W_V;

@@ -156,6 +156,17 @@ ablations=(
   "order-first:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors hardest --doc_order bm25_first"
   "order-last:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors hardest --doc_order bm25_last"
   "order-first-random:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first"
+  # round 29 (prepared, not yet run): round 28 found the soft-token reader underfitting (loss ~1.25 against the text
+  # fine-tune's ~0.25) and garbling the words of the right document. From the shipped reader, order-first-random's
+  # prompts for 300 more steps with its adapter as it is against widened to rank 24 (--decoder_lora_rank above the
+  # checkpoint's widens it, the new part starting at zero; the checkpoint stays under 16 MB: 14.9 MB), side by side on
+  # one H200 (~7 minutes); judge by dev accuracy@4x over 5 documents, then NQ dev with qa.py --keep-top 5 beside
+  # round 28's text run (these runs' budget is 2,313 steps: say so):
+  # INIT=checkpoints/smollm2-gmsa COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=300 ABL_EVAL_EVERY=150 \
+  #   ABL_SAVE_EVERY=150 SCHEDULE=wsd RUNS=runs/r29 BOTH="--micro_batch_tokens 6144" ABL_ONLY="ranked-more ranked-more-r24" \
+  #   scripts/stage2_recipe.sh ablations
+  "ranked-more:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first"
+  "ranked-more-r24:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_rank 24"
 )
 cuda=${CUDA_VISIBLE_DEVICES:-0}
 ABL_GPUS=(${ABL_GPUS:-${cuda//,/ }})  # the GPUs the ablations share, round-robin (space-separated)

@@ -349,3 +349,35 @@ def test_a_decoder_mlp_adapter_can_be_added_to_a_checkpoint_without_one(tokenize
     torch.testing.assert_close(again.target_logits(soft_prompt)[0], added.target_logits(soft_prompt)[0])
     with pytest.raises(Exception, match="already has a decoder MLP adapter of rank 2"):
         load_checkpoint(tmp_path / "mlp", decoder_mlp_lora_rank=4)
+
+
+def test_a_checkpoints_decoder_adapter_can_be_widened(tokenizer, tmp_path, monkeypatch):
+    """--decoder_lora_rank above a checkpoint's: its LoRA factors fill the wider adapter, the new part starts at zero,
+    alpha / r is kept, so the model answers as the checkpoint does; it trains, saves and loads back at the new rank.
+    The text path stays the base model's; a lower rank keeps the checkpoint's."""
+    import gmsa_rag.backbone as backbone
+
+    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **k: (tiny_gmsa(tokenizer).decoder, tokenizer))
+    model = with_trained_adapter(tokenizer)
+    path = model.save_pretrained(tmp_path / "r16")
+    wide = load_checkpoint(path, decoder_lora_rank=32)
+    assert (wide.config.decoder_lora_rank, wide.config.decoder_lora_alpha) == (32, 64)
+    ranks = {p.shape[0] for n, p in wide.decoder_parameters().items() if "lora_A" in n}
+    assert ranks == {32}
+    soft_prompt = [qa_segments(tokenizer, "q?", model.compress(DOCS, 4), "Shakespeare")]
+    torch.testing.assert_close(wide.target_logits(soft_prompt)[0], model.target_logits(soft_prompt)[0])
+    text_prompt = [qa_segments(tokenizer, "q?", DOCS, "Shakespeare")]
+    assert torch.equal(wide.target_logits(text_prompt)[0], tiny_gmsa(tokenizer).target_logits(text_prompt)[0])
+    wide.set_stage("keft")
+    wide.target_logits(soft_prompt)[0].sum().backward()
+    new_part = [p.grad[:, 16:] for n, p in wide.decoder_parameters().items() if ".q_proj.lora_B" in n]
+    assert new_part and all(g.abs().sum() > 0 for g in new_part)  # the new columns learn
+    with torch.no_grad():
+        for name, p in wide.decoder_parameters().items():
+            if ".v_proj.lora_B" in name:
+                p[:, 16:].add_(0.1)
+    again = load_checkpoint(wide.save_pretrained(tmp_path / "r32"))
+    assert again.config.decoder_lora_rank == 32
+    torch.testing.assert_close(again.target_logits(soft_prompt)[0], wide.target_logits(soft_prompt)[0])
+    assert not torch.allclose(again.target_logits(soft_prompt)[0], model.target_logits(soft_prompt)[0])
+    assert load_checkpoint(path, decoder_lora_rank=8).config.decoder_lora_rank == 16
