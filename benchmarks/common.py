@@ -368,6 +368,14 @@ def add_reading_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length limit")
 
 
+def progress(items: Sequence, desc: str, unit: str = "batch") -> Iterator:
+    """``items`` one by one, with a progress line on stderr (count, rate, time left) for long benchmark loops; the line
+    refreshes at most every few seconds, so logs of runs without a terminal stay short."""
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(items, desc=desc, unit=unit, file=sys.stderr, mininterval=5.0, leave=True, dynamic_ncols=True))
+
+
 def passages_within(model, examples: Sequence, cap: int) -> Iterator:
     """The examples whose gold passage has at most ``cap`` tokens (every one with ``cap`` 0), in order, lazily: a
     caller that stops early tokenizes no more passages than it reads."""

@@ -187,7 +187,7 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
     compress_s = generate_s = 0.0
     positions: list[int] = []
     per_query_ms: list[float] = []  # each batch's time per question: its median leaves out one-off costs
-    for start in range(0, len(examples), args.batch_size):
+    for start in bc.progress(range(0, len(examples), args.batch_size), spec.label):
         outputs, c_s, g_s, pos = run(examples[start : start + args.batch_size])
         predictions += outputs
         compress_s += c_s

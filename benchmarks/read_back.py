@@ -56,8 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def batches(items: Sequence, size: int):
-    for start in range(0, len(items), size):
+def batches(items: Sequence, size: int, desc: str | None = None):
+    """``items`` in slices of ``size``; with ``desc``, a progress line on stderr."""
+    starts = range(0, len(items), size)
+    for start in bc.progress(starts, desc) if desc else starts:
         yield items[start : start + size]
 
 
@@ -70,7 +72,7 @@ def restore(model, passages: list[str], rate: int, batch_size: int,
 
     shown = documents or [[p] for p in passages]
     restored: list[str] = []
-    for chunk, chunk_docs in zip(batches(passages, batch_size), batches(shown, batch_size)):
+    for chunk, chunk_docs in zip(batches(passages, batch_size, f"restoring at {rate}x"), batches(shown, batch_size)):
         samples, lengths = [], []
         for passage, docs in zip(chunk, chunk_docs):
             ids = token_ids(model, docs)
@@ -84,7 +86,7 @@ def restore(model, passages: list[str], rate: int, batch_size: int,
 def answer(model, questions: list[str], contexts: list[list], batch_size: int, max_new_tokens: int) -> list[str]:
     """Answers to ``questions`` from ``contexts`` (text: the base model; soft tokens: the checkpoint's adapter)."""
     outputs: list[str] = []
-    for qs, cs in zip(batches(questions, batch_size), batches(contexts, batch_size)):
+    for qs, cs in zip(batches(questions, batch_size, "answering"), batches(contexts, batch_size)):
         outputs += model.generate(qs, cs, max_new_tokens=max_new_tokens)
     return outputs
 

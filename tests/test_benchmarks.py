@@ -708,6 +708,14 @@ def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoi
         qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extract-sentences", "1"])
 
 
+def test_long_benchmark_loops_show_progress_on_stderr(qa_file, tmp_path, capsys):
+    assert list(_bench("common").progress(range(3), "restoring at 4x")) == [0, 1, 2]
+    assert "restoring at 4x" in capsys.readouterr().err
+    _bench("qa").main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--max-new-tokens",
+                       "2", "--batch-size", "2", "--out", str(tmp_path)])
+    assert "base (uncompressed)" in capsys.readouterr().err  # each system's loop over its batches
+
+
 def test_qa_compare_tabulates_rows_of_several_runs(qa_file, checkpoints, tmp_path):
     qa = _bench("qa")
     base = qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--max-new-tokens", "2",
