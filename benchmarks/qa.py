@@ -225,15 +225,11 @@ def keep_best_matching(examples: list, top: int, best_last: bool = False,
     """Each example with only its ``top`` documents of best BM25 match to the question, best first (a reranker's
     order, as ``BM25Rerank`` gives them) or with ``best_last`` best last (the gold place follows its passage, None
     when it is dropped); with ``confident_margin``, only the best where its score leads the next by more than that."""
-    from gmsa_rag.data.qa import QAExample
+    from gmsa_rag.data.qa import at_places
     from gmsa_rag.lexical import bm25_scores, kept_places
 
-    kept = []
-    for e in examples:
-        places = kept_places(bm25_scores(e.question, e.contexts), top, best_last, confident_margin)
-        gold = places.index(e.gold_index) if e.gold_index in places else None
-        kept.append(QAExample(e.question, e.answers, [e.contexts[i] for i in places], gold))
-    return kept
+    return [at_places(e, kept_places(bm25_scores(e.question, e.contexts), top, best_last, confident_margin))
+            for e in examples]
 
 
 def main(argv=None) -> dict[str, Any]:

@@ -183,7 +183,8 @@ def load_checkpoint(
     partial = set(model.decoder_parameters()) if new_decoder_params else set()
     if new_mlp:
         partial |= {n for n in model.decoder_parameters() if any(f".{t}." in n for t in DECODER_MLP_TARGETS)}
-    widened = {n for n in model.decoder_parameters() if any(f".{t}.lora_" in n for t in config.decoder_targets)} if widen else set()
+    widened = ({n for n in model.decoder_parameters() if any(f".{t}.lora_" in n for t in config.decoder_targets)}
+               if widen else set())
     model = attach_checkpoint(model, record, state, path, partial=partial | ({"soft_center"} if new_center else set()),
                               widened=widened)
     if merge_adapter:

@@ -9,7 +9,7 @@ import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,19 @@ Stage = Literal["ae", "keft", "frozen"]
 ENCODER_ADAPTER = "gmsa_encoder"
 DECODER_ADAPTER = "gmsa_decoder"
 DECODER_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def stage2_training(extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The training config a checkpoint's ``extra`` metadata records for its stage 2 (keft); ``{}`` for any other."""
+    train = (extra or {}).get("train_config") or {}
+    return train if train.get("stage") == "keft" else {}
+
+
+def recorded_document_order(extra: dict[str, Any] | None) -> str:
+    """How a checkpoint's stage 2 ordered a prompt's documents (its recorded ``--doc_order``, one of
+    :data:`gmsa_rag.lexical.DOCUMENT_ORDERS`), from its ``extra`` metadata: ``bm25_first`` / ``bm25_last`` readers
+    expect retrieved chunks in BM25 order, as ``GMSACompressor`` hands them; ``given`` where nothing says."""
+    return str(stage2_training(extra).get("doc_order") or "given")
 
 
 class GMSAModel(nn.Module):
@@ -485,19 +498,14 @@ class GMSAModel(nn.Module):
     def trained_max_documents(self) -> int | None:
         """The most documents a prompt held in this checkpoint's stage-2 training (its recorded ``--max_docs``), or
         ``None`` where nothing says (a stage-1 or untrained compressor, a no-compress fine-tune)."""
-        train = (self.config.extra or {}).get("train_config") or {}
-        if train.get("stage") != "keft" or train.get("no_compress") or not train.get("max_docs"):
+        train = stage2_training(self.config.extra)
+        if train.get("no_compress") or not train.get("max_docs"):
             return None
         return int(train["max_docs"])
 
     def trained_document_order(self) -> str:
-        """How this checkpoint's stage 2 ordered a prompt's documents (its recorded ``--doc_order``, one of
-        :data:`gmsa_rag.lexical.DOCUMENT_ORDERS`): ``bm25_first`` / ``bm25_last`` readers expect retrieved chunks in
-        BM25 order, as ``GMSACompressor`` hands them; ``given`` where nothing says."""
-        train = (self.config.extra or {}).get("train_config") or {}
-        if train.get("stage") != "keft":
-            return "given"
-        return str(train.get("doc_order") or "given")
+        """How this checkpoint's stage 2 ordered a prompt's documents (:func:`recorded_document_order`)."""
+        return recorded_document_order(self.config.extra)
 
     def warn_if_untrained_shape(self, prompts: Sequence[Sequence[Segment]]) -> None:
         """Log once per model when a prompt holds more soft-token documents than stage 2 trained it on: such a

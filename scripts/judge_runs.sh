@@ -16,9 +16,9 @@ checkpoint=$("$python" benchmarks/training_runs.py --runs "$@" --winner ${KEYS:-
 name=${NAME:-qa-judged}
 echo "judge_runs: winner $checkpoint" >&2
 if [ -z "${FIVE_ARGS+set}" ]; then  # the five documents in the order the winner trained on
-  order=$("$python" -c 'import json, sys
-print(json.load(open(sys.argv[1])).get("extra", {}).get("train_config", {}).get("doc_order", "given"))' \
-    "$checkpoint/gmsa_config.json" 2>/dev/null || echo given)
+  order=$("$python" -c 'import json, sys; from gmsa_rag.model import recorded_document_order
+print(recorded_document_order(json.load(open(sys.argv[1])).get("extra")))' "$checkpoint/gmsa_config.json" 2>/dev/null \
+    || echo given)
   case "$order" in bm25_first) FIVE_ARGS="--keep-top 5" ;; bm25_last) FIVE_ARGS="--keep-top 5 --best-last" ;; esac
 fi
 for variant in "--rates ${RATES:-4 8 16} --name $name ${FIVE_ARGS:-}" "--rates 4 8 --gold-only --name $name-gold" \

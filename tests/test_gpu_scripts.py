@@ -66,7 +66,7 @@ def test_judge_runs_evaluates_the_dev_winner_on_nq_dev_three_ways(tmp_path):
     assert commands[1].endswith("--gold-only --name qa-judged-gold")
     assert commands[2].endswith("--keep-top 1 --name qa-judged-keep1")
     (tmp_path / "s2-b" / "checkpoints" / "step-0000300" / "gmsa_config.json").write_text(
-        json.dumps({"extra": {"train_config": {"doc_order": "bm25_first"}}}))
+        json.dumps({"extra": {"train_config": {"stage": "keft", "doc_order": "bm25_first"}}}))
     del env["FIVE_ARGS"]  # unset: the order the winner trained on
     ordered = subprocess.run(["bash", str(JUDGE), str(tmp_path / "qa"), str(tmp_path / "s2-a"), str(tmp_path / "s2-b")],
                              env=env, capture_output=True, text=True, timeout=120).stdout.strip().splitlines()

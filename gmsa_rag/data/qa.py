@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 from gmsa_rag.data.corpus import PathLike
 from gmsa_rag.data.jsonl import iter_records
@@ -39,6 +39,7 @@ __all__ = [
     "load_qa",
     "dev_layout",
     "reordered",
+    "at_places",
 ]
 
 TITLE_PREFIX = "Title: "
@@ -86,8 +87,14 @@ def reordered(example: QAExample, order: str) -> QAExample:
         return example
     from gmsa_rag.lexical import ordered
 
-    places = ordered(example.question, example.contexts, order)
-    gold = None if example.gold_index is None else places.index(example.gold_index)
+    return at_places(example, ordered(example.question, example.contexts, order))
+
+
+def at_places(example: QAExample, places: Sequence[int]) -> QAExample:
+    """``example`` showing only its documents at ``places``, in that order; the gold place follows its passage (None
+    when it is left out)."""
+    places = list(places)
+    gold = places.index(example.gold_index) if example.gold_index in places else None
     return QAExample(example.question, example.answers, [example.contexts[i] for i in places], gold)
 
 
