@@ -778,7 +778,9 @@ def train(cfg: TrainConfig) -> Path:
 
     wrapped.train()
     metrics: dict[str, float] = {}
-    window_tokens, clock = 0.0, time.perf_counter()  # (tokens since the last log line: the tokens/s figure)
+    # since the last log line: tokens (the tokens/s figure) and the steps' summed mean loss (the logged loss: every
+    # step and every micro-batch of it, weighted by its samples; not the last micro-batch alone)
+    window_tokens, window_loss, window_steps, clock = 0.0, 0.0, 0, time.perf_counter()
     bar = tqdm(total=100, initial=int(100 * progress.fraction(cfg)), unit="%", disable=not accelerator.is_main_process,
                bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]")
     distill = distillation(cfg, model)
@@ -791,12 +793,13 @@ def train(cfg: TrainConfig) -> Path:
             g["lr"] = g["base_lr"] * lr_factor(cfg, fraction, progress.step)
         micro_batches = step_batches(progress.step, data, cfg, rates, accelerator.process_index, fraction)
         step_samples = sum(map(len, micro_batches))
-        local_tokens = 0
+        local_tokens, step_loss = 0, torch.zeros((), device=accelerator.device)
         for index, samples in enumerate(micro_batches):  # gradients add up; synced across processes on the last
             with accelerator.no_sync(wrapped) if index < len(micro_batches) - 1 else nullcontext():
                 loss = wrapped(samples, distill.distill_weight, distill.teacher, distill.hidden_weight,
                                distill.soft_weight)
                 accelerator.backward(loss * (len(samples) / step_samples))
+            step_loss += loss.detach() * (len(samples) / step_samples)
             local_tokens += sum(_token_count(model, s) for s in samples)
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)  # (the norm before clipping)
         optimizer.step()
@@ -805,12 +808,14 @@ def train(cfg: TrainConfig) -> Path:
         progress.step += 1
         progress.tokens += int(step_tokens)
         window_tokens += step_tokens
+        window_loss, window_steps = window_loss + step_loss, window_steps + 1
         progress.seconds += accelerator.reduce(
             torch.tensor(time.perf_counter() - started, device=accelerator.device), "max").item()
         done = progress.step
         if done % cfg.log_every == 0:
             rate = window_tokens / (time.perf_counter() - clock)
-            metrics = {"step": done, "tokens": progress.tokens, "loss": accelerator.reduce(loss.detach(), "mean").item(),
+            mean_loss = accelerator.reduce(window_loss / window_steps, "mean").item()
+            metrics = {"step": done, "tokens": progress.tokens, "loss": mean_loss,
                        "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": rate, "grad_norm": float(grad_norm)}
             if distill.active:  # each term of the last micro-batch, unweighted: is the distillation being learned?
                 metrics.update({f"loss_{name}": accelerator.reduce(term, "mean").item()
@@ -820,7 +825,7 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(step=done, loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
             bar.update(int(100 * progress.fraction(cfg)) - bar.n)
             _log(accelerator, log_file, metrics)
-            window_tokens, clock = 0.0, time.perf_counter()
+            window_tokens, window_loss, window_steps, clock = 0.0, 0.0, 0, time.perf_counter()
         last = progress.fraction(cfg) >= 1.0
         pause = cfg.stop_after_minutes > 0 and time.perf_counter() - invocation_start > 60 * cfg.stop_after_minutes
         pause = accelerator.reduce(torch.tensor(float(pause), device=accelerator.device), "sum").item() > 0

@@ -319,6 +319,11 @@ def test_micro_batch_tokens_weigh_micro_batches_by_their_samples(base_dir, tmp_p
     # the same gradient norm at both steps (the weights themselves differ at float noise that Adam's first steps
     # amplify where a gradient is near zero)
     assert len(norms[0]) == 2 and norms[0] == pytest.approx(norms[1], rel=1e-4)
+    # the logged loss is the step's, over all its micro-batches (not the last micro-batch's alone)
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-4)
+    # and a log line every 2 steps gives the mean of its steps
+    assert train(ae_config(base_dir, corpus, tmp_path / "d", log_every=2, **fixed))
+    assert losses(tmp_path / "d") == pytest.approx([sum(losses(tmp_path / "a")) / 2], rel=1e-4)
     assert train(ae_config(base_dir, corpus, tmp_path / "c", steps=2, batch_size=4, micro_batch_tokens=150))
     assert all(math.isfinite(x) for x in losses(tmp_path / "c"))  # micro-batches of unequal size train too
     one = Sample([[1] * 24], [2] * 24, rate=2)
