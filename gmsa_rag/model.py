@@ -186,6 +186,16 @@ class GMSAModel(nn.Module):
         """Everything a checkpoint stores (all weights that differ from the base model)."""
         return {**self.compressor_parameters(), **self.decoder_parameters()}
 
+    def set_decoder_lora_dropout(self, p: float) -> None:
+        """Dropout on the soft-token adapter's input while training (peft's ``lora_dropout``; off in eval mode and for
+        text prompts, whose adapter is off): a regulariser against memorising training questions. Not saved: a
+        training setting (the run's ``train_config.json`` records it)."""
+        if not 0 <= p < 1:
+            raise ValueError(f"decoder LoRA dropout must be in [0, 1), got {p}")
+        for layer in self._decoder_lora_layers:
+            if DECODER_ADAPTER in layer.lora_dropout:
+                layer.lora_dropout[DECODER_ADAPTER] = nn.Dropout(p) if p > 0 else nn.Identity()
+
     def set_stage(self, stage: Stage) -> None:
         """Freeze everything, then unfreeze what ``stage`` trains (ae: compressor, keft: decoder q/k/v)."""
         self.requires_grad_(False)

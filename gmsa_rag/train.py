@@ -93,6 +93,7 @@ class TrainConfig:
     soft_token_center: bool = field(default=False, metadata={"help": "ae: subtract a learned vector from every soft token, started at the mean soft token of the first step's documents (with --init: added to a checkpoint without one). Measured: the same restoring, no better answers after stage 2 (benchmarks/results/h200-x4/stage1-same-article-and-centre.md)"})
     decoder_tuning: Literal["qkv", "qkv_lora", "full"] = field(default="qkv_lora", metadata={"help": "keft: LoRA on W_Q/W_K/W_V (adapter on for soft-token prompts only), full W_Q/W_K/W_V, or the full decoder (the authors' public code; a comparison: it changes the uncompressed path)"})
     decoder_lora_rank: int = field(default=16, metadata={"help": "rank of the soft-token adapter's LoRA on W_Q/W_K/W_V. With --init, a rank above the checkpoint's widens its adapter (the new part starts at zero: the model answers as the checkpoint does until it trains); a lower one keeps the checkpoint's"})
+    decoder_lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the soft-token adapter's input while training (peft's lora_dropout), a regulariser: round 29 found the reader memorising its training questions (600 more steps: train-split accuracy up, dev down)"})
     decoder_mlp_lora_rank: int = field(default=0, metadata={"help": "rank of the soft-token adapter's LoRA on the decoder's MLP (gate/up/down) beside W_Q/W_K/W_V; 0: attention only. With --init it is added to a checkpoint without it (starting at zero)"})
     ae_decoder_lora: bool = field(default=True, metadata={"help": "ae: also train the soft-token decoder adapter (LoRA on W_Q/W_K/W_V, on only for prompts with soft tokens; stage 2 continues it; ignored by keft). A deviation from the paper's frozen stage-1 decoder (--ae_decoder_lora false), measured: dev BLEU@4x 61.6 vs 23.8 on an equal budget (benchmarks/results/h100/stage1-decoder-adapter.md). The text path stays the base model"})
     # data shaping
@@ -184,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for flag in FRACTIONS:
         if not 0 <= getattr(cfg, flag) <= 1:
             parser.error(f"--{flag} is a share between 0 and 1, got {getattr(cfg, flag)}")
+    if not 0 <= cfg.decoder_lora_dropout < 1:
+        parser.error(f"--decoder_lora_dropout is a probability in [0, 1), got {cfg.decoder_lora_dropout}")
     for path in [*cfg.data, *([cfg.dev_data] if cfg.dev_data else [])]:
         if not Path(path).exists():
             parser.error(f"--{'data' if path in cfg.data else 'dev_data'} {path}: no such file or folder")
@@ -508,6 +511,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
         )
         model = GMSAModel.from_base(config, device=device, dtype=dtype)
     model.set_stage(cfg.stage)
+    model.set_decoder_lora_dropout(cfg.decoder_lora_dropout)
     model.config.answer_cites = cfg.cite_document  # (saved with the checkpoint: generation then reads the citation)
     model.config.answer_quotes = cfg.quote_evidence  # (saved with the checkpoint: generation then reads the quote)
     model.config.question_first = cfg.question_first  # (saved with the checkpoint: generation keeps the layout)

@@ -381,3 +381,28 @@ def test_a_checkpoints_decoder_adapter_can_be_widened(tokenizer, tmp_path, monke
     torch.testing.assert_close(again.target_logits(soft_prompt)[0], wide.target_logits(soft_prompt)[0])
     assert not torch.allclose(again.target_logits(soft_prompt)[0], model.target_logits(soft_prompt)[0])
     assert load_checkpoint(path, decoder_lora_rank=8).config.decoder_lora_rank == 16
+
+
+def test_decoder_adapter_dropout_acts_in_training_on_soft_token_prompts_only(tokenizer, tmp_path, capsys):
+    """--decoder_lora_dropout: soft-token prompts vary between training forwards and not in eval mode, where they
+    answer as without dropout; text prompts (adapter off) never change; the flag is validated before a model loads."""
+    model, plain = with_trained_adapter(tokenizer), with_trained_adapter(tokenizer)
+    model.set_decoder_lora_dropout(0.5)
+    soft_prompt = [qa_segments(tokenizer, "q?", model.compress(DOCS, 4), "Shakespeare")]
+    text_prompt = [qa_segments(tokenizer, "q?", DOCS, "Shakespeare")]
+    model.train()
+    torch.manual_seed(0)
+    first, second = model.target_logits(soft_prompt)[0], model.target_logits(soft_prompt)[0]
+    assert not torch.allclose(first, second)
+    assert torch.equal(model.target_logits(text_prompt)[0], model.target_logits(text_prompt)[0])
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model.target_logits(soft_prompt)[0], plain.target_logits(soft_prompt)[0])
+    model.set_decoder_lora_dropout(0.0)
+    model.train()
+    torch.testing.assert_close(model.target_logits(soft_prompt)[0], model.target_logits(soft_prompt)[0])
+    flags = ["--stage", "keft", "--no_compress", "true", "--out_dir", str(tmp_path)]
+    assert parse_args(flags + ["--decoder_lora_dropout", "0.1"]).decoder_lora_dropout == 0.1
+    for bad in ("1", "-0.1"):
+        with pytest.raises(SystemExit):
+            parse_args(flags + ["--decoder_lora_dropout", bad])
+        assert "--decoder_lora_dropout is a probability" in capsys.readouterr().err
