@@ -73,3 +73,36 @@ def test_judge_runs_evaluates_the_dev_winner_on_nq_dev_three_ways(tmp_path):
     assert ordered[0].endswith("--name qa-judged --keep-top 5") and ordered[1:] == commands[1:]
     missing = subprocess.run(["bash", str(JUDGE), str(tmp_path / "qa")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no run folders" in missing.stderr
+
+
+def test_every_stage2_ablation_entry_is_a_valid_trainer_command(tmp_path):
+    """scripts/stage2_recipe.sh flags: each ablation's trainer flags parse (a typo in a prepared run would otherwise
+    cost a GPU session's minutes); entries distilling from a teacher are checked up to the teacher, which needs a run."""
+    import shlex
+
+    from gmsa_rag.train import parse_args
+
+    root = SCRIPT.parents[1]
+    env = {**os.environ, "RUNS": str(tmp_path / "runs"), "INIT": "checkpoints/smollm2-gmsa", "TEACHER": "TEACHER"}
+    listed = subprocess.run(["bash", "scripts/stage2_recipe.sh", "flags"], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert len(names) == len(set(names)) and {"ranked-more", "ranked-more-dropout", "nocompress"} <= set(names)
+    cwd = os.getcwd()
+    os.chdir(root)  # (the flags name data/ and checkpoints/ relative to the repository)
+    try:
+        for line in lines:
+            name, *flags = shlex.split(line)
+            if "--distill_teacher" in flags:
+                at = flags.index("--distill_teacher")
+                assert flags[at + 1] == "TEACHER", name
+                del flags[at : at + 2]
+            cfg = parse_args(flags + ["--out_dir", str(tmp_path / name)])
+            assert cfg.stage == "keft", name
+    finally:
+        os.chdir(cwd)
+    only = subprocess.run(["bash", "scripts/stage2_recipe.sh", "flags"], cwd=root, capture_output=True, text=True,
+                          env={**env, "ABL_ONLY": "ranked-more-dropout"}, timeout=60)
+    assert only.stdout.split()[0] == "ranked-more-dropout" and "--decoder_lora_dropout 0.1" in only.stdout
