@@ -85,6 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--expand-rate", type=positive_int, default=1, metavar="F",
                    help="with --expand-to: read the chosen run as soft tokens at rate F (the documents compressed "
                         "at F too; F divides the rate) instead of as text (default 1: text)")
+    p.add_argument("--lead-rate", type=non_negative_int, default=0, metavar="F",
+                   help="with --keep-top: compressed systems read each question's best BM25 match at rate F and the "
+                        "other documents at the system's rate (positions spent where the answer most often is; "
+                        "default 0: every document at the system's rate)")
     p.add_argument("--rates", type=positive_int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
     p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
     p.add_argument("--nocompress-checkpoint", default=None)
@@ -144,7 +148,8 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         questions = [e.question for e in batch]
         if compressed:
             flat = [c for e in batch for c in e.contexts]
-            soft = model.compress(flat, spec.rate) if flat else []
+            soft = compress_documents(model, flat, [j == 0 for e in batch for j in range(len(e.contexts))],
+                                      spec.rate, args.lead_rate)
             fine = model.compress(flat, args.expand_rate) if flat and args.expand_to and args.expand_rate > 1 else None
             contexts, i = [], 0
             for e in batch:
@@ -197,7 +202,8 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
     n = len(examples)
     scores = qa_metrics(predictions, [e.answers for e in examples])
     return {
-        "system": spec.label + (expansion_label(args) if compressed and args.expand_to else ""),
+        "system": spec.label + (expansion_label(args) if compressed and args.expand_to else "")
+                  + (f" lead {args.lead_rate}x" if compressed and args.lead_rate else ""),
         "kind": spec.kind, "rate": spec.rate, "checkpoint": spec.path if spec.kind != "base" else None,
         "n": n, "exact_match": scores["exact_match"], "f1": scores["f1"], "accuracy": scores["accuracy"],
         "ms_per_query": (compress_s + generate_s) / n * 1e3, "compress_ms_per_query": compress_s / n * 1e3,
@@ -206,6 +212,16 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         **({"answer_in_text_run": 100 * sum(expanded_hits) / n} if expanded_hits else {}),
         "predictions": predictions,
     }
+
+
+def compress_documents(model, documents: list[str], leads: list[bool], rate: int, lead_rate: int) -> list:
+    """Every document's soft tokens at ``rate``; with ``lead_rate``, those flagged in ``leads`` (each question's best
+    match) at ``lead_rate`` instead."""
+    if not lead_rate:
+        return model.compress(documents, rate) if documents else []
+    parts = {flag: [d for d, lead in zip(documents, leads) if lead == flag] for flag in (True, False)}
+    soft = {lead: iter(model.compress(docs, lead_rate if lead else rate) if docs else []) for lead, docs in parts.items()}
+    return [next(soft[lead]) for lead in leads]
 
 
 def expansion_label(args) -> str:
@@ -242,6 +258,9 @@ def main(argv=None) -> dict[str, Any]:
         raise SystemExit("--extract-top, --extract-sentences and --keep-top must be 0 (all) or more")
     if (args.best_last or args.keep_confident is not None) and not args.keep_top:
         raise SystemExit("--best-last and --keep-confident act on the documents --keep-top keeps: add --keep-top")
+    if args.lead_rate and (not args.keep_top or args.best_last or args.expand_to):
+        raise SystemExit("--lead-rate reads the best BM25 match first at its own rate: add --keep-top, without "
+                         "--best-last or --expand-to")
     if args.keep_confident is not None and args.keep_confident < 0:
         raise SystemExit(f"--keep-confident must be 0 or more, got {args.keep_confident}")
     for flag, value in (("--extract-top", args.extract_top), ("--extract-sentences", args.extract_sentences)):
@@ -307,6 +326,7 @@ def main(argv=None) -> dict[str, Any]:
             "documents": ("gold passage only" if args.gold_only else "as in the file (gold among distractors)")
                          + (f", the {args.keep_top} of best BM25 match kept" if args.keep_top else "")
                          + (", best last" if args.best_last else "")
+                         + (f", compressed systems read the best match at {args.lead_rate}x" if args.lead_rate else "")
                          + (f", only the best where its BM25 score leads by more than {args.keep_confident}"
                             if args.keep_confident is not None else ""),
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "engine": args.engine,

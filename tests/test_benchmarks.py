@@ -708,6 +708,29 @@ def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoi
         qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extract-sentences", "1"])
 
 
+def test_qa_lead_rate_reads_each_questions_best_match_at_its_own_rate(qa_file, checkpoints, tmp_path):
+    qa = _bench("qa")
+
+    class Recorder:  # soft tokens stood for by (document, rate)
+        def compress(self, documents, rate):
+            return [(d, rate) for d in documents]
+
+    docs, leads = ["a", "b", "c", "d", "e"], [True, False, True, False, False]
+    assert qa.compress_documents(Recorder(), docs, leads, 4, 2) == [("a", 2), ("b", 4), ("c", 2), ("d", 4), ("e", 4)]
+    assert qa.compress_documents(Recorder(), docs, leads, 4, 0) == [(d, 4) for d in docs]
+    with pytest.raises(SystemExit, match="add --keep-top"):
+        qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--lead-rate", "2"])
+    common = ["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--gmsa-checkpoint",
+              str(checkpoints["gmsa"]), "--keep-top", "2", "--max-new-tokens", "2", "--batch-size", "2"]
+    plain = qa.main(common + ["--rates", "4", "--out", str(tmp_path / "plain")])["rows"][0]
+    fine = qa.main(common + ["--rates", "2", "--out", str(tmp_path / "fine")])["rows"][0]
+    led = qa.main(common + ["--rates", "4", "--lead-rate", "2", "--out", str(tmp_path / "led")])
+    row = led["rows"][0]
+    assert row["system"] == "GMSA r=4 lead 2x" and "best match at 2x" in led["meta"]["documents"]
+    # one of two documents read at 2x: more positions than every document at 4x, fewer than every one at 2x
+    assert plain["mean_decoder_positions"] < row["mean_decoder_positions"] < fine["mean_decoder_positions"]
+
+
 def test_long_benchmark_loops_show_progress_on_stderr(qa_file, tmp_path, capsys):
     assert list(_bench("common").progress(range(3), "restoring at 4x")) == [0, 1, 2]
     assert "restoring at 4x" in capsys.readouterr().err
