@@ -162,9 +162,10 @@ def check_ask(args: argparse.Namespace) -> AskInputs:
     from gmsa_rag.rag import model_config  # imports torch
 
     checkpoint, config = model_config(args.checkpoint)
-    if args.rate not in config.rates:
-        model = checkpoint or "the untrained default model"
-        raise UsageError(f"--rate {args.rate} is not allowed: {model} supports {list(config.rates)}")
+    for flag, rate in (("--rate", args.rate), ("--lead-rate", args.lead_rate)):
+        if rate is not None and rate not in config.rates:
+            model = checkpoint or "the untrained default model"
+            raise UsageError(f"{flag} {rate} is not allowed: {model} supports {list(config.rates)}")
     window = context_window(config.base_model)
     if window and args.max_new_tokens > window // 2:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves too little of the base model's {window}-token "
@@ -244,6 +245,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             "trained": minfo.trained,
             "model": minfo.source,
             "rate": args.rate,
+            "lead_rate": args.lead_rate,
             "top_k": args.top_k,
             "response_mode": args.response_mode,
             "docs": str(inputs.docs),
@@ -261,9 +263,9 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
         }
         common = dict(top_k=args.top_k, response_mode=args.response_mode, streaming=True,
                       max_new_tokens=args.max_new_tokens, rerank_top=rerank_top, confident_margin=args.keep_confident)
-        engine, compressor, llm = make_query_engine(info.index, model, rate=args.rate, cache=cache,
-                                                    extractive=args.extractive, extract_top=args.extract_top,
-                                                    **common)
+        engine, compressor, llm = make_query_engine(info.index, model, rate=args.rate, lead_rate=args.lead_rate,
+                                                    cache=cache, extractive=args.extractive,
+                                                    extract_top=args.extract_top, **common)
         first = timed_query(engine, compressor, llm, args.question, "GMSA, first query")
         runs = [first]
         retrieved = [n for n in engine.retrieve(_bundle(args.question))]
@@ -277,7 +279,8 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             runs.append(timed_query(base_engine, base_comp, llm, args.question, "uncompressed text"))
 
     say()
-    say(f"answer (GMSA, rate {args.rate}{', UNTRAINED compressor' if not minfo.trained else ''}): {first.answer}")
+    lead = f", best match at {args.lead_rate}" if args.lead_rate else ""
+    say(f"answer (GMSA, rate {args.rate}{lead}{', UNTRAINED compressor' if not minfo.trained else ''}): {first.answer}")
     say("sources:")
     for i, s in enumerate(first.sources, 1):
         say(f"  {i}. {s}")
@@ -343,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--docs", default=None, help=f"folder (searched recursively) or one file of {DOC_KINDS} "
                    "(default: the bundled examples/docs); binary files are skipped")
     a.add_argument("--rate", type=positive_int, default=4, help="compression rate, one of the model's rates (default 4)")
+    a.add_argument("--lead-rate", type=positive_int, default=None,
+                   help="the best-ranked document at this rate, the others at --rate (e.g. --rate 8 --lead-rate 2: "
+                        "positions spent where the answer most often is; default: every document at --rate)")
     a.add_argument("--top-k", type=positive_int, default=3, help="documents retrieved (default 3)")
     a.add_argument("--checkpoint", default=None, help="GMSA checkpoint folder (default: the bundled one, if any)")
     a.add_argument("--cache-dir", default=None,

@@ -80,6 +80,19 @@ def test_ask_json_report(tiny_model, small_docs, tmp_path, capsys):
     assert again["runs"][0]["disk_hits"] == 2 and again["runs"][0]["computed"] == 0
 
 
+def test_ask_lead_rate_reads_the_best_ranked_chunk_at_its_own_rate(tiny_model, small_docs, tmp_path, capsys):
+    argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
+            str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2",
+            "--max-new-tokens", "3", "--json", "--no-compare"]
+    assert cli.main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert cli.main(argv + ["--lead-rate", "2"]) == 0
+    led = json.loads(capsys.readouterr().out)
+    assert plain["lead_rate"] is None and led["lead_rate"] == 2
+    # one of the two chunks at 2x instead of 4x: more soft tokens, and compressed anew (its 2x tokens were not cached)
+    assert led["runs"][0]["soft_tokens"] > plain["runs"][0]["soft_tokens"] and led["runs"][0]["computed"] == 1
+
+
 def test_ask_extractive_answers_quote_the_retrieved_chunks(tiny_model, small_docs, tmp_path, capsys):
     argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
             str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2",

@@ -371,6 +371,8 @@ def test_stats_and_clear_never_create_a_cache(tmp_path, capsys):
 BAD_ARGUMENTS = [
     ("ask", ["--rate", "0"], "--rate"),
     ("ask", ["--rate", "3"], "--rate 3 is not allowed"),
+    ("ask", ["--lead-rate", "3"], "--lead-rate 3 is not allowed"),
+    ("ask", ["--lead-rate", "0"], "--lead-rate"),
     ("ask", ["--rate", "four"], "--rate"),
     ("ask", ["--top-k", "0"], "--top-k"),
     ("ask", ["--max-new-tokens", "0"], "--max-new-tokens"),

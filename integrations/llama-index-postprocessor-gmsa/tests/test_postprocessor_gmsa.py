@@ -211,3 +211,34 @@ def test_a_confident_best_match_is_handed_on_alone(tiny_model, texts):
     assert len(GMSACompressor(tiny_model, rate=4).postprocess_nodes(nodes, query)) == 3  # off by default
     with pytest.raises(ValueError):
         GMSACompressor(tiny_model, rate=4, confident_margin=-1.0)
+
+
+def test_lead_rate_compresses_the_best_ranked_node_finer(tiny_model, texts, tmp_path):
+    """lead_rate: the best-ranked node handed on (first; last with bm25_last) at its own rate, the others at rate;
+    each node's metadata names its rate; a disk cache serves both rates; a rate the model lacks is refused."""
+    from llama_index.core.schema import QueryBundle
+
+    nodes = [NodeWithScore(node=TextNode(text=t), score=1.0 - i / 10) for i, t in enumerate(texts)]
+    query = QueryBundle("capital of France")  # BM25: France, then Berlin, then the Nile
+    fp = tiny_model.fingerprint
+    for order, lead in (("bm25_first", 0), ("bm25_last", 2)):
+        cache = SoftTokenCache(tmp_path / order)
+        comp = GMSACompressor(tiny_model, rate=4, lead_rate=2, document_order=order, cache=cache,
+                              store=SoftTokenStore())
+        out = comp.postprocess_nodes(list(reversed(nodes)), query)
+        assert original_text(out[lead]) == texts[0]  # the best match
+        for i, node in enumerate(out):
+            rate = 2 if i == lead else 4
+            assert node.node.metadata["gmsa_rate"] == rate
+            assert node.node.text == f"<gmsa:{cache_key(original_text(node), fp, rate)}>"
+            want = tiny_model.compress([original_text(node)], rate)[0]
+            assert torch.allclose(comp.store.get(cache_key(original_text(node), fp, rate)), want, atol=1e-5)
+        assert comp.last_stats.computed == 3
+        again = GMSACompressor(tiny_model, rate=4, lead_rate=2, document_order=order, cache=cache,
+                               store=SoftTokenStore())
+        again.postprocess_nodes(list(reversed(nodes)), query)
+        assert again.last_stats.disk_hits == 3 and again.last_stats.computed == 0
+    plain = GMSACompressor(tiny_model, rate=4, store=SoftTokenStore()).postprocess_nodes(nodes, query)
+    assert {n.node.metadata["gmsa_rate"] for n in plain} == {4}
+    with pytest.raises(ValueError, match="not allowed"):
+        GMSACompressor(tiny_model, rate=4, lead_rate=3)

@@ -96,6 +96,9 @@ class GMSACompressor(BaseNodePostprocessor):
             (``gmsa_rag.lexical.lead``); ``None`` (default): off. Round 27 chose 0.57 on qa-multidoc dev for five
             retrieved documents (held-out NQ dev at 4x: see ``benchmarks/results/README.md``); BM25 scores depend on
             the documents compared, so another ``similarity_top_k`` may want another margin.
+        lead_rate: the compression rate of the best-ranked node handed on (first, or last with ``bm25_last``), the
+            others at ``rate``: decoder positions spent where the answer most often is. ``None`` (default): every
+            node at ``rate``. E.g. ``rate=8, lead_rate=2`` (round 29, held-out NQ dev: see the results README).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -112,6 +115,8 @@ class GMSACompressor(BaseNodePostprocessor):
                                           "bm25_last or given (None: the checkpoint's trained order)")
     confident_margin: Optional[float] = Field(default=None, ge=0, description="hand on only the best BM25 match "
                                               "where its score leads the next by more than this (None: off)")
+    lead_rate: Optional[int] = Field(default=None, description="compression rate of the best-ranked node handed on "
+                                     "(None: rate, as every other node)")
 
     _last_stats: CompressionStats = PrivateAttr(default_factory=CompressionStats)
 
@@ -126,10 +131,13 @@ class GMSACompressor(BaseNodePostprocessor):
         top_n: Optional[int] = None,
         document_order: Optional[str] = None,
         confident_margin: Optional[float] = None,
+        lead_rate: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         if not passthrough:
             model.config.check_rate(rate)
+            if lead_rate is not None:
+                model.config.check_rate(lead_rate)
         if document_order is not None and document_order not in DOCUMENT_ORDERS:
             raise ValueError(f"document_order must be one of {', '.join(DOCUMENT_ORDERS)} or None; got {document_order!r}")
         if cache is not None and not isinstance(cache, SoftTokenCache):
@@ -144,6 +152,7 @@ class GMSACompressor(BaseNodePostprocessor):
             top_n=top_n,
             document_order=document_order,
             confident_margin=confident_margin,
+            lead_rate=lead_rate,
             **kwargs,
         )
 
@@ -180,31 +189,30 @@ class GMSACompressor(BaseNodePostprocessor):
         return self._last_stats
 
     # ------------------------------------------------------------------ soft tokens
-    def _fetch(self, texts: list[str], stats: CompressionStats) -> list[str]:
-        """Make sure every text's document is in the store; return their keys (input order)."""
+    def _fetch(self, texts: list[str], rates: list[int], stats: CompressionStats) -> list[str]:
+        """Make sure every text's document is in the store at its rate; return their keys (input order)."""
         if self.passthrough:
             keys = [text_key(t) for t in texts]
             for k, t in zip(keys, texts):
                 self.store.put(k, t)
             return keys
         fingerprint = self.model.fingerprint
-        keys = [cache_key(t, fingerprint, self.rate) for t in texts]
-        missing: dict[str, str] = {}
-        for k, t in zip(keys, texts):
+        keys = [cache_key(t, fingerprint, r) for t, r in zip(texts, rates)]
+        missing: dict[int, dict[str, str]] = {}  # rate -> key -> text
+        for k, t, r in zip(keys, texts, rates):
             if k in self.store:
                 stats.memory_hits += 1
-            elif k not in missing:
-                missing[k] = t
-        if missing:
-            miss_keys, miss_texts = list(missing), list(missing.values())
-            if self.cache is not None:
-                found = self.cache.lookup(
-                    miss_texts, self.rate, fingerprint, self.model.compress, batch_size=self.batch_size
-                )
-                tensors, stats.disk_hits, stats.computed = found.tensors, found.hits, found.computed
             else:
-                tensors = self.model.compress(miss_texts, self.rate, batch_size=self.batch_size)
-                stats.computed = len(miss_keys)
+                missing.setdefault(r, {})[k] = t
+        for rate, pending in missing.items():
+            miss_keys, miss_texts = list(pending), list(pending.values())
+            if self.cache is not None:
+                found = self.cache.lookup(miss_texts, rate, fingerprint, self.model.compress, batch_size=self.batch_size)
+                tensors = found.tensors
+                stats.disk_hits, stats.computed = stats.disk_hits + found.hits, stats.computed + found.computed
+            else:
+                tensors = self.model.compress(miss_texts, rate, batch_size=self.batch_size)
+                stats.computed += len(miss_keys)
             self.store.put_many(zip(miss_keys, tensors))
         for k, t in zip(keys, texts):  # what each was made from: GMSALLM(extractive=True) quotes it
             self.store.put_source(k, t)
@@ -224,13 +232,15 @@ class GMSACompressor(BaseNodePostprocessor):
             if isinstance(n.node, TextNode) and n.node.get_content(metadata_mode=MetadataMode.NONE).strip()
         ]
         texts = [nodes[i].node.get_content(metadata_mode=MetadataMode.NONE) for i in todo]
-        keys = self._fetch(texts, stats) if texts else []
+        lead = len(nodes) - 1 if self.documents_order == "bm25_last" else 0  # the best-ranked node handed on
+        rates = [self.lead_rate if self.lead_rate is not None and i == lead else self.rate for i in todo]
+        keys = self._fetch(texts, rates, stats) if texts else []
         out = list(nodes)
-        for i, text, key in zip(todo, texts, keys):
+        for i, text, key, rate in zip(todo, texts, keys, rates):
             doc = self.store.get(key)
             size = int(doc.shape[0]) if doc is not None and not isinstance(doc, str) else 0
             stats.soft_tokens += size
-            out[i] = NodeWithScore(node=self._replace(nodes[i].node, text, key, size), score=nodes[i].score)
+            out[i] = NodeWithScore(node=self._replace(nodes[i].node, text, key, size, rate), score=nodes[i].score)
         stats.nodes = len(todo)
         stats.seconds = time.perf_counter() - start
         self._last_stats = stats
@@ -245,12 +255,12 @@ class GMSACompressor(BaseNodePostprocessor):
         # Compression is CPU/GPU-bound torch work: run it off the event loop.
         return await asyncio.to_thread(self._postprocess_nodes, nodes, query_bundle)
 
-    def _replace(self, node: TextNode, text: str, key: str, size: int) -> TextNode:
+    def _replace(self, node: TextNode, text: str, key: str, size: int, rate: int) -> TextNode:
         """A copy of ``node`` whose text is the marker; the docstore's node is left untouched."""
         metadata = {k: v for k, v in node.metadata.items() if k not in _OWN_KEYS}
         metadata.update({ORIGINAL_TEXT_KEY: text, KEY_KEY: key})
         if not self.passthrough:
-            metadata.update({RATE_KEY: self.rate, SOFT_TOKENS_KEY: size})
+            metadata.update({RATE_KEY: rate, SOFT_TOKENS_KEY: size})
         # The LLM must see the marker alone (the soft tokens stand for the chunk text, not its metadata);
         # the embedder must never see the original text twice.
         excluded_embed = list(dict.fromkeys([*node.excluded_embed_metadata_keys, *_OWN_KEYS]))
