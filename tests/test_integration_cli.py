@@ -61,9 +61,15 @@ def test_faiss_index_is_persisted_and_reloaded(small_docs, tmp_path, tokenizer):
     assert third.built and third.persist_dir != first.persist_dir
 
 
+def ask_json(small_docs, tmp_path, new_tokens: int, *flags: str) -> list[str]:
+    """``gmsa-rag ask`` the demo's question over the small folder, two chunks, a JSON report, on the hash embedder."""
+    return ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir", str(tmp_path / "c"),
+            "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2", "--max-new-tokens",
+            str(new_tokens), "--json", *flags]
+
+
 def test_ask_json_report(tiny_model, small_docs, tmp_path, capsys):
-    argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
-            str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2", "--max-new-tokens", "3", "--json"]
+    argv = ask_json(small_docs, tmp_path, 3)
     assert cli.main(argv) == 0
     out, err = capsys.readouterr()
     report = json.loads(out)
@@ -81,9 +87,7 @@ def test_ask_json_report(tiny_model, small_docs, tmp_path, capsys):
 
 
 def test_ask_lead_rate_reads_the_best_ranked_chunk_at_its_own_rate(tiny_model, small_docs, tmp_path, capsys):
-    argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
-            str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2",
-            "--max-new-tokens", "3", "--json", "--no-compare"]
+    argv = ask_json(small_docs, tmp_path, 3, "--no-compare")
     assert cli.main(argv) == 0
     plain = json.loads(capsys.readouterr().out)
     assert cli.main(argv + ["--lead-rate", "2"]) == 0
@@ -94,9 +98,7 @@ def test_ask_lead_rate_reads_the_best_ranked_chunk_at_its_own_rate(tiny_model, s
 
 
 def test_ask_extractive_answers_quote_the_retrieved_chunks(tiny_model, small_docs, tmp_path, capsys):
-    argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
-            str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2",
-            "--max-new-tokens", "4", "--json", "--extractive"]
+    argv = ask_json(small_docs, tmp_path, 4, "--extractive")
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     documents = [p.read_text() for p in small_docs.rglob("*.txt")]
@@ -124,9 +126,8 @@ def test_ask_extractive_answers_quote_the_retrieved_chunks(tiny_model, small_doc
 
 def test_ask_keeps_by_default_as_many_chunks_as_the_checkpoint_was_trained_to_read(tiny_model, small_docs, tmp_path,
                                                                                    capsys):
-    argv = ["ask", "who was the author of the art of war", "--docs", str(small_docs), "--cache-dir",
-            str(tmp_path / "c"), "--index-dir", str(tmp_path / "idx"), "--embed", "hash", "--top-k", "2",
-            "--max-new-tokens", "2", "--no-compare", "--json"]
+    argv = ask_json(small_docs, tmp_path, 2, "--no-compare")
+    text_argv = [a for a in argv if a != "--json"]  # the report as text
     assert cli.main(argv) == 0  # nothing recorded (an untrained model): every retrieved chunk is read
     report = json.loads(capsys.readouterr().out)
     assert report["rerank_top"] == 0 and len(report["runs"][0]["sources"]) == 2
@@ -135,7 +136,7 @@ def test_ask_keeps_by_default_as_many_chunks_as_the_checkpoint_was_trained_to_re
     report = json.loads(capsys.readouterr().out)
     assert report["rerank_top"] == 1 and len(report["runs"][0]["sources"]) == 1
     assert "32-the-art-of-war.txt" in report["runs"][0]["sources"][0]
-    assert cli.main(argv[:-1]) == 0
+    assert cli.main(text_argv) == 0
     assert "rerank:   BM25 keeps the 1 of the 2 retrieved chunks" in capsys.readouterr().out  # and says so
     assert cli.main(argv + ["--rerank-top", "0"]) == 0  # asked for all: all
     report = json.loads(capsys.readouterr().out)
@@ -146,7 +147,7 @@ def test_ask_keeps_by_default_as_many_chunks_as_the_checkpoint_was_trained_to_re
     assert report["rerank_top"] == 5 and report["document_order"] == "bm25_last"
     sources = report["runs"][0]["sources"]
     assert len(sources) == 2 and "32-the-art-of-war.txt" in sources[1]  # the best match last, nearest the question
-    assert cli.main(argv[:-1]) == 0
+    assert cli.main(text_argv) == 0
     assert "order:    the chunks reach the reader in BM25 order, best match last" in capsys.readouterr().out
     assert cli.main(argv + ["--keep-confident", "0"]) == 0  # the art-of-war chunk leads: it alone is read
     report = json.loads(capsys.readouterr().out)
