@@ -279,7 +279,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             runs.append(timed_query(base_engine, base_comp, llm, args.question, "uncompressed text"))
 
     say()
-    lead = f", best match at {args.lead_rate}" if args.lead_rate else ""
+    lead = f", best match at {args.lead_rate}x" if args.lead_rate else ""
     say(f"answer (GMSA, rate {args.rate}{lead}{', UNTRAINED compressor' if not minfo.trained else ''}): {first.answer}")
     say("sources:")
     for i, s in enumerate(first.sources, 1):
