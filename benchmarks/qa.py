@@ -148,8 +148,7 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         questions = [e.question for e in batch]
         if compressed:
             flat = [c for e in batch for c in e.contexts]
-            soft = compress_documents(model, flat, [j == 0 for e in batch for j in range(len(e.contexts))],
-                                      spec.rate, args.lead_rate)
+            soft = model.compress(flat, document_rates(batch, spec.rate, args.lead_rate)) if flat else []
             fine = model.compress(flat, args.expand_rate) if flat and args.expand_to and args.expand_rate > 1 else None
             contexts, i = [], 0
             for e in batch:
@@ -214,14 +213,10 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
     }
 
 
-def compress_documents(model, documents: list[str], leads: list[bool], rate: int, lead_rate: int) -> list:
-    """Every document's soft tokens at ``rate``; with ``lead_rate``, those flagged in ``leads`` (each question's best
-    match) at ``lead_rate`` instead."""
-    if not lead_rate:
-        return model.compress(documents, rate) if documents else []
-    parts = {flag: [d for d, lead in zip(documents, leads) if lead == flag] for flag in (True, False)}
-    soft = {lead: iter(model.compress(docs, lead_rate if lead else rate) if docs else []) for lead, docs in parts.items()}
-    return [next(soft[lead]) for lead in leads]
+def document_rates(batch: list, rate: int, lead_rate: int) -> list[int]:
+    """The rate of every document of ``batch``, question by question: ``rate``; with ``lead_rate``, each question's
+    first document (with --keep-top its best match) at ``lead_rate``."""
+    return [lead_rate if lead_rate and j == 0 else rate for e in batch for j in range(len(e.contexts))]
 
 
 def expansion_label(args) -> str:

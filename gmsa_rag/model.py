@@ -357,12 +357,18 @@ class GMSAModel(nn.Module):
         return to_device(ids, self.device), to_device(mask, self.device)
 
     @torch.no_grad()
-    def compress(self, texts: Sequence[str], rate: int, batch_size: int = 16) -> list[torch.Tensor]:
-        """Compress each text into ~len/rate soft tokens ([m_i, H] tensors on the model's device).
+    def compress(self, texts: Sequence[str], rate: int | Sequence[int], batch_size: int = 16) -> list[torch.Tensor]:
+        """Compress each text into ~len/rate soft tokens ([m_i, H] tensors on the model's device); ``rate``: one for
+        every text, or a list with one per text (texts at different rates still share encoder passes).
 
         Texts longer than the encoder window are split into windows whose soft tokens are concatenated in order.
         """
-        rate = self.config.check_rate(rate)
+        if isinstance(rate, (list, tuple)):
+            if len(rate) != len(texts):
+                raise ValueError(f"one rate per text is needed: {len(rate)} rates for {len(texts)} texts")
+            rates = [self.config.check_rate(r) for r in rate]
+        else:
+            rates = [self.config.check_rate(rate)] * len(texts)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         per_text = [self.windows(ids) for ids in self.tokenize(texts)]
@@ -371,7 +377,7 @@ class GMSAModel(nn.Module):
         outputs: list[torch.Tensor | None] = [None] * len(flat)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            soft = self.soft_tokens([flat[i][1] for i in chunk], [rate] * len(chunk))
+            soft = self.soft_tokens([flat[i][1] for i in chunk], [rates[flat[i][0]] for i in chunk])
             for i, s in zip(chunk, soft):
                 outputs[i] = s
         result: list[list[torch.Tensor]] = [[] for _ in texts]

@@ -711,13 +711,11 @@ def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoi
 def test_qa_lead_rate_reads_each_questions_best_match_at_its_own_rate(qa_file, checkpoints, tmp_path):
     qa = _bench("qa")
 
-    class Recorder:  # soft tokens stood for by (document, rate)
-        def compress(self, documents, rate):
-            return [(d, rate) for d in documents]
+    from gmsa_rag.data.qa import QAExample
 
-    docs, leads = ["a", "b", "c", "d", "e"], [True, False, True, False, False]
-    assert qa.compress_documents(Recorder(), docs, leads, 4, 2) == [("a", 2), ("b", 4), ("c", 2), ("d", 4), ("e", 4)]
-    assert qa.compress_documents(Recorder(), docs, leads, 4, 0) == [(d, 4) for d in docs]
+    batch = [QAExample("q1", ["x"], ["a", "b"], 0), QAExample("q2", ["y"], ["c", "d", "e"], 1)]
+    assert qa.document_rates(batch, 4, 2) == [2, 4, 2, 4, 4]  # each question's first document at the lead rate
+    assert qa.document_rates(batch, 4, 0) == [4] * 5
     with pytest.raises(SystemExit, match="add --keep-top"):
         qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--lead-rate", "2"])
     common = ["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--gmsa-checkpoint",

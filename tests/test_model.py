@@ -32,6 +32,19 @@ def test_batching_and_padding_do_not_change_soft_tokens(tokenizer, method):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_texts_at_different_rates_compress_as_each_at_its_own(tokenizer):
+    model = make_tiny(tokenizer)
+    texts, rates = [TEXT, "Short.", TEXT * 2], [2, 8, 4]  # (the last spans two windows)
+    mixed = model.compress(texts, rates, batch_size=8)
+    for text, rate, soft in zip(texts, rates, mixed):
+        alone = model.compress([text], rate)[0]
+        assert soft.shape == alone.shape and torch.allclose(soft, alone, atol=1e-5)
+    with pytest.raises(ValueError, match="one rate per text"):
+        model.compress(texts, [2, 4])
+    with pytest.raises(ValueError, match="not allowed"):
+        model.compress(texts, [2, 3, 4])
+
+
 def test_long_text_is_split_into_windows_in_order(tokenizer):
     model = make_tiny(tokenizer)
     ids = tokenizer.encode(TEXT * 2, add_special_tokens=False)
