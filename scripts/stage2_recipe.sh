@@ -188,25 +188,26 @@ ablations=(
 cuda=${CUDA_VISIBLE_DEVICES:-0}
 ABL_GPUS=(${ABL_GPUS:-${cuda//,/ }})  # the GPUs the ablations share, round-robin (space-separated)
 
+selected() {  # each ablation ABL_ONLY keeps: its name, a tab, its trainer flags (common, batch and its own)
+  for entry in "${ablations[@]}"; do
+    name=${entry%%:*}; flags=${entry#*:}
+    [ -n "${ABL_ONLY:-}" ] && [[ " $ABL_ONLY " != *" $name "* ]] && continue
+    batch=$gmsa_batch; [ "$name" = nocompress ] && batch=$nocompress_batch
+    printf '%s\t%s\n' "$name" "$(echo $common $batch $flags)"
+  done
+}
+
 case "${1:?mode: ablations, long, profile or flags}" in
 flags)
-  for entry in "${ablations[@]}"; do
-    name=${entry%%:*}; flags=${entry#*:}
-    [ -n "${ABL_ONLY:-}" ] && [[ " $ABL_ONLY " != *" $name "* ]] && continue
-    batch=$gmsa_batch; [ "$name" = nocompress ] && batch=$nocompress_batch
-    echo "$name" $common $batch $flags
-  done ;;
+  selected | tr '\t' ' ' ;;
 ablations)
   i=0
-  for entry in "${ablations[@]}"; do
-    name=${entry%%:*}; flags=${entry#*:}
-    [ -n "${ABL_ONLY:-}" ] && [[ " $ABL_ONLY " != *" $name "* ]] && continue
-    batch=$gmsa_batch; [ "$name" = nocompress ] && batch=$nocompress_batch
-    CUDA_VISIBLE_DEVICES=${ABL_GPUS[$((i % ${#ABL_GPUS[@]}))]} python3 -m gmsa_rag.train $common $batch $flags \
+  while IFS=$'\t' read -r name flags; do
+    CUDA_VISIBLE_DEVICES=${ABL_GPUS[$((i % ${#ABL_GPUS[@]}))]} python3 -m gmsa_rag.train $flags \
       --out_dir "$RUNS/s2-$name" --steps "$ABL_STEPS" --time_limit_minutes "$ABL_MINUTES" \
       --eval_every "${ABL_EVAL_EVERY:-100000}" --save_every "${ABL_SAVE_EVERY:-100000}" > "$RUNS/s2-$name.log" 2>&1 &
     i=$((i + 1))
-  done
+  done < <(selected)
   wait
   tail -n 3 "$RUNS"/s2-*.log ;;
 long)
