@@ -754,6 +754,37 @@ def test_cli_build_takes_a_jsonl_file_and_refuses_other_files(tmp_path: Path, mo
     assert len(loads) == loaded  # refused before any model loads
 
 
+def test_cli_build_fills_several_rates_in_one_run(tmp_path: Path, monkeypatch, capsys):
+    """`--rate 8 2` (for GMSACompressor(rate=8, lead_rate=2)) caches every chunk at both rates with one model load."""
+    loads, model = [], FakeModel()
+
+    class FakeGMSAModel:
+        @staticmethod
+        def from_pretrained(checkpoint, device=None):
+            loads.append(checkpoint)
+            return model
+
+    monkeypatch.setitem(sys.modules, "gmsa_rag.model", types.SimpleNamespace(GMSAModel=FakeGMSAModel))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "gmsa_config.json").write_text(json.dumps({"format_version": 1, "config": {"rates": [2, 4, 8]}, "base_model": "tiny", "base_fingerprint": "0" * 64}))
+    src = write_jsonl(tmp_path / "wiki.jsonl", [{"text": prose(30)}, {"text": prose(12, "dogs")}])
+    cdir = tmp_path / "c"
+    argv = ["build", "--source", str(src), "--cache-dir", str(cdir), "--checkpoint", str(ckpt), "--no-progress",
+            "--chunk-size", "40", "--chunk-overlap", "4"]
+    assert cli_main(argv + ["--rate", "8", "2", "8", "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert [r["rate"] for r in reports] == [8, 2] and len(loads) == 1  # each rate once, in the order given
+    assert reports[0]["computed"] == reports[1]["computed"] == reports[0]["unique_chunks"] > 1
+    with SoftTokenCache(cdir) as cache:
+        assert len(cache) == 2 * reports[0]["unique_chunks"]
+    assert cli_main(argv + ["--rate", "2", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["at 2x", "at 8x"] and all(" 0 computed" in line for line in lines)
+    assert cli_main(argv + ["--rate", "8", "5"]) == 2  # every rate checked before anything is computed
+    assert "--rate 5 is not allowed" in capsys.readouterr().err and len(loads) == 2
+
+
 def test_cli_help():
     with pytest.raises(SystemExit) as e:
         cli_main(["--help"])

@@ -40,6 +40,7 @@ from .precompute import (
 from .store import CacheDatabaseError, SoftTokenCache, check_cache_dir, default_cache_dir, remove_cache_files
 
 if TYPE_CHECKING:
+    from gmsa_rag.cache.precompute import PrecomputeReport
     from gmsa_rag.config import GMSAConfig
     from gmsa_rag.model import GMSAModel
 
@@ -89,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--source", required=True,
                    help="folder of text / .jsonl(.gz) files, one such file, or a persisted index folder")
     _add_cache_dir(b)
-    b.add_argument("--rate", type=positive_int, required=True, help="compression rate (one of the model's rates)")
+    b.add_argument("--rate", type=positive_int, nargs="+", required=True, metavar="RATE",
+                   help="compression rate(s), each one of the model's rates; several (e.g. `--rate 8 2` for "
+                   "GMSACompressor(rate=8, lead_rate=2)) fill the cache at each in turn, and --json then prints a "
+                   "list of reports, one per rate")
     b.add_argument("--checkpoint", default=None, help="GMSA checkpoint folder (default: the bundled checkpoints/smollm2-gmsa)")
     b.add_argument("--batch-size", type=positive_int, default=8, help="chunks per compress call (default 8)")
     b.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -156,8 +160,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     cache_dir = check_cache_dir(args.cache_dir)
     source = _source_path(args.source)
     checkpoint, config = _checkpoint_config(args.checkpoint)
-    if args.rate not in config.rates:
-        raise UsageError(f"--rate {args.rate} is not allowed: {checkpoint} supports {list(config.rates)}")
+    rates = list(dict.fromkeys(args.rate))  # each once, in the order given
+    for rate in rates:
+        if rate not in config.rates:
+            raise UsageError(f"--rate {rate} is not allowed: {checkpoint} supports {list(config.rates)}")
     if args.device is not None:
         check_device(args.device)
     from gmsa_rag.cache.precompute import source_items
@@ -169,29 +175,40 @@ def _cmd_build(args: argparse.Namespace) -> int:
         model = _load_model(checkpoint, process_device(args.device), progress=not args.no_progress)  # a GPU per process
         # Libraries print notices to stdout (e.g. LlamaIndex's splitter); keep stdout for the report.
         with contextlib.redirect_stdout(sys.stderr):
-            report = precompute(
-                model,
-                cache,
-                items,
-                args.rate,
-                chunk_size=args.chunk_size,
-                chunk_overlap=args.chunk_overlap,
-                batch_size=args.batch_size,
-                progress=not args.no_progress,
-                verify=args.verify,
-            )
-    report = dataclasses.replace(report, source=str(source))
+            reports = [
+                dataclasses.replace(
+                    precompute(
+                        model,
+                        cache,
+                        items,
+                        rate,
+                        chunk_size=args.chunk_size,
+                        chunk_overlap=args.chunk_overlap,
+                        batch_size=args.batch_size,
+                        progress=not args.no_progress,
+                        verify=args.verify,
+                    ),
+                    source=str(source),
+                )
+                for rate in rates
+            ]
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        dicts = [report.as_dict() for report in reports]
+        print(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2))
     else:
-        share = (f"process {report.process_index} of {report.num_processes} (split by {report.split}, "
-                 f"{report.documents} documents): " if report.num_processes > 1 else "")
-        print(
-            f"{share}{report.total_chunks} chunks ({report.unique_chunks} unique): {report.computed} computed, "
-            f"{report.skipped} already cached, {report.empty_skipped} empty skipped "
-            f"in {report.seconds:.1f} s -> {report.cache_dir}"
-        )
+        for report in reports:
+            print(_report_line(report, several_rates=len(reports) > 1))
     return EXIT_OK
+
+
+def _report_line(report: "PrecomputeReport", several_rates: bool) -> str:
+    """One line of ``build``'s text report: the chunks of this process's share at one rate."""
+    share = (f"process {report.process_index} of {report.num_processes} (split by {report.split}, "
+             f"{report.documents} documents): " if report.num_processes > 1 else "")
+    rate = f"at {report.rate}x: " if several_rates else ""
+    return (f"{share}{rate}{report.total_chunks} chunks ({report.unique_chunks} unique): {report.computed} computed, "
+            f"{report.skipped} already cached, {report.empty_skipped} empty skipped "
+            f"in {report.seconds:.1f} s -> {report.cache_dir}")
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
