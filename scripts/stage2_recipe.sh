@@ -172,7 +172,7 @@ ablations=(
   "ranked-more:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first"
   "ranked-more-r24:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_rank 24"
   "ranked-more-r24-lr4e-3:--init $INIT --lr 4e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_rank 24"
-  # round 30 (prepared, not yet run): round 29's continuations answered their training questions better (qa-multidoc
+  # round 30 (run on one H100, benchmarks/results/h100/stage2-regularisers-r30.md): round 29's continuations answered their training questions better (qa-multidoc
   # train, 120 questions at 4x: 37.5 -> 50.8%) as dev fell (benchmarks/results/cpu-2core/qa-qamultidoc-split-r29.md):
   # the soft-token reader memorises its 17.6k questions. Against ranked-more (the control, round 29), three
   # regularisers at the same 600 steps from the shipped reader: dropout on the adapter's input, fresh questions (half
@@ -184,6 +184,12 @@ ablations=(
   "ranked-more-dropout:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1"
   "ranked-more-cloze:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --cloze_fraction 0.5"
   "ranked-more-wd:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --weight_decay 0.1"
+  # (each fell less than the control but none reached the shipped reader: dev 4x 27.0 -> 24.0 / 20.5 / 23.5, control
+  # 19.5; NQ dev 40.5 -> 39.0 / 34.5 / 35.5.) Then, alone with the device time left, the dropout run at a tenth of the
+  # rates for 300 steps (ABL_STEPS=300 ABL_EVAL_EVERY=300 ABL_SAVE_EVERY=300, RUNS=runs/r30, the rest as above): it
+  # stays where it started (dev 4x 26.5, NQ dev 39.5 against 40.5 on the CPU): the shipped reader is at a plateau of
+  # these prompts, and more steps on its 17.6k questions, with or without a regulariser, do not lift it.
+  "ranked-more-dropout-lr2e-4:--init $INIT --lr 2e-4 --compressor_lr 1e-4 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1"
 )
 cuda=${CUDA_VISIBLE_DEVICES:-0}
 ABL_GPUS=(${ABL_GPUS:-${cuda//,/ }})  # the GPUs the ablations share, round-robin (space-separated)

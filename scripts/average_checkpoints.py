@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Uniform weight average ("model soup") of GMSA checkpoints of one architecture, saved as a checkpoint.
+
+    python scripts/average_checkpoints.py OUT CHECKPOINT CHECKPOINT [CHECKPOINT ...]
+
+Every checkpoint must hold the same tensors with the same shapes (e.g. readers trained further from one checkpoint
+with the same adapter rank); the first one's model is loaded and its trained weights replaced by the mean. Round 30
+averaged the shipped reader with the five rank-16 readers trained further from it (rounds 29-30): on qa-multidoc dev
+it answers as the shipped reader does (28.0%, 4x, CPU; benchmarks/results/cpu-2core/qa-dev-soup-r30.md), so nothing
+was shipped from it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from gmsa_rag.checkpoint import CheckpointError, read_record, read_weights
+
+
+def mean_state(paths: list[str]) -> dict[str, torch.Tensor]:
+    """The element-wise mean (fp32) of the checkpoints' tensors; CheckpointError if they do not match."""
+    states = [read_weights(p) for p in paths]
+    for path, state in zip(paths[1:], states[1:]):
+        if {n: t.shape for n, t in state.items()} != {n: t.shape for n, t in states[0].items()}:
+            raise CheckpointError(f"{path} holds other tensors or shapes than {paths[0]}: they cannot be averaged")
+    return {n: torch.stack([s[n].float() for s in states]).mean(0) for n in states[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder the averaged checkpoint is written to")
+    parser.add_argument("checkpoints", nargs="+", help="two or more checkpoint folders")
+    args = parser.parse_args(argv)
+    if len(args.checkpoints) < 2:
+        parser.error("give two or more checkpoints to average")
+    try:
+        for path in args.checkpoints:
+            read_record(path)  # each a checkpoint, before any weights load
+        averaged = mean_state(args.checkpoints)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from gmsa_rag.model import GMSAModel
+
+    model = GMSAModel.from_pretrained(args.checkpoints[0])
+    params = model.trained_parameters()
+    if set(params) != set(averaged):
+        print(f"error: {args.checkpoints[0]} loads other trained weights than it stores", file=sys.stderr)
+        return 2
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(averaged[name].to(param.dtype))
+    model.save_pretrained(args.out, extra={"uniform_average_of": args.checkpoints})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
