@@ -153,3 +153,35 @@ def test_fingerprint_is_computed_again_only_when_a_compressor_tensor_changed(tok
     assert model.fingerprint not in (first, stepped)
     weight.data = saved.clone()  # a new storage: noticed
     assert model.fingerprint == first
+
+
+def _average_checkpoints_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "average_checkpoints.py"
+    spec = importlib.util.spec_from_file_location("average_checkpoints", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_average_checkpoints_is_the_elementwise_mean(tokenizer, tmp_path):
+    """scripts/average_checkpoints.py: the mean of every stored tensor; checkpoints of other shapes refused."""
+    script = _average_checkpoints_script()
+    paths = []
+    for seed in range(3):
+        model = tiny_gmsa(tokenizer)
+        with torch.no_grad():
+            for p in model.trained_parameters().values():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        paths.append(str(model.save_pretrained(tmp_path / f"ck{seed}")))
+    mean = script.mean_state(paths)
+    states = [read_weights(p) for p in paths]
+    assert mean.keys() == states[0].keys()
+    for name, tensor in mean.items():
+        assert torch.allclose(tensor, (states[0][name] + states[1][name] + states[2][name]) / 3), name
+    assert not torch.allclose(mean[name], states[0][name])
+    wider = str(tiny_gmsa(tokenizer, lora_rank=8).save_pretrained(tmp_path / "wider"))
+    with pytest.raises(CheckpointError, match="other tensors or shapes"):
+        script.mean_state([paths[0], wider])
