@@ -79,6 +79,11 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 #   LONG_EVAL_EVERY=500 SCHEDULE=wsd RUNS=runs/r29 RECIPE="--lr 2e-3 --compressor_lr 1e-3" BOTH="--min_docs 1 \
 #   --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --micro_batch_tokens 16384" \
 #   scripts/stage2_recipe.sh long
+# (still not run. Rounds 29-30 make it less promising: the shipped reader fell or stayed level under every further
+# step on these 17.6k questions, with or without a regulariser, so this run would meet the same questions ~7 times
+# too; add --decoder_lora_dropout 0.1 to RECIPE, which held round 30's memorising to under half. ~1 s a step alone
+# on one H100: 2,013 steps are ~34 minutes, more than a session's 30 device-minutes, so chain it over two sessions,
+# bringing the stable-phase checkpoint back with its optimizer.pt.)
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
