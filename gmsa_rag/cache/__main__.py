@@ -33,6 +33,7 @@ from .precompute import (
     DEFAULT_CHUNK_SIZE,
     MIN_DOCUMENTS_PER_PROCESS,
     SOURCE_SUFFIXES,
+    PrecomputeReport,
     precompute,
     process_device,
     source_file_kind,
@@ -40,7 +41,6 @@ from .precompute import (
 from .store import CacheDatabaseError, SoftTokenCache, check_cache_dir, default_cache_dir, remove_cache_files
 
 if TYPE_CHECKING:
-    from gmsa_rag.cache.precompute import PrecomputeReport
     from gmsa_rag.config import GMSAConfig
     from gmsa_rag.model import GMSAModel
 
@@ -201,7 +201,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _report_line(report: "PrecomputeReport", several_rates: bool) -> str:
+def _report_line(report: PrecomputeReport, several_rates: bool) -> str:
     """One line of ``build``'s text report: the chunks of this process's share at one rate."""
     share = (f"process {report.process_index} of {report.num_processes} (split by {report.split}, "
              f"{report.documents} documents): " if report.num_processes > 1 else "")
