@@ -244,3 +244,33 @@ def test_documents_split_keeps_each_process_to_its_own(tmp_path: Path):
     assert [r.total_chunks for r in reps] == [r.documents for r in reps] == [r.computed for r in reps]
     words = [sum(len(t.split()) for batch, _ in m.calls for t in batch) for m in models]
     assert max(words) - min(words) <= max(len(t.split()) for t in texts)
+
+
+def test_several_rates_chunk_the_source_once_and_fill_each_rate(tmp_path: Path, monkeypatch):
+    """precompute_rates: the same cache as one precompute per rate, with the source read and chunked once."""
+    import importlib
+
+    from gmsa_rag.cache import precompute_rates
+
+    precompute_module = importlib.import_module("gmsa_rag.cache.precompute")  # the module (the package exports the function)
+
+    chunked = []
+    real_chunk_items = precompute_module.chunk_items
+    monkeypatch.setattr(precompute_module, "chunk_items", lambda *a, **k: chunked.append(1) or real_chunk_items(*a, **k))
+    model = WordModel()
+    model.config.rates = (2, 4)
+    texts = docs(7)
+    with SoftTokenCache(tmp_path / "c") as cache:
+        reports = precompute_rates(model, cache, texts, [4, 2, 4], chunk_size=200, chunk_overlap=0, progress=False)
+        assert len(chunked) == 1 and [r.rate for r in reports] == [4, 2]  # each rate once, in the order given
+        assert all(r.computed == r.unique_chunks == 7 and r.documents == 7 for r in reports)
+        for t in texts:
+            for rate in (2, 4):
+                assert cache.get(cache_key(t, FP, rate)).shape[0] == -(-len(t.split()) // rate)
+        again = precompute_rates(model, cache, texts, [2, 4], chunk_size=200, chunk_overlap=0, progress=False)
+        assert [r.skipped for r in again] == [7, 7] and not any(r.computed for r in again)
+    with pytest.raises(ValueError, match="rate 8 is not supported"):
+        precompute_rates(model, cache, texts, [4, 8], progress=False)
+    assert len(chunked) == 2  # the bad rate is refused before the source is read
+    with pytest.raises(ValueError, match="sequence of rates"):
+        precompute_rates(model, cache, texts, 4, progress=False)

@@ -12,6 +12,7 @@ from .precompute import (
     load_folder,
     make_splitter,
     precompute,
+    precompute_rates,
 )
 from .store import (
     CacheCorruptionError,
@@ -44,5 +45,6 @@ __all__ = [
     "load_folder",
     "make_splitter",
     "precompute",
+    "precompute_rates",
     "remove_cache_files",
 ]

@@ -34,7 +34,7 @@ from .precompute import (
     MIN_DOCUMENTS_PER_PROCESS,
     SOURCE_SUFFIXES,
     PrecomputeReport,
-    precompute,
+    precompute_rates,
     process_device,
     source_file_kind,
 )
@@ -160,7 +160,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     cache_dir = check_cache_dir(args.cache_dir)
     source = _source_path(args.source)
     checkpoint, config = _checkpoint_config(args.checkpoint)
-    rates = list(dict.fromkeys(args.rate))  # each once, in the order given
+    rates = list(dict.fromkeys(args.rate))  # each once, in the order given (as precompute_rates takes them)
     for rate in rates:
         if rate not in config.rates:
             raise UsageError(f"--rate {rate} is not allowed: {checkpoint} supports {list(config.rates)}")
@@ -175,23 +175,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
         model = _load_model(checkpoint, process_device(args.device), progress=not args.no_progress)  # a GPU per process
         # Libraries print notices to stdout (e.g. LlamaIndex's splitter); keep stdout for the report.
         with contextlib.redirect_stdout(sys.stderr):
-            reports = [
-                dataclasses.replace(
-                    precompute(
-                        model,
-                        cache,
-                        items,
-                        rate,
-                        chunk_size=args.chunk_size,
-                        chunk_overlap=args.chunk_overlap,
-                        batch_size=args.batch_size,
-                        progress=not args.no_progress,
-                        verify=args.verify,
-                    ),
-                    source=str(source),
-                )
-                for rate in rates
-            ]
+            reports = precompute_rates(
+                model,
+                cache,
+                items,
+                rates,
+                chunk_size=args.chunk_size,
+                chunk_overlap=args.chunk_overlap,
+                batch_size=args.batch_size,
+                progress=not args.no_progress,
+                verify=args.verify,
+            )
+    reports = [dataclasses.replace(report, source=str(source)) for report in reports]
     if args.json:
         dicts = [report.as_dict() for report in reports]
         print(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2))

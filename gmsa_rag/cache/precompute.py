@@ -521,13 +521,40 @@ def precompute(
             count-th distinct chunk from index on (in key order). See :class:`PrecomputeReport` for the counts.
 
     Empty / whitespace-only chunks are skipped and counted in ``empty_skipped``. Re-running is
-    idempotent: cached chunks are skipped.
+    idempotent: cached chunks are skipped. Several rates: :func:`precompute_rates`.
     """
+    return precompute_rates(model, cache, source, [rate], chunk_size, chunk_overlap, batch_size, tokenizer=tokenizer,
+                            progress=progress, verify=verify, shard=shard)[0]
+
+
+def precompute_rates(
+    model: Any,
+    cache: SoftTokenCache,
+    source: Source,
+    rates: Sequence[int],
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP,
+    batch_size: int = 8,
+    *,
+    tokenizer: Any = "model",
+    progress: bool = True,
+    verify: bool = False,
+    shard: tuple[int, int] | None = None,
+) -> list[PrecomputeReport]:
+    """:func:`precompute` at each of ``rates`` in turn (each once, in the order given), reading and chunking the
+    source once: one report per rate. Every rate is checked before anything is read; the first report's
+    ``seconds`` include the reading and chunking, the others' do not."""
     import torch
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    _check_model_rate(model, rate)
+    started = time.perf_counter()
+    if isinstance(rates, (int, str)):
+        raise ValueError(f"rates must be a sequence of rates, got {rates!r} (one rate: precompute)")
+    rates = list(dict.fromkeys(rates))
+    if not rates:
+        raise ValueError("rates must name at least one rate")
+    for rate in rates:
+        _check_model_rate(model, rate)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     fingerprint = getattr(model, "fingerprint", None)
@@ -544,63 +571,66 @@ def precompute(
     split = "none" if count == 1 else "chunk keys" if own is None else "documents"
     chunked = items if own is None else own
     chunks, empty = chunk_items(chunked, tokenizer, chunk_size, chunk_overlap)
-    unique: dict[str, str] = {}
-    for text in chunks:
-        unique.setdefault(cache_key(text, fingerprint, rate), text)
-    if split == "chunk keys":
-        mine = {k: unique[k] for k in sorted(unique)[index::count]}  # keys are hashes: an even, stable split
-    else:
-        mine = unique
-    if verify:
-        missing = {k: t for k, t in mine.items() if cache.get(k) is None}
-    else:
-        missing = {k: t for k, t in mine.items() if k not in cache}
-    keys = list(missing)
-    lengths = dict(zip(keys, _token_lengths(getattr(model, "tokenizer", None), [missing[k] for k in keys])))
-    keys.sort(key=lambda k: lengths[k], reverse=True)  # longest first: a batch that does not fit fails at once
+    described = str(source) if isinstance(source, (str, os.PathLike)) else f"<{len(source)} items>"
+    reports = []
     kwargs = _compress_kwargs(model, batch_size)
+    for rate in rates:
+        unique: dict[str, str] = {}
+        for text in chunks:
+            unique.setdefault(cache_key(text, fingerprint, rate), text)
+        if split == "chunk keys":
+            mine = {k: unique[k] for k in sorted(unique)[index::count]}  # keys are hashes: an even, stable split
+        else:
+            mine = unique
+        if verify:
+            missing = {k: t for k, t in mine.items() if cache.get(k) is None}
+        else:
+            missing = {k: t for k, t in mine.items() if k not in cache}
+        keys = list(missing)
+        lengths = dict(zip(keys, _token_lengths(getattr(model, "tokenizer", None), [missing[k] for k in keys])))
+        keys.sort(key=lambda k: lengths[k], reverse=True)  # longest first: a batch that does not fit fails at once
 
-    t1 = time.perf_counter()
-    done_tokens = 0
-    label = f"GMSA compress (rate {rate})" + (f" [process {index} of {count}]" if count > 1 else "")
-    show = progress and index == 0
-    with tqdm(total=len(keys), unit="chunk", desc=label, disable=not show) as bar, \
-            ThreadPoolExecutor(1, thread_name_prefix="gmsa-cache-writer") as writer:
-        pending: list[Future] = []
-        for start in range(0, len(keys), batch_size):
-            batch_keys = keys[start : start + batch_size]
-            with torch.no_grad():
-                result = list(model.compress([missing[k] for k in batch_keys], rate, **kwargs))
-            if len(result) != len(batch_keys):
-                raise ValueError(f"compress returned {len(result)} tensors for {len(batch_keys)} texts")
-            pairs = [(k, t.detach().to("cpu")) for k, t in zip(batch_keys, result)]
-            while len(pending) >= 2:  # at most two batches waiting to be written
-                pending.pop(0).result()
-            pending.append(writer.submit(cache.put_many, pairs))
-            done_tokens += sum(lengths[k] for k in batch_keys)
-            bar.update(len(batch_keys))
-            bar.set_postfix_str(f"{done_tokens / max(time.perf_counter() - t1, 1e-9):,.0f} tok/s", refresh=False)
-        for future in pending:
-            future.result()
-    loop_seconds = time.perf_counter() - t1
-
-    report = PrecomputeReport(
-        source=str(source) if isinstance(source, (str, os.PathLike)) else f"<{len(source)} items>",
-        cache_dir=str(cache.directory),
-        fingerprint=fingerprint,
-        rate=rate,
-        total_chunks=len(chunks),
-        unique_chunks=len(mine),
-        computed=len(missing),
-        skipped=len(mine) - len(missing),
-        empty_skipped=empty,
-        seconds=time.perf_counter() - t0,
-        tokens=done_tokens,
-        compress_seconds=loop_seconds,
-        process_index=index,
-        num_processes=count,
-        split=split,
-        documents=len(chunked),
-    )
-    logger.info("precompute: %s", report)
-    return report
+        t1 = time.perf_counter()
+        done_tokens = 0
+        label = f"GMSA compress (rate {rate})" + (f" [process {index} of {count}]" if count > 1 else "")
+        show = progress and index == 0
+        with tqdm(total=len(keys), unit="chunk", desc=label, disable=not show) as bar, \
+                ThreadPoolExecutor(1, thread_name_prefix="gmsa-cache-writer") as writer:
+            pending: list[Future] = []
+            for start in range(0, len(keys), batch_size):
+                batch_keys = keys[start : start + batch_size]
+                with torch.no_grad():
+                    result = list(model.compress([missing[k] for k in batch_keys], rate, **kwargs))
+                if len(result) != len(batch_keys):
+                    raise ValueError(f"compress returned {len(result)} tensors for {len(batch_keys)} texts")
+                pairs = [(k, t.detach().to("cpu")) for k, t in zip(batch_keys, result)]
+                while len(pending) >= 2:  # at most two batches waiting to be written
+                    pending.pop(0).result()
+                pending.append(writer.submit(cache.put_many, pairs))
+                done_tokens += sum(lengths[k] for k in batch_keys)
+                bar.update(len(batch_keys))
+                bar.set_postfix_str(f"{done_tokens / max(time.perf_counter() - t1, 1e-9):,.0f} tok/s", refresh=False)
+            for future in pending:
+                future.result()
+        loop_seconds = time.perf_counter() - t1
+        reports.append(PrecomputeReport(
+            source=described,
+            cache_dir=str(cache.directory),
+            fingerprint=fingerprint,
+            rate=rate,
+            total_chunks=len(chunks),
+            unique_chunks=len(mine),
+            computed=len(missing),
+            skipped=len(mine) - len(missing),
+            empty_skipped=empty,
+            seconds=time.perf_counter() - started,
+            tokens=done_tokens,
+            compress_seconds=loop_seconds,
+            process_index=index,
+            num_processes=count,
+            split=split,
+            documents=len(chunked),
+        ))
+        logger.info("precompute: %s", reports[-1])
+        started = time.perf_counter()  # the next rate's pass: the source is read and chunked already
+    return reports
