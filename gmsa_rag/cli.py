@@ -291,7 +291,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
         f"{_provenance(first, readonly)}, {first.compress_seconds:.2f} s; compressing them from scratch takes "
         f"{fresh_compress:.2f} s (one-time per chunk)")
     say(f"timing ({args.device}, {torch.get_num_threads()} threads, {report['engine']} decoding; "
-        "TTFT = query call -> first answer token):")
+        "TTFT = query call -> first streamed answer word, shown once the token after it is decoded):")
     say(f"  {'':28s} {'TTFT':>8s} {'end-to-end':>11s} {'compress':>9s} {'positions':>9s} {'new tok':>7s} {'decode/tok':>10s}")
     for r in runs:
         say(f"  {r.label:28s} {_fmt(r.ttft):>8s} {_fmt(r.total):>11s} {_fmt(r.compress_seconds):>9s} "

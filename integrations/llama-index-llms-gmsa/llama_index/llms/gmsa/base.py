@@ -61,7 +61,8 @@ class GenerationStats:
     """Decoder input length: soft tokens + text tokens."""
     new_tokens: int = 0
     ttft_seconds: float | None = None
-    """Time to first token (prompt building + prefill + first decode step); streaming only."""
+    """Time to the first streamed answer text: prompt building, prefill and the decode steps until the streamer shows
+    the first word (it holds a word until the next token is decoded); streaming only."""
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
