@@ -160,8 +160,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     cache_dir = check_cache_dir(args.cache_dir)
     source = _source_path(args.source)
     checkpoint, config = _checkpoint_config(args.checkpoint)
-    rates = list(dict.fromkeys(args.rate))  # each once, in the order given (as precompute_rates takes them)
-    for rate in rates:
+    for rate in args.rate:
         if rate not in config.rates:
             raise UsageError(f"--rate {rate} is not allowed: {checkpoint} supports {list(config.rates)}")
     if args.device is not None:
@@ -179,7 +178,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 model,
                 cache,
                 items,
-                rates,
+                args.rate,  # (each once, in the order given)
                 chunk_size=args.chunk_size,
                 chunk_overlap=args.chunk_overlap,
                 batch_size=args.batch_size,
