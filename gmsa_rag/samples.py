@@ -37,11 +37,25 @@ class Sample:
     task: Literal["restore", "continue", "span"] = "restore"
     target_doc: int = 0
     cue: Text | None = None  # task="span": the quoted words (text or token ids) the target follows
+    document_rates: list[int] | None = None  # per-document rates instead of ``rate`` (a lead document finer)
+
+    def rate_of(self, document: int) -> int | None:
+        """The compression rate of ``documents[document]`` (None: kept as text)."""
+        return self.document_rates[document] if self.document_rates else self.rate
 
 
 def sample_rate(rates: Sequence[int], rng: random.Random, weights: Sequence[float] | None = None) -> int:
     """The compression rate of one sample, drawn from the configured set (uniform unless ``weights``)."""
     return rng.choices(list(rates), weights=list(weights) if weights else None)[0]
+
+
+def lead_rates(count: int, rate: int, lead_rate: int, order: str) -> list[int]:
+    """Per-document rates of a ranked prompt of ``count`` documents as ``GMSACompressor(lead_rate=)`` reads it: the
+    best match (first with ``bm25_first``, last with ``bm25_last``) at ``lead_rate``, the others at ``rate``."""
+    if order not in ("bm25_first", "bm25_last"):
+        raise ValueError(f"a lead document needs a ranked document order (bm25_first or bm25_last), got {order!r}")
+    lead = 0 if order == "bm25_first" else count - 1
+    return [lead_rate if d == lead else rate for d in range(count)]
 
 
 def token_ids(model: "GMSAModel", documents: Sequence[Text]) -> list[list[int]]:
@@ -60,7 +74,7 @@ def build_prompts(model: "GMSAModel", samples: Sequence[Sample]) -> list[list[Se
         for d, ids in enumerate(token_ids(model, sample.documents)):
             for window in model.windows(ids):
                 windows.append(window)
-                rates.append(sample.rate)
+                rates.append(sample.rate_of(d))
                 owners.append((s, d))
     soft = model.soft_tokens(windows, rates) if windows else []
     documents: list[list[list]] = [[[] for _ in sample.documents] for sample in samples]

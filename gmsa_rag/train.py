@@ -51,7 +51,7 @@ from .data.qa import QAExample, dev_layout, load_qa, reordered
 from .lexical import DOCUMENT_ORDERS
 from .metrics import qa_metrics, reconstruction_metrics
 from .model import GMSAModel
-from .samples import Sample, build_prompts, sample_rate, token_ids
+from .samples import Sample, build_prompts, lead_rates, sample_rate, token_ids
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -60,7 +60,7 @@ POSITIVE = ("lr", "max_grad_norm")
 NON_NEGATIVE = ("compressor_lr", "weight_decay", "warmup_steps", "distill_weight", "distill_hidden_weight",
                 "distill_soft_weight", "quote_words")
 FRACTIONS = ("title_fraction", "continuation_fraction", "span_fraction", "multi_doc_fraction", "docs_curriculum",
-             "min_lr_ratio")
+             "min_lr_ratio", "lead_fraction")
 # what a run resumed into its --out_dir must keep: the flags that shape its model and prompts (whether the compressor
 # trains decides the optimizer's parameter groups)
 RUN_DEFINING = ("stage", "method", "base_model", "init", "no_compress", "encoder_layers", "lsa_layers", "rates",
@@ -111,6 +111,8 @@ class TrainConfig:
     docs_curriculum: float = field(default=0.0, metadata={"help": "keft: share of the budget over which the number of documents ramps from gold-only to max_docs"})
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
     cloze_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose question is a fill-in-the-blank cut from the gold passage (a sentence with a number or name blanked, gmsa_rag.data.cloze) over the same documents: unlimited extra questions that need finding a sentence by content and copying from the middle of a document"})
+    lead_rate: int = field(default=0, metadata={"help": "keft, with a ranked --doc_order: in --lead_fraction of the samples the best BM25 match (first with bm25_first, last with bm25_last) is compressed at this rate and the others at the sample's drawn rate, as GMSACompressor(lead_rate=, rate=) reads retrieved chunks; the dev log adds lead<R>_accuracy@<r>x (the lead at R, the others at each coarser rate r); 0: off"})
+    lead_fraction: float = field(default=0.5, metadata={"help": "keft, with --lead_rate: the share of samples whose best match is at --lead_rate (the rest: every document at the drawn rate)"})
     cite_document: bool = field(default=False, metadata={"help": "keft: each answer opens with the number of the document that holds it (\"[3] Sun Tzu\"; the prompt asks for it, generation strips it, the checkpoint remembers it): choosing the document becomes a supervised first step (gmsa_rag.citation); the dev log adds cite_accuracy"})
     quote_evidence: bool = field(default=False, metadata={"help": "keft: each answer is given as a quote of the words that lead to it in the gold passage (up to --quote_words words of its sentence), the answer in bold (\"attributed to **Sun Tzu**\"; the prompt asks for it, generation returns the bold answer, the checkpoint remembers it): the decoder restores the answer's place, then reads the answer off its own text (gmsa_rag.evidence); costs the quote's decode steps (dev log: quote_tokens). Measured: far worse, the quote lands near the answer and the bold on the wrong words (one document at 4x: accuracy 10.5-16.5 against 32.5; benchmarks/results/h200/stage2-quote-evidence.md)"})
     quote_words: int = field(default=QUOTE_WORDS, metadata={"help": "keft, with --quote_evidence: most words of the answer's sentence quoted before it (fewer: fewer decode steps, less to locate the answer by)"})
@@ -226,6 +228,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             parser.error(f"--init {cfg.init} with --no_compress must be a no-compress fine-tune (trained with --no_compress)")
         if not cfg.no_compress and adapter == "always":
             parser.error(f"--init {cfg.init} is a no-compress fine-tune; train soft tokens from a GMSA checkpoint")
+    if cfg.lead_rate and (cfg.stage != "keft" or cfg.no_compress or cfg.doc_order == "given"
+                          or cfg.lead_rate not in rates):
+        parser.error(f"--lead_rate {cfg.lead_rate}: a stage-2 (keft) option for soft tokens with a ranked --doc_order "
+                     f"(bm25_first or bm25_last), one of the model's rates {sorted(rates)}")
     if cfg.rate_weights and (len(cfg.rate_weights) != len(rates) or min(cfg.rate_weights) < 0
                              or not sum(cfg.rate_weights)):
         parser.error(f"--rate_weights needs one weight >= 0 per rate {sorted(rates)}, not all 0; got {cfg.rate_weights}")
@@ -427,10 +433,12 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
             example = data.qa[rng.randrange(len(data.qa))]
             if cfg.cloze_fraction and rng.random() < cfg.cloze_fraction:  # (no draw when off: the same batches)
                 example = cloze_example(example, rng) or example
-            samples.append(qa_sample(example, rate, docs_cap(cfg, progress), rng, cfg.min_docs,
-                                     cfg.distractors == "hardest", cite=cfg.cite_document,
-                                     quote_words=cfg.quote_words if cfg.quote_evidence else None,
-                                     order=cfg.doc_order))
+            sample = qa_sample(example, rate, docs_cap(cfg, progress), rng, cfg.min_docs,
+                               cfg.distractors == "hardest", cite=cfg.cite_document,
+                               quote_words=cfg.quote_words if cfg.quote_evidence else None, order=cfg.doc_order)
+            if cfg.lead_rate and rng.random() < cfg.lead_fraction:  # (no draw when off: the same batches)
+                sample.document_rates = lead_rates(len(sample.documents), rate, cfg.lead_rate, cfg.doc_order)
+            samples.append(sample)
     if cfg.grad_accum > 1 or cfg.micro_batch_tokens:
         samples.sort(key=decoder_positions)
     if cfg.micro_batch_tokens:
@@ -457,8 +465,8 @@ def decoder_positions(sample: Sample) -> int:
     def tokens(text) -> int:
         return len(text) if isinstance(text, list) else len(text) // 4 + 1
 
-    rate = sample.rate or 1
-    return sum(-(-tokens(d) // rate) + 8 for d in sample.documents) + tokens(sample.target or "") + 25
+    return (sum(-(-tokens(d) // (sample.rate_of(i) or 1)) + 8 for i, d in enumerate(sample.documents))
+            + tokens(sample.target or "") + 25)
 
 
 def lr_factor(cfg: TrainConfig, progress: float, step: int) -> float:
@@ -600,23 +608,25 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
     examples = dev[: cfg.eval_samples]
     results: dict[str, float] = {}
     rates: list[int | None] = [None] if cfg.no_compress else list(model.config.rates)
-    if cfg.stage == "ae":  # (metric prefix, task, documents shown, dev items)
-        layouts = [("", "restore", 1, examples)]
+    if cfg.stage == "ae":  # (metric prefix, task, documents shown, dev items, lead rate)
+        layouts = [("", "restore", 1, examples, 0)]
         if cfg.eval_spans:
-            layouts.append(("span_", "span", 1, examples))
+            layouts.append(("span_", "span", 1, examples, 0))
         if among:
-            layouts.append(("among_", "restore", 1 + len(among[0]), list(zip(examples, among))))
+            layouts.append(("among_", "restore", 1 + len(among[0]), list(zip(examples, among)), 0))
     else:
-        layouts = [("", "qa", cfg.max_docs, examples)]
+        layouts = [("", "qa", cfg.max_docs, examples, 0)]
         if cfg.eval_gold_only:
-            layouts.append(("gold_", "qa", 1, [e for e in examples if e.gold_index is not None]))
-    for prefix, task, docs, items in layouts:
-        for rate in rates:
+            layouts.append(("gold_", "qa", 1, [e for e in examples if e.gold_index is not None], 0))
+        if cfg.lead_rate:
+            layouts.append((f"lead{cfg.lead_rate}_", "qa", cfg.max_docs, examples, cfg.lead_rate))
+    for prefix, task, docs, items, lead in layouts:
+        for rate in [r for r in rates if not lead or (r or 0) > lead]:
             index, count, size = *shard, cfg.eval_batch_size
             batches = []  # (start, predictions, references) of this process's batches
             for start in range(index * size, len(items), count * size):
                 samples, references, new_tokens = dev_batch(items[start : start + size], task, docs, rate, start, model,
-                                                            cfg.doc_order)
+                                                            cfg.doc_order, lead)
                 batches.append((start, model.generate_from_segments(build_prompts(model, samples),
                                                                     max_new_tokens=new_tokens), references))
             if count > 1:
@@ -640,10 +650,10 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
 
 
 def dev_batch(items: list, task: str, docs: int, rate: int | None, offset: int,
-              model: GMSAModel, order: str = "given") -> tuple[list[Sample], list, int]:
+              model: GMSAModel, order: str = "given", lead_rate: int = 0) -> tuple[list[Sample], list, int]:
     """Generation prompts, references and an answer length for a slice of dev items: restore a passage, quote the
     16 tokens that follow 6 tokens from its middle (``span``), or answer a question over ``docs`` documents in
-    ``order``."""
+    ``order`` (with ``lead_rate``, the best match at that rate)."""
     if task == "restore":  # with docs > 1 items are (passage, its distractors), the passage at place (offset + j) mod docs
         pairs = items if docs > 1 else [(ids, []) for ids in items]
         samples = []
@@ -656,8 +666,11 @@ def dev_batch(items: list, task: str, docs: int, rate: int | None, offset: int,
         return ([Sample([ids], None, rate=rate, task="span", cue=ids[s : s + 6]) for ids, s in zip(items, starts)],
                 [model.tokenizer.decode(ids[s + 6 : s + 22]).strip() for ids, s in zip(items, starts)], 20)
     new_tokens = 24 + (QUOTE_TOKENS if model.config.answer_quotes else 0)
-    return ([dev_qa_sample(e, rate, docs, offset + j, order) for j, e in enumerate(items)], [e.answers for e in items],
-            new_tokens)
+    samples = [dev_qa_sample(e, rate, docs, offset + j, order) for j, e in enumerate(items)]
+    if lead_rate:
+        for sample in samples:
+            sample.document_rates = lead_rates(len(sample.documents), rate, lead_rate, order)
+    return samples, [e.answers for e in items], new_tokens
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -195,6 +195,16 @@ ablations=(
   # stays where it started (dev 4x 26.5, NQ dev 39.5 against 40.5 on the CPU): the shipped reader is at a plateau of
   # these prompts, and more steps on its 17.6k questions, with or without a regulariser, do not lift it.
   "ranked-more-dropout-lr2e-4:--init $INIT --lr 2e-4 --compressor_lr 1e-4 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1"
+  # Round 31 (issue 11), mixed-rate stage 2 for the lead-rate reading: reading the best BM25 match at 2x and the
+  # others at 8x (GMSACompressor(lead_rate=2, rate=8), 214 positions on NQ dev against 4x's 245) lifted the untrained
+  # shipped reader from 40.5 to 45.5 on NQ dev (round 29). Here the reader learns that layout: half the samples
+  # their best match at 2x, the others at the drawn rate (--lead_rate 2 --lead_fraction 0.5), 300 steps from the
+  # shipped reader; lead2-lr2e-4 differs from round 30's ranked-more-dropout-lr2e-4 (the control) only in that,
+  # lead2-lr6e-4 at three times its rates. Side by side on one H100 (ABL_STEPS=300 ABL_EVAL_EVERY=300
+  # ABL_SAVE_EVERY=300 RUNS=runs/r31, the rest as round 30's); judged on qa-multidoc dev (lead2_accuracy@8x, then
+  # qa.py --lead-rate 2 --rates 8 on the CPU), held-out NQ dev after.
+  "lead2-lr2e-4:--init $INIT --lr 2e-4 --compressor_lr 1e-4 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --lead_rate 2 --lead_fraction 0.5"
+  "lead2-lr6e-4:--init $INIT --lr 6e-4 --compressor_lr 3e-4 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --lead_rate 2 --lead_fraction 0.5"
 )
 cuda=${CUDA_VISIBLE_DEVICES:-0}
 ABL_GPUS=(${ABL_GPUS:-${cuda//,/ }})  # the GPUs the ablations share, round-robin (space-separated)

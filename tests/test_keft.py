@@ -406,3 +406,19 @@ def test_decoder_adapter_dropout_acts_in_training_on_soft_token_prompts_only(tok
         with pytest.raises(SystemExit):
             parse_args(flags + ["--decoder_lora_dropout", bad])
         assert "--decoder_lora_dropout is a probability" in capsys.readouterr().err
+
+
+def test_prompts_compress_each_document_at_its_own_rate(tokenizer):
+    """Sample.document_rates (the trainer's --lead_rate): each document's soft tokens are those of its own rate."""
+    from gmsa_rag.samples import build_prompts
+
+    model = tiny_gmsa(tokenizer, rates=[2, 4])
+
+    def soft(sample):
+        return [s.embeds for s in build_prompts(model, [sample])[0] if s.embeds is not None]
+
+    at2, at4 = soft(Sample(DOCS, "a", question="q", rate=2)), soft(Sample(DOCS, "a", question="q", rate=4))
+    mixed = soft(Sample(DOCS, "a", question="q", rate=4, document_rates=[2, 4]))
+    assert len(mixed) == 2 and mixed[0].shape[0] > mixed[1].shape[0]
+    torch.testing.assert_close(mixed[0], at2[0])
+    torch.testing.assert_close(mixed[1], at4[1])

@@ -553,3 +553,60 @@ def test_keft_can_train_quoted_evidence_and_the_checkpoint_remembers_it(base_dir
 def test_quoted_evidence_and_cited_answers_are_refused_together():
     with pytest.raises(SystemExit):
         parse_args(["--stage", "keft", "--no_compress", "true", "--quote_evidence", "true", "--cite_document", "true"])
+
+
+LEAD_EXAMPLE = QAExample("who wrote the art of war", ["Sun Tzu"],
+                         ["Pasta recipes", "The Art of War was written by Sun Tzu", "Art museums of Paris"], 1)
+
+
+@pytest.mark.parametrize("order", ["bm25_first", "bm25_last"])
+def test_lead_rate_samples_compress_the_best_match_finer_in_a_share_of_the_batch(order):
+    """--lead_rate: in about --lead_fraction of the samples the best BM25 match (first or last, as the product's
+    lead_rate reads it) is at the lead rate and the others at the sample's rate; off, the batches are unchanged."""
+    data = Data(None, [LEAD_EXAMPLE], [])
+    base = dict(stage="keft", batch_size=16, min_docs=3, max_docs=3, doc_order=order)
+    end = 0 if order == "bm25_first" else -1
+    samples = [s for step in range(4) for s in step_batches(step, data, TrainConfig(**base, lead_rate=2), [4, 8], 0)[0]]
+    lead = [s for s in samples if s.document_rates]
+    assert 0.25 < len(lead) / len(samples) < 0.75
+    for s in lead:
+        assert s.documents[end] == LEAD_EXAMPLE.contexts[1] and s.rate_of(end % len(s.documents)) == 2
+        assert [s.rate_of(d) for d in range(len(s.documents))].count(s.rate) == len(s.documents) - 1
+    every = step_batches(0, data, TrainConfig(**base, lead_rate=2, lead_fraction=1.0), [4], 0)[0]
+    assert all(s.document_rates for s in every)
+    assert decoder_positions(every[0]) > decoder_positions(replace(every[0], document_rates=None))
+    off = step_batches(0, data, TrainConfig(**base), [4, 8], 0)[0]
+    assert not any(s.document_rates for s in off)
+    # no draw while --lead_rate is off: a run without it gets the batches it got before the option existed
+    assert [s.rate for s in off] == [4, 4, 8, 4, 4, 8, 4, 8, 4, 8, 4, 4, 4, 4, 8, 4]
+
+
+def test_lead_rate_dev_evaluation_scores_the_lead_layout_at_each_coarser_rate(tokenizer):
+    from gmsa_rag.testing import tiny_gmsa
+
+    model = tiny_gmsa(tokenizer, rates=[2, 4, 8])
+    dev = [LEAD_EXAMPLE, QAExample("river in egypt", ["Nile"], ["The Nile flows north.", "Rome is old."], 0)]
+    cfg = TrainConfig(stage="keft", init="unused", max_docs=3, eval_samples=2, eval_batch_size=2,
+                      doc_order="bm25_first")
+    plain = evaluate(model, dev, cfg)
+    led = evaluate(model, dev, replace(cfg, lead_rate=2))
+    assert {k for k in led if k.startswith("lead2_")} == {f"lead2_{k}" for k in plain if k.endswith(("@4x", "@8x"))}
+    assert all(led[k] == plain[k] for k in plain)  # greedy: the uniform figures are unchanged
+    samples, _, _ = dev_batch(dev, "qa", 3, 8, 0, model, "bm25_first", lead_rate=2)
+    assert [samples[0].rate_of(d) for d in range(3)] == [2, 8, 8] and samples[0].documents[0] == LEAD_EXAMPLE.contexts[1]
+
+
+@pytest.mark.parametrize("argv", [["--doc_order", "given", "--lead_rate", "2"],  # no best match to lead with
+                                  ["--doc_order", "bm25_first", "--lead_rate", "8"],  # not a rate of the model
+                                  ["--doc_order", "bm25_first", "--lead_rate", "2", "--lead_fraction", "1.5"]])
+def test_lead_rate_is_validated_before_a_model_loads(argv, tokenizer, tmp_path, capsys):
+    from gmsa_rag.testing import tiny_gmsa
+
+    tiny_gmsa(tokenizer, rates=[2, 4]).save_pretrained(tmp_path / "init")
+    flags = ["--stage", "keft", "--init", str(tmp_path / "init"), "--out_dir", str(tmp_path / "run")]
+    assert parse_args([*flags, "--doc_order", "bm25_last", "--lead_rate", "2"]).lead_rate == 2
+    with pytest.raises(SystemExit):
+        parse_args([*flags, *argv])
+    assert "--lead_" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # text has no lead document to compress
+        parse_args(["--stage", "keft", "--no_compress", "true", "--doc_order", "bm25_first", "--lead_rate", "2"])
