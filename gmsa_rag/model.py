@@ -436,7 +436,7 @@ class GMSAModel(nn.Module):
             gather["hidden"] = ([range(prompt_length(p) - k, prompt_length(p)) for p, k in zip(prompts, tails)],
                                 [range(prompt_length(t) - k, prompt_length(t)) for t, k in zip(text_prompts, tails)])
         if soft:
-            found = [soft_token_groups(p, t, self.config.window, s.rate)
+            found = [soft_token_groups(p, t, self.config.window, s.document_rates or s.rate)
                      for p, t, s in zip(prompts, text_prompts, samples)]
             groups = [g for _, row_groups in found for g in row_groups]
             gather["soft"] = ([positions for positions, _ in found],

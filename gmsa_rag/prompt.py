@@ -167,20 +167,21 @@ def group_spans(n_tokens: int, window: int, rate: int) -> list[tuple[int, int]]:
 
 
 def soft_token_groups(soft_prompt: Sequence[Segment], text_prompt: Sequence[Segment], window: int,
-                      rate: int) -> tuple[list[int], list[list[int]]]:
+                      rate: int | Sequence[int]) -> tuple[list[int], list[list[int]]]:
     """Where each soft token of ``soft_prompt`` sits and the positions in ``text_prompt`` of the tokens it stands for.
 
     The two prompts must have the same layout with each soft-token span of the first a token span in the second (the
     document as the encoder tokenized it, compressed in windows of ``window`` tokens at ``rate``, as group merging
-    does)."""
+    does; a list gives each soft-token span its own rate, in order)."""
     if len(soft_prompt) != len(text_prompt):
         raise ValueError("soft_token_groups: the prompts do not have the same layout")
+    span_rates = iter([rate] * len(soft_prompt) if isinstance(rate, int) else rate)
     soft_positions: list[int] = []
     groups: list[list[int]] = []
     soft_at = text_at = 0
     for soft, text in zip(soft_prompt, text_prompt):
         if soft.embeds is not None:
-            n = len(text)
+            n, rate = len(text), next(span_rates)
             spans = group_spans(n, window, rate)
             if len(spans) != len(soft) or text.token_ids is None:
                 raise ValueError(f"soft_token_groups: a span of {len(soft)} soft tokens against {n} tokens at {rate}x")

@@ -40,8 +40,8 @@ class Sample:
     document_rates: list[int] | None = None  # per-document rates instead of ``rate`` (a lead document finer)
 
     def rate_of(self, document: int) -> int | None:
-        """The compression rate of ``documents[document]`` (None: kept as text)."""
-        return self.document_rates[document] if self.document_rates else self.rate
+        """The compression rate of ``documents[document]`` (None: every document kept as text)."""
+        return self.document_rates[document] if self.document_rates and self.rate is not None else self.rate
 
 
 def sample_rate(rates: Sequence[int], rng: random.Random, weights: Sequence[float] | None = None) -> int:

@@ -174,6 +174,12 @@ def test_each_soft_token_is_compared_with_the_text_tokens_it_stands_for(tokenize
     loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all("lora_" in n and n.startswith("decoder.") for n in grads)
+    mixed = soft_token_groups(qa_segments(tokenizer, "q?", [model.compress([long_doc], 2)[0],
+                                                            model.compress([DOCS[1]], 4)[0]], "a"),
+                              text_prompt, window=8, rate=[2, 4])  # --lead_rate: a rate per document
+    assert len(mixed[1]) > len(groups) and all(len(g) <= 2 for g in mixed[1][:4])
+    led = [Sample([long_doc, DOCS[1]], "Shakespeare", question="who wrote hamlet?", rate=4, document_rates=[2, 4])]
+    assert model.distillation_terms(led, soft=True)["soft"].item() > 0  # the groups follow each document's rate
 
 
 def test_answer_losses_are_per_prompt_means_of_the_target_tokens(tokenizer):
@@ -422,3 +428,5 @@ def test_prompts_compress_each_document_at_its_own_rate(tokenizer):
     assert len(mixed) == 2 and mixed[0].shape[0] > mixed[1].shape[0]
     torch.testing.assert_close(mixed[0], at2[0])
     torch.testing.assert_close(mixed[1], at4[1])
+    as_text = Sample(DOCS, "a", question="q", rate=None, document_rates=[2, 4])  # the teacher's copy of a lead sample
+    assert as_text.rate_of(0) is None and not soft(as_text)
