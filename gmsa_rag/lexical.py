@@ -72,6 +72,12 @@ def ordered(question: str, documents: Sequence[str], order: str) -> list[int]:
     return kept_places(bm25_scores(question, documents), best_last=order == "bm25_last")
 
 
+def lead_place(count: int, order: str) -> int:
+    """Where the best-ranked of ``count`` documents shown in ``order`` stands (the one a lead rate reads finer): last
+    with ``bm25_last``, first otherwise (``given`` hands the best-ranked first, as retrieval ranks them)."""
+    return count - 1 if order == "bm25_last" else 0
+
+
 def lead(scores: Sequence[float]) -> float:
     """How far the best score leads the next (``inf`` with fewer than two): a confident rerank keeps the best document
     alone when it leads by more than a margin (measured in round 27: a reader of five ranked documents loses ~3.5

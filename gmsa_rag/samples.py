@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal, Sequence, Union
 
 import torch
 
+from .lexical import lead_place
 from .prompt import Context, Segment, ae_segments
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def lead_rates(count: int, rate: int, lead_rate: int, order: str) -> list[int]:
     best match (first with ``bm25_first``, last with ``bm25_last``) at ``lead_rate``, the others at ``rate``."""
     if order not in ("bm25_first", "bm25_last"):
         raise ValueError(f"a lead document needs a ranked document order (bm25_first or bm25_last), got {order!r}")
-    lead = 0 if order == "bm25_first" else count - 1
+    lead = lead_place(count, order)
     return [lead_rate if d == lead else rate for d in range(count)]
 
 

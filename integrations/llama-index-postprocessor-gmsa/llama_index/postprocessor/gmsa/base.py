@@ -18,7 +18,7 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle, TextNode
 
 from gmsa_rag.cache import SoftTokenCache, cache_key
-from gmsa_rag.lexical import DOCUMENT_ORDERS, bm25_scores, kept_places
+from gmsa_rag.lexical import DOCUMENT_ORDERS, bm25_scores, kept_places, lead_place
 from gmsa_rag.markers import SoftTokenStore, marker, store_for, text_key
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ class GMSACompressor(BaseNodePostprocessor):
             if isinstance(n.node, TextNode) and n.node.get_content(metadata_mode=MetadataMode.NONE).strip()
         ]
         texts = [nodes[i].node.get_content(metadata_mode=MetadataMode.NONE) for i in todo]
-        lead = len(nodes) - 1 if self.documents_order == "bm25_last" else 0  # the best-ranked node handed on
+        lead = lead_place(len(nodes), self.documents_order)  # the best-ranked node handed on
         rates = [self.lead_rate if self.lead_rate is not None and i == lead else self.rate for i in todo]
         keys = self._fetch(texts, rates, stats) if texts else []
         out = list(nodes)
