@@ -257,6 +257,9 @@ def test_several_rates_chunk_the_source_once_and_fill_each_rate(tmp_path: Path, 
     chunked = []
     real_chunk_items = precompute_module.chunk_items
     monkeypatch.setattr(precompute_module, "chunk_items", lambda *a, **k: chunked.append(1) or real_chunk_items(*a, **k))
+    counted = []
+    real_token_lengths = precompute_module._token_lengths
+    monkeypatch.setattr(precompute_module, "_token_lengths", lambda tok, t: counted.extend(t) or real_token_lengths(tok, t))
     model = WordModel()
     model.config.rates = (2, 4)
     texts = docs(7)
@@ -264,6 +267,8 @@ def test_several_rates_chunk_the_source_once_and_fill_each_rate(tmp_path: Path, 
         reports = precompute_rates(model, cache, texts, [4, 2, 4], chunk_size=200, chunk_overlap=0, progress=False)
         assert len(chunked) == 1 and [r.rate for r in reports] == [4, 2]  # each rate once, in the order given
         assert all(r.computed == r.unique_chunks == 7 and r.documents == 7 for r in reports)
+        assert sorted(counted) == sorted(texts)  # each chunk's tokens counted once, not once per rate
+        assert reports[0].tokens == reports[1].tokens == sum(len(t.split()) for t in texts)
         for t in texts:
             for rate in (2, 4):
                 assert cache.get(cache_key(t, FP, rate)).shape[0] == -(-len(t.split()) // rate)

@@ -574,6 +574,7 @@ def precompute_rates(
     described = str(source) if isinstance(source, (str, os.PathLike)) else f"<{len(source)} items>"
     reports = []
     kwargs = _compress_kwargs(model, batch_size)
+    text_tokens: dict[str, int] = {}  # each chunk's token count, counted once over all rates
     for rate in rates:
         unique: dict[str, str] = {}
         for text in chunks:
@@ -587,7 +588,9 @@ def precompute_rates(
         else:
             missing = {k: t for k, t in mine.items() if k not in cache}
         keys = list(missing)
-        lengths = dict(zip(keys, _token_lengths(getattr(model, "tokenizer", None), [missing[k] for k in keys])))
+        uncounted = [t for t in dict.fromkeys(missing.values()) if t not in text_tokens]
+        text_tokens.update(zip(uncounted, _token_lengths(getattr(model, "tokenizer", None), uncounted)))
+        lengths = {k: text_tokens[missing[k]] for k in keys}
         keys.sort(key=lambda k: lengths[k], reverse=True)  # longest first: a batch that does not fit fails at once
 
         t1 = time.perf_counter()
