@@ -365,7 +365,8 @@ def _columns(fast: bool, gpu: bool) -> list[bc.Column]:
             C("compress_ms", "compress ms", 1), C("ttft_ms", "TTFT ms", 1), C("ttft_speedup", "TTFT ×"),
             C("decode_ms_per_token", "decode ms/tok"), C("e2e_s", "e2e s", 3), C("e2e_speedup", "e2e ×")]
     if fast:
-        cols += [C("fast_ttft_ms", "fast TTFT ms", 1), C("fast_decode_ms_per_token", "fast decode ms/tok"),
+        cols += [C("fast_ttft_ms", "fast TTFT ms", 1), C("fast_ttft_speedup", "fast TTFT ×"),
+                 C("fast_decode_ms_per_token", "fast decode ms/tok"),
                  C("fast_e2e_s", "fast e2e s", 3), C("fast_e2e_speedup", "fast e2e ×")]
     if gpu:
         cols += [C("peak_gib", "peak GiB"), C("peak_delta_gib", "peak over resident GiB", 3)]
@@ -405,7 +406,8 @@ def _definitions(args, device, fast) -> list[str]:
 def plot(rows, args, fast: bool):
     fig, axes = bc.new_figure(ncols=3, width=6.2, height=4.8)
     ax_ttft, ax_e2e, ax_bar = axes[0]
-    e2e_key = "fast_e2e_s" if fast else "e2e_s"
+    path = "fast path" if fast else "HF generate"
+    ttft_key, e2e_key = ("fast_ttft_ms", "fast_e2e_s") if fast else ("ttft_ms", "e2e_s")
     styles = {"uncompressed": "-", "gmsa-cached": "-", "gmsa-online": "--", "tcp-cached": ":", "tcp-online": "-."}
     colors = {r: c for r, c in zip(args.rates, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
                                                 "tab:brown"])}
@@ -418,12 +420,12 @@ def plot(rows, args, fast: bool):
                   color="black" if method == "uncompressed" else colors.get(rate),
                   linewidth=2.5 if method == "uncompressed" else 1.3, label=label)
         xs = [r["length"] for r in rs]
-        ax_ttft.plot(xs, [r["ttft_ms"] for r in rs], **kw)
+        ax_ttft.plot(xs, [r[ttft_key] for r in rs], **kw)
         ys = [r.get(e2e_key) for r in rs]
         if all(y is not None for y in ys):
             ax_e2e.plot(xs, ys, **kw)
-    for ax, title, unit in ((ax_ttft, "TTFT (HF generate)", "ms"),
-                            (ax_e2e, f"end-to-end, {args.new_tokens} tokens ({'fast path' if fast else 'HF generate'})", "s")):
+    for ax, title, unit in ((ax_ttft, f"TTFT ({path})", "ms"),
+                            (ax_e2e, f"end-to-end, {args.new_tokens} tokens ({path})", "s")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(args.lengths)
         ax.set_xticklabels([str(x) for x in args.lengths])
@@ -435,11 +437,10 @@ def plot(rows, args, fast: bool):
     ax_ttft.legend(fontsize=6, ncol=2)
     longest = max(args.lengths)
     bars = [r for r in rows if r["length"] == longest and r["method"] != "uncompressed"]
-    speed_key = "fast_e2e_speedup" if fast else "e2e_speedup"
+    prefix = "fast_" if fast else ""
     x = range(len(bars))
-    ax_bar.bar([i - 0.2 for i in x], [r.get("ttft_speedup") or 0 for r in bars], 0.4, label="TTFT")
-    ax_bar.bar([i + 0.2 for i in x], [r.get(speed_key) or 0 for r in bars], 0.4,
-               label=f"e2e ({'fast' if fast else 'HF'})")
+    ax_bar.bar([i - 0.2 for i in x], [r.get(f"{prefix}ttft_speedup") or 0 for r in bars], 0.4, label=f"TTFT ({path})")
+    ax_bar.bar([i + 0.2 for i in x], [r.get(f"{prefix}e2e_speedup") or 0 for r in bars], 0.4, label=f"e2e ({path})")
     ax_bar.axhline(1.0, color="black", linewidth=0.8)
     ax_bar.set_xticks(list(x))
     ax_bar.set_xticklabels([r["label"] for r in bars], rotation=60, ha="right", fontsize=7)

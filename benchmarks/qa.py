@@ -89,6 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --keep-top: compressed systems read each question's best BM25 match at rate F and the "
                         "other documents at the system's rate (positions spent where the answer most often is; "
                         "default 0: every document at the system's rate)")
+    p.add_argument("--lead-count", type=positive_int, default=1, metavar="K",
+                   help="with --lead-rate: each question's K best BM25 matches at the lead rate (default 1)")
     p.add_argument("--rates", type=positive_int, nargs="+", default=[4, 8], help="rates for compressed systems (default 4 8)")
     p.add_argument("--base", action="store_true", help="evaluate the base model on uncompressed prompts")
     p.add_argument("--nocompress-checkpoint", default=None)
@@ -148,7 +150,7 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
         questions = [e.question for e in batch]
         if compressed:
             flat = [c for e in batch for c in e.contexts]
-            soft = model.compress(flat, document_rates(batch, spec.rate, args.lead_rate)) if flat else []
+            soft = model.compress(flat, document_rates(batch, spec.rate, args.lead_rate, args.lead_count)) if flat else []
             fine = model.compress(flat, args.expand_rate) if flat and args.expand_to and args.expand_rate > 1 else None
             contexts, i = [], 0
             for e in batch:
@@ -202,7 +204,7 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
     scores = qa_metrics(predictions, [e.answers for e in examples])
     return {
         "system": spec.label + (expansion_label(args) if compressed and args.expand_to else "")
-                  + (f" lead {args.lead_rate}x" if compressed and args.lead_rate else ""),
+                  + (lead_label(args) if compressed and args.lead_rate else ""),
         "kind": spec.kind, "rate": spec.rate, "checkpoint": spec.path if spec.kind != "base" else None,
         "n": n, "exact_match": scores["exact_match"], "f1": scores["f1"], "accuracy": scores["accuracy"],
         "ms_per_query": (compress_s + generate_s) / n * 1e3, "compress_ms_per_query": compress_s / n * 1e3,
@@ -213,10 +215,20 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
     }
 
 
-def document_rates(batch: list, rate: int, lead_rate: int) -> list[int]:
+def document_rates(batch: list, rate: int, lead_rate: int, lead_count: int = 1) -> list[int]:
     """The rate of every document of ``batch``, question by question: ``rate``; with ``lead_rate``, each question's
-    first document (with --keep-top its best match) at ``lead_rate``."""
-    return [lead_rate if lead_rate and j == 0 else rate for e in batch for j in range(len(e.contexts))]
+    first ``lead_count`` documents (with --keep-top its best matches, best first) at ``lead_rate``."""
+    return [lead_rate if lead_rate and j < lead_count else rate for e in batch for j in range(len(e.contexts))]
+
+
+def lead_matches(count: int) -> str:
+    """The documents ``--lead-count`` reads at the lead rate, in words."""
+    return "best match" if count == 1 else f"{count} best matches"
+
+
+def lead_label(args) -> str:
+    """What ``--lead-rate`` adds to a compressed system's name: the lead rate (and how many documents it reads)."""
+    return f" lead {args.lead_rate}x" + (f" x{args.lead_count}" if args.lead_count > 1 else "")
 
 
 def expansion_label(args) -> str:
@@ -256,6 +268,8 @@ def main(argv=None) -> dict[str, Any]:
     if args.lead_rate and (not args.keep_top or args.best_last or args.expand_to):
         raise SystemExit("--lead-rate reads the best BM25 match first at its own rate: add --keep-top, without "
                          "--best-last or --expand-to")
+    if args.lead_count > 1 and not args.lead_rate:
+        raise SystemExit("--lead-count says how many best matches --lead-rate reads: add --lead-rate")
     if args.keep_confident is not None and args.keep_confident < 0:
         raise SystemExit(f"--keep-confident must be 0 or more, got {args.keep_confident}")
     for flag, value in (("--extract-top", args.extract_top), ("--extract-sentences", args.extract_sentences)):
@@ -321,7 +335,8 @@ def main(argv=None) -> dict[str, Any]:
             "documents": ("gold passage only" if args.gold_only else "as in the file (gold among distractors)")
                          + (f", the {args.keep_top} of best BM25 match kept" if args.keep_top else "")
                          + (", best last" if args.best_last else "")
-                         + (f", compressed systems read the best match at {args.lead_rate}x" if args.lead_rate else "")
+                         + (f", compressed systems read the {lead_matches(args.lead_count)} at {args.lead_rate}x"
+                            if args.lead_rate else "")
                          + (f", only the best where its BM25 score leads by more than {args.keep_confident}"
                             if args.keep_confident is not None else ""),
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "engine": args.engine,

@@ -105,6 +105,8 @@ def test_latency_runs_end_to_end(qa_file, tmp_path):
         < by[(96, "uncompressed", None)]["prompt_len"]
     assert by[(96, "gmsa-online", 4)]["compress_ms"] > 0
     assert all(r["fast_token_agreement"] == 1.0 and r["fast_e2e_s"] > 0 for r in rows)  # fp32: static == HF
+    assert by[(96, "uncompressed", None)]["fast_ttft_speedup"] == pytest.approx(1.0)
+    assert "fast TTFT ×" in (out / "latency.md").read_text()  # the product's CUDA path's ratio, tabulated
     assert "UNTRAINED" in (out / "latency.md").read_text()
     assert data["meta"]["question"] == "Who designed the Eiffel Tower?"
 
@@ -716,6 +718,10 @@ def test_qa_lead_rate_reads_each_questions_best_match_at_its_own_rate(qa_file, c
     batch = [QAExample("q1", ["x"], ["a", "b"], 0), QAExample("q2", ["y"], ["c", "d", "e"], 1)]
     assert qa.document_rates(batch, 4, 2) == [2, 4, 2, 4, 4]  # each question's first document at the lead rate
     assert qa.document_rates(batch, 4, 0) == [4] * 5
+    assert qa.document_rates(batch, 8, 2, 2) == [2, 2, 2, 2, 8]  # --lead-count 2: each question's two best matches
+    with pytest.raises(SystemExit, match="add --lead-rate"):
+        qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--keep-top", "2",
+                 "--lead-count", "2"])
     with pytest.raises(SystemExit, match="add --keep-top"):
         qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--lead-rate", "2"])
     common = ["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--gmsa-checkpoint",
@@ -727,6 +733,9 @@ def test_qa_lead_rate_reads_each_questions_best_match_at_its_own_rate(qa_file, c
     assert row["system"] == "GMSA r=4 lead 2x" and "best match at 2x" in led["meta"]["documents"]
     # one of two documents read at 2x: more positions than every document at 4x, fewer than every one at 2x
     assert plain["mean_decoder_positions"] < row["mean_decoder_positions"] < fine["mean_decoder_positions"]
+    both = qa.main(common + ["--rates", "4", "--lead-rate", "2", "--lead-count", "2", "--out", str(tmp_path / "both")])
+    assert both["rows"][0]["system"] == "GMSA r=4 lead 2x x2" and "2 best matches at 2x" in both["meta"]["documents"]
+    assert both["rows"][0]["mean_decoder_positions"] == fine["mean_decoder_positions"]  # both kept documents at 2x
 
 
 def test_long_benchmark_loops_show_progress_on_stderr(qa_file, tmp_path, capsys):
