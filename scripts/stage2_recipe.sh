@@ -83,7 +83,9 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # step on these 17.6k questions, with or without a regulariser, so this run would meet the same questions ~7 times
 # too; add --decoder_lora_dropout 0.1 to RECIPE, which held round 30's memorising to under half. ~1 s a step alone
 # on one H100: 2,013 steps are ~34 minutes, more than a session's 30 device-minutes, so chain it over two sessions,
-# bringing the stable-phase checkpoint back with its optimizer.pt.)
+# bringing the stable-phase checkpoint back with its optimizer.pt. Round 32 could not start it: after round 31's runs
+# the GPU could not be had again. With continuations of the shipped reader exhausted (rounds 29-32), it is the one
+# stage-2 run on this backbone left untried: add STOP_AFTER=<minutes> to pause and run the same command to resume.)
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
@@ -202,7 +204,9 @@ ablations=(
   # shipped reader; lead2-lr2e-4 differs from round 30's ranked-more-dropout-lr2e-4 (the control) only in that,
   # lead2-lr6e-4 at three times its rates. Side by side on one H100 (ABL_STEPS=300 ABL_EVAL_EVERY=300
   # ABL_SAVE_EVERY=300 RUNS=runs/r31, the rest as round 30's); judged on qa-multidoc dev (lead2_accuracy@8x, then
-  # qa.py --lead-rate 2 --rates 8 on the CPU), held-out NQ dev after.
+  # qa.py --lead-rate 2 --rates 8 on the CPU), held-out NQ dev after. Round 32 ran them (benchmarks/results/h100/
+  # stage2-lead-rate-r32.md): they read dev at lead 2x / others 8x 33.0 / 30.5 against the shipped reader's 36.5 on
+  # the same H100; NQ dev was not run.
   "lead2-lr2e-4:--init $INIT --lr 2e-4 --compressor_lr 1e-4 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --lead_rate 2 --lead_fraction 0.5"
   "lead2-lr6e-4:--init $INIT --lr 6e-4 --compressor_lr 3e-4 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --lead_rate 2 --lead_fraction 0.5"
 )
