@@ -245,6 +245,10 @@ def check_resume(cfg: TrainConfig, error) -> None:
     """A run resumed into ``--out_dir`` keeps the flags that define its model; others may change (said here)."""
     path = latest_checkpoint(cfg.out_dir)
     if path is None:
+        saved = sorted(p.name for p in (Path(cfg.out_dir) / "checkpoints").glob("step-*"))
+        if saved:  # (copied without its pointer: starting afresh would write over them)
+            error(f"{cfg.out_dir} holds checkpoints ({', '.join(saved[-3:])}) but no 'latest' naming the one to "
+                  f"resume: write its name into {Path(cfg.out_dir) / 'latest'}, or give another --out_dir")
         return
     try:
         before = read_record(path).get("extra", {}).get("train_config", {})

@@ -86,6 +86,11 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # bringing the stable-phase checkpoint back with its optimizer.pt. Round 32 could not start it: after round 31's runs
 # the GPU could not be had again. With continuations of the shipped reader exhausted (rounds 29-32), it is the one
 # stage-2 run on this backbone left untried: add STOP_AFTER=<minutes> to pause and run the same command to resume.)
+# Round 33 ran it with RUNS=runs/r32 RECIPE+=" --decoder_lora_dropout 0.1" STOP_AFTER=12 on one H100: paused at step
+# 872 of 2,013 (~0.79 s a step; stable phase, lr 2e-3), dev 4x 21.0 / lead 2x-8x 27.0 on qa.py against the shipped
+# reader's 28.0 / 35.5 (benchmarks/results/h100/stage2-fresh-r33.md). Brought back with its optimizer.pt and `latest`
+# (now: scripts/gpu_bring_back.sh); to finish it, put runs/r32/s2-long there (the checkpoint folder and the run's
+# small files in one call, optimizer.pt in the next: 68 MB in all) and run the same command (~15 H100 minutes).
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same

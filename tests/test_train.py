@@ -370,6 +370,10 @@ def test_resuming_refuses_a_changed_model_and_names_a_damaged_checkpoints_neighb
     with pytest.raises(SystemExit):  # stage 1 trained further: its architecture is the checkpoint's
         parse_args(["--init", str(run / "checkpoints" / "step-0000004"), "--rates", "4"])
     assert "--rates 4: the model of --init" in capsys.readouterr().err
+    (run / "latest").rename(run / "latest.away")  # the checkpoints copied without their pointer: refused, kept
+    with pytest.raises(UsageError, match=r"holds checkpoints \(step-0000002, step-0000004\) but no 'latest'"):
+        check_resume(ae_config(base_dir, corpus, run, steps=8), refuse)
+    (run / "latest.away").rename(run / "latest")
     (run / "checkpoints" / "step-0000004" / "trainer_state.json").write_text("{cut")
     with pytest.raises(CheckpointError, match="cannot resume from .*step-0000004.*earlier: step-0000002"):
         train(ae_config(base_dir, corpus, run, steps=8))
