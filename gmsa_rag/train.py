@@ -245,10 +245,8 @@ def check_resume(cfg: TrainConfig, error) -> None:
     """A run resumed into ``--out_dir`` keeps the flags that define its model; others may change (said here)."""
     path = latest_checkpoint(cfg.out_dir)
     if path is None:
-        saved = sorted(p.name for p in (Path(cfg.out_dir) / "checkpoints").glob("step-*"))
-        if saved:  # (copied without its pointer: starting afresh would write over them)
-            error(f"{cfg.out_dir} holds checkpoints ({', '.join(saved[-3:])}) but no 'latest' naming the one to "
-                  f"resume: write its name into {Path(cfg.out_dir) / 'latest'}, or give another --out_dir")
+        if unpointed := _unpointed_checkpoints(cfg.out_dir):
+            error(unpointed)
         return
     try:
         before = read_record(path).get("extra", {}).get("train_config", {})
@@ -266,6 +264,15 @@ def check_resume(cfg: TrainConfig, error) -> None:
                and k not in ("out_dir", "config")]
     if changed:
         print(f"resuming {cfg.out_dir} from {path.name} with changed flags: {'; '.join(changed)}", flush=True)
+
+
+def _unpointed_checkpoints(out_dir: str) -> str:
+    """Why a run folder holding checkpoints but no ``latest`` cannot start (afresh, it would write over them)."""
+    saved = sorted(p.name for p in (Path(out_dir) / "checkpoints").glob("step-*"))
+    if not saved:
+        return ""
+    return (f"{out_dir} holds checkpoints ({', '.join(saved[-3:])}) but no 'latest' naming the one to resume: "
+            f"write its name into {Path(out_dir) / 'latest'}, or give another --out_dir")
 
 
 def _earlier_checkpoints(out_dir: str, damaged: Path) -> str:
@@ -720,6 +727,8 @@ def resume(model: GMSAModel, optimizer, cfg: TrainConfig) -> Progress:
     """Restore weights, optimizer and progress from the run's latest checkpoint (a fresh Progress if none)."""
     path = latest_checkpoint(cfg.out_dir)
     if path is None:
+        if unpointed := _unpointed_checkpoints(cfg.out_dir):
+            raise CheckpointError(unpointed)
         return Progress()
     try:
         attach_checkpoint(model, read_record(path), read_weights(path), path)

@@ -373,6 +373,9 @@ def test_resuming_refuses_a_changed_model_and_names_a_damaged_checkpoints_neighb
     (run / "latest").rename(run / "latest.away")  # the checkpoints copied without their pointer: refused, kept
     with pytest.raises(UsageError, match=r"holds checkpoints \(step-0000002, step-0000004\) but no 'latest'"):
         check_resume(ae_config(base_dir, corpus, run, steps=8), refuse)
+    with pytest.raises(CheckpointError, match="but no 'latest'"):  # (the Python API, past the flag checks)
+        train(ae_config(base_dir, corpus, run, steps=8))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     (run / "latest.away").rename(run / "latest")
     (run / "checkpoints" / "step-0000004" / "trainer_state.json").write_text("{cut")
     with pytest.raises(CheckpointError, match="cannot resume from .*step-0000004.*earlier: step-0000002"):
