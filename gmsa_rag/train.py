@@ -266,9 +266,14 @@ def check_resume(cfg: TrainConfig, error) -> None:
         print(f"resuming {cfg.out_dir} from {path.name} with changed flags: {'; '.join(changed)}", flush=True)
 
 
+def _saved_checkpoints(out_dir: str) -> list[str]:
+    """The names of the run's checkpoint folders, oldest first."""
+    return sorted(p.name for p in (Path(out_dir) / "checkpoints").glob("step-*"))
+
+
 def _unpointed_checkpoints(out_dir: str) -> str:
     """Why a run folder holding checkpoints but no ``latest`` cannot start (afresh, it would write over them)."""
-    saved = sorted(p.name for p in (Path(out_dir) / "checkpoints").glob("step-*"))
+    saved = _saved_checkpoints(out_dir)
     if not saved:
         return ""
     return (f"{out_dir} holds checkpoints ({', '.join(saved[-3:])}) but no 'latest' naming the one to resume: "
@@ -276,7 +281,7 @@ def _unpointed_checkpoints(out_dir: str) -> str:
 
 
 def _earlier_checkpoints(out_dir: str, damaged: Path) -> str:
-    others = sorted(p.name for p in (Path(out_dir) / "checkpoints").glob("step-*") if p != damaged)
+    others = [name for name in _saved_checkpoints(out_dir) if name != damaged.name]
     where = Path(out_dir) / "latest"
     if not others:
         return f"no other checkpoint there: remove {where} to start afresh"
