@@ -8,6 +8,9 @@ with the same adapter rank); the first one's model is loaded and its trained wei
 averaged the shipped reader with the five rank-16 readers trained further from it (rounds 29-30): on qa-multidoc dev
 it answers as the shipped reader does (28.0%, 4x, CPU; benchmarks/results/cpu-2core/qa-dev-soup-r30.md), so nothing
 was shipped from it.
+
+The average is computed in fp32 and stored in the dtype the first checkpoint stores (bf16 readers give a bf16 soup
+of the same size).
 """
 from __future__ import annotations
 
@@ -29,6 +32,11 @@ def mean_state(paths: list[str]) -> dict[str, torch.Tensor]:
     return {n: torch.stack([s[n].float() for s in states]).mean(0) for n in states[0]}
 
 
+def stored_dtype(path: str) -> torch.dtype:
+    """The dtype a checkpoint stores its trained weights in."""
+    return next(iter(read_weights(path).values())).dtype
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="folder the averaged checkpoint is written to")
@@ -45,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from gmsa_rag.model import GMSAModel
 
-    model = GMSAModel.from_pretrained(args.checkpoints[0])
+    model = GMSAModel.from_pretrained(args.checkpoints[0], dtype=stored_dtype(args.checkpoints[0]))
     params = model.trained_parameters()
     if set(params) != set(averaged):
         print(f"error: {args.checkpoints[0]} loads other trained weights than it stores", file=sys.stderr)

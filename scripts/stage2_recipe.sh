@@ -91,6 +91,10 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # reader's 28.0 / 35.5 (benchmarks/results/h100/stage2-fresh-r33.md). Brought back with its optimizer.pt and `latest`
 # (now: scripts/gpu_bring_back.sh); to finish it, put runs/r32/s2-long there (the checkpoint folder and the run's
 # small files in one call, optimizer.pt in the next: 68 MB in all) and run the same command (~15 H100 minutes).
+# Round 34 finished it that way (steps 873-2,013, ~20 minutes with its dev evaluations): qa-multidoc dev 27.5 at 4x and
+# 37.0 at lead 2x / others 8x, NQ dev 45.0 at the lead reading, level with the shipped reader; the uniform weight average
+# of the two (scripts/average_checkpoints.py checkpoints/smollm2-gmsa <its step 2013>) beat both and is the bundled
+# checkpoint now (benchmarks/results/README.md, round 34).
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same

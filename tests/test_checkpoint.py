@@ -185,3 +185,30 @@ def test_average_checkpoints_is_the_elementwise_mean(tokenizer, tmp_path):
     wider = str(tiny_gmsa(tokenizer, lora_rank=8).save_pretrained(tmp_path / "wider"))
     with pytest.raises(CheckpointError, match="other tensors or shapes"):
         script.mean_state([paths[0], wider])
+
+
+def test_average_checkpoints_stores_the_soup_as_its_inputs_are_stored(tokenizer, tmp_path, monkeypatch):
+    """A soup of bf16 checkpoints is a bf16 checkpoint (the fp32 mean rounded once), not an fp32 one twice the size."""
+    from gmsa_rag.model import GMSAModel
+
+    script = _average_checkpoints_script()
+    paths = []
+    for seed in range(2):
+        model = tiny_gmsa(tokenizer)
+        with torch.no_grad():
+            for p in model.trained_parameters().values():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        paths.append(str(model.to(torch.bfloat16).save_pretrained(tmp_path / f"ck{seed}")))
+    assert script.stored_dtype(paths[0]) == torch.bfloat16
+
+    def from_pretrained(path, dtype=None, **_):  # the tiny backbone is not loadable by name
+        return attach_checkpoint(tiny_gmsa(tokenizer).to(dtype or torch.float32), read_record(path),
+                                 read_weights(path), path)
+
+    monkeypatch.setattr(GMSAModel, "from_pretrained", staticmethod(from_pretrained))
+    assert script.main([str(tmp_path / "soup"), *paths]) == 0
+    soup, mean = read_weights(tmp_path / "soup"), script.mean_state(paths)
+    assert soup.keys() == mean.keys()
+    for name, tensor in soup.items():
+        assert tensor.dtype == torch.bfloat16, name
+        assert torch.equal(tensor, mean[name].to(torch.bfloat16)), name
