@@ -166,16 +166,22 @@ def _average_checkpoints_script():
     return module
 
 
-def test_average_checkpoints_is_the_elementwise_mean(tokenizer, tmp_path):
-    """scripts/average_checkpoints.py: the mean of every stored tensor; checkpoints of other shapes refused."""
-    script = _average_checkpoints_script()
+def _perturbed_checkpoints(tokenizer, tmp_path, count, dtype=torch.float32):
+    """``count`` tiny checkpoints whose trained weights differ (seeded noise), saved in ``dtype``."""
     paths = []
-    for seed in range(3):
+    for seed in range(count):
         model = tiny_gmsa(tokenizer)
         with torch.no_grad():
             for p in model.trained_parameters().values():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
-        paths.append(str(model.save_pretrained(tmp_path / f"ck{seed}")))
+        paths.append(str(model.to(dtype).save_pretrained(tmp_path / f"ck{seed}")))
+    return paths
+
+
+def test_average_checkpoints_is_the_elementwise_mean(tokenizer, tmp_path):
+    """scripts/average_checkpoints.py: the mean of every stored tensor; checkpoints of other shapes refused."""
+    script = _average_checkpoints_script()
+    paths = _perturbed_checkpoints(tokenizer, tmp_path, 3)
     mean = script.mean_state(paths)
     states = [read_weights(p) for p in paths]
     assert mean.keys() == states[0].keys()
@@ -192,13 +198,7 @@ def test_average_checkpoints_stores_the_soup_as_its_inputs_are_stored(tokenizer,
     from gmsa_rag.model import GMSAModel
 
     script = _average_checkpoints_script()
-    paths = []
-    for seed in range(2):
-        model = tiny_gmsa(tokenizer)
-        with torch.no_grad():
-            for p in model.trained_parameters().values():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
-        paths.append(str(model.to(torch.bfloat16).save_pretrained(tmp_path / f"ck{seed}")))
+    paths = _perturbed_checkpoints(tokenizer, tmp_path, 2, torch.bfloat16)
     assert script.stored_dtype(paths[0]) == torch.bfloat16
 
     def from_pretrained(path, dtype=None, **_):  # the tiny backbone is not loadable by name
