@@ -10,7 +10,10 @@ it answers as the shipped reader does (28.0%, 4x, CPU; benchmarks/results/cpu-2c
 was shipped from it.
 
 The average is computed in fp32 and stored in the dtype the first checkpoint stores (bf16 readers give a bf16 soup
-of the same size).
+of the same size). Its record keeps the stage-2 training config the inputs share, which the product reads for how
+many documents to hand on and in which order, and lists the inputs; checkpoints whose stage 2 read other prompt
+shapes (document order or count) are refused. Round 34 averaged the shipped reader with the equal-budget run from
+the same stage 1: it beat both and is the bundled checkpoint (benchmarks/results/README.md, round 34).
 """
 from __future__ import annotations
 
@@ -32,6 +35,19 @@ def mean_state(paths: list[str]) -> dict[str, torch.Tensor]:
     return {n: torch.stack([s[n].float() for s in states]).mean(0) for n in states[0]}
 
 
+def soup_extra(paths: list[str], records: list[dict]) -> dict:
+    """The average's ``extra`` metadata: the inputs, and the first one's stage-2 training config (the product reads its
+    document count and order); CheckpointError if the inputs' stage 2 read other prompt shapes."""
+    from gmsa_rag.model import recorded_document_order, stage2_training
+
+    shapes = {(recorded_document_order(r.get("extra")), stage2_training(r.get("extra")).get("max_docs")) for r in records}
+    if len(shapes) > 1:
+        raise CheckpointError(f"the checkpoints' stage 2 read other prompts (document order, most documents: "
+                              f"{', '.join(sorted(map(str, shapes)))}): their average has no one shape to record")
+    train = stage2_training(records[0].get("extra"))
+    return {"uniform_average_of": list(paths), **({"train_config": train} if train else {})}
+
+
 def stored_dtype(path: str) -> torch.dtype:
     """The dtype a checkpoint stores its trained weights in."""
     return next(iter(read_weights(path).values())).dtype
@@ -45,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.checkpoints) < 2:
         parser.error("give two or more checkpoints to average")
     try:
-        for path in args.checkpoints:
-            read_record(path)  # each a checkpoint, before any weights load
+        records = [read_record(path) for path in args.checkpoints]  # each a checkpoint, before any weights load
+        extra = soup_extra(args.checkpoints, records)
         averaged = mean_state(args.checkpoints)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -61,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(averaged[name].to(param.dtype))
-    model.save_pretrained(args.out, extra={"uniform_average_of": args.checkpoints})
+    model.save_pretrained(args.out, extra=extra)
     print(f"wrote {args.out}")
     return 0
 

@@ -166,15 +166,15 @@ def _average_checkpoints_script():
     return module
 
 
-def _perturbed_checkpoints(tokenizer, tmp_path, count, dtype=torch.float32):
-    """``count`` tiny checkpoints whose trained weights differ (seeded noise), saved in ``dtype``."""
+def _perturbed_checkpoints(tokenizer, tmp_path, count, dtype=torch.float32, extra=None):
+    """``count`` tiny checkpoints whose trained weights differ (seeded noise), saved in ``dtype`` with ``extra``."""
     paths = []
     for seed in range(count):
         model = tiny_gmsa(tokenizer)
         with torch.no_grad():
             for p in model.trained_parameters().values():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
-        paths.append(str(model.to(dtype).save_pretrained(tmp_path / f"ck{seed}")))
+        paths.append(str(model.to(dtype).save_pretrained(tmp_path / f"ck{seed}", extra=extra)))
     return paths
 
 
@@ -198,7 +198,8 @@ def test_average_checkpoints_stores_the_soup_as_its_inputs_are_stored(tokenizer,
     from gmsa_rag.model import GMSAModel
 
     script = _average_checkpoints_script()
-    paths = _perturbed_checkpoints(tokenizer, tmp_path, 2, torch.bfloat16)
+    ranked = {"train_config": {"stage": "keft", "max_docs": 5, "doc_order": "bm25_first"}, "step": 300}
+    paths = _perturbed_checkpoints(tokenizer, tmp_path, 2, torch.bfloat16, ranked)
     assert script.stored_dtype(paths[0]) == torch.bfloat16
 
     def from_pretrained(path, dtype=None, **_):  # the tiny backbone is not loadable by name
@@ -212,3 +213,18 @@ def test_average_checkpoints_stores_the_soup_as_its_inputs_are_stored(tokenizer,
     for name, tensor in soup.items():
         assert tensor.dtype == torch.bfloat16, name
         assert torch.equal(tensor, mean[name].to(torch.bfloat16)), name
+    assert read_record(tmp_path / "soup")["extra"] == {"uniform_average_of": paths,
+                                                       "train_config": ranked["train_config"]}
+
+
+def test_average_checkpoints_refuses_readers_of_other_prompt_shapes(tokenizer, tmp_path, capsys):
+    """The product reads the document count and order from the average's record: inputs that disagree are refused
+    in one line, before any weights load, and nothing is written."""
+    script = _average_checkpoints_script()
+    paths = []
+    for order in ("bm25_first", "given"):
+        extra = {"train_config": {"stage": "keft", "max_docs": 5, "doc_order": order}}
+        paths += _perturbed_checkpoints(tokenizer, tmp_path / order, 1, extra=extra)
+    assert script.main([str(tmp_path / "soup"), *paths]) == 2
+    assert "read other prompts" in capsys.readouterr().err
+    assert not (tmp_path / "soup").exists()
