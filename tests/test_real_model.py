@@ -38,5 +38,7 @@ def test_bundled_checkpoint_is_small_and_reads_text_exactly_as_the_base_model(sm
     assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 16 * 1024 * 1024
     bundled = GMSAModel.from_pretrained(path)
     assert bundled.config.decoder_adapter == "soft" and bundled.decoder_parameters()
+    # the product hands it chunks by its recorded stage-2 prompts: ranked best first, at most five (its model card)
+    assert (bundled.trained_document_order(), bundled.trained_max_documents()) == ("bm25_first", 5)
     prompt = [qa_segments(bundled.tokenizer, "What is the capital of France?", ["Its capital is Paris."], "Paris")]
     assert torch.equal(bundled.target_logits(prompt)[0], smollm2.target_logits(prompt)[0])
