@@ -193,6 +193,31 @@ def test_average_checkpoints_is_the_elementwise_mean(tokenizer, tmp_path):
         script.mean_state([paths[0], wider])
 
 
+def test_average_checkpoints_weights_count_a_soup_as_its_readers(tokenizer, tmp_path, capsys):
+    """--weights 2 1 adds a third reader to a soup of two as the uniform soup of all three would; the record names
+    each input's weight; weights that do not fit the checkpoints are refused before anything is read."""
+    script = _average_checkpoints_script()
+    paths = _perturbed_checkpoints(tokenizer, tmp_path, 3)
+    states = [read_weights(p) for p in paths]
+    pair_model = tiny_gmsa(tokenizer)  # the uniform soup of the first two
+    with torch.no_grad():
+        for name, param in pair_model.trained_parameters().items():
+            param.copy_((states[0][name] + states[1][name]) / 2)
+    pair = str(pair_model.save_pretrained(tmp_path / "pair"))
+    weighted = script.mean_state([pair, paths[2]], [2, 1])
+    for name, tensor in script.mean_state(paths).items():
+        assert torch.allclose(weighted[name], tensor, atol=1e-6), name
+    assert not torch.allclose(weighted[name], script.mean_state([pair, paths[2]])[name])
+    extra = script.soup_extra(paths[:2], [{}, {}], [2.0, 1.0])
+    assert extra == {"weighted_average_of": [{"checkpoint": paths[0], "weight": 2.0},
+                                             {"checkpoint": paths[1], "weight": 1.0}]}
+    for weights in (["2"], ["1", "0"]):
+        with pytest.raises(SystemExit):
+            script.main([str(tmp_path / "soup"), *paths[:2], "--weights", *weights])
+        assert "--weights needs one positive weight per checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "soup").exists()
+
+
 def test_average_checkpoints_stores_the_soup_as_its_inputs_are_stored(tokenizer, tmp_path, monkeypatch):
     """A soup of bf16 checkpoints is a bf16 checkpoint (the fp32 mean rounded once), not an fp32 one twice the size."""
     from gmsa_rag.model import GMSAModel
