@@ -95,6 +95,14 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # 37.0 at lead 2x / others 8x, NQ dev 45.0 at the lead reading, level with the shipped reader; the uniform weight average
 # of the two (scripts/average_checkpoints.py checkpoints/smollm2-gmsa <its step 2013>) beat both and is the bundled
 # checkpoint now (benchmarks/results/README.md, round 34).
+# Round 35: two more readers from stage 1 with that recipe, seeds 1 and 2, side by side on one H100 for an 18-minute
+# WSD budget each (LONG_MINUTES=18, ~1,550 steps; each ran at a median 54.6k tokens/s, against 50.1k for one run alone:
+# two side by side are ~2.2x the throughput of one), to add to the average (scripts/average_checkpoints.py --weights 2 1 1):
+#   for seed in 1 2; do INIT=checkpoints/smollm2-gmsa-ae COMPILE=true BATCH=32 ACCUM=2 NOCOMPRESS=0 LONG_STEPS=2013 \
+#     LONG_MINUTES=18 LONG_EVAL_EVERY=100000 SCHEDULE=wsd SEED=$seed RUNS=runs/r35s$seed RECIPE=<round 34's> \
+#     BOTH=<round 34's> scripts/stage2_recipe.sh long & sleep 20; done; wait
+# No average of three or four readers beat the shipped two-reader average on qa-multidoc dev at both readings
+# (benchmarks/results/cpu-2core/qa-dev-soup-r35.md): nothing shipped, NQ dev not read.
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
