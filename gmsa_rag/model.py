@@ -391,8 +391,14 @@ class GMSAModel(nn.Module):
         return assemble(prompts, self.embed_tokens, padding_side=padding_side)
 
     def forward(self, samples: Sequence[Sample], distill_weight: float = 0.0, teacher: "GMSAModel | None" = None,
-                hidden_weight: float = 0.0, soft_weight: float = 0.0) -> torch.Tensor:
+                hidden_weight: float = 0.0, soft_weight: float = 0.0, restore_weight: float | None = None
+                ) -> torch.Tensor:
         """Training loss of a batch of stage-1 / QA samples (what the trainer and DDP call).
+
+        ``restore_weight`` (stage 2 with stage-1 samples mixed in): each kind of target, answers and stage-1 targets,
+        weighs by its share of the batch's samples with its own mean token loss, the stage-1 kind times this weight
+        (a restored document's ~150 tokens would otherwise outweigh a dozen answers); None: the mean over all target
+        tokens.
 
         Distillation from a teacher reading the documents as text: ``teacher`` (e.g. a no-compress fine-tune, same
         base model and tokenizer) or, by default, this decoder with its adapter off (the base model).
@@ -402,6 +408,10 @@ class GMSAModel(nn.Module):
         ``soft_weight`` s > 0: + s * (1 - cosine) between each soft token's states and the teacher's mean state over
         the text tokens it stands for, every layer (the teacher then reads each document as the encoder tokenized it).
         """
+        if restore_weight is not None:
+            if distill_weight or hidden_weight or soft_weight:
+                raise ValueError("stage-1 samples mixed into stage 2 cannot be distilled from a reader of the text")
+            return self.loss(build_prompts(self, samples), [s.question is None for s in samples], restore_weight)
         if not (distill_weight or hidden_weight or soft_weight):
             return self.loss(build_prompts(self, samples))
         terms = self.distillation_terms(samples, teacher, hidden=bool(hidden_weight), soft=bool(soft_weight))
@@ -454,10 +464,31 @@ class GMSAModel(nn.Module):
             terms[name] = terms[f"{name}_per_layer"].mean()
         return terms
 
-    def loss(self, prompts: Sequence[Sequence[Segment]]) -> torch.Tensor:
-        """Teacher-forced cross-entropy on the target segments of each prompt (mean over all target tokens)."""
+    def loss(self, prompts: Sequence[Sequence[Segment]], restoring: Sequence[bool] | None = None,
+             restore_weight: float = 1.0) -> torch.Tensor:
+        """Teacher-forced cross-entropy on the target segments of each prompt: the mean over all target tokens, or,
+        given ``restoring`` (one flag a prompt: a stage-1 target, not an answer), the sum over the two kinds of
+        share of the prompts x mean token loss, the restoring kind times ``restore_weight`` (per-kind means are
+        kept in ``loss_terms`` as ``answer`` and ``restore``)."""
         logits, labels = self.target_logits(prompts)
-        return F.cross_entropy(logits.float(), labels)
+        if restoring is None:
+            return F.cross_entropy(logits.float(), labels)
+        token_loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        counts = target_counts(prompts)
+
+        def on_tokens(per_prompt: list[float]) -> torch.Tensor:  # each prompt's value on each of its target tokens
+            return torch.repeat_interleave(torch.tensor(per_prompt), torch.tensor(counts)).to(token_loss.device)
+
+        weights, self.loss_terms = [0.0] * len(prompts), {}
+        for kind, flag in (("answer", False), ("restore", True)):
+            members = [r == flag for r in restoring]
+            tokens = sum(c for c, m in zip(counts, members) if m)
+            if tokens:
+                mean = [1.0 / tokens if m else 0.0 for m in members]  # the kind's mean token loss, as token weights
+                share = (restore_weight if flag else 1.0) * sum(members) / len(prompts)
+                weights = [w + share * x for w, x in zip(weights, mean)]
+                self.loss_terms[kind] = (token_loss.detach() * on_tokens(mean)).sum()
+        return (token_loss * on_tokens(weights)).sum()
 
     def target_logits(self, prompts: Sequence[Sequence[Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits predicting each target token ([N, V], all prompts' targets in order) and those tokens ([N]).
@@ -492,7 +523,7 @@ class GMSAModel(nn.Module):
         """Mean teacher-forced cross-entropy per target token of each prompt ([B], fp32): the answer-loss probe."""
         logits, labels = self.target_logits(prompts)
         token_loss = F.cross_entropy(logits.float(), labels, reduction="none")
-        counts = torch.tensor([sum(len(seg) for seg in p if seg.is_target) for p in prompts], device=labels.device)
+        counts = torch.tensor(target_counts(prompts), device=labels.device)
         owner = torch.repeat_interleave(torch.arange(len(prompts), device=labels.device), counts)
         totals = torch.zeros(len(prompts), device=labels.device).index_add_(0, owner, token_loss)
         return totals / counts.clamp(min=1)
@@ -761,6 +792,11 @@ class GMSAModel(nn.Module):
         state = self.__dict__.copy()
         state.pop("_generation_engine", None)
         return state
+
+
+def target_counts(prompts: Sequence[Sequence[Segment]]) -> list[int]:
+    """How many target tokens each prompt holds (its labelled answer or restored text)."""
+    return [sum(len(seg) for seg in p if seg.is_target) for p in prompts]
 
 
 def has_soft_tokens(prompts: Sequence[Sequence[Segment]]) -> bool:

@@ -9,7 +9,8 @@ stage-1 checkpoint); a LoRA adapter on the decoder's W_Q/W_K/W_V (on only for pr
 stage-1 one, if the checkpoint has it) learns to answer questions from the soft tokens of the retrieved
 documents, optionally distilled from the base model reading the same documents as text (``--distill_weight``: its
 answer-token logits; ``--distill_hidden_weight``: its hidden states after the documents; ``--distill_soft_weight``:
-its states over the text each soft token stands for; ``--distill_teacher``: a no-compress fine-tune instead). ``--no-compress`` fine-tunes the same decoder
+its states over the text each soft token stands for; ``--distill_teacher``: a no-compress fine-tune instead), or with
+stage 1's task kept on the same prompts' documents (``--restore_fraction``). ``--no-compress`` fine-tunes the same decoder
 parameters on the uncompressed prompt (the fair baseline). Rates are drawn per sample (``--rate_weights``).
 
 The learning-rate schedule runs on the fraction of the budget spent: the largest of steps, tokens
@@ -27,7 +28,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -58,9 +59,9 @@ OPTIMIZER_FILE = "optimizer.pt"
 COUNTS = ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size", "save_every", "log_every")
 POSITIVE = ("lr", "max_grad_norm")
 NON_NEGATIVE = ("compressor_lr", "weight_decay", "warmup_steps", "distill_weight", "distill_hidden_weight",
-                "distill_soft_weight", "quote_words")
+                "distill_soft_weight", "quote_words", "restore_weight")
 FRACTIONS = ("title_fraction", "continuation_fraction", "span_fraction", "multi_doc_fraction", "docs_curriculum",
-             "min_lr_ratio", "lead_fraction")
+             "min_lr_ratio", "lead_fraction", "restore_fraction")
 # what a run resumed into its --out_dir must keep: the flags that shape its model and prompts (whether the compressor
 # trains decides the optimizer's parameter groups)
 RUN_DEFINING = ("stage", "method", "base_model", "init", "no_compress", "encoder_layers", "lsa_layers", "rates",
@@ -113,6 +114,9 @@ class TrainConfig:
     cloze_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose question is a fill-in-the-blank cut from the gold passage (a sentence with a number or name blanked, gmsa_rag.data.cloze) over the same documents: unlimited extra questions that need finding a sentence by content and copying from the middle of a document"})
     lead_rate: int = field(default=0, metadata={"help": "keft, with a ranked --doc_order: in --lead_fraction of the samples the best BM25 match (first with bm25_first, last with bm25_last) is compressed at this rate and the others at the sample's drawn rate, as GMSACompressor(lead_rate=, rate=) reads retrieved chunks; the dev log adds lead<R>_accuracy@<r>x (the lead at R, the others at each coarser rate r); 0: off"})
     lead_fraction: float = field(default=0.5, metadata={"help": "keft, with --lead_rate: the share of samples whose best match is at --lead_rate (the rest: every document at the drawn rate)"})
+    restore_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose target is not the answer but stage 1's task over the same prompt's documents (same order and rates): restore one of them, drawn at random, word for word (or, with --restore_target span, the words after a few quoted ones). Keeps the reader copying the documents' words exactly while it learns to answer, and brings every passage of the prompts as a target where the answers are 17.6k short strings. A deviation from the paper's stage 2 (answers only)"})
+    restore_target: str = field(default="document", metadata={"help": "keft, with --restore_fraction: the whole document, or a span: 4-8 of its words quoted (which document unsaid) and the 8-16 words that follow them (finding a place by content and copying from it, as an answer does)", "choices": ["document", "span"]})
+    restore_weight: float = field(default=1.0, metadata={"help": "keft, with --restore_fraction: weight of the stage-1 targets' mean token loss beside the answers' (each kind weighs by its share of the samples; without it a restored document's ~150 tokens would outweigh a dozen answers)"})
     cite_document: bool = field(default=False, metadata={"help": "keft: each answer opens with the number of the document that holds it (\"[3] Sun Tzu\"; the prompt asks for it, generation strips it, the checkpoint remembers it): choosing the document becomes a supervised first step (gmsa_rag.citation); the dev log adds cite_accuracy"})
     quote_evidence: bool = field(default=False, metadata={"help": "keft: each answer is given as a quote of the words that lead to it in the gold passage (up to --quote_words words of its sentence), the answer in bold (\"attributed to **Sun Tzu**\"; the prompt asks for it, generation returns the bold answer, the checkpoint remembers it): the decoder restores the answer's place, then reads the answer off its own text (gmsa_rag.evidence); costs the quote's decode steps (dev log: quote_tokens). Measured: far worse, the quote lands near the answer and the bold on the wrong words (one document at 4x: accuracy 10.5-16.5 against 32.5; benchmarks/results/h200/stage2-quote-evidence.md)"})
     quote_words: int = field(default=QUOTE_WORDS, metadata={"help": "keft, with --quote_evidence: most words of the answer's sentence quoted before it (fewer: fewer decode steps, less to locate the answer by)"})
@@ -203,6 +207,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             parser.error(f"--{flag} is a stage-2 (keft) option")
     if cfg.doc_order != "given" and cfg.stage != "keft":
         parser.error("--doc_order is a stage-2 (keft) option")
+    if cfg.restore_fraction and (cfg.stage != "keft" or cfg.no_compress or distills(cfg)):
+        parser.error("--restore_fraction is a stage-2 (keft) option for soft tokens, without distillation")
     if not 0 <= cfg.cloze_fraction <= 1 or (cfg.cloze_fraction and cfg.stage != "keft"):
         parser.error(f"--cloze_fraction is a share of stage-2 (keft) samples, between 0 and 1; got {cfg.cloze_fraction}")
     if cfg.span_tokens < 8:
@@ -383,6 +389,20 @@ def quote(token_ids: list[int], most: int, rng: random.Random) -> tuple[list[int
     return token_ids[start : start + cue_length], token_ids[start + cue_length : end]
 
 
+def restoring_sample(sample: Sample, target: str, rng: random.Random) -> Sample:
+    """Stage 1's task over a QA sample's documents, kept in their order and at their rates: restore one of them
+    (drawn at random) word for word, or with ``target="span"`` quote 4-8 of its words (which document unsaid) and
+    ask for the 8-16 words that follow them there (a document under 16 words is restored whole)."""
+    doc = rng.randrange(len(sample.documents))
+    text = sample.documents[doc]
+    words = text.split() if isinstance(text, str) else text
+    if target == "span" and len(words) >= 16:
+        cue, follow = quote(words, 16, rng)
+        join = " ".join if isinstance(text, str) else list
+        return replace(sample, question=None, task="span", target_doc=doc, cue=join(cue), target=join(follow))
+    return replace(sample, question=None, task="restore", target_doc=doc, target=text)
+
+
 def qa_sample(example: QAExample, rate: int | None, max_docs: int, rng: random.Random, min_docs: int = 1,
               hardest: bool = False, cite: bool = False, quote_words: int | None = None,
               order: str = "given") -> Sample:
@@ -454,6 +474,8 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
                                quote_words=cfg.quote_words if cfg.quote_evidence else None, order=cfg.doc_order)
             if cfg.lead_rate and rng.random() < cfg.lead_fraction:  # (no draw when off: the same batches)
                 sample.document_rates = lead_rates(len(sample.documents), rate, cfg.lead_rate, cfg.doc_order)
+            if cfg.restore_fraction and rng.random() < cfg.restore_fraction:  # (no draw when off: the same batches)
+                sample = restoring_sample(sample, cfg.restore_target, rng)
             samples.append(sample)
     if cfg.grad_accum > 1 or cfg.micro_batch_tokens:
         samples.sort(key=decoder_positions)
@@ -816,6 +838,8 @@ def train(cfg: TrainConfig) -> Path:
     # since the last log line: tokens (the tokens/s figure) and the steps' summed mean loss (the logged loss: every
     # step and every micro-batch of it, weighted by its samples; not the last micro-batch alone)
     window_tokens, window_loss, window_steps, clock = 0.0, 0.0, 0, time.perf_counter()
+    restore_weight = cfg.restore_weight if cfg.restore_fraction else None
+    window_kinds: dict[str, list] = {}  # with stage-1 samples mixed in: each kind's summed mean loss x samples, samples
     bar = tqdm(total=100, initial=int(100 * progress.fraction(cfg)), unit="%", disable=not accelerator.is_main_process,
                bar_format="{l_bar}{bar}| {n:.0f}/100% [{elapsed}<{remaining}{postfix}]")
     distill = distillation(cfg, model)
@@ -832,9 +856,14 @@ def train(cfg: TrainConfig) -> Path:
         for index, samples in enumerate(micro_batches):  # gradients add up; synced across processes on the last
             with accelerator.no_sync(wrapped) if index < len(micro_batches) - 1 else nullcontext():
                 loss = wrapped(samples, distill.distill_weight, distill.teacher, distill.hidden_weight,
-                               distill.soft_weight)
+                               distill.soft_weight, restore_weight)
                 accelerator.backward(loss * (len(samples) / step_samples))
             step_loss += loss.detach() * (len(samples) / step_samples)
+            if restore_weight is not None:
+                for kind, term in model.loss_terms.items():
+                    count = sum((s.question is None) == (kind == "restore") for s in samples)
+                    total = window_kinds.setdefault(kind, [0.0, 0])
+                    total[0], total[1] = total[0] + term * count, total[1] + count
             local_tokens += sum(_token_count(model, s) for s in samples)
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)  # (the norm before clipping)
         optimizer.step()
@@ -855,6 +884,9 @@ def train(cfg: TrainConfig) -> Path:
             if distill.active:  # each term of the last micro-batch, unweighted: is the distillation being learned?
                 metrics.update({f"loss_{name}": accelerator.reduce(term, "mean").item()
                                 for name, term in model.loss_terms.items()})
+            for kind, (total, count) in window_kinds.items():  # answers and stage-1 targets, each its mean token loss
+                metrics[f"loss_{kind}"] = accelerator.reduce(torch.as_tensor(total / count), "mean").item()
+            window_kinds = {}
             if accelerator.device.type == "cuda":  # peak so far on this process's GPU (what a batch size needs)
                 metrics["peak_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
             bar.set_postfix(step=done, loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")

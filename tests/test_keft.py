@@ -430,3 +430,24 @@ def test_prompts_compress_each_document_at_its_own_rate(tokenizer):
     torch.testing.assert_close(mixed[1], at4[1])
     as_text = Sample(DOCS, "a", question="q", rate=None, document_rates=[2, 4])  # the teacher's copy of a lead sample
     assert as_text.rate_of(0) is None and not soft(as_text)
+
+
+def test_mixed_restoring_weighs_each_kind_by_its_share_of_samples_with_its_own_token_mean(tokenizer):
+    """--restore_fraction's loss: answers and stage-1 targets each count with their mean token loss, weighted by
+    their share of the samples (the restoring kind times its weight), so a long restored document does not drown
+    the answers; one kind alone gives the plain mean."""
+    model = tiny_gmsa(tokenizer)
+    model.eval()
+    answer = Sample(DOCS, "William Shakespeare", question="who wrote hamlet?", rate=2)
+    restore = Sample(DOCS, DOCS[0] + " " + DOCS[1], rate=2, target_doc=0)
+    per_sample = [model(s) for s in ([answer], [restore])]  # each alone: its mean token loss
+    for weight in (1.0, 0.25):
+        mixed = model([answer, restore, answer], restore_weight=weight)
+        assert torch.allclose(mixed, 2 / 3 * per_sample[0] + weight / 3 * per_sample[1], atol=1e-5)
+        assert torch.allclose(model.loss_terms["answer"], per_sample[0], atol=1e-5)
+        assert torch.allclose(model.loss_terms["restore"], per_sample[1], atol=1e-5)
+    plain = model([answer, restore])  # without the weighting: one mean over all target tokens, the restored text's
+    assert plain > 0.8 * per_sample[1] and not torch.allclose(plain, model([answer, restore], restore_weight=1.0))
+    assert torch.allclose(model([answer, answer], restore_weight=0.25), per_sample[0], atol=1e-5)
+    with pytest.raises(ValueError, match="distilled"):
+        model([answer, restore], distill_weight=0.5, restore_weight=1.0)

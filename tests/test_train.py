@@ -617,3 +617,52 @@ def test_lead_rate_is_validated_before_a_model_loads(argv, tokenizer, tmp_path, 
     assert "--lead_" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # text has no lead document to compress
         parse_args(["--stage", "keft", "--no_compress", "true", "--doc_order", "bm25_first", "--lead_rate", "2"])
+
+
+@pytest.mark.parametrize("target", ["document", "span"])
+def test_restore_fraction_turns_a_share_of_qa_samples_into_stage1_targets_over_their_own_documents(target):
+    """--restore_fraction: about that share of the samples keep their documents, order and rates but ask for one of
+    them restored (or, for a span, the words after a few quoted ones) instead of the answer; off, no draw is made."""
+    example = QAExample("who wrote the art of war", ["Sun Tzu"], [
+        "Pasta recipes from the north of Italy use butter and rice more than olive oil and dried pasta shapes",
+        "The Art of War is an ancient Chinese military treatise attributed to Sun Tzu a general of the late Spring",
+        "Art museums of Paris hold paintings from every century and the Louvre is the largest of all of them"], 1)
+    data = Data(None, [example], [])
+    base = dict(stage="keft", batch_size=32, min_docs=3, max_docs=3, doc_order="bm25_first", lead_rate=2)
+    cfg = TrainConfig(**base, restore_fraction=0.5, restore_target=target)
+    samples = [s for step in range(4) for s in step_batches(step, data, cfg, [4, 8], 0)[0]]
+    restoring = [s for s in samples if s.question is None]
+    assert 0.3 < len(restoring) / len(samples) < 0.7
+    assert {s.target_doc for s in restoring} == {0, 1, 2}  # any document of the prompt
+    for s in restoring:
+        assert s.documents[0] == example.contexts[1]  # the prompt as the QA sample had it: ranked, lead rate kept
+        source = s.documents[s.target_doc]
+        if target == "document":
+            assert s.task == "restore" and s.target == source
+        else:
+            assert s.task == "span" and 4 <= len(s.cue.split()) <= 8 and 8 <= len(s.target.split()) <= 16
+            assert f"{s.cue} {s.target}" in source
+    assert any(s.document_rates for s in restoring)
+    off = step_batches(0, data, TrainConfig(**base), [4, 8], 0)[0]
+    assert [s.rate for s in off] == [s.rate for s in step_batches(0, data, replace(cfg, restore_fraction=0.0),
+                                                                   [4, 8], 0)[0]]
+    assert all(s.question for s in off)
+
+
+def test_keft_with_restoring_mixed_in_logs_each_kinds_loss(base_dir, corpus, tmp_path):
+    final, _, logged = keft_with(base_dir, corpus, tmp_path, restore_fraction=0.5, log_every=1)
+    rows = [json.loads(line) for line in (tmp_path / "keft" / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r for r in rows if "loss" in r]
+    assert all(r["loss_restore"] > 0 for r in kinds if "loss_restore" in r) and any("loss_restore" in r for r in kinds)
+    assert all(r["loss_answer"] > 0 for r in kinds if "loss_answer" in r)
+    assert "accuracy@2x" in logged
+
+
+@pytest.mark.parametrize("argv", [["--stage", "keft", "--no_compress", "true", "--restore_fraction", "0.25"],
+                                  ["--stage", "ae", "--restore_fraction", "0.25"],
+                                  ["--stage", "keft", "--no_compress", "true", "--restore_fraction", "1.5"],
+                                  ["--stage", "keft", "--no_compress", "true", "--restore_weight", "-1"]])
+def test_restore_fraction_is_validated_before_a_model_loads(argv, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "--restore_" in capsys.readouterr().err
