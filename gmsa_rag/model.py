@@ -477,7 +477,7 @@ class GMSAModel(nn.Module):
         counts = target_counts(prompts)
 
         def on_tokens(per_prompt: list[float]) -> torch.Tensor:  # each prompt's value on each of its target tokens
-            return torch.repeat_interleave(torch.tensor(per_prompt), torch.tensor(counts)).to(token_loss.device)
+            return to_device(torch.repeat_interleave(torch.tensor(per_prompt), torch.tensor(counts)), token_loss.device)
 
         weights, self.loss_terms = [0.0] * len(prompts), {}
         for kind, flag in (("answer", False), ("restore", True)):
