@@ -103,6 +103,14 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 #     BOTH=<round 34's> scripts/stage2_recipe.sh long & sleep 20; done; wait
 # No average of three or four readers beat the shipped two-reader average on qa-multidoc dev at both readings
 # (benchmarks/results/cpu-2core/qa-dev-soup-r35.md): nothing shipped, NQ dev not read.
+# Round 36: the same with stage 1's task kept on a quarter of the samples (--restore_fraction 0.25: one of the
+# prompt's own documents restored, or with --restore_target span the words after a few quoted ones), seeds 1 and 2 as
+# round 35's controls, side by side on one H100 for the same 18 minutes:
+#   RECIPE="<round 34's> --restore_fraction 0.25 --restore_target document" SEED=1 RUNS=runs/r36doc ... (span: SEED=2)
+# They trained at ~28k tokens/s each against round 35's ~55k (cause not known: no control ran on that machine), so
+# 725 steps each; per step the answer loss fell no faster than without restoring, and dev read under the controls
+# (benchmarks/results/h100/stage2-restore-r36.md, cpu-2core/qa-dev-restore-r36.md): nothing shipped. A decisive
+# run would put a control beside it on the same machine at equal steps.
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
