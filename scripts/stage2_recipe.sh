@@ -109,8 +109,8 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 #   RECIPE="<round 34's> --restore_fraction 0.25 --restore_target document" SEED=1 RUNS=runs/r36doc ... (span: SEED=2)
 # They trained at ~28k tokens/s each against round 35's ~55k (cause not known: no control ran on that machine), so
 # 725 steps each; per step the answer loss fell no faster than without restoring, and dev read under the controls
-# (benchmarks/results/h100/stage2-restore-r36.md, cpu-2core/qa-dev-restore-r36.md): nothing shipped. A decisive
-# run would put a control beside it on the same machine at equal steps.
+# (benchmarks/results/h100/stage2-restore-r36.md, cpu-2core/qa-dev-restore-r36.md): nothing shipped. The decisive
+# run, a control beside it on the same machine at equal steps, is prepared below (ablations "ranked-fresh*").
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
@@ -234,6 +234,16 @@ ablations=(
   # the same H100; NQ dev was not run.
   "lead2-lr2e-4:--init $INIT --lr 2e-4 --compressor_lr 1e-4 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --lead_rate 2 --lead_fraction 0.5"
   "lead2-lr6e-4:--init $INIT --lr 6e-4 --compressor_lr 3e-4 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --lead_rate 2 --lead_fraction 0.5"
+  # round 36 (prepared for the next GPU session): round 36's restoring runs confounded the lever with the speed (725 steps
+  # against round 35's ~1,550 in the same 18 minutes, cause not known: benchmarks/results/h100/stage2-restore-r36.md).
+  # The decisive comparison: from stage 1, round 34's recipe with and without restoring at one equal STEP budget, side
+  # by side on one GPU (two runs fit an H100: ~33 GiB each), timed on the same machine; judge on qa.py dev at 4x and
+  # lead 2x / others 8x (as round 36), e.g.:
+  # INIT=checkpoints/smollm2-gmsa-ae COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=700 SCHEDULE=wsd RUNS=runs/r37 \
+  #   BOTH="--micro_batch_tokens 16384" ABL_ONLY="ranked-fresh ranked-fresh-restore-span" scripts/stage2_recipe.sh ablations
+  "ranked-fresh:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1"
+  "ranked-fresh-restore-span:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --restore_fraction 0.25 --restore_target span"
+  "ranked-fresh-restore-document:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --restore_fraction 0.25 --restore_target document"
 )
 cuda=${CUDA_VISIBLE_DEVICES:-0}
 ABL_GPUS=(${ABL_GPUS:-${cuda//,/ }})  # the GPUs the ablations share, round-robin (space-separated)
