@@ -475,20 +475,18 @@ class GMSAModel(nn.Module):
             return F.cross_entropy(logits.float(), labels)
         token_loss = F.cross_entropy(logits.float(), labels, reduction="none")
         counts = target_counts(prompts)
-
-        def on_tokens(per_prompt: list[float]) -> torch.Tensor:  # each prompt's value on each of its target tokens
-            return to_device(torch.repeat_interleave(torch.tensor(per_prompt), torch.tensor(counts)), token_loss.device)
-
-        weights, self.loss_terms = [0.0] * len(prompts), {}
+        kinds, means, shares = [], [], []  # per kind present: its name, per-prompt token weights, share of prompts
         for kind, flag in (("answer", False), ("restore", True)):
             members = [r == flag for r in restoring]
             tokens = sum(c for c, m in zip(counts, members) if m)
             if tokens:
-                mean = [1.0 / tokens if m else 0.0 for m in members]  # the kind's mean token loss, as token weights
-                share = (restore_weight if flag else 1.0) * sum(members) / len(prompts)
-                weights = [w + share * x for w, x in zip(weights, mean)]
-                self.loss_terms[kind] = (token_loss.detach() * on_tokens(mean)).sum()
-        return (token_loss * on_tokens(weights)).sum()
+                kinds.append(kind)
+                means.append([1.0 / tokens if m else 0.0 for m in members])
+                shares.append((restore_weight if flag else 1.0) * sum(members) / len(prompts))
+        on_tokens = torch.repeat_interleave(torch.tensor(means), torch.tensor(counts), dim=1)  # [kinds, tokens]
+        kind_losses = to_device(on_tokens, token_loss.device) @ token_loss  # each kind's mean token loss
+        self.loss_terms = dict(zip(kinds, kind_losses.detach()))
+        return sum(share * kind_loss for share, kind_loss in zip(shares, kind_losses))
 
     def target_logits(self, prompts: Sequence[Sequence[Segment]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits predicting each target token ([N, V], all prompts' targets in order) and those tokens ([N]).
