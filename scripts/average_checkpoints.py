@@ -21,12 +21,14 @@ the same stage 1: it beat both and is the bundled checkpoint (benchmarks/results
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from gmsa_rag.checkpoint import CheckpointError, read_record, read_weights
+from gmsa_rag.checkpoint import INDEX_FILE, CheckpointError, read_record, read_weights
 
 
 def mean_state(paths: list[str], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
@@ -58,8 +60,11 @@ def soup_extra(paths: list[str], records: list[dict], weights: list[float] | Non
 
 
 def stored_dtype(path: str) -> torch.dtype:
-    """The dtype a checkpoint stores its trained weights in."""
-    return next(iter(read_weights(path).values())).dtype
+    """The dtype a checkpoint stores its trained weights in: that of one tensor of its first shard (the checkpoint
+    was read whole, checksums checked, by :func:`mean_state`)."""
+    shards = json.loads((Path(path) / INDEX_FILE).read_text())["shards"]
+    with safe_open(str(Path(path) / next(iter(shards))), framework="pt") as shard:
+        return shard.get_tensor(next(iter(shard.keys()))).dtype
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -205,6 +205,7 @@ def test_average_checkpoints_weights_count_a_soup_as_its_readers(tokenizer, tmp_
             param.copy_((states[0][name] + states[1][name]) / 2)
     pair = str(pair_model.save_pretrained(tmp_path / "pair"))
     weighted = script.mean_state([pair, paths[2]], [2, 1])
+    assert script.stored_dtype(paths[0]) == torch.float32
     for name, tensor in script.mean_state(paths).items():
         assert torch.allclose(weighted[name], tensor, atol=1e-6), name
     assert not torch.allclose(weighted[name], script.mean_state([pair, paths[2]])[name])
