@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extract-sentences", type=non_negative_int, default=0, metavar="K",
                    help="with --extractive: answers held to the K sentences of best BM25 match to the question among "
                         "the documents answers may quote (gmsa_rag.lexical; default 0: whole documents)")
+    p.add_argument("--extract-penalty", type=float, default=None, metavar="NATS",
+                   help="with --extractive: tokens that continue no span lose NATS instead of being forbidden, so "
+                        "answers lean towards the documents' words but may leave them (default: forbidden)")
     p.add_argument("--keep-top", type=non_negative_int, default=0, metavar="K",
                    help="every system's prompt keeps only the K documents of best BM25 match to the question, best "
                         "first (a lexical rerank before the reader; default 0: all documents)")
@@ -174,6 +177,8 @@ def evaluate(model, spec: bc.SystemSpec, examples, args, device) -> dict[str, An
             options["extract_top"] = args.extract_top
         if args.extract_sentences:
             options["extract_sentences"] = args.extract_sentences
+        if args.extract_penalty is not None:
+            options["extract_penalty"] = args.extract_penalty
         if args.contrast:
             options["contrast"] = args.contrast
         if args.per_document:
@@ -272,9 +277,12 @@ def main(argv=None) -> dict[str, Any]:
         raise SystemExit("--lead-count says how many best matches --lead-rate reads: add --lead-rate")
     if args.keep_confident is not None and args.keep_confident < 0:
         raise SystemExit(f"--keep-confident must be 0 or more, got {args.keep_confident}")
-    for flag, value in (("--extract-top", args.extract_top), ("--extract-sentences", args.extract_sentences)):
+    if args.extract_penalty is not None and not args.extract_penalty > 0:
+        raise SystemExit(f"--extract-penalty must be > 0 nats, got {args.extract_penalty}")
+    for flag, value in (("--extract-top", args.extract_top), ("--extract-sentences", args.extract_sentences),
+                        ("--extract-penalty", args.extract_penalty)):
         if value and not args.extractive:
-            raise SystemExit(f"{flag} narrows extractive answers: add --extractive")
+            raise SystemExit(f"{flag} acts on extractive answers: add --extractive")
         if value and args.per_document:
             raise SystemExit(f"{flag} does not combine with --per-document")
     if args.contrast < 0 or (args.contrast and (args.num_beams > 1 or args.per_document)):
@@ -343,7 +351,10 @@ def main(argv=None) -> dict[str, Any]:
             "decoding": ("greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams")
                         + (f", context-aware (alpha {args.contrast}: against the question without documents)"
                            if args.contrast else "")
-                        + (", extractive (answers held to spans of the documents)" if args.extractive else "")
+                        + (", extractive (answers held to spans of the documents)"
+                           if args.extractive and args.extract_penalty is None else "")
+                        + (f", leaning extractive (tokens that continue no span of the documents lose "
+                           f"{args.extract_penalty:g} nats)" if args.extract_penalty is not None else "")
                         + (f", held to the {args.extract_top} of best BM25 match" if args.extract_top else "")
                         + (f", then to the {args.extract_sentences} sentence(s) of best BM25 match"
                            if args.extract_sentences else "")

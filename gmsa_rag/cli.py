@@ -142,6 +142,9 @@ def check_ask(args: argparse.Namespace) -> AskInputs:
         raise UsageError(f"--extract-top must be 0 (all documents) or more, got {args.extract_top}")
     if args.extract_top and not args.extractive:
         raise UsageError("--extract-top K narrows extractive answers: add --extractive")
+    if args.extract_penalty is not None and (not args.extract_penalty > 0 or not args.extractive):
+        raise UsageError(f"--extract-penalty leans extractive answers: a number of nats > 0, with --extractive "
+                         f"(got {args.extract_penalty})")
     if args.rerank_top is not None and args.rerank_top < 0:
         raise UsageError(f"--rerank-top must be 0 (keep all) or more, got {args.rerank_top}")
     if args.keep_confident is not None and args.keep_confident < 0:
@@ -256,6 +259,7 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
             "engine": engine_for(model).kind,
             "extractive": args.extractive,
             "extract_top": args.extract_top,
+            "extract_penalty": args.extract_penalty,
             "rerank_top": rerank_top,
             "document_order": order,
             "keep_confident": args.keep_confident,
@@ -265,7 +269,8 @@ def cmd_ask(args: argparse.Namespace, out: Any = None) -> dict:
                       max_new_tokens=args.max_new_tokens, rerank_top=rerank_top, confident_margin=args.keep_confident)
         engine, compressor, llm = make_query_engine(info.index, model, rate=args.rate, lead_rate=args.lead_rate,
                                                     cache=cache, extractive=args.extractive,
-                                                    extract_top=args.extract_top, **common)
+                                                    extract_top=args.extract_top,
+                                                    extract_penalty=args.extract_penalty or float("inf"), **common)
         first = timed_query(engine, compressor, llm, args.question, "GMSA, first query")
         runs = [first]
         retrieved = [n for n in engine.retrieve(_bundle(args.question))]
@@ -374,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--extract-top", type=int, default=0, metavar="K",
                    help="with --extractive: quote only the K retrieved chunks of best BM25 match to the question "
                         "(default 0: any of them)")
+    a.add_argument("--extract-penalty", type=float, default=None, metavar="NATS",
+                   help="with --extractive: a token that continues no span of the chunks loses NATS (e.g. 4) instead "
+                        "of being forbidden, so answers lean towards the chunks' words but may leave them")
     a.add_argument("--rerank-top", type=int, default=None, metavar="K",
                    help="keep only the K retrieved chunks of best BM25 match to the question (GMSACompressor's top_n) before "
                         "compressing; both runs; 0: all --top-k chunks (default: as many as the checkpoint's stage 2 "

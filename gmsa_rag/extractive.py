@@ -76,10 +76,17 @@ class DocumentSpans:
 
     def allowed(self, answer_ids: Sequence[int]) -> set[int]:
         """Ids of the tokens that may come next after the answer's tokens so far (stop tokens not included)."""
+        return self.following(answer_ids) or set()
+
+    def following(self, answer_ids: Sequence[int]) -> set[int] | None:
+        """As :meth:`allowed`, but ``None`` where the answer so far is no span of any document (it left them)."""
         answer = self.tokenizer.decode(list(answer_ids)).lstrip() if answer_ids else ""
+        places = self.places(answer)
+        if not places:
+            return None
         following: set[int] = set()
         seen: set[str] = set()
-        for d, end in self.places(answer):
+        for d, end in places:
             rest = self.documents[d][end : end + LONGEST_PIECE]
             if rest in seen:
                 continue
@@ -93,24 +100,37 @@ class DocumentSpans:
 
 class ExtractiveProcessor(LogitsProcessor):
     """Hugging Face logits processor holding each row of a batch to spans of its own documents; ``stop_ids`` may
-    end an answer once it has a token (and always where no document continues it)."""
+    end an answer once it has a token (and always where no document continues it).
 
-    def __init__(self, spans: Sequence[DocumentSpans], stop_ids: Sequence[int]) -> None:
+    ``penalty``: how many nats the tokens that continue no span lose. ``inf`` (the default) forbids them: every
+    answer is a span. A finite penalty only leans the decoder towards the documents' words: it may still write
+    words of its own where it is confident enough, and once its answer so far is no span of any document, that row
+    decodes freely."""
+
+    def __init__(self, spans: Sequence[DocumentSpans], stop_ids: Sequence[int], penalty: float = float("inf")) -> None:
+        if not penalty > 0:
+            raise ValueError(f"extractive penalty must be > 0 nats (inf: answers are spans), got {penalty}")
         self.spans = list(spans)
         self.stop = set(int(t) for t in stop_ids)
+        self.penalty = float(penalty)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids.shape[0]
         if rows % len(self.spans):
             raise ValueError(f"extractive decoding: {rows} rows against {len(self.spans)} document sets")
         beams = rows // len(self.spans)  # beam search: each question's beams are consecutive rows
-        mask = torch.full_like(scores, float("-inf"))
+        mask = torch.full_like(scores, -self.penalty)
+        strict = self.penalty == float("inf")
         for row, ids in enumerate(input_ids.tolist()):
             spans = self.spans[row // beams]
             if any(t in self.stop for t in ids):  # finished: the engine pads it
                 mask[row] = 0
                 continue
-            allowed = spans.allowed(ids)
+            allowed = spans.following(ids)
+            if allowed is None and not strict:  # left every span: free from here on
+                mask[row] = 0
+                continue
+            allowed = allowed or set()
             if ids or not allowed:
                 allowed = allowed | self.stop
             mask[row, sorted(allowed)] = 0
@@ -118,9 +138,11 @@ class ExtractiveProcessor(LogitsProcessor):
 
 
 def extractive_processor(model: "GMSAModel", documents: Sequence[Sequence[str]],
-                         generate_kwargs: dict[str, Any] | None = None) -> LogitsProcessorList:
-    """The logits processors for a batch of questions whose answers must quote their ``documents`` (text), after
-    any already in ``generate_kwargs``; the stop tokens are the model's (or ``generate_kwargs["eos_token_id"]``)."""
+                         generate_kwargs: dict[str, Any] | None = None,
+                         penalty: float = float("inf")) -> LogitsProcessorList:
+    """The logits processors for a batch of questions whose answers must quote their ``documents`` (text), or with
+    a finite ``penalty`` lean towards quoting them (:class:`ExtractiveProcessor`), after any already in
+    ``generate_kwargs``; the stop tokens are the model's (or ``generate_kwargs["eos_token_id"]``)."""
     if any(isinstance(docs, str) for docs in documents):
         raise TypeError("extract_from: give each question a list of documents (text), not a single string")
     if any(not isinstance(d, str) for docs in documents for d in docs):
@@ -128,4 +150,5 @@ def extractive_processor(model: "GMSAModel", documents: Sequence[Sequence[str]],
     stop = (generate_kwargs or {}).get("eos_token_id")
     stop = model.stop_token_ids() if stop is None else [stop] if isinstance(stop, int) else list(stop)
     spans = [DocumentSpans(list(docs), model.tokenizer) for docs in documents]
-    return LogitsProcessorList([*(generate_kwargs or {}).get("logits_processor", []), ExtractiveProcessor(spans, stop)])
+    return LogitsProcessorList([*(generate_kwargs or {}).get("logits_processor", []),
+                                ExtractiveProcessor(spans, stop, penalty)])

@@ -611,6 +611,7 @@ class GMSAModel(nn.Module):
         per_document: bool = False,
         extract_top: int = 0,
         extract_sentences: int = 0,
+        extract_penalty: float = float("inf"),
         contrast: float = 0.0,
         **generate_kwargs,
     ) -> str | list[str]:
@@ -624,6 +625,8 @@ class GMSAModel(nn.Module):
         BM25 match (:mod:`gmsa_rag.lexical`) instead of all of them; the prompt still holds every document.
         ``extract_sentences``: with ``extract_from``, hold each answer to the ``extract_sentences`` sentences of best
         BM25 match among those documents (after ``extract_top``).
+        ``extract_penalty``: with ``extract_from``, the nats a token loses for continuing no span of the documents;
+        ``inf`` (the default) forbids it, a finite penalty only leans the answers towards quoting (free otherwise).
         ``per_document``: answer from each document alone and keep the answer the decoder scores best
         (:mod:`gmsa_rag.per_document`).
         ``contrast``: alpha > 0 decodes each token from how much the documents raise it over the question alone
@@ -634,6 +637,12 @@ class GMSAModel(nn.Module):
         documents = None if extract_from is None else ([extract_from] if single else extract_from)
         if documents is not None and not per_document and len(documents) != len(questions):
             raise ValueError(f"extract_from: {len(documents)} document lists for {len(questions)} questions")
+        if extract_penalty != float("inf") and documents is None:
+            raise ValueError("extract_penalty leans answers towards the documents' text: give it as extract_from")
+        if extract_penalty != float("inf") and (per_document or self.config.answer_cites):
+            raise ValueError("extract_penalty: not with per_document or a citing checkpoint (their answers quote)")
+        if not extract_penalty > 0:
+            raise ValueError(f"extract_penalty must be > 0 nats (inf: answers are spans), got {extract_penalty}")
         if extract_top or extract_sentences:
             documents = self._best_matching(questions, documents, extract_top, extract_sentences, per_document)
         if contrast and (per_document or self.config.answer_cites or self.config.answer_quotes):
@@ -663,7 +672,8 @@ class GMSAModel(nn.Module):
             if documents is not None:
                 from .extractive import extractive_processor
 
-                generate_kwargs["logits_processor"] = extractive_processor(self, documents, generate_kwargs)
+                generate_kwargs["logits_processor"] = extractive_processor(self, documents, generate_kwargs,
+                                                                           extract_penalty)
             if contrast:
                 from .contrast import generate_contrasted
 

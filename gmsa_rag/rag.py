@@ -253,6 +253,7 @@ def make_query_engine(
     llm: Any = None,
     extractive: bool = False,
     extract_top: int = 0,
+    extract_penalty: float = float("inf"),
     rerank_top: int | None = None,
     confident_margin: float | None = None,
     lead_rate: int | None = None,
@@ -260,7 +261,8 @@ def make_query_engine(
     """(query engine, GMSACompressor, GMSALLM) over ``index``; ``passthrough`` gives the uncompressed
     baseline (same retrieval, same LLM, same prompt builder, raw text instead of soft tokens); ``extractive``:
     answers are spans of the retrieved chunks (``GMSALLM(extractive=True)``), with ``extract_top`` of only the chunks
-    of best BM25 match to the question; ``rerank_top``: of the ``top_k`` retrieved chunks, only the ``rerank_top``
+    of best BM25 match to the question, and ``extract_penalty`` nats lost by a token that continues no span instead
+    of forbidding it (``inf``); ``rerank_top``: of the ``top_k`` retrieved chunks, only the ``rerank_top``
     of best BM25 match reach the compressor and the LLM (``GMSACompressor(top_n=)``; ``None``: as many as the
     checkpoint's stage 2 trained on, ``0``: all); ``confident_margin``: only the best match where its BM25 score leads
     the next by more than this (``GMSACompressor(confident_margin=)``); ``lead_rate``: the best-ranked chunk at this
@@ -268,7 +270,8 @@ def make_query_engine(
     from llama_index.llms.gmsa import GMSALLM, gmsa_query_engine_kwargs
     from llama_index.postprocessor.gmsa import GMSACompressor
 
-    llm = llm or GMSALLM(model, max_new_tokens=max_new_tokens, extractive=extractive, extract_top=extract_top)
+    llm = llm or GMSALLM(model, max_new_tokens=max_new_tokens, extractive=extractive, extract_top=extract_top,
+                         extract_penalty=extract_penalty)
     compressor = GMSACompressor(model, rate=rate, cache=cache, store=llm.store, passthrough=passthrough,
                                 top_n=rerank_top, confident_margin=confident_margin, lead_rate=lead_rate)
     engine = index.as_query_engine(

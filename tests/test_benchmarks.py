@@ -698,6 +698,21 @@ def test_qa_keeps_or_extracts_from_the_best_matching_documents(qa_file, checkpoi
         assert row["GMSA r=4"] and row["GMSA r=4"] in top, (row, top)
     with pytest.raises(SystemExit, match="add --extractive"):
         qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extract-top", "1"])
+    with pytest.raises(SystemExit, match="add --extractive"):
+        qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extract-penalty", "2"])
+    with pytest.raises(SystemExit, match="> 0 nats"):
+        qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extractive",
+                 "--extract-penalty", "0"])
+    def answers(*flags: str) -> list[str]:
+        out = tmp_path / "-".join(flags or ("free",))
+        run = qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", *flags,
+                       "--max-new-tokens", "3", "--batch-size", "2", "--out", str(out)])
+        assert ("lose 1e-06 nats" in run["meta"]["decoding"]) == ("--extract-penalty" in flags)
+        return [row["base (uncompressed)"] for row in json.loads((out / "qa.json").read_text())["outputs"]]
+
+    free, held = answers(), answers("--extractive")
+    assert free != held  # the check can fail
+    assert answers("--extractive", "--extract-penalty", "1e-6") == free  # a vanishing lean: free answers
     sentence = qa.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--base", "--extractive",
                         "--extract-sentences", "1", "--max-new-tokens", "3", "--batch-size", "2",
                         "--out", str(tmp_path / "sentence")])

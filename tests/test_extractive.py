@@ -56,6 +56,46 @@ def test_the_processor_masks_all_but_the_continuations_and_stops(tokenizer):
     assert allowed[0] == allowed[1] == spans.allowed([]) and allowed[2] == allowed[3] == other.allowed([])
 
 
+def test_a_finite_penalty_leans_towards_the_spans_and_frees_an_answer_that_left_them(tokenizer):
+    spans = DocumentSpans([DOCS[1]], tokenizer)
+    stop = [tokenizer.eos_token_id]
+    processor = ExtractiveProcessor([spans], stop, penalty=3.0)
+    scores = torch.randn(1, len(tokenizer))
+
+    def lowered(answer: list[int]) -> set[int]:
+        shift = processor(torch.tensor([answer], dtype=torch.long), scores.clone()) - scores
+        assert set(shift.flatten().round(decimals=4).tolist()) <= {0.0, -3.0}
+        return set((shift[0] < 0).nonzero().flatten().tolist())
+
+    everything = set(range(len(tokenizer)))
+    assert everything - lowered([]) == spans.allowed([])  # the opening: any word of the documents, no stop
+    mount = ids(tokenizer, "Mount")
+    assert everything - lowered(mount) == spans.allowed(mount) | set(stop)
+    assert everything - lowered(ids(tokenizer, "mountain.")) == set(stop)  # a document's end: stopping is free
+    assert lowered(ids(tokenizer, "Paris")) == set()  # no span any more: decoded freely
+    for penalty in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="penalty"):
+            ExtractiveProcessor([spans], stop, penalty=penalty)
+
+
+def test_the_extractive_penalty_runs_from_free_answers_to_spans(tokenizer):
+    model = lively(tiny_gmsa(tokenizer, window=64))
+    documents = [[SAMPLE_TEXT, DOCS[1]], [DOCS[0]]]
+    contexts = [model.compress(docs, 4) for docs in documents]
+    questions = ["Who designed it?", "What is it?"]
+    free = model.generate(questions, contexts, max_new_tokens=8)
+    held = model.generate(questions, contexts, max_new_tokens=8, extract_from=documents)
+    assert free != held  # the check can fail
+    assert model.generate(questions, contexts, max_new_tokens=8, extract_from=documents, extract_penalty=1e-6) == free
+    assert model.generate(questions, contexts, max_new_tokens=8, extract_from=documents, extract_penalty=1e4) == held
+    with pytest.raises(ValueError, match="extract_from"):
+        model.generate(questions, contexts, extract_penalty=2.0)
+    with pytest.raises(ValueError, match="> 0"):
+        model.generate(questions, contexts, extract_from=documents, extract_penalty=0.0)
+    with pytest.raises(ValueError, match="per_document"):
+        model.generate(questions, contexts, extract_from=documents, extract_penalty=2.0, per_document=True)
+
+
 def test_extractive_answers_are_spans_of_their_own_documents(tokenizer):
     model = lively(tiny_gmsa(tokenizer, window=64))  # unconstrained, the tiny decoder writes varied garbage
     documents = [[SAMPLE_TEXT, DOCS[1]], [DOCS[0]]]

@@ -114,6 +114,20 @@ def test_ask_extractive_answers_quote_the_retrieved_chunks(tiny_model, small_doc
         assert run["answer"] and run["answer"] in art_of_war, run["answer"]
     assert cli.main(argv[:-1] + ["--extract-top", "1"]) == 2  # without --extractive: refused before any model loads
     assert "add --extractive" in capsys.readouterr().err
+    # --extract-penalty: a lean, not a hold: a vanishing one answers as free decoding does
+    def answers(extra: list[str]) -> list[str]:
+        assert cli.main(extra) == 0
+        report = json.loads(capsys.readouterr().out)
+        return [run["answer"] for run in report["runs"]], report
+
+    free, _ = answers(argv[:-1])
+    held, _ = answers(argv)
+    assert free != held  # the check below can fail
+    leaning, report = answers(argv + ["--extract-penalty", "1e-6"])
+    assert report["extract_penalty"] == 1e-6 and leaning == free
+    for bad in (argv[:-1] + ["--extract-penalty", "4"], argv + ["--extract-penalty", "0"]):
+        assert cli.main(bad) == 2
+        assert "--extract-penalty leans extractive answers" in capsys.readouterr().err
     # --rerank-top 1: of the two retrieved chunks only the best BM25 match is compressed and read
     assert cli.main(argv + ["--rerank-top", "1"]) == 0
     report = json.loads(capsys.readouterr().out)

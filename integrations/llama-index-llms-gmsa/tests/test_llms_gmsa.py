@@ -244,6 +244,10 @@ def test_extractive_answers_quote_the_retrieved_texts(tiny_model, texts):
         assert not any(free in t for t in texts)  # the check below can fail
         assert held and any(held in t for t in texts), held
         assert list(llm.stream_complete(prompt))[-1].text.strip() == held
+        # a finite penalty leans instead of holding: a vanishing one answers freely, a huge one as held
+        lean = dict(store=store, max_new_tokens=6, extractive=True)
+        assert GMSALLM(tiny_model, extract_penalty=1e-6, **lean).complete(prompt).text == free
+        assert GMSALLM(tiny_model, extract_penalty=1e4, **lean).complete(prompt).text == held
         # extract_top=1: the answer quotes only the text that matches the question best (BM25)
         from gmsa_rag.lexical import best_documents
 
@@ -271,6 +275,10 @@ def test_extractive_answers_quote_the_retrieved_texts(tiny_model, texts):
         assert list(top_llm.stream_complete(prompt, streamer=TextStreamer(tiny_model.tokenizer)))[-1].text == top
         with pytest.raises(ValueError, match="extractive=True"):
             GMSALLM(tiny_model, store=store, extract_top=1)
+        with pytest.raises(ValueError, match="extractive=True"):
+            GMSALLM(tiny_model, store=store, extract_penalty=4.0)
+        with pytest.raises(ValueError):  # (pydantic: > 0)
+            GMSALLM(tiny_model, store=store, extractive=True, extract_penalty=0.0)
     finally:
         with torch.no_grad():
             for n, p in tiny_model.decoder.named_parameters():

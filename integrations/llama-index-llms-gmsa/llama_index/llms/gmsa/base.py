@@ -131,6 +131,9 @@ class GMSALLM(CustomLLM):
             For short factual answers; decodes through Hugging Face ``generate``. Summaries stay free.
         extract_top: with ``extractive``, quote only the ``extract_top`` retrieved documents that match the question
             best (BM25, :mod:`gmsa_rag.lexical`); the decoder still reads all of them. 0 (default): any of them.
+        extract_penalty: with ``extractive``, the nats a token loses for continuing no span of the documents:
+            ``inf`` (default) forbids it; a finite penalty (e.g. 4) only leans the answer towards the documents'
+            words, so answers that are no span (yes / no, a sum) stay possible.
         refine_mode: how a ``refine`` call (one new document + the existing answer) is answered:
             ``new_or_keep`` (default): answer from the new document(s) alone; keep the existing answer if
             that answer comes out empty. ``with_previous``: the existing answer is given to the decoder as
@@ -147,6 +150,8 @@ class GMSALLM(CustomLLM):
     refine_mode: RefineMode = Field(default="new_or_keep", description="how refine calls are answered")
     extractive: bool = Field(default=False, description="answers are spans of the retrieved documents' text")
     extract_top: int = Field(default=0, ge=0, description="extractive: quote only the K documents of best BM25 match")
+    extract_penalty: float = Field(default=float("inf"), gt=0,
+                                   description="extractive: nats lost by tokens that continue no span (inf: forbidden)")
     model_name: str = Field(default="gmsa", description="name reported in metadata")
 
     _last_stats: GenerationStats = PrivateAttr(default_factory=GenerationStats)
@@ -169,6 +174,8 @@ class GMSALLM(CustomLLM):
                              "quotes yet; answer with GMSAModel.generate, which returns the bold answer")
         if kwargs.get("extract_top") and not kwargs.get("extractive"):
             raise ValueError("extract_top narrows extractive answers: set extractive=True too")
+        if kwargs.get("extract_penalty", float("inf")) != float("inf") and not kwargs.get("extractive"):
+            raise ValueError("extract_penalty leans extractive answers: set extractive=True too")
         if model_name is None:
             base = getattr(getattr(model, "config", None), "base_model", "model")
             model_name = f"gmsa:{base}"
@@ -232,7 +239,7 @@ class GMSALLM(CustomLLM):
         from gmsa_rag.lexical import best_documents
 
         sources = best_documents(parsed.question, list(parsed.sources), self.extract_top)
-        gen_kwargs["logits_processor"] = extractive_processor(self.model, [sources], gen_kwargs)
+        gen_kwargs["logits_processor"] = extractive_processor(self.model, [sources], gen_kwargs, self.extract_penalty)
 
     def _check_length(self, segments: Sequence[Segment], parsed: ParsedPrompt, budget: int) -> GenerationStats:
         soft = sum(len(s) for s in segments if s.embeds is not None)
