@@ -241,9 +241,14 @@ ablations=(
   # lead 2x / others 8x (as round 36), e.g.:
   # INIT=checkpoints/smollm2-gmsa-ae COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=700 SCHEDULE=wsd RUNS=runs/r37 \
   #   BOTH="--micro_batch_tokens 16384" ABL_ONLY="ranked-fresh ranked-fresh-restore-span" scripts/stage2_recipe.sh ablations
+  # Round 37 ran it with ABL_STEPS=400 (benchmarks/results/h100/stage2-equal-steps-r37.md): both trained at ~43k
+  # tokens/s (the machine, not the option, halved round 36), and the span run read dev 4x 15.5 against 20.5.
   "ranked-fresh:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1"
   "ranked-fresh-restore-span:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --restore_fraction 0.25 --restore_target span"
   "ranked-fresh-restore-document:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --restore_fraction 0.25 --restore_target document"
+  # round 37: every sample at 4x (the rate issue 11 is judged at) instead of 2/4/8/16x weighted 1:4:3:2, against
+  # ranked-fresh at the same 400 steps (seeds 0 and 1): dev 4x 20.0 against 20.5 / 21.0, level (SEED=0, ABL_STEPS=400)
+  "ranked-fresh-4x-only:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --rate_weights 0 1 0 0"
 )
 cuda=${CUDA_VISIBLE_DEVICES:-0}
 ABL_GPUS=(${ABL_GPUS:-${cuda//,/ }})  # the GPUs the ablations share, round-robin (space-separated)
