@@ -641,8 +641,6 @@ class GMSAModel(nn.Module):
             raise ValueError("extract_penalty leans answers towards the documents' text: give it as extract_from")
         if extract_penalty != float("inf") and (per_document or self.config.answer_cites):
             raise ValueError("extract_penalty: not with per_document or a citing checkpoint (their answers quote)")
-        if not extract_penalty > 0:
-            raise ValueError(f"extract_penalty must be > 0 nats (inf: answers are spans), got {extract_penalty}")
         if extract_top or extract_sentences:
             documents = self._best_matching(questions, documents, extract_top, extract_sentences, per_document)
         if contrast and (per_document or self.config.answer_cites or self.config.answer_quotes):
