@@ -223,13 +223,14 @@ def metric_table(runs: list[dict[str, Any]], metric: str, baseline: str | None) 
                 if key in row and key in base:
                     row[f"delta@{r}x"] = row[key] - base[key]
     C = bc.Column
+    digits = 4 if "loss" in metric else 1  # losses in nats differ in the third decimal; scores in percent
     columns = [C("run", "run"), C("steps", "steps", 0), C("tokens_m", "tokens (M)", 1), C("loss", "train loss", 3),
                C("tok_s", "tokens/s", 0)]
-    columns += [C(f"{metric}@{r}x", f"{metric} {r}x", 1) for r in rates]
+    columns += [C(f"{metric}@{r}x", f"{metric} {r}x", digits) for r in rates]
     if any("text" in row for row in rows):
-        columns.append(C("text", f"{metric} uncompressed", 1))
+        columns.append(C("text", f"{metric} uncompressed", digits))
     if base is not None:
-        columns += [C(f"delta@{r}x", f"Δ{r}x vs {baseline}", 1) for r in rates]
+        columns += [C(f"delta@{r}x", f"Δ{r}x vs {baseline}", digits) for r in rates]
     return columns, rows
 
 

@@ -131,6 +131,8 @@ def load_checkpoint(
     decoder_lora_rank: int | None = None,
     soft_token_center: bool = False,
     decoder_mlp_lora_rank: int = 0,
+    lora_rank: int | None = None,
+    lsa_layers: int | None = None,
 ) -> "GMSAModel":
     """Rebuild a GMSAModel from a checkpoint; fails clearly if the base model's weights are not the recorded ones.
 
@@ -144,6 +146,11 @@ def load_checkpoint(
     ``decoder_lora_rank`` above a soft-token adapter's rank widens its W_Q/W_K/W_V LoRA: the checkpoint's factors fill
     the first rows of A and columns of B, the new columns of B start at zero and alpha / r is kept, so the loaded model
     answers as the checkpoint does until it trains (a smaller rank keeps the checkpoint's).
+
+    The compressor grows the same way: ``lora_rank`` above the checkpoint's widens the encoder LoRA (alpha / r kept),
+    ``lsa_layers`` above its count appends LSA blocks copied from the base model's next layers with their attention
+    and MLP output projections at zero, so each new block passes its input through unchanged; the soft tokens are the
+    checkpoint's until the new capacity trains. Lower values keep the checkpoint's.
     """
     from .backbone import load_backbone
     from .model import DECODER_MLP_TARGETS, GMSAModel
@@ -175,6 +182,15 @@ def load_checkpoint(
             raise CheckpointError(f"{path}: a decoder MLP adapter needs decoder_tuning 'qkv_lora', "
                                   f"not {config.decoder_tuning!r}")
         config.decoder_mlp_lora_rank = decoder_mlp_lora_rank
+    widen_encoder = lora_rank is not None and lora_rank > config.lora_rank
+    if widen_encoder:
+        config.lora_alpha = config.lora_alpha * lora_rank / config.lora_rank
+        config.lora_rank = lora_rank
+    grown_from = config.lsa_layers
+    if lsa_layers is not None and lsa_layers > config.lsa_layers:
+        if not config.lsa_layers:
+            raise CheckpointError(f"{path} has no LSA blocks to grow (lsa_layers 0)")
+        config.lsa_layers = lsa_layers
     new_center = soft_token_center and not config.soft_token_center
     if new_center:
         config.soft_token_center = True
@@ -185,11 +201,29 @@ def load_checkpoint(
         partial |= {n for n in model.decoder_parameters() if any(f".{t}." in n for t in DECODER_MLP_TARGETS)}
     widened = ({n for n in model.decoder_parameters() if any(f".{t}.lora_" in n for t in config.decoder_targets)}
                if widen else set())
-    model = attach_checkpoint(model, record, state, path, partial=partial | ({"soft_center"} if new_center else set()),
-                              widened=widened)
+    if widen_encoder:
+        widened |= {n for n in model.compressor_parameters() if n.startswith("encoder.") and ".lora_" in n}
+    grown = grown_lsa_parameters(model, grown_from)
+    model = attach_checkpoint(model, record, state, path,
+                              partial=partial | set(grown) | ({"soft_center"} if new_center else set()), widened=widened)
+    with torch.no_grad():  # a new block adds nothing to the residual stream until it trains
+        for name, p in grown.items():
+            if name.endswith((".o_proj.weight", ".down_proj.weight", ".o_proj.bias", ".down_proj.bias")):
+                p.zero_()
     if merge_adapter:
         model.merge_decoder_adapter()
     return model
+
+
+def grown_lsa_parameters(model: "GMSAModel", kept_layers: int) -> dict[str, torch.nn.Parameter]:
+    """The parameters of the model's LSA blocks past the first ``kept_layers`` (those a grown checkpoint lacks)."""
+    params = {n: p for n, p in model.compressor_parameters().items() if n.startswith("lsa.layers.")}
+    grown = {n: p for n, p in params.items() if int(n.split(".")[2]) >= kept_layers}
+    outputs = [n for n in grown if n.endswith((".o_proj.weight", ".down_proj.weight"))]
+    if grown and len(outputs) != 2 * (model.config.lsa_layers - kept_layers):
+        raise CheckpointError(f"cannot grow the LSA of a {model.config.base_model!r} model: its blocks have no "
+                              f"o_proj / down_proj output projections to start at zero")
+    return grown
 
 
 def attach_checkpoint(

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -81,12 +82,12 @@ class TrainConfig:
     data: list[str] = field(default_factory=list, metadata={"help": "ae: jsonl(.gz)/text corpus files or folders; keft: QA jsonl or a pooled QA folder (data/qa-multidoc)"})
     dev_data: str | None = field(default=None, metadata={"help": "dev set (ae: corpus file kept out of training; keft: QA jsonl or pooled folder)"})
     token_cache: str = field(default="", metadata={"help": "where tokenized corpus files are kept (default ~/.cache/gmsa_rag/corpora)"})
-    # architecture (stage ae; keft inherits it from --init)
+    # architecture (stage ae; keft inherits it from --init, which --lora_rank and --lsa_layers may grow)
     encoder_layers: int = 12
-    lsa_layers: int = 1
+    lsa_layers: int = field(default=1, metadata={"help": "LSA blocks (copies of the decoder's lowest layers). With --init, more than the checkpoint's appends blocks that start as the identity (output projections at zero: the soft tokens are the checkpoint's until they train); fewer keeps the checkpoint's"})
     rates: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     window: int = 512
-    lora_rank: int = 16
+    lora_rank: int = field(default=16, metadata={"help": "rank of the encoder's LoRA (all linear layers). With --init, a rank above the checkpoint's widens it as --decoder_lora_rank widens the decoder adapter (new part at zero, alpha / r kept); a lower one keeps the checkpoint's"})
     lora_alpha: int = 32
     encoder_prefix: str = "Document:\n"
     encoder_norm: bool = False
@@ -545,7 +546,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
         model = load_checkpoint(cfg.init, device=device, dtype=dtype, decoder_tuning=None if tuning == "none" else tuning,
                                 decoder_lora_rank=cfg.decoder_lora_rank,
                                 soft_token_center=cfg.stage == "ae" and cfg.soft_token_center,
-                                decoder_mlp_lora_rank=cfg.decoder_mlp_lora_rank if tuning == "qkv_lora" else 0)
+                                decoder_mlp_lora_rank=cfg.decoder_mlp_lora_rank if tuning == "qkv_lora" else 0,
+                                lora_rank=cfg.lora_rank, lsa_layers=cfg.lsa_layers)
     else:
         config = GMSAConfig(
             base_model=cfg.base_model, method=cfg.method, encoder_layers=cfg.encoder_layers, lsa_layers=cfg.lsa_layers,
@@ -683,8 +685,28 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
                 results[f"{prefix}quote_tokens{suffix}"] = sum(lengths) / max(len(lengths), 1)
             scores = qa_metrics(list(preds), refs) if task == "qa" else reconstruction_metrics(preds, refs)
             results.update({f"{prefix}{k}{suffix}": float(v) for k, v in scores.items()})
+    if cfg.stage == "ae":
+        for rate in rates:
+            results[f"restore_loss@{rate}x"] = restore_loss(model, examples, rate, cfg.eval_batch_size, shard, gather)
     model.train()
     return results
+
+
+@torch.no_grad()
+def restore_loss(model: GMSAModel, passages: list[list[int]], rate: int, size: int, shard: tuple[int, int] = (0, 1),
+                 gather: Callable[[list], list] | None = None) -> float:
+    """Teacher-forced cross-entropy per token (nats) of restoring each dev passage alone from its soft tokens at
+    ``rate``: a finer gauge than BLEU of what the soft tokens keep (every run of a comparison sees the same passages).
+    Processes share the batches as in :func:`evaluate`."""
+    index, count = shard
+    parts = []  # (summed loss, target tokens) of this process's batches
+    for start in range(index * size, len(passages), count * size):
+        samples = [Sample([ids], ids, rate=rate) for ids in passages[start : start + size]]
+        logits, labels = model.target_logits(build_prompts(model, samples))
+        parts.append((F.cross_entropy(logits.float(), labels, reduction="sum").item(), labels.numel()))
+    if count > 1:
+        parts = gather(parts)
+    return sum(loss for loss, _ in parts) / max(sum(tokens for _, tokens in parts), 1)
 
 
 def dev_batch(items: list, task: str, docs: int, rate: int | None, offset: int,

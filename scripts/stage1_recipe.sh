@@ -5,6 +5,7 @@
 #   scripts/stage1_recipe.sh long        # the chosen recipe on LONG_GPUS (accelerate/DDP), resumable
 #   scripts/stage1_recipe.sh tokenize    # tokenize DATA and DEV into the token cache (the others do it too)
 #   scripts/stage1_recipe.sh profile     # where one step of the long run's recipe spends time and memory (one GPU)
+#   scripts/stage1_recipe.sh grow        # INIT trained further as it is and with more compressor capacity, side by side
 # DATA: training corpus files/folders (default ../shared/data/wiki parts 00-13; never wiki-15, the test set)
 # DEV: dev corpus (default a slice of wiki-14, kept out of training). RUNS: output root (default runs).
 # long: EVAL_EVERY (dev evaluation, default 150 steps, ~35 s each on an H200) and SAVE_EVERY (checkpoint, default
@@ -52,7 +53,19 @@ ablations=(
 ABL_GPUS=(${ABL_GPUS:-$(seq 0 $((GPUS - 1)))})    # which GPUs the ablations share
 LONG_GPUS=${LONG_GPUS:-$(seq -s, 0 $((GPUS - 1)))}  # which GPUs the long run uses (comma-separated)
 
-case "${1:?mode: ablations, long, tokenize or profile}" in
+# grow (round 38): does more compressor capacity restore more at 4x? Issue 11's reader sits at what 4x soft tokens keep
+# (the stage-1 curve flattened since 231M tokens; benchmarks/results/README.md, round 38), so INIT (the shipped stage 1)
+# trains on, side by side on one GPU at an equal token budget (GROW_TOKENS each, GROW_MINUTES the safety stop), as it
+# is (the control) and grown where it left off: encoder LoRA rank 16 -> 128 (the authors' rank) and a second LSA block,
+# each new part starting at zero so both runs start from the same soft tokens. Judge by the dev restore loss per rate
+# (restore_loss@4x, teacher-forced on the same passages) and BLEU, then stage 2 from each (stage2_recipe.sh
+# "ranked-fresh", 400 steps) on qa-multidoc dev.
+grow_runs=(
+  "control:"
+  "grown:--lora_rank 128 --lsa_layers 2"
+)
+
+case "${1:?mode: ablations, long, tokenize, profile or grow}" in
 ablations)
   "$0" tokenize  # once, before the parallel runs share the cache
   i=0
@@ -78,5 +91,18 @@ long)
 profile)
   python3 benchmarks/profile_train_step.py --out "$RUNS/profile" -- $common $RECIPE --data $DATA \
     --batch_size "${BATCH:-128}" --grad_accum "${ACCUM:-2}" --compile "${COMPILE:-true}" ;;
+grow)
+  "$0" tokenize
+  for entry in "${grow_runs[@]}"; do
+    name=${entry%%:*}; flags=${entry#*:}
+    [ -n "${GROW_ONLY:-}" ] && [[ " $GROW_ONLY " != *" $name "* ]] && continue
+    python3 -m gmsa_rag.train $common $RECIPE $flags --data $DATA --init "${INIT:?INIT: the stage-1 checkpoint to grow}" \
+      --out_dir "$RUNS/grow-$name" --steps 1000000 --max_tokens "${GROW_TOKENS:-10e6}" \
+      --time_limit_minutes "${GROW_MINUTES:-10}" --batch_size "${BATCH:-32}" --grad_accum "${ACCUM:-2}" \
+      --compile "${COMPILE:-true}" --lr "${GROW_LR:-3e-4}" --warmup_steps 20 --eval_every "${EVAL_EVERY:-100}" \
+      --save_every "${SAVE_EVERY:-100}" > "$RUNS/grow-$name.log" 2>&1 &
+  done
+  wait
+  tail -n 2 "$RUNS"/grow-*.log ;;
 *) echo "unknown mode $1" >&2; exit 2 ;;
 esac

@@ -499,6 +499,14 @@ def test_training_runs_tabulates_each_metric_against_the_baseline(tmp_path):
     assert "Results: accuracy" in markdown and "Results: gold_accuracy" in markdown
     assert (tmp_path / "out" / "t.png").is_file()
     assert result["curves"]["accuracy"]["lever"] == [(2000 / 1e6, 6.0)]  # against tokens seen, in millions
+    for name, loss in (("base", 0.15751), ("lever", 0.15463)):  # a loss metric keeps the decimals it differs in
+        run = tmp_path / "stage1" / name
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens": 2000, "bleu@4x": 80.0,
+                                                       "restore_loss@4x": loss}))
+    _bench("training_runs").main(["--runs", str(tmp_path / "stage1" / "base"), str(tmp_path / "stage1" / "lever"),
+                                  "--metric", "restore_loss", "--baseline", "base", "--name", "l", "--out", str(tmp_path / "out")])
+    assert "| 0.1546 |" in (tmp_path / "out" / "l.md").read_text() and "| -0.0029 |" in (tmp_path / "out" / "l.md").read_text()
 
     by_step = _bench("training_runs").main([
         "--runs", str(tmp_path / "runs" / "base"), "--metric", "accuracy", "--x_axis", "steps", "--name", "s",
@@ -924,3 +932,43 @@ def test_rerank_probe_dense_ranker_needs_no_decoder(qa_file, tmp_path, monkeypat
                          "--out", str(tmp_path)])
     assert [r["ranker"] for r in result["rows"]] == ["bm25", "dense", "bm25+dense"]
     assert result["meta"]["checkpoint"] == "(no decoder scores)"
+
+
+def test_restore_tokens_splits_the_restore_loss_by_answer_tokens_and_surprisal(qa_file, checkpoints, tmp_path, tokenizer):
+    """Answer tokens are those overlapping a gold answer (every occurrence, any case); the per-token scores are those of
+    the model's own loss, and each split's token counts add up to the whole."""
+    import torch.nn.functional as F
+
+    from gmsa_rag.samples import Sample, build_prompts
+
+    bench = _bench("restore_tokens")
+    ids, spans = bench.answer_spans(tokenizer, "Paris is in France. paris is big.", ["Paris", "Rome"])
+    assert ids == tokenizer.encode("Paris is in France. paris is big.", add_special_tokens=False)
+    assert len(spans) == 2 and all(tokenizer.decode([ids[i] for i in s]).strip().lower() == "paris" for s in spans)
+    assert bench.answer_spans(tokenizer, "Rome is old.", ["Paris"])[1] == []
+    surprisal, unseen = bench.unigram_surprisal(tokenizer, ["the cat the dog the end"])
+    the = tokenizer.encode(" the", add_special_tokens=False)[0]
+    assert surprisal[the] < surprisal[tokenizer.encode(" cat", add_special_tokens=False)[0]] < unseen
+    assert bench.bucket_names([4.0, 8.0]) == ["0-4", "4-8", "8+"]
+
+    from common import load_system
+
+    model = load_system(checkpoints["gmsa"], torch.device("cpu"), torch.float32, backbone="tiny")
+    passages = [tokenizer.encode(t, add_special_tokens=False) for t in ("The Nile flows north.", "Snow is cold and white.")]
+    scores = bench.token_scores(model, passages, 4, batch_size=2)
+    for ids, (losses, hits) in zip(passages, scores):
+        logits, labels = model.target_logits(build_prompts(model, [Sample([ids], ids, rate=4)]))
+        assert labels[: len(ids)].tolist() == ids and len(losses) == len(hits) == len(ids)
+        assert losses == pytest.approx(F.cross_entropy(logits[: len(ids)].float(), labels[: len(ids)], reduction="none").tolist(), rel=1e-4, abs=1e-5)
+
+    result = bench.main(["--backbone", "tiny", "--device", "cpu", "--data", str(qa_file), "--checkpoint",
+                         str(checkpoints["gmsa"]), "--rates", "2", "4", "--limit", "3", "--edges", "8", "12",
+                         "--out", str(tmp_path)])
+    data = _check_outputs(tmp_path, "restore-tokens")
+    for rate in (2, 4):
+        parts = {r["tokens_of"]: r for r in result["rows"] if r["rate"] == rate}
+        assert parts["answer"]["tokens"] > 0 and parts["answer"]["tokens"] + parts["other"]["tokens"] == parts["all"]["tokens"]
+        assert parts["answer"]["loss_share"] + parts["other"]["loss_share"] == pytest.approx(100.0)
+        assert 0.0 <= parts["answer"]["answers_kept_whole"] <= 100.0
+        assert sum(b["tokens"] for b in result["buckets"] if b["rate"] == rate) == parts["all"]["tokens"]
+    assert data["meta"]["answer_occurrences"] >= 3

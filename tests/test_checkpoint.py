@@ -254,3 +254,40 @@ def test_average_checkpoints_refuses_readers_of_other_prompt_shapes(tokenizer, t
     assert script.main([str(tmp_path / "soup"), *paths]) == 2
     assert "read other prompts" in capsys.readouterr().err
     assert not (tmp_path / "soup").exists()
+
+
+def test_a_checkpoints_compressor_can_grow_and_starts_where_it_was(tokenizer, tmp_path, monkeypatch):
+    """load_checkpoint(lora_rank=, lsa_layers=) above the checkpoint's: the encoder LoRA widens (alpha / r kept) and new
+    LSA blocks start as the identity, so the soft tokens are the checkpoint's; the new parts learn, save and load back
+    at the new sizes; lower values keep the checkpoint's; a model without LSA cannot grow one."""
+    import gmsa_rag.backbone as backbone
+    from gmsa_rag.checkpoint import load_checkpoint
+
+    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **k: (tiny_gmsa(tokenizer).decoder, tokenizer))
+    model = tiny_gmsa(tokenizer)
+    path = model.save_pretrained(tmp_path / "small")
+    grown = load_checkpoint(path, lora_rank=8, lsa_layers=3)
+    assert (grown.config.lora_rank, grown.config.lora_alpha, grown.config.lsa_layers) == (8, 16, 3)
+    assert len(grown.lsa.layers) == 3
+    window = tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False)[:32]
+    torch.testing.assert_close(grown.soft_tokens([window], [4])[0], model.soft_tokens([window], [4])[0])
+    grown.set_stage("ae")
+    grown.soft_tokens([window], [4])[0].pow(2).sum().backward()
+    params = grown.compressor_parameters()
+    wide = [p.grad[:, 4:] for n, p in params.items() if n.startswith("encoder.") and "q_proj.lora_B" in n]
+    assert wide and all(g.abs().sum() > 0 for g in wide)  # the new columns learn
+    assert all(params[f"lsa.layers.{i}.{m}"].grad.abs().sum() > 0
+               for i in (1, 2) for m in ("self_attn.o_proj.weight", "mlp.down_proj.weight"))
+    with torch.no_grad():
+        for name, p in params.items():
+            if name.startswith("lsa.layers.2.") and name.endswith("down_proj.weight"):
+                p.add_(0.01)
+    again = load_checkpoint(grown.save_pretrained(tmp_path / "grown"))
+    assert (again.config.lora_rank, again.config.lsa_layers) == (8, 3)
+    torch.testing.assert_close(again.soft_tokens([window], [4])[0], grown.soft_tokens([window], [4])[0])
+    assert not torch.allclose(again.soft_tokens([window], [4])[0], model.soft_tokens([window], [4])[0])
+    kept = load_checkpoint(path, lora_rank=2, lsa_layers=1)
+    assert (kept.config.lora_rank, kept.config.lsa_layers) == (4, 1)
+    none = tiny_gmsa(tokenizer, lsa_layers=0).save_pretrained(tmp_path / "no-lsa")
+    with pytest.raises(CheckpointError, match="has no LSA blocks to grow"):
+        load_checkpoint(none, lsa_layers=2)

@@ -188,6 +188,56 @@ def test_stage1_dev_evaluation_can_restore_each_passage_among_others(tokenizer):
     assert all(both[k] == plain[k] for k in plain) and {"among_bleu@2x", "among_prefix_em@4x"} <= set(both)
 
 
+
+def test_stage1_dev_evaluation_reports_the_restore_loss_per_rate(tokenizer):
+    """restore_loss@Nx: the teacher-forced cross-entropy per token of restoring each passage alone, over all tokens of
+    all batches (not a mean of batch means); shared by processes, the figure of one process."""
+    import torch.nn.functional as F
+
+    from gmsa_rag.samples import build_prompts
+    from gmsa_rag.testing import tiny_gmsa
+    from gmsa_rag.train import restore_loss
+
+    model = tiny_gmsa(tokenizer, rates=[2, 4]).eval()
+    texts = ["The Nile is a river in Africa. It flows north.", "Paris is the capital of France.", "Snow is cold."]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    scores = evaluate(model, ids, TrainConfig(eval_samples=3, eval_batch_size=2))
+    for rate in (2, 4):
+        logits, labels = model.target_logits(build_prompts(model, [Sample([i], i, rate=rate) for i in ids]))
+        assert scores[f"restore_loss@{rate}x"] == pytest.approx(F.cross_entropy(logits.float(), labels).item(), rel=1e-5)
+    assert scores["restore_loss@2x"] != scores["restore_loss@4x"]
+    shares = {}
+    restore_loss(model, ids, 4, 1, shard=(1, 2), gather=lambda parts: shares.setdefault(0, parts))
+    shared = restore_loss(model, ids, 4, 1, shard=(0, 2), gather=lambda parts: parts + shares[0])
+    assert shared == pytest.approx(scores["restore_loss@4x"], rel=1e-6)
+    keft = evaluate(model, [QAExample("q?", ["Nile"], texts[:1])], TrainConfig(stage="keft", init="unused", max_docs=1,
+                                                                                  eval_samples=1))
+    assert not any(k.startswith("restore_loss") for k in keft)
+
+
+def test_ae_init_can_grow_the_compressor_where_the_checkpoint_left_off(base_dir, corpus, tmp_path):
+    """--lora_rank / --lsa_layers above an --init checkpoint's: its encoder LoRA widens and new LSA blocks are appended
+    as the identity, so the soft tokens are the checkpoint's until the new capacity trains; both then train and save."""
+    first = train(ae_config(base_dir, corpus, tmp_path / "a", steps=2))
+    start = read_weights(first)
+    grown = train(ae_config(base_dir, corpus, tmp_path / "b", steps=1, lr=1e-12, init=str(first), lora_rank=8,
+                            lsa_layers=2))
+    after = read_weights(grown)
+    config = GMSAModel.from_pretrained(grown).config
+    assert (config.lora_rank, config.lora_alpha, config.lsa_layers) == (8, 16, 2)
+    for name, tensor in start.items():
+        if name.startswith("encoder.") and "lora_A" in name:
+            assert after[name].shape[0] == 8 and torch.allclose(after[name][:4].float(), tensor.float(), atol=1e-6)
+        elif name.startswith("encoder.") and "lora_B" in name:
+            assert after[name].shape[1] == 8 and torch.allclose(after[name][:, :4].float(), tensor.float(), atol=1e-6)
+        else:
+            assert torch.allclose(after[name].float(), tensor.float(), atol=1e-6), name
+    new_block = {k: v for k, v in after.items() if k.startswith("lsa.layers.1.")}
+    outputs = [v for k, v in new_block.items() if k.endswith(("o_proj.weight", "down_proj.weight"))]
+    assert len(outputs) == 2 and all(v.abs().max() < 1e-9 for v in outputs)  # zero, but for one step at lr 1e-12
+    assert any(v.any() for k, v in new_block.items() if k.endswith("q_proj.weight"))
+
+
 def test_ae_run_builds_same_article_distractors_for_its_dev_passages(base_dir, corpus, tmp_path, tokenizer):
     cfg = ae_config(base_dir, corpus, tmp_path, eval_among=True, eval_samples=3, min_chunk_tokens=8, max_chunk_tokens=8)
     from gmsa_rag.train import load_data
