@@ -65,6 +65,7 @@ FRACTIONS = ("title_fraction", "continuation_fraction", "span_fraction", "multi_
              "min_lr_ratio", "lead_fraction", "restore_fraction")
 # what a run resumed into its --out_dir must keep: the flags that shape its model and prompts (whether the compressor
 # trains decides the optimizer's parameter groups)
+NEW_MODEL_LORA_RANK, NEW_MODEL_LSA_LAYERS = 16, 1  # --lora_rank / --lsa_layers of a model trained from scratch
 RUN_DEFINING = ("stage", "method", "base_model", "init", "no_compress", "encoder_layers", "lsa_layers", "rates",
                 "window", "lora_rank", "lora_alpha", "encoder_prefix", "encoder_norm", "soft_token_norm",
                 "soft_token_center", "decoder_tuning", "decoder_lora_rank", "decoder_mlp_lora_rank", "ae_decoder_lora",
@@ -84,10 +85,10 @@ class TrainConfig:
     token_cache: str = field(default="", metadata={"help": "where tokenized corpus files are kept (default ~/.cache/gmsa_rag/corpora)"})
     # architecture (stage ae; keft inherits it from --init, which --lora_rank and --lsa_layers may grow)
     encoder_layers: int = 12
-    lsa_layers: int = field(default=1, metadata={"help": "LSA blocks (copies of the decoder's lowest layers). With --init, more than the checkpoint's appends blocks that start as the identity (output projections at zero: the soft tokens are the checkpoint's until they train); fewer keeps the checkpoint's"})
+    lsa_layers: int | None = field(default=None, metadata={"help": "LSA blocks (copies of the decoder's lowest layers); default 1 for a new model. With --init the checkpoint's: more than it has appends blocks that start as the identity (output projections at zero: the soft tokens are the checkpoint's until they train); fewer keeps the checkpoint's"})
     rates: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     window: int = 512
-    lora_rank: int = field(default=16, metadata={"help": "rank of the encoder's LoRA (all linear layers). With --init, a rank above the checkpoint's widens it as --decoder_lora_rank widens the decoder adapter (new part at zero, alpha / r kept); a lower one keeps the checkpoint's"})
+    lora_rank: int | None = field(default=None, metadata={"help": "rank of the encoder's LoRA (all linear layers); default 16 for a new model. With --init the checkpoint's: a rank above it widens it as --decoder_lora_rank widens the decoder adapter (new part at zero, alpha / r kept); a lower one keeps the checkpoint's"})
     lora_alpha: int = 32
     encoder_prefix: str = "Document:\n"
     encoder_norm: bool = False
@@ -220,6 +221,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(f"--micro_batch_tokens must be 0 (off) or a number of decoder positions, got {cfg.micro_batch_tokens}")
     if not 1 <= cfg.min_docs <= cfg.max_docs:
         parser.error(f"--min_docs must be between 1 and --max_docs ({cfg.max_docs}), got {cfg.min_docs}")
+    if not cfg.init:  # a new model: the sizes it gets are recorded with the run (with --init: the checkpoint's, or grown)
+        cfg.lora_rank = NEW_MODEL_LORA_RANK if cfg.lora_rank is None else cfg.lora_rank
+        cfg.lsa_layers = NEW_MODEL_LSA_LAYERS if cfg.lsa_layers is None else cfg.lsa_layers
+    for flag in ("lora_rank", "lsa_layers"):
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < (1 if flag == "lora_rank" else 0):
+            parser.error(f"--{flag} must be at least {1 if flag == 'lora_rank' else 0}, got {getattr(cfg, flag)}")
     rates = cfg.rates
     if cfg.init:
         try:
@@ -550,8 +557,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
                                 lora_rank=cfg.lora_rank, lsa_layers=cfg.lsa_layers)
     else:
         config = GMSAConfig(
-            base_model=cfg.base_model, method=cfg.method, encoder_layers=cfg.encoder_layers, lsa_layers=cfg.lsa_layers,
-            rates=tuple(cfg.rates), window=cfg.window, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+            base_model=cfg.base_model, method=cfg.method, encoder_layers=cfg.encoder_layers,
+            lsa_layers=NEW_MODEL_LSA_LAYERS if cfg.lsa_layers is None else cfg.lsa_layers, rates=tuple(cfg.rates),
+            window=cfg.window, lora_rank=cfg.lora_rank or NEW_MODEL_LORA_RANK, lora_alpha=cfg.lora_alpha,
             encoder_prefix=cfg.encoder_prefix, encoder_norm=cfg.encoder_norm, soft_token_norm=cfg.soft_token_norm,
             soft_token_center=cfg.soft_token_center, decoder_tuning=decoder_tuning(cfg), decoder_lora_rank=cfg.decoder_lora_rank,
             decoder_lora_alpha=2 * cfg.decoder_lora_rank, decoder_adapter="always" if cfg.no_compress else "soft",

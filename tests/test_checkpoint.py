@@ -286,8 +286,8 @@ def test_a_checkpoints_compressor_can_grow_and_starts_where_it_was(tokenizer, tm
     assert (again.config.lora_rank, again.config.lsa_layers) == (8, 3)
     torch.testing.assert_close(again.soft_tokens([window], [4])[0], grown.soft_tokens([window], [4])[0])
     assert not torch.allclose(again.soft_tokens([window], [4])[0], model.soft_tokens([window], [4])[0])
-    kept = load_checkpoint(path, lora_rank=2, lsa_layers=1)
-    assert (kept.config.lora_rank, kept.config.lsa_layers) == (4, 1)
+    kept = load_checkpoint(tmp_path / "grown", lora_rank=2, lsa_layers=1)
+    assert (kept.config.lora_rank, kept.config.lsa_layers) == (8, 3)
     none = tiny_gmsa(tokenizer, lsa_layers=0).save_pretrained(tmp_path / "no-lsa")
     with pytest.raises(CheckpointError, match="has no LSA blocks to grow"):
         load_checkpoint(none, lsa_layers=2)

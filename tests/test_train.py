@@ -235,6 +235,16 @@ def test_ae_init_can_grow_the_compressor_where_the_checkpoint_left_off(base_dir,
     new_block = {k: v for k, v in after.items() if k.startswith("lsa.layers.1.")}
     outputs = [v for k, v in new_block.items() if k.endswith(("o_proj.weight", "down_proj.weight"))]
     assert len(outputs) == 2 and all(v.abs().max() < 1e-9 for v in outputs)  # zero, but for one step at lr 1e-12
+    # left out, the sizes are the checkpoint's (a stage 2 from a rank-4 stage 1 keeps rank 4); a new model gets 16 / 1
+    assert (parse_args(["--stage", "ae", "--init", str(first)]).lora_rank, parse_args(["--stage", "ae"]).lora_rank) == (None, 16)
+    assert parse_args(["--stage", "ae"]).lsa_layers == 1 and parse_args(["--stage", "ae", "--lsa_layers", "0"]).lsa_layers == 0
+    kept = train(ae_config(base_dir, corpus, tmp_path / "c", steps=1, lr=1e-12, init=str(first), lora_rank=None,
+                           lsa_layers=None))
+    assert read_weights(kept).keys() == start.keys()
+    assert (GMSAModel.from_pretrained(kept).config.lora_rank, GMSAModel.from_pretrained(kept).config.lsa_layers) == (4, 1)
+    for bad in (["--lora_rank", "0"], ["--lsa_layers", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--stage", "ae", *bad])
     assert any(v.any() for k, v in new_block.items() if k.endswith("q_proj.weight"))
 
 
