@@ -153,7 +153,7 @@ def main(argv=None) -> dict[str, Any]:
                      C("answers_kept_whole", "answers kept whole %", 1)]
     bucket_columns = [C("rate", "rate", 0), C("surprisal", "surprisal (nats)"), C("tokens", "n", 0),
                       C("loss", "loss (nats)", 3), C("top1", "top-1 %", 1), C("loss_share", "share of the loss %", 1)]
-    fig, axes = bc.new_figure(ncols=2, width=11.0, height=4.0)
+    fig, axes = bc.new_figure(ncols=2, width=5.5, height=4.0)
     left, right = axes[0]
     for rate in sorted({r["rate"] for r in buckets}):
         mine = [r for r in buckets if r["rate"] == rate]

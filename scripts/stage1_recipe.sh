@@ -53,13 +53,15 @@ ablations=(
 ABL_GPUS=(${ABL_GPUS:-$(seq 0 $((GPUS - 1)))})    # which GPUs the ablations share
 LONG_GPUS=${LONG_GPUS:-$(seq -s, 0 $((GPUS - 1)))}  # which GPUs the long run uses (comma-separated)
 
-# grow (round 38): does more compressor capacity restore more at 4x? Issue 11's reader sits at what 4x soft tokens keep
-# (the stage-1 curve flattened since 231M tokens; benchmarks/results/README.md, round 38), so INIT (the shipped stage 1)
+# grow (round 38): does more compressor capacity restore more at 4x? 30% of stage 1's 4x restorations drop the answer
+# and its curve is flat since 231M tokens (benchmarks/results/README.md, rounds 28 and 38), so INIT (the shipped stage 1)
 # trains on, side by side on one GPU at an equal token budget (GROW_TOKENS each, GROW_MINUTES the safety stop), as it
 # is (the control) and grown where it left off: encoder LoRA rank 16 -> 128 (the authors' rank) and a second LSA block,
 # each new part starting at zero so both runs start from the same soft tokens. Judge by the dev restore loss per rate
 # (restore_loss@4x, teacher-forced on the same passages) and BLEU, then stage 2 from each (stage2_recipe.sh
-# "ranked-fresh", 400 steps) on qa-multidoc dev.
+# "ranked-fresh", 400 steps) on qa-multidoc dev. Round 38 ran it on one H100 (RUNS=runs/r38 GROW_TOKENS=10e6 BATCH=32
+# ACCUM=2, DATA wiki-01/02, DEV wiki-14): restore_loss@4x 0.1546 against 0.1575 (-1.8%), BLEU@4x 82.8 against 83.2, and
+# stage 2 from each read dev 4x 19.0 against 19.5 (benchmarks/results/h100/stage1-grow-r38.md): no gain at this budget.
 grow_runs=(
   "control:"
   "grown:--lora_rank 128 --lsa_layers 2"
