@@ -22,6 +22,7 @@ import argparse
 import math
 import sys
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,17 +116,12 @@ def main(argv=None) -> dict[str, Any]:
     batch_size = args.batch_size or (8 if device.type == "cpu" else 32)
     model = bc.load_system(checkpoint, device, dtype, backbone=args.backbone)
     tokenizer, cap = model.tokenizer, args.max_passage_tokens
-    passages, spans = [], []
-    for e in bc.passages_within(model, bc.gold_questions(data, args.split), cap):
-        ids, found = answer_spans(tokenizer, e.gold_context, e.answers)
-        if ids != model.tokenize([e.gold_context])[0]:
-            raise SystemExit("the tokenizer's offsets do not match the ids the model compresses")
-        passages.append(ids)
-        spans.append(found)
-        if len(passages) == limit:
-            break
-    if not passages:
+    examples = list(islice(bc.passages_within(model, bc.gold_questions(data, args.split), cap), limit))
+    if not examples:
         raise SystemExit(f"no gold passage of {data} has at most {cap} tokens")
+    passages, spans = map(list, zip(*(answer_spans(tokenizer, e.gold_context, e.answers) for e in examples)))
+    if passages != model.tokenize([e.gold_context for e in examples]):
+        raise SystemExit("the tokenizer's offsets do not match the ids the model compresses")
     surprisal, unseen = unigram_surprisal(tokenizer, [c for e in load_qa(data, args.split) for c in e.contexts])
     names = bucket_names(edges)
     bucket = [[sum(surprisal.get(t, unseen) >= x for x in edges) for t in ids] for ids in passages]
