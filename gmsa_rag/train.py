@@ -224,9 +224,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     if not cfg.init:  # a new model: the sizes it gets are recorded with the run (with --init: the checkpoint's, or grown)
         cfg.lora_rank = NEW_MODEL_LORA_RANK if cfg.lora_rank is None else cfg.lora_rank
         cfg.lsa_layers = NEW_MODEL_LSA_LAYERS if cfg.lsa_layers is None else cfg.lsa_layers
-    for flag in ("lora_rank", "lsa_layers"):
-        if getattr(cfg, flag) is not None and getattr(cfg, flag) < (1 if flag == "lora_rank" else 0):
-            parser.error(f"--{flag} must be at least {1 if flag == 'lora_rank' else 0}, got {getattr(cfg, flag)}")
+    for flag, least in (("lora_rank", 1), ("lsa_layers", 0)):
+        if getattr(cfg, flag) is not None and getattr(cfg, flag) < least:
+            parser.error(f"--{flag} must be at least {least}, got {getattr(cfg, flag)}")
     rates = cfg.rates
     if cfg.init:
         try:
@@ -693,7 +693,7 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
                 results[f"{prefix}quote_tokens{suffix}"] = sum(lengths) / max(len(lengths), 1)
             scores = qa_metrics(list(preds), refs) if task == "qa" else reconstruction_metrics(preds, refs)
             results.update({f"{prefix}{k}{suffix}": float(v) for k, v in scores.items()})
-    if cfg.stage == "ae":
+    if cfg.stage == "ae" and not cfg.no_compress:
         for rate in rates:
             results[f"restore_loss@{rate}x"] = restore_loss(model, examples, rate, cfg.eval_batch_size, shard, gather)
     model.train()
