@@ -63,9 +63,9 @@ NON_NEGATIVE = ("compressor_lr", "weight_decay", "warmup_steps", "distill_weight
                 "distill_soft_weight", "quote_words", "restore_weight")
 FRACTIONS = ("title_fraction", "continuation_fraction", "span_fraction", "multi_doc_fraction", "docs_curriculum",
              "min_lr_ratio", "lead_fraction", "restore_fraction")
+NEW_MODEL_LORA_RANK, NEW_MODEL_LSA_LAYERS = 16, 1  # --lora_rank / --lsa_layers of a model trained from scratch
 # what a run resumed into its --out_dir must keep: the flags that shape its model and prompts (whether the compressor
 # trains decides the optimizer's parameter groups)
-NEW_MODEL_LORA_RANK, NEW_MODEL_LSA_LAYERS = 16, 1  # --lora_rank / --lsa_layers of a model trained from scratch
 RUN_DEFINING = ("stage", "method", "base_model", "init", "no_compress", "encoder_layers", "lsa_layers", "rates",
                 "window", "lora_rank", "lora_alpha", "encoder_prefix", "encoder_norm", "soft_token_norm",
                 "soft_token_center", "decoder_tuning", "decoder_lora_rank", "decoder_mlp_lora_rank", "ae_decoder_lora",
@@ -163,6 +163,11 @@ class TrainConfig:
     stop_after_minutes: float = field(default=0.0, metadata={"help": "save and exit after this long in this invocation (the budget and schedule go on when resumed); 0 = never"})
     config: str | None = field(default=None, metadata={"help": "YAML/JSON file of these flags"})
 
+    def __post_init__(self) -> None:
+        if not self.init:  # a new model: the sizes it gets, recorded with the run (with --init: the checkpoint's, or grown)
+            self.lora_rank = NEW_MODEL_LORA_RANK if self.lora_rank is None else self.lora_rank
+            self.lsa_layers = NEW_MODEL_LSA_LAYERS if self.lsa_layers is None else self.lsa_layers
+
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Flags from an optional YAML/JSON file, overridden by the command line."""
@@ -221,9 +226,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error(f"--micro_batch_tokens must be 0 (off) or a number of decoder positions, got {cfg.micro_batch_tokens}")
     if not 1 <= cfg.min_docs <= cfg.max_docs:
         parser.error(f"--min_docs must be between 1 and --max_docs ({cfg.max_docs}), got {cfg.min_docs}")
-    if not cfg.init:  # a new model: the sizes it gets are recorded with the run (with --init: the checkpoint's, or grown)
-        cfg.lora_rank = NEW_MODEL_LORA_RANK if cfg.lora_rank is None else cfg.lora_rank
-        cfg.lsa_layers = NEW_MODEL_LSA_LAYERS if cfg.lsa_layers is None else cfg.lsa_layers
     for flag, least in (("lora_rank", 1), ("lsa_layers", 0)):
         if getattr(cfg, flag) is not None and getattr(cfg, flag) < least:
             parser.error(f"--{flag} must be at least {least}, got {getattr(cfg, flag)}")
@@ -557,9 +559,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> GMSAModel:
                                 lora_rank=cfg.lora_rank, lsa_layers=cfg.lsa_layers)
     else:
         config = GMSAConfig(
-            base_model=cfg.base_model, method=cfg.method, encoder_layers=cfg.encoder_layers,
-            lsa_layers=NEW_MODEL_LSA_LAYERS if cfg.lsa_layers is None else cfg.lsa_layers, rates=tuple(cfg.rates),
-            window=cfg.window, lora_rank=cfg.lora_rank or NEW_MODEL_LORA_RANK, lora_alpha=cfg.lora_alpha,
+            base_model=cfg.base_model, method=cfg.method, encoder_layers=cfg.encoder_layers, lsa_layers=cfg.lsa_layers,
+            rates=tuple(cfg.rates), window=cfg.window, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
             encoder_prefix=cfg.encoder_prefix, encoder_norm=cfg.encoder_norm, soft_token_norm=cfg.soft_token_norm,
             soft_token_center=cfg.soft_token_center, decoder_tuning=decoder_tuning(cfg), decoder_lora_rank=cfg.decoder_lora_rank,
             decoder_lora_alpha=2 * cfg.decoder_lora_rank, decoder_adapter="always" if cfg.no_compress else "soft",
