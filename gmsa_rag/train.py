@@ -29,6 +29,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -48,6 +49,7 @@ from .backbone import RANDOM_PREFIX, cache_root, load_tokenizer
 from .errors import UsageError
 from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
 from .data.cloze import cloze_example
+from .data.counterfactual import AnswerPool, counterfactual_example
 from .data.passages import Passage, PassageCorpus
 from .data.qa import QAExample, dev_layout, load_qa, reordered
 from .lexical import DOCUMENT_ORDERS
@@ -116,6 +118,7 @@ class TrainConfig:
     cloze_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose question is a fill-in-the-blank cut from the gold passage (a sentence with a number or name blanked, gmsa_rag.data.cloze) over the same documents: unlimited extra questions that need finding a sentence by content and copying from the middle of a document"})
     lead_rate: int = field(default=0, metadata={"help": "keft, with a ranked --doc_order: in --lead_fraction of the samples the best BM25 match (first with bm25_first, last with bm25_last) is compressed at this rate and the others at the sample's drawn rate, as GMSACompressor(lead_rate=, rate=) reads retrieved chunks; the dev log adds lead<R>_accuracy@<r>x (the lead at R, the others at each coarser rate r); 0: off"})
     lead_fraction: float = field(default=0.5, metadata={"help": "keft, with --lead_rate: the share of samples whose best match is at --lead_rate (the rest: every document at the drawn rate)"})
+    counterfactual_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose gold passage has its answer swapped, wherever the passage names it, for another training question's answer of the same kind (question word and shape: a year for a year, a 'who' name for a 'who' name), the substitute then the target (gmsa_rag.data.counterfactual). What the reader learnt by heart is wrong there: only the documents hold the answer. A new substitute each draw; samples whose gold passage does not name a short answer stay as they are. Measured (round 39, 0.5 from stage 1 beside a control): the reader followed swapped passages twice as often and read real dev questions no better (benchmarks/results/h100/stage2-counterfactual-r39.md)"})
     restore_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose target is not the answer but stage 1's task over the same prompt's documents (same order and rates): restore one of them, drawn at random, word for word (or, with --restore_target span, the words after a few quoted ones). Keeps the reader copying the documents' words exactly while it learns to answer, and brings every passage of the prompts as a target where the answers are 17.6k short strings. A deviation from the paper's stage 2 (answers only). Measured (round 36, 0.25 from stage 1, either target): answers learned no faster per step; on one H100 the runs trained at half the speed of round 35's without it (cause not known), and at their 725 steps read under those controls (benchmarks/results/h100/stage2-restore-r36.md)"})
     restore_target: str = field(default="document", metadata={"help": "keft, with --restore_fraction: the whole document, or a span: 4-8 of its words quoted (which document unsaid) and the 8-16 words that follow them (finding a place by content and copying from it, as an answer does)", "choices": ["document", "span"]})
     restore_weight: float = field(default=1.0, metadata={"help": "keft, with --restore_fraction: weight of the stage-1 targets' mean token loss beside the answers' (each kind weighs by its share of the samples; without it a restored document's ~150 tokens would outweigh a dozen answers)"})
@@ -216,8 +219,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error("--doc_order is a stage-2 (keft) option")
     if cfg.restore_fraction and (cfg.stage != "keft" or cfg.no_compress or distills(cfg)):
         parser.error("--restore_fraction is a stage-2 (keft) option for soft tokens, without distillation")
-    if not 0 <= cfg.cloze_fraction <= 1 or (cfg.cloze_fraction and cfg.stage != "keft"):
-        parser.error(f"--cloze_fraction is a share of stage-2 (keft) samples, between 0 and 1; got {cfg.cloze_fraction}")
+    for flag in ("cloze_fraction", "counterfactual_fraction"):
+        if not 0 <= getattr(cfg, flag) <= 1 or (getattr(cfg, flag) and cfg.stage != "keft"):
+            parser.error(f"--{flag} is a share of stage-2 (keft) samples, between 0 and 1; got {getattr(cfg, flag)}")
     if cfg.span_tokens < 8:
         parser.error(f"--span_tokens must be at least 8, got {cfg.span_tokens}")
     if not 0 < cfg.decay_fraction <= 1:
@@ -325,6 +329,11 @@ class Data:
     qa: list[QAExample]
     dev: list
     dev_among: list = field(default_factory=list)  # ae with eval_among: 3 distractors (token ids) per dev passage
+
+    @cached_property
+    def answer_pool(self) -> AnswerPool:
+        """The training answers counterfactual samples draw their substitutes from."""
+        return AnswerPool.from_examples(self.qa)
 
 
 def load_data(cfg: TrainConfig, tokenizer) -> Data:
@@ -479,6 +488,8 @@ def step_batches(step: int, data: Data, cfg: TrainConfig, rates: list[int], rank
             example = data.qa[rng.randrange(len(data.qa))]
             if cfg.cloze_fraction and rng.random() < cfg.cloze_fraction:  # (no draw when off: the same batches)
                 example = cloze_example(example, rng) or example
+            if cfg.counterfactual_fraction and rng.random() < cfg.counterfactual_fraction:  # (no draw when off)
+                example = counterfactual_example(example, data.answer_pool, rng) or example
             sample = qa_sample(example, rate, docs_cap(cfg, progress), rng, cfg.min_docs,
                                cfg.distractors == "hardest", cite=cfg.cite_document,
                                quote_words=cfg.quote_words if cfg.quote_evidence else None, order=cfg.doc_order)

@@ -810,7 +810,7 @@ def test_reconstruction_curve_puts_checkpoints_on_one_token_axis(tmp_path):
         rows = [{"system": system, "rate": rate, "length": length, "n": 24, "bleu": bleu / rate + length / 64}
                 for system, bleu in scores.items() for rate in (2, 4) for length in (64, 128)]
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps({"meta": {}, "rows": rows}))
+        path.write_text(json.dumps({"meta": {"machine": "cpu-2core"}, "rows": rows}))
         return path
 
     early, late = run_file("early", {"GMSA-AE": 80.0, "TCP-AE": 4.0}), run_file("late", {"GMSA-AE": 96.0})
@@ -972,3 +972,43 @@ def test_restore_tokens_splits_the_restore_loss_by_answer_tokens_and_surprisal(q
         assert 0.0 <= parts["answer"]["answers_kept_whole"] <= 100.0
         assert sum(b["tokens"] for b in result["buckets"] if b["rate"] == rate) == parts["all"]["tokens"]
     assert data["meta"]["answer_occurrences"] >= 3
+
+
+def test_counterfactual_probe_scores_readers_on_the_swapped_questions(tmp_path):
+    from gmsa_rag.data.counterfactual import counterfactual_pairs
+    from gmsa_rag.data.qa import QAExample, format_context, load_qa, save_qa_jsonl
+
+    people = ["Ada Lovelace", "Alan Turing", "Grace Hopper", "Claude Shannon"]
+    source = tmp_path / "qa.jsonl"
+    save_qa_jsonl([QAExample(f"who wrote note {i}", [name], [format_context("Notes", f"Note {i} was written by {name}."),
+                                                             format_context("Other", "Nothing here.")], 0)
+                   for i, name in enumerate(people)], source)
+    pairs = counterfactual_pairs(load_qa(source), max_docs=2, seed=0)
+    assert len(pairs) == 4 and all(s.answers[0] in people and s.answers != e.answers for e, s in pairs)
+
+    def qa_run(name: str, answer_for) -> Path:  # a qa.py JSON: one system, its output per question
+        outputs = [{"question": q, "answers": a, "GMSA r=4": answer_for(q, a)} for q, a in
+                   [(s.question, s.answers) for _, s in pairs]]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"meta": {"machine": "cpu-2core"}, "rows": [{"system": "GMSA r=4"}], "outputs": outputs}))
+        return path
+
+    original = {s.question: e.answers[0] for e, s in pairs}
+    reads = qa_run("reads", lambda q, a: a[0])  # says every swapped-in answer
+    recalls = qa_run("recalls", lambda q, a: original[q] if q.endswith(("0", "1", "2")) else "no idea")
+    plain = qa_run("plain", lambda q, a: original[q] if q.endswith("0") else "no idea")  # 1 of 4 right unswapped
+    probe = _bench("counterfactual_probe")
+    result = probe.main(["--data", str(source), "--max-docs", "2", "--run", f"reads={reads}", "--run",
+                         f"recalls={recalls}", "--unswapped", f"recalls={plain}", "--out", str(tmp_path / "out")])
+    _check_outputs(tmp_path / "out", "counterfactual-probe")
+    rows = {r["label"]: r for r in result["rows"]}
+    assert rows["reads"] == {"label": "reads", "n": 4, "follows": 100.0, "original": 0.0, "unswapped": None}
+    assert rows["recalls"] == {"label": "recalls", "n": 4, "follows": 0.0, "original": 75.0, "unswapped": 25.0}
+    foreign = tmp_path / "foreign.json"  # a run over other questions (another --limit or --seed wrote them)
+    foreign.write_text(json.dumps({"meta": {}, "rows": [{"system": "s"}], "outputs": [{"question": "q", "s": "a"}]}))
+    with pytest.raises(SystemExit, match="none of the 4 swapped questions"):
+        probe.main(["--data", str(source), "--max-docs", "2", "--run", f"x={foreign}", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="gives no counterfactual question"):
+        probe.main(["--data", str(source), "--limit", "0", "--run", f"x={reads}", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        probe.main(["--data", str(source), "--run", f"x={reads}", "--unswapped", f"y={plain}", "--out", str(tmp_path)])

@@ -13,13 +13,12 @@ Run as a module it writes such questions for a QA set, as a probe of that skill 
 """
 from __future__ import annotations
 
-import argparse
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from gmsa_rag.data.qa import QAExample, dev_layout, load_qa, save_qa_jsonl, split_context
+from gmsa_rag.data.qa import QAExample, dev_layout, split_context, write_questions_main
 
 #: What the question says before the blanked sentence; the blank itself.
 CLOZE_PROMPT = "Fill in the blank: "
@@ -88,26 +87,17 @@ def cloze_example(example: QAExample, rng: random.Random) -> QAExample | None:
     return QAExample(cloze.question, [cloze.answer], list(example.contexts), example.gold_index)
 
 
+def cloze_questions(examples: Sequence[QAExample], max_docs: int = 5, seed: int = 0) -> list[QAExample]:
+    """A cloze question for each example of a split laid out as dev shows it (:func:`dev_layout`) that has a sentence
+    to blank."""
+    rng = random.Random(seed)
+    return [c for i, e in enumerate(examples) if (c := cloze_example(dev_layout(e, max_docs, i), rng))]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Write cloze questions cut from the gold passages of a QA set, over the "
-                                            "same documents (gold among the hardest distractors, as dev shows them).")
-    p.add_argument("data", type=Path, help="QA jsonl(.gz) with gold passages marked, or a pooled QA folder")
-    p.add_argument("--split", default="dev", help="split of a pooled folder (default dev)")
-    p.add_argument("--out", type=Path, required=True, help="jsonl(.gz) to write (the QA format benchmarks/qa.py reads)")
-    p.add_argument("--limit", type=int, default=None, help="first N examples")
-    p.add_argument("--max_docs", type=int, default=5, help="documents per question (default 5)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if not args.data.exists():
-        raise SystemExit(f"no QA data at {args.data}")
-    if args.max_docs < 1:
-        raise SystemExit(f"--max_docs must be at least 1, got {args.max_docs}")
-    examples = load_qa(args.data, args.split, args.limit)
-    rng = random.Random(args.seed)
-    made = [c for i, e in enumerate(examples) if (c := cloze_example(dev_layout(e, args.max_docs, i), rng))]
-    count = save_qa_jsonl(made, args.out)
-    print(f"{count} cloze questions from {len(examples)} examples -> {args.out}")
-    return 0
+    return write_questions_main(argv, "cloze", "Write cloze questions cut from the gold passages of a QA set, over "
+                                "the same documents (gold among the hardest distractors, as dev shows them).",
+                                cloze_questions)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ contexts back into ``title``/``text`` so that a load/save round trip is lossless
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 from gmsa_rag.data.corpus import PathLike
 from gmsa_rag.data.jsonl import iter_records
@@ -40,6 +41,7 @@ __all__ = [
     "dev_layout",
     "reordered",
     "at_places",
+    "write_questions_main",
 ]
 
 TITLE_PREFIX = "Title: "
@@ -232,3 +234,26 @@ def load_as_shown(path: PathLike, split: str = "dev", limit: int | None = None, 
     if not is_qa_pool(path):
         return load_qa_jsonl(path, limit)
     return [dev_layout(e, max_docs, i) for i, e in enumerate(load_qa_pool(path, split, limit))]
+
+
+def write_questions_main(argv: list[str] | None, kind: str, description: str,
+                         make: Callable[[list[QAExample], int, int], list[QAExample]]) -> int:
+    """The command line of the modules that write probe questions over a QA split (``gmsa_rag.data.cloze``,
+    ``gmsa_rag.data.counterfactual``): read ``data`` (``--split``, ``--limit``), write ``make(examples, max_docs, seed)``
+    to ``--out`` in the QA format ``benchmarks/qa.py`` reads, and say how many ``kind`` questions it wrote."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("data", type=Path, help="QA jsonl(.gz) with gold passages marked, or a pooled QA folder")
+    p.add_argument("--split", default="dev", help="split of a pooled folder (default dev)")
+    p.add_argument("--out", type=Path, required=True, help="jsonl(.gz) to write (the QA format benchmarks/qa.py reads)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples")
+    p.add_argument("--max_docs", type=int, default=5, help="documents per question (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.data.exists():
+        raise SystemExit(f"no QA data at {args.data}")
+    if args.max_docs < 1:
+        raise SystemExit(f"--max_docs must be at least 1, got {args.max_docs}")
+    examples = load_qa(args.data, args.split, args.limit)
+    count = save_qa_jsonl(make(examples, args.max_docs, args.seed), args.out)
+    print(f"{count} {kind} questions from {len(examples)} examples -> {args.out}")
+    return 0
