@@ -111,6 +111,16 @@ RECIPE=${RECIPE:-"--compressor_lr 2e-4 --min_docs 5 --distractors hardest --docs
 # 725 steps each; per step the answer loss fell no faster than without restoring, and dev read under the controls
 # (benchmarks/results/h100/stage2-restore-r36.md, cpu-2core/qa-dev-restore-r36.md): nothing shipped. The decisive
 # run, a control beside it on the same machine at equal steps, is prepared below (ablations "ranked-fresh*").
+# Round 39: counterfactual answers (--counterfactual_fraction 0.5: on half the samples the gold passage's answer is
+# swapped for another training question's answer of the same kind, which becomes the target; gmsa_rag/data/counterfactual.py)
+# against a control, round 34's recipe from stage 1, seed 3 both, side by side on one H100 for one 16-minute WSD budget:
+#   for run in "control:" "cf:--counterfactual_fraction 0.5"; do INIT=checkpoints/smollm2-gmsa-ae COMPILE=true BATCH=32 \
+#     ACCUM=2 NOCOMPRESS=0 LONG_STEPS=2013 LONG_MINUTES=16 LONG_EVAL_EVERY=100000 SCHEDULE=wsd SEED=3 RUNS=runs/r39${run%%:*} \
+#     RECIPE="--lr 2e-3 --compressor_lr 1e-3 --decoder_lora_dropout 0.1 ${run#*:}" BOTH=<round 34's> \
+#     scripts/stage2_recipe.sh long & sleep 20; done; wait
+# (1,373 / 1,316 steps at ~54k tokens/s each. The counterfactual reader follows swapped passages twice as often, and
+# reads real dev questions no better: qa.py dev 4x 22.5 against 24.5, lead 2x / others 8x 32.5 against 33.5;
+# benchmarks/results/h100/stage2-counterfactual-r39.md, cpu-2core/qa-dev-counterfactual-r39.md. Not shipped.)
 BATCH=${BATCH:-8} ACCUM=${ACCUM:-8}
 # the no-compress run reads every document as text (~5x the decoder positions of a 4x prompt): its micro-batch is
 # NOCOMPRESS_BATCH (32 went out of memory on an H200 beside a GMSA run), with the accumulation that keeps the same
