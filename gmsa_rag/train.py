@@ -653,6 +653,13 @@ def distillation(cfg: TrainConfig, model: GMSAModel) -> Distillation:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def shard_starts(items: int, size: int, shard: tuple[int, int]) -> range:
+    """Where this process's dev batches of ``size`` start among ``items``: with ``shard=(i, n)``, every n-th batch from
+    the i-th, so n processes share the batches and together see each once."""
+    index, count = shard
+    return range(index * size, items, count * size)
+
+
 @torch.no_grad()
 def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None = None,
              shard: tuple[int, int] = (0, 1), gather: Callable[[list], list] | None = None) -> dict[str, float]:
@@ -682,14 +689,14 @@ def evaluate(model: GMSAModel, dev: list, cfg: TrainConfig, among: list | None =
             layouts.append((f"lead{cfg.lead_rate}_", "qa", cfg.max_docs, examples, cfg.lead_rate))
     for prefix, task, docs, items, lead in layouts:
         for rate in [r for r in rates if not lead or (r or 0) > lead]:
-            index, count, size = *shard, cfg.eval_batch_size
+            size = cfg.eval_batch_size
             batches = []  # (start, predictions, references) of this process's batches
-            for start in range(index * size, len(items), count * size):
+            for start in shard_starts(len(items), size, shard):
                 samples, references, new_tokens = dev_batch(items[start : start + size], task, docs, rate, start, model,
                                                             cfg.doc_order, lead)
                 batches.append((start, model.generate_from_segments(build_prompts(model, samples),
                                                                     max_new_tokens=new_tokens), references))
-            if count > 1:
+            if shard[1] > 1:
                 batches = sorted(gather(batches), key=lambda batch: batch[0])
             preds = [p for _, predictions, _ in batches for p in predictions]
             refs = [r for _, _, references in batches for r in references]
@@ -718,13 +725,12 @@ def restore_loss(model: GMSAModel, passages: list[list[int]], rate: int, size: i
     """Teacher-forced cross-entropy per token (nats) of restoring each dev passage alone from its soft tokens at
     ``rate``: a finer gauge than BLEU of what the soft tokens keep (every run of a comparison sees the same passages).
     Processes share the batches as in :func:`evaluate`."""
-    index, count = shard
     parts = []  # (summed loss, target tokens) of this process's batches
-    for start in range(index * size, len(passages), count * size):
+    for start in shard_starts(len(passages), size, shard):
         samples = [Sample([ids], ids, rate=rate) for ids in passages[start : start + size]]
         logits, labels = model.target_logits(build_prompts(model, samples))
         parts.append((F.cross_entropy(logits.float(), labels, reduction="sum").item(), labels.numel()))
-    if count > 1:
+    if shard[1] > 1:
         parts = gather(parts)
     return sum(loss for loss, _ in parts) / max(sum(tokens for _, tokens in parts), 1)
 
