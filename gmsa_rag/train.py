@@ -51,7 +51,7 @@ from .data import DEFAULT_AE_CORPUS, DEFAULT_QA_DIR
 from .data.cloze import cloze_example
 from .data.counterfactual import AnswerPool, counterfactual_example
 from .data.passages import Passage, PassageCorpus
-from .data.qa import QAExample, dev_layout, load_qa, reordered
+from .data.qa import QAExample, dev_layout, load_qa, question_share, reordered
 from .lexical import DOCUMENT_ORDERS
 from .metrics import qa_metrics, reconstruction_metrics
 from .model import GMSAModel
@@ -115,6 +115,7 @@ class TrainConfig:
     max_docs: int = field(default=5, metadata={"help": "ae: most documents per sample; keft: gold + distractors shown at most"})
     docs_curriculum: float = field(default=0.0, metadata={"help": "keft: share of the budget over which the number of documents ramps from gold-only to max_docs"})
     min_docs: int = field(default=1, metadata={"help": "keft: fewest documents a sample shows once the curriculum allows (max_docs: always the full prompt, as the product retrieves)"})
+    train_fraction: float = field(default=1.0, metadata={"help": "keft: train on this share of the training questions, the same ones in every run (those whose question text hashes below it: a smaller share lies inside a larger; gmsa_rag.data.qa.question_share), for a curve of answers against distinct questions. Distractor passages stay the pool's"})
     cloze_fraction: float = field(default=0.0, metadata={"help": "keft: share of samples whose question is a fill-in-the-blank cut from the gold passage (a sentence with a number or name blanked, gmsa_rag.data.cloze) over the same documents: unlimited extra questions that need finding a sentence by content and copying from the middle of a document"})
     lead_rate: int = field(default=0, metadata={"help": "keft, with a ranked --doc_order: in --lead_fraction of the samples the best BM25 match (first with bm25_first, last with bm25_last) is compressed at this rate and the others at the sample's drawn rate, as GMSACompressor(lead_rate=, rate=) reads retrieved chunks; the dev log adds lead<R>_accuracy@<r>x (the lead at R, the others at each coarser rate r); 0: off"})
     lead_fraction: float = field(default=0.5, metadata={"help": "keft, with --lead_rate: the share of samples whose best match is at --lead_rate (the rest: every document at the drawn rate)"})
@@ -219,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         parser.error("--doc_order is a stage-2 (keft) option")
     if cfg.restore_fraction and (cfg.stage != "keft" or cfg.no_compress or distills(cfg)):
         parser.error("--restore_fraction is a stage-2 (keft) option for soft tokens, without distillation")
+    if not 0 < cfg.train_fraction <= 1 or (cfg.train_fraction < 1 and cfg.stage != "keft"):
+        parser.error(f"--train_fraction is a share of the stage-2 (keft) training questions, in (0, 1]; got {cfg.train_fraction}")
     for flag in ("cloze_fraction", "counterfactual_fraction"):
         if not 0 <= getattr(cfg, flag) <= 1 or (getattr(cfg, flag) and cfg.stage != "keft"):
             parser.error(f"--{flag} is a share of stage-2 (keft) samples, between 0 and 1; got {getattr(cfg, flag)}")
@@ -362,6 +365,7 @@ def _load_data(cfg: TrainConfig, tokenizer) -> Data:
                  for i, p in enumerate(passages)] if cfg.eval_among else []
         return Data(corpus, [], [p.token_ids for p in passages], among)
     train = [e for path in (cfg.data or [DEFAULT_QA_DIR / "train.jsonl.gz"]) for e in load_qa(path, "train")]
+    train = question_share(train, cfg.train_fraction)
     return Data(None, train, load_qa(cfg.dev_data or DEFAULT_QA_DIR / "dev.jsonl.gz", "dev"))
 
 

@@ -259,6 +259,13 @@ ablations=(
   # round 37: every sample at 4x (the rate issue 11 is judged at) instead of 2/4/8/16x weighted 1:4:3:2, against
   # ranked-fresh at the same 400 steps (seeds 0 and 1): dev 4x 20.0 against 20.5 / 21.0, level (SEED=0, ABL_STEPS=400)
   "ranked-fresh-4x-only:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --rate_weights 0 1 0 0"
+  # round 40: a curve of answers against distinct training questions: ranked-fresh on a quarter and a half of them
+  # (nested: --train_fraction), against round 37's ranked-fresh runs (all questions, seeds 0 and 1) at the same 400 steps:
+  # INIT=checkpoints/smollm2-gmsa-ae COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=400 SCHEDULE=wsd RUNS=runs/r40 \
+  #   BOTH="--micro_batch_tokens 16384" ABL_ONLY="ranked-fresh-q25 ranked-fresh-q50" scripts/stage2_recipe.sh ablations
+  "ranked-fresh-q25:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --train_fraction 0.25"
+  "ranked-fresh-q12:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --train_fraction 0.125"
+  "ranked-fresh-q50:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --train_fraction 0.5"
 )
 cuda=${CUDA_VISIBLE_DEVICES:-0}
 ABL_GPUS=(${ABL_GPUS:-${cuda//,/ }})  # the GPUs the ablations share, round-robin (space-separated)

@@ -1012,3 +1012,37 @@ def test_counterfactual_probe_scores_readers_on_the_swapped_questions(tmp_path):
         probe.main(["--data", str(source), "--limit", "0", "--run", f"x={reads}", "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit):
         probe.main(["--data", str(source), "--run", f"x={reads}", "--unswapped", f"y={plain}", "--out", str(tmp_path)])
+
+
+def test_data_scaling_fits_accuracy_per_doubling_of_the_questions(tmp_path):
+    questions = [f"question {i}" for i in range(8)]
+
+    def qa_run(name: str, right: int, accuracy: float | None = None, asked=questions) -> str:
+        outputs = [{"question": q, "answers": ["yes"], "GMSA r=4": "yes" if i < right else "no"} for i, q in enumerate(asked)]
+        row = {"system": "GMSA r=4", "accuracy": 100.0 * right / len(asked) if accuracy is None else accuracy,
+               "exact_match": 10.0, "f1": 20.0}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"meta": {"machine": "cpu-2core"}, "rows": [row], "outputs": outputs}))
+        return str(path)
+
+    scaling = _bench("data_scaling")
+    runs = ["--run", f"4x@1000={qa_run('a', 2)}", "--run", f"4x@2000={qa_run('b', 4)}",
+            "--run", f"4x@4000={qa_run('c', 5)}", "--run", f"4x@4000={qa_run('d', 7)}",  # two seeds at 4000
+            "--run", f"lead@1000={qa_run('e', 4)}", "--run", f"lead@4000={qa_run('f', 4)}"]
+    result = scaling.main([*runs, "--resamples", "200", "--out", str(tmp_path / "out")])
+    _check_outputs(tmp_path / "out", "data-scaling")
+    rows = {(r["series"], r["train_questions"]): r for r in result["rows"]}
+    assert rows["4x", 4000]["runs"] == 2 and rows["4x", 4000]["accuracy"] == 75.0 and rows["4x", 1000]["accuracy"] == 25.0
+    fits = {f["series"]: f for f in result["fits"]}
+    # least squares over the runs at log2 = 0, 1, 2, 2 (accuracy 25, 50, 62.5, 87.5): 25 points per doubling
+    assert fits["4x"]["slope"] == pytest.approx(25.0) and fits["lead"]["slope"] == pytest.approx(0.0)
+    assert fits["4x"]["low"] <= fits["4x"]["slope"] <= fits["4x"]["high"] and fits["4x"]["questions_read"] == 8
+    with pytest.raises(SystemExit, match="other questions"):
+        scaling.main(["--run", f"4x@1000={qa_run('a', 2)}", "--run", f"4x@2000={qa_run('g', 2, asked=questions[:4])}",
+                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="do not give its accuracy"):
+        scaling.main(["--run", f"4x@1000={qa_run('h', 2, accuracy=50.0)}", "--run", f"4x@2000={qa_run('b', 4)}",
+                      "--out", str(tmp_path / "out")])
+    for bad in (["--run", "4x=file.json"], ["--run", "4x@0=file.json"], ["--run", f"4x@1000={qa_run('a', 2)}"]):
+        with pytest.raises(SystemExit):  # no count / a zero count / one count only: no slope
+            scaling.main([*bad, "--out", str(tmp_path / "out")])

@@ -726,3 +726,35 @@ def test_restore_fraction_is_validated_before_a_model_loads(argv, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert "--restore_" in capsys.readouterr().err
+
+
+def test_train_fraction_trains_on_nested_shares_of_the_questions(tmp_path, tokenizer):
+    from gmsa_rag.data.qa import question_share
+    from gmsa_rag.train import load_data
+
+    examples = [QAExample(f"question number {i}", [str(i)], [f"The answer is {i}."]) for i in range(400)]
+    examples.append(QAExample("question number 7", ["again"], ["A second example of a question."]))
+    path = tmp_path / "qa.jsonl"
+    save_qa_jsonl(examples, path)
+    shares = {f: question_share(examples, f) for f in (0.25, 0.5, 1.0)}
+    asked = {f: {e.question for e in s} for f, s in shares.items()}
+    assert shares[1.0] == examples
+    assert asked[0.25] < asked[0.5] < asked[1.0]  # nested
+    assert 60 < len(asked[0.25]) < 140 and 150 < len(asked[0.5]) < 250  # about the share
+    assert all(e in shares[0.5] for e in shares[0.25])  # in the file's order, every example of a question together
+    assert sum(e.question == "question number 7" for e in shares[0.5]) in (0, 2)
+    assert question_share(list(reversed(examples)), 0.5) == list(reversed(shares[0.5]))  # by question, not by place
+    cfg = TrainConfig(stage="keft", data=[str(path)], dev_data=str(path), train_fraction=0.25)
+    assert load_data(cfg, tokenizer).qa == shares[0.25]
+    assert load_data(replace(cfg, train_fraction=1.0), tokenizer).qa == examples
+    with pytest.raises(ValueError):
+        question_share(examples, 0)
+
+
+@pytest.mark.parametrize("argv", [["--stage", "keft", "--no_compress", "true", "--train_fraction", "0"],
+                                  ["--stage", "keft", "--no_compress", "true", "--train_fraction", "1.5"],
+                                  ["--stage", "ae", "--train_fraction", "0.5"]])
+def test_train_fraction_is_validated(argv):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert parse_args(["--stage", "keft", "--no_compress", "true", "--train_fraction", "0.5"]).train_fraction == 0.5

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -41,6 +42,7 @@ __all__ = [
     "dev_layout",
     "reordered",
     "at_places",
+    "question_share",
     "write_questions_main",
 ]
 
@@ -225,6 +227,20 @@ def load_qa_pool(folder: PathLike, split: str, limit: int | None = None) -> list
 def load_qa(path: PathLike, split: str = "train", limit: int | None = None) -> list[QAExample]:
     """Examples of a QA jsonl(.gz) file, or of split ``split`` of a pooled QA folder."""
     return load_qa_pool(path, split, limit) if is_qa_pool(path) else load_qa_jsonl(path, limit)
+
+
+def question_share(examples: Sequence[QAExample], fraction: float) -> list[QAExample]:
+    """The examples whose question text hashes below ``fraction`` (sha256, in [0, 1)), in their order.
+
+    The draw depends on the question alone, not on a seed or the file's order: a smaller share lies inside every larger
+    one, and every example of a question goes in or out together (nested subsets for a data-scaling curve).
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"a share of the questions is in (0, 1], got {fraction}")
+    if fraction == 1:
+        return list(examples)
+    return [e for e in examples
+            if int.from_bytes(hashlib.sha256(e.question.encode("utf-8")).digest()[:8], "big") < fraction * 2**64]
 
 
 def load_as_shown(path: PathLike, split: str = "dev", limit: int | None = None, max_docs: int = 5) -> list[QAExample]:
