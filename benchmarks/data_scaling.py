@@ -2,10 +2,11 @@
 """Answers against distinct training questions: a data-scaling curve from ``benchmarks/qa.py`` runs.
 
 Each ``--run`` names a series (one reading, e.g. "4x"), how many distinct questions its reader trained on, and the
-qa.py JSON file of its answers. Runs of one series and count (seeds) are averaged in the table and shown one by one in
-the plot. A series' slope is the least-squares fit of accuracy on log2(questions) over all its runs: points of
-accuracy per doubling of the questions, with a bootstrap interval that resamples the questions (the same draw for
-every run of the series: they must have read the same questions). Runs no model.
+qa.py JSON file of its answers. Runs of one series and count (seeds) are averaged into one point (and shown one by one
+in the plot). A series' slope is the least-squares fit of its points' accuracy on log2(questions), each count weighing
+the same: points of accuracy per doubling of the questions, with a bootstrap interval that resamples the questions
+(the same draw for every run of the series: they must have read the same questions). ``--fit-from N`` fits only the
+counts from N up (the others are still shown). Runs no model.
 
     python benchmarks/qa.py --data data/qa-multidoc --limit 300 --keep-top 5 --rates 4 --system GMSA=gmsa:RUN_Q25 --name q25
     ...
@@ -46,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="one reader's qa.py run: its series, the distinct questions it trained on, the file")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the questions (default 2000)")
     p.add_argument("--interval", type=float, default=90.0, help="the bootstrap interval, in percent (default 90)")
+    p.add_argument("--fit-from", type=int, default=0, metavar="N", help="fit the slope over the counts from N up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=NAME)
     p.add_argument("--title", default="Answers against distinct training questions")
@@ -54,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.resamples < 1 or not 0 < args.interval < 100:
         p.error("--resamples must be at least 1 and --interval between 0 and 100")
     for series in {s for s, _, _, _ in args.run}:
-        if len({n for s, n, _, _ in args.run if s == series}) < 2:
-            p.error(f"series {series!r}: a slope needs runs at two question counts at least")
+        if len({n for s, n, _, _ in args.run if s == series and n >= args.fit_from}) < 2:
+            p.error(f"series {series!r}: a slope needs runs at two question counts at least (from --fit-from up)")
     return args
 
 
@@ -78,20 +80,23 @@ def slope(log2_questions: np.ndarray, accuracy: np.ndarray) -> float:
 
 
 def series_fit(runs: list[dict[str, Any]], resamples: int, interval: float, seed: int) -> dict[str, Any]:
-    """The slope of one series' runs and its bootstrap interval over the questions (paired across runs)."""
+    """The slope of one series' runs (a count's runs averaged into one point) and its bootstrap interval over the
+    questions (paired across runs)."""
     questions = runs[0]["questions"]
     for run in runs[1:]:
         if run["questions"] != questions:
             raise SystemExit(f"series {run['series']!r}: {run['file']} read other questions than {runs[0]['file']} "
                              "(a paired bootstrap needs the same questions in the same order)")
-    x = np.log2([r["train_questions"] for r in runs])
-    right = np.stack([r["right"] for r in runs])  # runs x questions
+    counts = sorted({r["train_questions"] for r in runs})
+    x = np.log2(counts)
+    # counts x questions: the share of a count's runs that answered each question
+    right = np.stack([np.mean([r["right"] for r in runs if r["train_questions"] == n], axis=0) for n in counts])
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, right.shape[1], size=(resamples, right.shape[1]))
     resampled = [slope(x, 100.0 * right[:, d].mean(axis=1)) for d in draws]
     tail = (100.0 - interval) / 2
-    return {"series": runs[0]["series"], "runs": len(runs), "questions_read": right.shape[1],
-            "slope": slope(x, 100.0 * right.mean(axis=1)),
+    return {"series": runs[0]["series"], "runs": len(runs), "counts": ", ".join(f"{n:,}" for n in counts),
+            "questions_read": right.shape[1], "slope": slope(x, 100.0 * right.mean(axis=1)),
             "low": float(np.percentile(resampled, tail)), "high": float(np.percentile(resampled, 100.0 - tail))}
 
 
@@ -133,21 +138,22 @@ def main(argv=None) -> dict[str, Any]:
              "each": ", ".join(f"{r['accuracy']:.1f}" for r in group)}
             for (series, count), group in grouped.items()]
     series_names = list(dict.fromkeys(r["series"] for r in runs))
-    fits = [series_fit([r for r in runs if r["series"] == s], args.resamples, args.interval, args.seed)
-            for s in series_names]
+    fits = [series_fit([r for r in runs if r["series"] == s and r["train_questions"] >= args.fit_from],
+                       args.resamples, args.interval, args.seed) for s in series_names]
     C = bc.Column
     columns = [C("series", "series"), C("train_questions", "training questions"), C("runs", "runs"),
                C("accuracy", "accuracy", 1), C("each", "each run"), C("exact_match", "EM", 1), C("f1", "F1", 1)]
-    fit_columns = [C("series", "series"), C("runs", "runs"), C("questions_read", "questions read"),
+    fit_columns = [C("series", "series"), C("counts", "fitted counts"), C("runs", "runs"),
+                   C("questions_read", "questions read"),
                    C("slope", "accuracy points per doubling", 2), C("low", f"{args.interval:g}% low", 2),
                    C("high", f"{args.interval:g}% high", 2)]
     meta = {"machine": ", ".join(sorted({r["machine"] for r in runs})), "resamples": args.resamples,
-            "interval": args.interval, "seed": args.seed,
+            "interval": args.interval, "seed": args.seed, "fit_from": args.fit_from,
             "runs": [{k: r[k] for k in ("series", "train_questions", "file")} for r in runs]}
     notes = ["Rows read from benchmarks/qa.py JSON files (no model run here); accuracy: a gold answer appears in the "
              "output, recomputed per question from each file's outputs (it must equal the file's own). 'accuracy' "
-             "averages a count's runs; 'each run' lists them. Slope: least squares of every run's accuracy on "
-             f"log2(training questions); interval: {args.resamples} bootstrap resamples of the questions read, the "
+             "averages a count's runs; 'each run' lists them. Slope: least squares of the counts' accuracy on "
+             f"log2(training questions), each count one point; interval: {args.resamples} bootstrap resamples of the questions read, the "
              "same draw for every run of a series. It covers which questions were read, not training noise: runs "
              "of another seed move the points too (compare a count's runs in 'each run')."]
     paths = bc.write_outputs(args.out, args.name, args.title, meta,

@@ -1034,9 +1034,15 @@ def test_data_scaling_fits_accuracy_per_doubling_of_the_questions(tmp_path):
     rows = {(r["series"], r["train_questions"]): r for r in result["rows"]}
     assert rows["4x", 4000]["runs"] == 2 and rows["4x", 4000]["accuracy"] == 75.0 and rows["4x", 1000]["accuracy"] == 25.0
     fits = {f["series"]: f for f in result["fits"]}
-    # least squares over the runs at log2 = 0, 1, 2, 2 (accuracy 25, 50, 62.5, 87.5): 25 points per doubling
+    # least squares over the counts at log2 = 0, 1, 2 (accuracy 25, 50 and the two seeds' 75): 25 points per doubling
+    # (the runs as points, 25 / 50 / 62.5 / 87.5, would give 26.1)
     assert fits["4x"]["slope"] == pytest.approx(25.0) and fits["lead"]["slope"] == pytest.approx(0.0)
     assert fits["4x"]["low"] <= fits["4x"]["slope"] <= fits["4x"]["high"] and fits["4x"]["questions_read"] == 8
+    fitted = scaling.main([*runs[:8], "--fit-from", "2000", "--resamples", "50", "--out", str(tmp_path / "out")])
+    assert fitted["fits"][0]["slope"] == pytest.approx(25.0) and fitted["fits"][0]["counts"] == "2,000, 4,000"
+    assert len(fitted["rows"]) == 3  # the count below --fit-from is still shown
+    with pytest.raises(SystemExit):  # lead has one count from 2000 up: no slope
+        scaling.main([*runs, "--fit-from", "2000", "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="other questions"):
         scaling.main(["--run", f"4x@1000={qa_run('a', 2)}", "--run", f"4x@2000={qa_run('g', 2, asked=questions[:4])}",
                       "--out", str(tmp_path / "out")])
