@@ -1049,6 +1049,7 @@ def test_data_scaling_fits_accuracy_per_doubling_of_the_questions(tmp_path):
     with pytest.raises(SystemExit, match="do not give its accuracy"):
         scaling.main(["--run", f"4x@1000={qa_run('h', 2, accuracy=50.0)}", "--run", f"4x@2000={qa_run('b', 4)}",
                       "--out", str(tmp_path / "out")])
-    for bad in (["--run", "4x=file.json"], ["--run", "4x@0=file.json"], ["--run", f"4x@1000={qa_run('a', 2)}"]):
+    for bad in (["--run", f"4x={qa_run('a', 2)}"], ["--run", f"4x@0={qa_run('a', 2)}", "--run", f"4x@2000={qa_run('b', 4)}"],
+                ["--run", f"4x@1000={qa_run('a', 2)}"]):
         with pytest.raises(SystemExit):  # no count / a zero count / one count only: no slope
             scaling.main([*bad, "--out", str(tmp_path / "out")])

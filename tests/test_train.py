@@ -733,7 +733,7 @@ def test_train_fraction_trains_on_nested_shares_of_the_questions(tmp_path, token
     from gmsa_rag.train import load_data
 
     examples = [QAExample(f"question number {i}", [str(i)], [f"The answer is {i}."]) for i in range(400)]
-    examples.append(QAExample("question number 7", ["again"], ["A second example of a question."]))
+    examples += [QAExample(f"question number {i}", ["again"], ["A second example of the question."]) for i in range(40)]
     path = tmp_path / "qa.jsonl"
     save_qa_jsonl(examples, path)
     shares = {f: question_share(examples, f) for f in (0.25, 0.5, 1.0)}
@@ -742,8 +742,10 @@ def test_train_fraction_trains_on_nested_shares_of_the_questions(tmp_path, token
     assert asked[0.25] < asked[0.5] < asked[1.0]  # nested
     assert 60 < len(asked[0.25]) < 140 and 150 < len(asked[0.5]) < 250  # about the share
     assert all(e in shares[0.5] for e in shares[0.25])  # in the file's order, every example of a question together
-    assert sum(e.question == "question number 7" for e in shares[0.5]) in (0, 2)
-    assert question_share(list(reversed(examples)), 0.5) == list(reversed(shares[0.5]))  # by question, not by place
+    for i in range(40):  # both examples of a question, or neither
+        assert sum(e.question == f"question number {i}" for e in shares[0.5]) in (0, 2)
+    copies = [replace(e) for e in reversed(examples)]
+    assert question_share(copies, 0.5) == list(reversed(shares[0.5]))  # by question, not by place or object
     cfg = TrainConfig(stage="keft", data=[str(path)], dev_data=str(path), train_fraction=0.25)
     assert load_data(cfg, tokenizer).qa == shares[0.25]
     assert load_data(replace(cfg, train_fraction=1.0), tokenizer).qa == examples
