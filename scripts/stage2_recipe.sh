@@ -259,12 +259,15 @@ ablations=(
   # round 37: every sample at 4x (the rate issue 11 is judged at) instead of 2/4/8/16x weighted 1:4:3:2, against
   # ranked-fresh at the same 400 steps (seeds 0 and 1): dev 4x 20.0 against 20.5 / 21.0, level (SEED=0, ABL_STEPS=400)
   "ranked-fresh-4x-only:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --rate_weights 0 1 0 0"
-  # round 40: a curve of answers against distinct training questions: ranked-fresh on a quarter and a half of them
-  # (nested: --train_fraction), against round 37's ranked-fresh runs (all questions, seeds 0 and 1) at the same 400 steps:
-  # INIT=checkpoints/smollm2-gmsa-ae COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=400 SCHEDULE=wsd RUNS=runs/r40 \
+  # round 40: a curve of answers against distinct training questions: ranked-fresh on an eighth, a quarter and a half of
+  # them (nested: --train_fraction), against round 37's ranked-fresh runs (all questions, seeds 0 and 1) at the same 400
+  # steps (the quarter and half side by side on one H100, then the eighth alone, SEED=0):
+  # INIT=checkpoints/smollm2-gmsa-ae COMPILE=true BATCH=32 ACCUM=2 ABL_MINUTES=0 ABL_STEPS=400 SCHEDULE=wsd SEED=0 RUNS=runs/r40 \
   #   BOTH="--micro_batch_tokens 16384" ABL_ONLY="ranked-fresh-q25 ranked-fresh-q50" scripts/stage2_recipe.sh ablations
-  "ranked-fresh-q25:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --train_fraction 0.25"
+  # qa.py dev (all 300) at 4x: 14.0 / 18.3 / 19.3 against 21.7 / 20.3 on all: +1.3 points per doubling over the top three
+  # counts (benchmarks/results/h100/stage2-data-scaling-r40.md, cpu-2core/qa-dev-data-scaling-r40.md)
   "ranked-fresh-q12:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --train_fraction 0.125"
+  "ranked-fresh-q25:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --train_fraction 0.25"
   "ranked-fresh-q50:--init $INIT --lr 2e-3 --compressor_lr 1e-3 --min_docs 1 --max_docs 5 --docs_curriculum 0 --distractors random --doc_order bm25_first --decoder_lora_dropout 0.1 --train_fraction 0.5"
 )
 cuda=${CUDA_VISIBLE_DEVICES:-0}
