@@ -133,11 +133,12 @@ def main(argv=None) -> dict[str, Any]:
     grouped: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
         grouped[run["series"], run["train_questions"]].append(run)
+    series_names = list(dict.fromkeys(r["series"] for r in runs))
     rows = [{"series": series, "train_questions": count, "runs": len(group),
              **{key: float(np.mean([r[key] for r in group])) for key in ("accuracy", "exact_match", "f1")},
              "each": ", ".join(f"{r['accuracy']:.1f}" for r in group)}
-            for (series, count), group in grouped.items()]
-    series_names = list(dict.fromkeys(r["series"] for r in runs))
+            for (series, count), group in sorted(grouped.items(), key=lambda item: (series_names.index(item[0][0]),
+                                                                                      item[0][1]))]
     fits = [series_fit([r for r in runs if r["series"] == s and r["train_questions"] >= args.fit_from],
                        args.resamples, args.interval, args.seed) for s in series_names]
     C = bc.Column

@@ -1031,6 +1031,8 @@ def test_data_scaling_fits_accuracy_per_doubling_of_the_questions(tmp_path):
             "--run", f"lead@1000={qa_run('e', 4)}", "--run", f"lead@4000={qa_run('f', 4)}"]
     result = scaling.main([*runs, "--resamples", "200", "--out", str(tmp_path / "out")])
     _check_outputs(tmp_path / "out", "data-scaling")
+    assert [(r["series"], r["train_questions"]) for r in result["rows"]] == [  # by series as given, then count
+        ("4x", 1000), ("4x", 2000), ("4x", 4000), ("lead", 1000), ("lead", 4000)]
     rows = {(r["series"], r["train_questions"]): r for r in result["rows"]}
     assert rows["4x", 4000]["runs"] == 2 and rows["4x", 4000]["accuracy"] == 75.0 and rows["4x", 1000]["accuracy"] == 25.0
     fits = {f["series"]: f for f in result["fits"]}
