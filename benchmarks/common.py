@@ -410,6 +410,15 @@ def parse_compare_args(argv: list[str] | None, description: str, script: str, wh
     return args
 
 
+def labelled_file(text: str) -> tuple[str, Path, str | None]:
+    """``LABEL=FILE.json[:SYSTEM]`` as (label, file, system or None), for a ``--run``-style argparse type."""
+    label, sep, rest = text.partition("=")
+    path, dot, system = rest.partition(".json")
+    if not sep or not label or not dot:
+        raise argparse.ArgumentTypeError(f"expected LABEL=FILE.json[:SYSTEM], got {text!r}")
+    return label, Path(path + ".json"), system.removeprefix(":") or None
+
+
 def run_row(path: Path, key: str, wanted: str | None, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """A benchmark run's JSON payload at ``path`` and its row whose ``key`` is ``wanted`` (None: the run's only row),
     for the scripts that set runs side by side; a missing file, row or choice ends in one line naming the fix."""

@@ -27,15 +27,6 @@ import common as bc  # noqa: E402
 NAME = "counterfactual-probe"
 
 
-def labelled_file(text: str) -> tuple[str, Path, str | None]:
-    """``LABEL=FILE.json[:SYSTEM]`` as (label, file, system or None)."""
-    label, sep, rest = text.partition("=")
-    path, dot, system = rest.partition(".json")
-    if not sep or not label or not dot:
-        raise argparse.ArgumentTypeError(f"expected LABEL=FILE.json[:SYSTEM], got {text!r}")
-    return label, Path(path + ".json"), system.removeprefix(":") or None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="the QA set the swapped questions were written from")
@@ -43,9 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="as given to gmsa_rag.data.counterfactual")
     p.add_argument("--max-docs", type=int, default=5, help="as given to gmsa_rag.data.counterfactual (default 5)")
     p.add_argument("--seed", type=int, default=0, help="as given to gmsa_rag.data.counterfactual (default 0)")
-    p.add_argument("--run", type=labelled_file, action="append", required=True, metavar="LABEL=FILE.json[:SYSTEM]",
+    p.add_argument("--run", type=bc.labelled_file, action="append", required=True, metavar="LABEL=FILE.json[:SYSTEM]",
                    help="a reader: its qa.py run over the swapped questions")
-    p.add_argument("--unswapped", type=labelled_file, action="append", default=[], metavar="LABEL=FILE.json[:SYSTEM]",
+    p.add_argument("--unswapped", type=bc.labelled_file, action="append", default=[], metavar="LABEL=FILE.json[:SYSTEM]",
                    help="the same reader's qa.py run over the split unswapped (same label; optional)")
     p.add_argument("--name", default=NAME)
     p.add_argument("--title", default="Counterfactual probe: answers from the documents or from memory")

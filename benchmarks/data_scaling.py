@@ -32,13 +32,15 @@ NAME = "data-scaling"
 
 def run_spec(text: str) -> tuple[str, int, Path, str | None]:
     """``SERIES@QUESTIONS=FILE.json[:SYSTEM]`` as (series, questions, file, system or None)."""
-    head, sep, rest = text.partition("=")
+    try:
+        head, path, system = bc.labelled_file(text)
+    except argparse.ArgumentTypeError:
+        head = ""
     series, at, count = head.rpartition("@")
-    path, dot, system = rest.partition(".json")
-    if not (sep and at and series and count.isdigit() and int(count) > 0 and dot):
+    if not (at and series and count.isdigit() and int(count) > 0):
         raise argparse.ArgumentTypeError(f"expected SERIES@QUESTIONS=FILE.json[:SYSTEM] (QUESTIONS a count above 0), "
                                          f"got {text!r}")
-    return series, int(count), Path(path + ".json"), system.removeprefix(":") or None
+    return series, int(count), path, system
 
 
 def parse_args(argv=None) -> argparse.Namespace:
